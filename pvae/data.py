@@ -1,0 +1,221 @@
+"""Data sets behind one protocol, with download + checksum + cache.
+
+:func:`load_dataset` returns a :class:`Dataset`: float tensors of flattened examples for the
+``train``/``valid``/``test`` splits, optional labels, the image shape (for plots) and whether
+the data are binary.
+
+Downloads land in a cache directory: ``$PVAE_DATA_DIR`` if set, else ``~/.cache/pvae``
+(:func:`data_dir`). A cache that already holds the files is only read, never written, so a
+read-only directory of pre-downloaded files works (tests and CI point ``PVAE_DATA_DIR`` at
+such a folder). Every downloaded or cached file is verified against its SHA-256 before use.
+
+Registered data sets (:data:`DATASETS`):
+
+* ``"digits"`` — scikit-learn's 8x8 handwritten digits (1,797 images, shipped inside
+  scikit-learn, no download), statically binarized at half intensity (pixel >= 8 of 16);
+  a fixed seeded split into 1,197 train / 300 valid / 300 test, with labels.
+* ``"digits-grey"`` — the same images as grey levels in [0, 1].
+* ``"binarized-mnist"`` — the static binarization of MNIST of Larochelle & Murray (2011):
+  50,000 / 10,000 / 10,000 images of 28x28 in {0, 1}, no labels.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .registry import Registry
+
+DATASETS: Registry = Registry("dataset")
+SPLITS = ("train", "valid", "test")
+DATA_DIR_ENV = "PVAE_DATA_DIR"
+
+
+class DataUnavailableError(FileNotFoundError):
+    """A data file is missing from the cache and could not be downloaded."""
+
+
+class ChecksumError(ValueError):
+    """A data file's contents do not match the published checksum."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Three splits of flattened examples.
+
+    :ivar str name: registry name.
+    :ivar train, valid, test: float tensors ``(N, D)``.
+    :ivar labels: dict split -> int64 tensor ``(N,)``, or None when unlabelled.
+    :ivar image_shape: ``(H, W)`` for image data (for plots), else None.
+    :ivar bool binary: all values are 0 or 1.
+    """
+
+    name: str
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    labels: Optional[dict] = None
+    image_shape: Optional[Tuple[int, int]] = None
+    binary: bool = False
+
+    @property
+    def data_dim(self) -> int:
+        return int(self.train.shape[-1])
+
+    def split(self, name: str) -> torch.Tensor:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}")
+        return getattr(self, name)
+
+    def split_labels(self, name: str) -> Optional[torch.Tensor]:
+        self.split(name)
+        return None if self.labels is None else self.labels.get(name)
+
+
+def data_dir() -> Path:
+    """The cache directory: ``$PVAE_DATA_DIR`` or ``~/.cache/pvae``."""
+    env = os.environ.get(DATA_DIR_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "pvae"
+
+
+def load_dataset(name: str, cache_dir: Optional[os.PathLike] = None) -> Dataset:
+    """Load a registered data set by name (downloading into the cache if needed)."""
+    loader: Callable[..., Dataset] = DATASETS.get(name)
+    return loader(Path(cache_dir) if cache_dir is not None else data_dir())
+
+
+# ---------------------------------------------------------------------------- digits
+def _digits_split(images: np.ndarray, labels: np.ndarray, name: str, binary: bool) -> Dataset:
+    perm = np.random.RandomState(0).permutation(len(images))
+    parts = {"test": perm[:300], "valid": perm[300:600], "train": perm[600:]}
+    tensors = {k: torch.as_tensor(images[v], dtype=torch.float32) for k, v in parts.items()}
+    labs = {k: torch.as_tensor(labels[v], dtype=torch.int64) for k, v in parts.items()}
+    return Dataset(name, labels=labs, image_shape=(8, 8), binary=binary, **tensors)
+
+
+@DATASETS.register("digits")
+def _load_digits(cache_dir: Path) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.data >= 8).astype(np.float32)
+    return _digits_split(images, digits.target, "digits", binary=True)
+
+
+@DATASETS.register("digits-grey")
+def _load_digits_grey(cache_dir: Path) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return _digits_split((digits.data / 16.0).astype(np.float32), digits.target, "digits-grey", False)
+
+
+# ---------------------------------------------------------------------------- binarized MNIST
+_BMNIST_URL = "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/"
+_BMNIST_SHA256 = {
+    "train": "ad693b29f94c14277b095f5238ddefbbdaaae0939789dd2f4f0205278cee3e4d",
+    "valid": "1de3d397c40fe8eeb33dafd4099a1f665ec01e96d9be234aaeeac8a34930e2e2",
+    "test": "e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",
+}
+_BMNIST_ROWS = {"train": 50000, "valid": 10000, "test": 10000}
+
+
+def _read_text(path: Path) -> bytes:
+    if path.suffix == ".gz":
+        with gzip.open(path, "rb") as fh:
+            return fh.read()
+    return path.read_bytes()
+
+
+def _verified(text: bytes, sha256: str, path: Path) -> bytes:
+    digest = hashlib.sha256(text).hexdigest()
+    if digest != sha256:
+        raise ChecksumError(
+            f"{path} is corrupt or not the expected file: SHA-256 of its text is {digest}, "
+            f"expected {sha256}; delete it so that it is downloaded again"
+        )
+    return text
+
+
+def _download(url: str, target: Path) -> None:
+    """Download ``url`` to ``target`` atomically (temp file in the same folder + rename)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
+            while True:
+                block = response.read(1 << 20)
+                if not block:
+                    break
+                out.write(block)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _parse_amat(text: bytes, rows: int, path: Path) -> np.ndarray:
+    """Parse the ``.amat`` text of binary pixels into a ``(rows, 784)`` uint8 array."""
+    width = 784 * 2  # "v v ... v\n": one character and one separator per value
+    if len(text) == rows * width:
+        chars = np.frombuffer(text, dtype=np.uint8).reshape(rows, width)
+        values = chars[:, 0::2] - ord("0")
+        if np.all(chars[:, 1::2][:, :-1] == ord(" ")) and np.all(values <= 1):
+            return values
+    values = np.loadtxt(text.decode("ascii").splitlines(), dtype=np.float32)
+    if values.shape != (rows, 784):
+        raise ValueError(f"{path}: expected {rows} rows of 784 values, got {values.shape}")
+    return values.astype(np.uint8)
+
+
+def binarized_mnist_split(split: str, cache_dir: Path, download: bool = True) -> np.ndarray:
+    """Load one split of binarized MNIST as a ``(N, 784)`` uint8 array.
+
+    Looks for ``binarized_mnist_{split}.amat`` or ``.amat.gz`` under
+    ``cache_dir/binarized_mnist/``; downloads the canonical ``.amat`` if neither exists.
+    The text is checked against the published SHA-256 before parsing.
+    """
+    folder = Path(cache_dir) / "binarized_mnist"
+    stem = f"binarized_mnist_{split}.amat"
+    candidates = [folder / stem, folder / (stem + ".gz")]
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        url = _BMNIST_URL + stem
+        if not download:
+            raise DataUnavailableError(f"{candidates[0]} is missing and download=False")
+        try:
+            _download(url, candidates[0])
+        except OSError as exc:
+            raise DataUnavailableError(
+                f"binarized MNIST {split} split is not in the cache ({folder}) and could not be "
+                f"downloaded from {url} ({exc}). Download it on a connected machine and place "
+                f"it at {candidates[0]} (or .amat.gz), or set {DATA_DIR_ENV} to a folder "
+                "that holds binarized_mnist/"
+            ) from exc
+        path = candidates[0]
+        try:
+            _verified(_read_text(path), _BMNIST_SHA256[split], path)
+        except ChecksumError:
+            path.unlink()  # never leave a bad download in the cache
+            raise
+    text = _verified(_read_text(path), _BMNIST_SHA256[split], path)
+    return _parse_amat(text, _BMNIST_ROWS[split], path)
+
+
+@DATASETS.register("binarized-mnist")
+def _load_binarized_mnist(cache_dir: Path) -> Dataset:
+    arrays = {s: binarized_mnist_split(s, cache_dir) for s in SPLITS}
+    tensors = {s: torch.from_numpy(a).to(torch.float32) for s, a in arrays.items()}
+    return Dataset("binarized-mnist", image_shape=(28, 28), binary=True, **tensors)

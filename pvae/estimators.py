@@ -1,0 +1,214 @@
+r"""Per-datapoint estimates of :math:`\log p_\theta(x)` from importance weights.
+
+Everything here is computed from one function, :func:`log_importance_weights`, which returns
+:math:`\log w_k = \log p_\theta(x, z_k) - \log q_\phi(z_k|x)`, :math:`z_k \sim q_\phi(z|x)`,
+per datapoint and sample (shape ``(K, B)``), using :meth:`pvae.model.VAE.log_joint` — the one
+source of the joint density. Unlike :func:`pyro.infer.importance.vectorized_importance_weights`,
+which sums over the whole data batch, these are kept per datapoint.
+
+Each estimate is returned as an :class:`Estimate` carrying the estimator's name, the number
+of samples ``K`` (honoured exactly; chunking never rounds it), the per-datapoint values, their
+mean, and standard errors. All values are in nats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, Optional
+
+import torch
+
+from ._rng import seeded
+
+#: default number of importance samples drawn per chunk (bounds memory: chunk * batch * D)
+DEFAULT_CHUNK_SIZE = 100
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A per-datapoint estimate of :math:`\\log p(x)` or a bound on it.
+
+    :ivar str estimator: e.g. ``"elbo"`` or ``"iwae"``.
+    :ivar int num_samples: importance samples per datapoint (K).
+    :ivar torch.Tensor values: per-datapoint values, shape ``(N,)``, nats.
+    :ivar torch.Tensor mc_stderr: per-datapoint Monte Carlo standard error (see the producing
+        function for how it is computed), shape ``(N,)``.
+    :ivar dict extra: further per-datapoint diagnostics (e.g. ``"ess"``).
+    """
+
+    estimator: str
+    num_samples: int
+    values: torch.Tensor
+    mc_stderr: torch.Tensor
+    extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_datapoints(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def mean(self) -> float:
+        """Mean over datapoints (nats per datapoint)."""
+        return float(self.values.double().mean())
+
+    @property
+    def stderr(self) -> float:
+        """Standard error of :attr:`mean` over the datapoints, ``std(values) / sqrt(N)``:
+        it includes the spread between datapoints as well as Monte Carlo noise (the error
+        bar of the data-set average, treating the datapoints as a sample)."""
+        n = self.num_datapoints
+        if n < 2:
+            return float("nan")
+        return float(self.values.double().std(unbiased=True) / math.sqrt(n))
+
+    @property
+    def mc_stderr_of_mean(self) -> float:
+        """Monte Carlo standard error of :attr:`mean` for this fixed set of datapoints:
+        ``sqrt(sum(mc_stderr**2)) / N``."""
+        return float(self.mc_stderr.double().pow(2).sum().sqrt() / self.num_datapoints)
+
+    def bits_per_dim(self, data_dim: int) -> float:
+        """:math:`-\\text{mean} / (D \\log 2)`: negative value in bits per data dimension."""
+        return -self.mean / (data_dim * math.log(2.0))
+
+    def to_dict(self) -> dict:
+        out = {
+            "estimator": self.estimator,
+            "num_samples": self.num_samples,
+            "num_datapoints": self.num_datapoints,
+            "mean": self.mean,
+            "stderr": self.stderr,
+            "mc_stderr_of_mean": self.mc_stderr_of_mean,
+            "units": "nats per datapoint",
+        }
+        for key, value in self.extra.items():
+            out[f"{key}_mean"] = float(value.double().mean())
+        return out
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def log_importance_weights(
+    vae, x: torch.Tensor, num_samples: int, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[torch.Tensor]:
+    """Yield chunks of log importance weights with the guide as proposal.
+
+    :math:`\\log w_k = \\log p(x, z_k) - \\log q(z_k|x)`, :math:`z_k \\sim q(z|x)`.
+
+    :param vae: a :class:`~pvae.model.VAE`.
+    :param x: data, ``(B, D)``.
+    :param int num_samples: total K; the chunks' sizes add up to exactly K.
+    :param int chunk_size: samples per chunk; memory is ``O(chunk_size * B * D)``.
+    :yields: tensors of shape ``(k, B)`` with ``k <= chunk_size``, nats.
+
+    Draws from the global torch RNG (wrap in :func:`pvae._rng.seeded` to fix it). The encoder
+    runs once per call.
+    """
+    num_samples = _check_positive_int("num_samples", num_samples)
+    chunk_size = _check_positive_int("chunk_size", chunk_size)
+    q = vae.guide_net(x)
+    done = 0
+    while done < num_samples:
+        k = min(chunk_size, num_samples - done)
+        z = q.rsample((k,))
+        yield vae.log_joint(x, z) - q.log_prob(z)
+        done += k
+
+
+def _batches(x: torch.Tensor, batch_size: int):
+    for start in range(0, x.shape[0], batch_size):
+        yield x[start : start + batch_size]
+
+
+def evaluate_bounds(
+    vae,
+    x: torch.Tensor,
+    num_samples: int,
+    batch_size: int = 100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    seed: Optional[int] = 0,
+    progress: bool = False,
+) -> Dict[str, Estimate]:
+    r"""ELBO and importance-weighted bound :math:`\mathcal{L}_K` from the same K samples.
+
+    * ``"elbo"``: :math:`\frac1K\sum_k \log w_k`, an unbiased estimate of the ELBO
+      :math:`E_q[\log p(x,z) - \log q(z|x)] \le \log p(x)`. Monte Carlo standard error
+      ``std(log w) / sqrt(K)`` per datapoint.
+    * ``"iwae"``: :math:`\mathcal{L}_K = \log \frac1K \sum_k w_k` (Burda et al., 2015); its
+      expectation is a lower bound on :math:`\log p(x)` that tightens as K grows, and it is a
+      consistent estimate of :math:`\log p(x)` as :math:`K\to\infty`. Per-datapoint Monte
+      Carlo standard error by the delta method, :math:`\sqrt{1/\mathrm{ESS} - 1/K}`, with the
+      importance-sampling effective sample size
+      :math:`\mathrm{ESS} = (\sum w)^2 / \sum w^2` reported in ``extra["ess"]``.
+
+    Cost: one encoder pass per datapoint and K decoder passes, in chunks of ``chunk_size``
+    samples over data batches of ``batch_size`` (memory bounded by both). Parameters are not
+    changed and no gradients are kept. ``seed`` fixes the samples without touching the global
+    RNG (``None`` draws from it).
+
+    :returns: ``{"elbo": Estimate, "iwae": Estimate}``, values in nats per datapoint.
+    """
+    num_samples = _check_positive_int("num_samples", num_samples)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    vae.check_data(x)
+    elbo_vals, elbo_err, iwae_vals, iwae_err, ess_vals = [], [], [], [], []
+    was_training = vae.training
+    vae.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=x.shape[0], desc=f"L_{num_samples}", unit="x", leave=False)
+    try:
+        with torch.no_grad(), seeded(seed, x.device):
+            for xb in _batches(x, batch_size):
+                b = xb.shape[0]
+                lse = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
+                lse2 = lse.clone()
+                total = torch.zeros(b, dtype=torch.float64, device=x.device)
+                total_sq = torch.zeros_like(total)
+                for lw in log_importance_weights(vae, xb, num_samples, chunk_size):
+                    lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
+                    lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+                    lw64 = lw.double()
+                    total += lw64.sum(0)
+                    total_sq += lw64.pow(2).sum(0)
+                k = num_samples
+                mean_lw = total / k
+                var_lw = (total_sq / k - mean_lw.pow(2)).clamp_min(0) * (k / max(k - 1, 1))
+                elbo_vals.append(mean_lw)
+                elbo_err.append((var_lw / k).sqrt())
+                iwae_vals.append(lse.double() - math.log(k))
+                ess = (2 * lse - lse2).double().exp()
+                ess_vals.append(ess)
+                iwae_err.append((1.0 / ess - 1.0 / k).clamp_min(0).sqrt())
+                if bar is not None:
+                    bar.update(b)
+    finally:
+        vae.train(was_training)
+        if bar is not None:
+            bar.close()
+    cat = lambda parts: torch.cat(parts).cpu()  # noqa: E731
+    return {
+        "elbo": Estimate("elbo", num_samples, cat(elbo_vals), cat(elbo_err)),
+        "iwae": Estimate(
+            "iwae", num_samples, cat(iwae_vals), cat(iwae_err), {"ess": cat(ess_vals)}
+        ),
+    }
+
+
+def elbo(vae, x: torch.Tensor, num_samples: int = 1, **kwargs) -> Estimate:
+    """Unbiased Monte Carlo ELBO per datapoint from ``num_samples`` samples of q; see
+    :func:`evaluate_bounds`."""
+    return evaluate_bounds(vae, x, num_samples, **kwargs)["elbo"]
+
+
+def iwae_bound(vae, x: torch.Tensor, num_samples: int, **kwargs) -> Estimate:
+    """Importance-weighted bound :math:`\\mathcal{L}_K` per datapoint; see
+    :func:`evaluate_bounds`."""
+    return evaluate_bounds(vae, x, num_samples, **kwargs)["iwae"]

@@ -1,0 +1,110 @@
+"""Likelihoods p(x|z).
+
+A likelihood maps the decoder's output ``params`` of shape ``(..., param_dim)`` to a
+normalised :mod:`pyro.distributions` distribution over the data dimensions, with
+``event_shape == (data_dim,)``. It also checks that data lie in its support
+(:meth:`Likelihood.check_data`), so that e.g. grey levels under a Bernoulli likelihood are a
+clear error instead of a silently wrong log-density.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .registry import Registry
+
+LIKELIHOODS: Registry = Registry("likelihood")
+
+
+class Likelihood(nn.Module):
+    """Base class. Subclasses set :attr:`params_per_dim` and implement ``forward``/``mean``."""
+
+    #: decoder outputs per data dimension
+    params_per_dim: int = 1
+
+    def __init__(self, data_dim: int):
+        super().__init__()
+        self.data_dim = int(data_dim)
+
+    @classmethod
+    def from_config(cls, data_dim: int, config) -> "Likelihood":
+        """Build from a :class:`~pvae.config.RunConfig` (subclasses read their options)."""
+        return cls(data_dim)
+
+    @property
+    def param_dim(self) -> int:
+        """Number of decoder outputs this likelihood consumes."""
+        return self.params_per_dim * self.data_dim
+
+    def check_data(self, x: torch.Tensor) -> None:
+        """Raise :class:`ValueError` if ``x`` is outside the support. Default: any real."""
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        """E[x | z] for decoder output ``params``; shape ``(..., data_dim)``."""
+        raise NotImplementedError
+
+
+@LIKELIHOODS.register("bernoulli")
+class BernoulliLikelihood(Likelihood):
+    r"""Independent Bernoulli pixels with logits from the decoder:
+    :math:`\log p(x|z) = \sum_d x_d \ell_d - \operatorname{softplus}(\ell_d)` (nats).
+
+    Data must be binary (0 or 1); grey levels are rejected with a message naming the fix.
+    """
+
+    def forward(self, params: torch.Tensor) -> dist.Distribution:
+        return dist.Bernoulli(logits=params).to_event(1)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        if not bool(((x == 0) | (x == 1)).all()):
+            bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
+            raise ValueError(
+                "the Bernoulli likelihood needs binary data (every value 0 or 1), but the data "
+                f"contain other values (e.g. {bad}); binarize the data, or choose a likelihood "
+                "for real-valued data such as 'gaussian'"
+            )
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(params)
+
+
+@LIKELIHOODS.register("gaussian")
+class GaussianLikelihood(Likelihood):
+    r"""Independent Gaussian dimensions :math:`x_d \sim \mathcal{N}(\mu_d(z), \sigma^2)` with
+    the mean from the decoder.
+
+    :param int data_dim: number of data dimensions.
+    :param float scale: the standard deviation :math:`\sigma` (its initial value when
+        learned).
+    :param bool learn_scale: learn one global :math:`\sigma` (parametrised by its log).
+    """
+
+    def __init__(self, data_dim: int, scale: float = 1.0, learn_scale: bool = False):
+        super().__init__(data_dim)
+        if not scale > 0 or not math.isfinite(scale):
+            raise ValueError(f"Gaussian likelihood scale must be positive and finite, got {scale}")
+        log_scale = torch.tensor(math.log(scale))
+        self.learn_scale = bool(learn_scale)
+        if self.learn_scale:
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
+
+    @classmethod
+    def from_config(cls, data_dim: int, config) -> "GaussianLikelihood":
+        return cls(data_dim, config.likelihood_scale, config.learn_scale)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.exp()
+
+    def forward(self, params: torch.Tensor) -> dist.Distribution:
+        return dist.Normal(params, self.scale.expand_as(params)).to_event(1)
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return params
+

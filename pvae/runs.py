@@ -1,0 +1,199 @@
+"""Run directories: train a :class:`~pvae.config.RunConfig` into a folder, load it back,
+evaluate it.
+
+A run directory holds ``config.json`` (enough to rebuild the model), ``env.json`` (versions,
+seed, device), ``metrics.jsonl`` (one line per epoch), ``checkpoint.pt`` (model, optimizer
+and RNG state; best-validation weights) and PNG figures. Evaluation reports are written as
+``evaluation-<split>-K<K>.json``; evaluation never changes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .checkpoint import load_checkpoint, write_json
+from .config import RunConfig, build_vae, save_config
+from .data import Dataset, load_dataset
+from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds
+from .model import VAE
+from .train import CHECKPOINT_FILE, History, fit
+
+CONFIG_FILE = "config.json"
+ENV_FILE = "env.json"
+FIGURES = ("elbo_curves.png", "reconstructions.png", "samples.png", "latent.png")
+
+
+def resolve_device(name: str) -> torch.device:
+    """Turn a device name into a :class:`torch.device`, failing clearly if it is absent."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {name!r} was requested but CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
+    return device
+
+
+def environment(config: RunConfig, device: torch.device) -> dict:
+    """Versions and machine facts recorded with a run."""
+    import numpy
+    import pyro
+
+    from . import __version__
+
+    env = {
+        "pvae": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "numpy": numpy.__version__,
+        "seed": config.seed,
+        "device": str(device),
+        "torch_num_threads": torch.get_num_threads(),
+        "argv": sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        env["cuda_device"] = torch.cuda.get_device_name(device)
+        env["cuda_version"] = torch.version.cuda
+    return env
+
+
+def train_run(
+    config: RunConfig,
+    run_dir,
+    resume: bool = False,
+    progress: bool = True,
+    dataset: Optional[Dataset] = None,
+) -> Tuple[VAE, History]:
+    """Train ``config`` into ``run_dir`` and write its figures.
+
+    Everything that can be checked (data set, names, device, data vs likelihood) is checked
+    before anything is written. An existing run directory is only continued with
+    ``resume=True`` and the same config.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(config.device)
+    data = dataset if dataset is not None else load_dataset(config.dataset)
+    vae = build_vae(config, data.data_dim)
+    vae.check_data(data.train, f"{config.dataset} training data")
+    vae.check_data(data.valid, f"{config.dataset} validation data")
+    config_path = run_dir / CONFIG_FILE
+    if config_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose a "
+                "new --run-dir (nothing was overwritten)"
+            )
+        saved = RunConfig.load(config_path)
+        if saved.replace(epochs=config.epochs) != config:
+            raise ValueError(
+                f"cannot resume {run_dir}: its config.json differs from this config in "
+                + ", ".join(
+                    k for k in config.field_names()
+                    if k != "epochs" and getattr(saved, k) != getattr(config, k)
+                )
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir)
+    write_json(environment(config, device), run_dir / ENV_FILE)
+    history = fit(
+        vae,
+        data.train,
+        data.valid,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        objective=config.objective,
+        num_particles=config.num_particles,
+        patience=config.patience,
+        seed=config.seed,
+        device=device,
+        run_dir=run_dir,
+        resume=resume,
+        val_num_samples=config.val_num_samples,
+        progress=progress,
+    )
+    write_figures(vae, data, history, run_dir)
+    return vae, history
+
+
+def write_figures(vae: VAE, data: Dataset, history: History, run_dir) -> None:
+    """ELBO curves, reconstructions, samples and a latent scatter of the validation split."""
+    from . import plots
+
+    run_dir = Path(run_dir)
+    figures = {"elbo_curves.png": plots.elbo_curves(history.records)}
+    valid = data.valid.to(vae.device)
+    if data.image_shape is not None:
+        figures["reconstructions.png"] = plots.reconstructions(vae, valid, data.image_shape)
+        figures["samples.png"] = plots.samples(vae, data.image_shape)
+    figures["latent.png"] = plots.latent_scatter(vae.encode(valid), data.split_labels("valid"))
+    for name, fig in figures.items():
+        fig.savefig(run_dir / name, dpi=100)
+
+
+def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig, VAE]:
+    """Rebuild the model of a run directory from ``config.json`` and ``checkpoint.pt``.
+
+    :param bool best: load the best-validation weights (else the last epoch's).
+    """
+    run_dir = Path(run_dir)
+    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+        if not (run_dir / name).exists():
+            raise FileNotFoundError(f"{run_dir} is not a pvae run directory: {name} is missing")
+    config = RunConfig.load(run_dir / CONFIG_FILE)
+    ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    state = ckpt["best_model"] if best and ckpt.get("best_model") is not None else ckpt["model"]
+    vae = build_vae(config, ckpt["fit"]["data_dim"])
+    vae.load_state_dict(state)
+    vae.to(resolve_device(device))
+    vae.eval()
+    return config, vae
+
+
+def evaluate_run(
+    run_dir,
+    split: str = "test",
+    num_samples: int = 1000,
+    batch_size: int = 100,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    write: bool = True,
+) -> dict:
+    """ELBO and importance-weighted bound :math:`\\mathcal{L}_K` on a split of the run's data
+    set, with K = ``num_samples``; writes ``evaluation-<split>-K<K>.json`` unless ``write``
+    is False. The run's files are only read."""
+    config, vae = load_run(run_dir, device)
+    data = load_dataset(config.dataset)
+    x = data.split(split).to(vae.device)
+    estimates = evaluate_bounds(
+        vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
+        progress=progress,
+    )
+    report = {
+        "run_dir": str(run_dir),
+        "dataset": config.dataset,
+        "split": split,
+        "num_datapoints": int(x.shape[0]),
+        "seed": seed,
+        "estimates": {name: est.to_dict() for name, est in estimates.items()},
+        "nll_iwae": -estimates["iwae"].mean,
+        "bits_per_dim_iwae": estimates["iwae"].bits_per_dim(vae.data_dim),
+    }
+    if write:
+        write_json(report, Path(run_dir) / f"evaluation-{split}-K{num_samples}.json")
+    return report

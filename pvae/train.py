@@ -1,0 +1,259 @@
+"""The training loop: minibatch stochastic variational inference with a Pyro ELBO.
+
+:func:`fit` follows the gradient of an :class:`~pvae.objectives.Objective` (by default
+:class:`pyro.infer.Trace_ELBO`) with :class:`torch.optim.Adam` over ``vae.parameters()`` —
+the module form of Pyro's ELBOs, which keeps parameters inside the model instead of Pyro's
+global parameter store. Each epoch it computes the validation ELBO, logs a JSON line,
+and writes an atomic checkpoint with model, optimizer and RNG states, so that
+``fit(..., resume=True)`` continues the same trajectory. No printing and no plotting here;
+the progress bar (tqdm) can be switched off.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+
+from ._rng import seeded
+from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
+from .estimators import evaluate_bounds
+from .objectives import Objective, make_objective
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class History:
+    """What :func:`fit` did, one record per epoch.
+
+    Record keys: ``epoch`` (1-based), ``train_objective`` (mean training objective over the
+    epoch's minibatches, nats per datapoint, as the parameters moved), ``val_elbo`` and
+    ``val_elbo_stderr`` (ELBO on the validation data at the end of the epoch, with
+    ``val_num_samples`` samples per datapoint, nats per datapoint), ``seconds``.
+    """
+
+    records: List[dict] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    stopped_early: bool = False
+
+    @property
+    def train_objective(self) -> List[float]:
+        return [r["train_objective"] for r in self.records]
+
+    @property
+    def val_elbo(self) -> List[float]:
+        return [r["val_elbo"] for r in self.records if r.get("val_elbo") is not None]
+
+    @property
+    def best_val_elbo(self) -> Optional[float]:
+        if self.best_epoch is None:
+            return None
+        return self.records[self.best_epoch - 1]["val_elbo"]
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "data_order": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["data_order"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def fit(
+    vae,
+    train_data: torch.Tensor,
+    valid_data: Optional[torch.Tensor] = None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 100,
+    lr: float = 1e-3,
+    objective: Union[str, Objective] = "elbo",
+    num_particles: int = 1,
+    patience: Optional[int] = None,
+    seed: int = 0,
+    device: Optional[Union[str, torch.device]] = None,
+    run_dir: Optional[Union[str, Path]] = None,
+    resume: bool = False,
+    val_num_samples: int = 1,
+    restore_best: bool = True,
+    progress: bool = True,
+) -> History:
+    """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
+
+    :param vae: a :class:`~pvae.model.VAE`; trained in place.
+    :param train_data: ``(N, D)`` float tensor.
+    :param valid_data: optional ``(M, D)`` tensor for the per-epoch validation ELBO, early
+        stopping and best-model selection.
+    :param int epochs: total number of epochs (a resumed run continues up to this number).
+    :param int batch_size: minibatch size; the last minibatch of an epoch may be smaller.
+    :param float lr: Adam learning rate.
+    :param objective: an :class:`~pvae.objectives.Objective` or a registered name.
+    :param int num_particles: vectorized particles per datapoint (when ``objective`` is a name).
+    :param patience: stop after this many epochs without a better validation ELBO.
+    :param int seed: seeds the data order and the sampling; the caller's global RNG is
+        restored afterwards.
+    :param device: move the model and data there (default: where the model is).
+    :param run_dir: if given, write ``checkpoint.pt`` and ``metrics.jsonl`` there each epoch.
+    :param bool resume: continue from ``run_dir/checkpoint.pt`` (same trajectory as an
+        uninterrupted run). Without it, an existing checkpoint is an error, never overwritten.
+    :param int val_num_samples: samples per datapoint for the validation ELBO (fixed seed,
+        so epochs are compared on common random numbers; training draws are unaffected).
+    :param bool restore_best: at the end, load the parameters of the best validation epoch.
+    :param bool progress: show a tqdm progress bar.
+    :returns: :class:`History`.
+    :raises FloatingPointError: when the loss becomes NaN/inf (the parameters and the last
+        checkpoint are left as they were before the bad step).
+    """
+    if isinstance(objective, str):
+        objective = make_objective(objective, num_particles)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(value, bool) or int(value) != value or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be positive and finite, got {lr!r}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    device = torch.device(device) if device is not None else vae.device
+    vae.to(device)
+    vae.check_data(train_data, "training data")
+    if valid_data is not None:
+        vae.check_data(valid_data, "validation data")
+    train_data = train_data.to(device)
+    valid_data = valid_data.to(device) if valid_data is not None else None
+
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(int(seed))
+    history = History()
+    best_state = None
+    start_epoch = 0
+    ckpt_path = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    fit_args = {
+        "batch_size": int(batch_size),
+        "lr": float(lr),
+        "objective": objective.name,
+        "num_particles": objective.num_particles,
+        "seed": int(seed),
+        "num_train": int(train_data.shape[0]),
+        "data_dim": int(train_data.shape[1]),
+    }
+    resumed_rng = None
+    if ckpt_path is not None and ckpt_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"{ckpt_path} already exists; pass resume=True to continue that run or "
+                "choose a new run directory (nothing was overwritten)"
+            )
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("fit") != fit_args:
+            raise ValueError(
+                f"cannot resume {ckpt_path}: it was trained with {ckpt.get('fit')}, "
+                f"but this call uses {fit_args}"
+            )
+        vae.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        history = History(ckpt["history"], ckpt["best_epoch"], ckpt["stopped_early"])
+        best_state = ckpt["best_model"]
+        start_epoch = int(ckpt["epoch"])
+        resumed_rng = ckpt["rng"]
+
+    steps_per_epoch = math.ceil(train_data.shape[0] / batch_size)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=max(epochs - start_epoch, 0) * steps_per_epoch,
+            desc="pvae fit",
+            unit="step",
+            dynamic_ncols=True,
+        )
+    vae.train()
+    try:
+        with seeded(seed, device):
+            if resumed_rng is not None:
+                _set_rng_state(resumed_rng, generator, device)
+            for epoch in range(start_epoch + 1, epochs + 1):
+                if history.stopped_early:
+                    break
+                t0 = time.perf_counter()
+                order = torch.randperm(train_data.shape[0], generator=generator).to(device)
+                total = 0.0
+                for step, idx in enumerate(order.split(batch_size)):
+                    xb = train_data[idx]
+                    loss, value = objective.loss_and_value(vae, xb)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"the training loss became {loss.item()} at epoch {epoch}, step "
+                            f"{step + 1}; the parameters were not updated with it"
+                            + (f" and {ckpt_path} still holds epoch {epoch - 1}" if ckpt_path else "")
+                            + "; try a lower learning rate"
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    total += float(value) * xb.shape[0]
+                    if bar is not None:
+                        bar.update(1)
+                record = {
+                    "epoch": epoch,
+                    "train_objective": total / train_data.shape[0],
+                    "objective": objective.name,
+                    "num_particles": objective.num_particles,
+                    "val_elbo": None,
+                    "val_elbo_stderr": None,
+                    "val_num_samples": None,
+                }
+                if valid_data is not None:
+                    est = evaluate_bounds(vae, valid_data, val_num_samples, seed=seed)["elbo"]
+                    vae.train()
+                    record.update(
+                        val_elbo=est.mean, val_elbo_stderr=est.stderr, val_num_samples=val_num_samples
+                    )
+                    if history.best_epoch is None or est.mean > history.best_val_elbo:
+                        history.best_epoch = epoch
+                        best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+                record["seconds"] = time.perf_counter() - t0
+                history.records.append(record)
+                if patience is not None and history.best_epoch is not None:
+                    history.stopped_early = epoch - history.best_epoch >= patience
+                if bar is not None:
+                    postfix = {"epoch": epoch, "train": f"{record['train_objective']:.2f}"}
+                    if record["val_elbo"] is not None:
+                        postfix["val_elbo"] = f"{record['val_elbo']:.2f}"
+                    bar.set_postfix(postfix)
+                if ckpt_path is not None:
+                    save_checkpoint(
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "epoch": epoch,
+                            "model": vae.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "rng": _rng_state(generator, device),
+                            "history": history.records,
+                            "best_epoch": history.best_epoch,
+                            "best_model": best_state,
+                            "stopped_early": history.stopped_early,
+                            "fit": fit_args,
+                        },
+                        ckpt_path,
+                    )
+                    write_jsonl(history.records, ckpt_path.parent / METRICS_FILE)
+    finally:
+        if bar is not None:
+            bar.close()
+    if restore_best and best_state is not None:
+        vae.load_state_dict(best_state)
+    return history
