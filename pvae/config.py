@@ -44,7 +44,7 @@ class RunConfig:
     learn_scale: bool = False
     objective: str = "elbo"
     num_particles: int = 1
-    epochs: int = 300
+    epochs: int = 600
     batch_size: int = 100
     lr: float = 1e-3
     patience: Optional[int] = 30

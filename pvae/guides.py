@@ -1,4 +1,4 @@
-"""Guides q(z|x).
+r"""Guides q(z|x).
 
 A guide is an :class:`torch.nn.Module` whose ``forward(x)`` returns a
 :mod:`pyro.distributions` distribution over ``z`` with ``batch_shape == x.shape[:-1]`` and

@@ -1,0 +1,45 @@
+import os
+from pathlib import Path
+
+import pyro
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Data-dependent tests read the pre-downloaded files through the loader's cache setting,
+# exactly as a user's cache: PVAE_DATA_DIR if set, else ../shared/data next to the repo.
+if "PVAE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+    os.environ["PVAE_DATA_DIR"] = str(SHARED_DATA)
+
+
+def _mnist_available() -> bool:
+    folder = Path(os.environ.get("PVAE_DATA_DIR", "~/.cache/pvae")).expanduser() / "binarized_mnist"
+    return all(
+        (folder / f"binarized_mnist_{s}.amat").exists() or (folder / f"binarized_mnist_{s}.amat.gz").exists()
+        for s in ("train", "valid", "test")
+    )
+
+
+MNIST_AVAILABLE = _mnist_available()
+requires_mnist = pytest.mark.skipif(
+    not MNIST_AVAILABLE, reason="binarized MNIST is not in the data cache (set PVAE_DATA_DIR)"
+)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state():
+    """Fixed seed, empty Pyro parameter store and Pyro validation for every test."""
+    torch.manual_seed(0)
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    import pvae
+
+    return pvae.load_dataset("digits")

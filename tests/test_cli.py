@@ -1,0 +1,113 @@
+"""The command line, as a user runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pvae.checkpoint import load_checkpoint
+from pvae.cli import main
+from pvae.runs import FIGURES
+
+from conftest import requires_mnist
+
+FAST = ["--latent-dim", "2", "--hidden", "32", "--no-progress"]
+
+
+def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "3", "--run-dir", str(run), *FAST]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["epochs"] == 3
+    for name in ("config.json", "env.json", "metrics.jsonl", "checkpoint.pt", *FIGURES):
+        assert (run / name).is_file(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["latent_dim"] == 2 and config["hidden"] == [32] and config["dataset"] == "digits"
+    env = json.loads((run / "env.json").read_text())
+    assert env["seed"] == 0 and env["device"] == "cpu" and "torch" in env and "pyro" in env
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+    checkpoint_bytes = (run / "checkpoint.pt").read_bytes()
+    assert main(["evaluate", str(run), "--K", "7", "--chunk-size", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "iwae (K=7)" in out and "elbo (K=7)" in out
+    report = json.loads((run / "evaluation-test-K7.json").read_text())
+    assert report["num_datapoints"] == 300
+    assert report["estimates"]["iwae"]["num_samples"] == 7
+    assert report["estimates"]["iwae"]["mean"] >= report["estimates"]["elbo"]["mean"]
+    assert (run / "checkpoint.pt").read_bytes() == checkpoint_bytes  # evaluation changes nothing
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert main(["train", "--epochs", "2", "--run-dir", run, *FAST]) == 0
+    assert main(["train", "--epochs", "3", "--run-dir", run, *FAST]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--epochs", "3", "--run-dir", run, "--resume", *FAST]) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
+    assert main(["train", "--epochs", "4", "--run-dir", run, "--resume", "--lr", "0.1", *FAST]) == 2
+    assert "differs from this config in lr" in capsys.readouterr().err
+
+
+def test_config_file_with_flag_overrides(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"latent_dim": 3, "hidden": [16], "epochs": 1}))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--seed", "5", "--run-dir", str(run), "--no-progress"]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["latent_dim"] == 3 and saved["seed"] == 5 and saved["epochs"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prior", "vampire"], "unknown prior 'vampire'; valid choices: standard-normal"),
+        (["--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: binarized-mnist"),
+        (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
+        (["--latent-dim", "0"], "latent_dim must be a positive integer"),
+    ],
+)
+def test_bad_requests_fail_clearly_and_write_nothing(tmp_path, capsys, args, message):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--no-progress", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_unknown_config_key_lists_the_valid_keys(tmp_path, capsys):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"latent_dims": 3}))
+    assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
+    assert "unknown config key(s) ['latent_dims']; valid keys: dataset, latent_dim" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_request_without_cuda_is_a_clear_error(tmp_path, capsys):
+    assert main(["train", "--device", "cuda", "--run-dir", str(tmp_path / "r"), *FAST]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "not a pvae run directory" in capsys.readouterr().err
+
+
+def test_installed_entry_point():
+    script = Path(sys.executable).parent / "pvae"  # the console script installed beside python
+    out = subprocess.run([str(script), "train", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "--latent-dim" in out and "--device" in out
+
+
+@requires_mnist
+def test_train_on_binarized_mnist_smoke(tmp_path, capsys):
+    run = tmp_path / "mnist"
+    args = ["train", "--dataset", "binarized-mnist", "--latent-dim", "5", "--hidden", "20",
+            "--epochs", "1", "--batch-size", "500", "--run-dir", str(run), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert -300 < summary["best_val_elbo"] < -100
+    assert (run / "samples.png").is_file()

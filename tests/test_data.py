@@ -1,0 +1,125 @@
+"""Data loading: the cache protocol, checksums, downloads and clear failures."""
+
+import gzip
+import io
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import pvae
+from pvae.data import ChecksumError, DataUnavailableError, binarized_mnist_split
+from pvae.registry import UnknownNameError
+
+from conftest import requires_mnist
+
+
+def cache():
+    return Path(os.environ["PVAE_DATA_DIR"])
+
+
+def test_digits_are_binary_labelled_and_split_deterministically(digits):
+    assert digits.train.shape == (1197, 64) and digits.valid.shape == (300, 64)
+    assert digits.test.shape == (300, 64) and digits.image_shape == (8, 8)
+    assert digits.binary and set(digits.train.unique().tolist()) == {0.0, 1.0}
+    assert digits.split_labels("test").shape == (300,)
+    again = pvae.load_dataset("digits")
+    assert torch.equal(again.test, digits.test)
+    grey = pvae.load_dataset("digits-grey")
+    assert grey.train.min() >= 0 and grey.train.max() <= 1 and not grey.binary
+
+
+def test_unknown_dataset_and_split_name_the_choices(digits):
+    with pytest.raises(UnknownNameError, match="valid choices: binarized-mnist, digits"):
+        pvae.load_dataset("mnist")
+    with pytest.raises(ValueError, match="valid choices: train, valid, test"):
+        digits.split("validation")
+
+
+@requires_mnist
+def test_binarized_mnist_from_the_cache():
+    data = pvae.load_dataset("binarized-mnist")
+    assert data.train.shape == (50000, 784)
+    assert data.valid.shape == (10000, 784) and data.test.shape == (10000, 784)
+    assert data.train.dtype == torch.float32 and data.binary
+    assert data.train.mean().item() == pytest.approx(0.1306, abs=5e-5)  # published means
+    assert data.test.mean().item() == pytest.approx(0.1325, abs=5e-5)
+
+
+def _plain_text(split):
+    folder = cache() / "binarized_mnist"
+    for name in (f"binarized_mnist_{split}.amat", f"binarized_mnist_{split}.amat.gz"):
+        if (folder / name).exists():
+            raw = (folder / name).read_bytes()
+            return gzip.decompress(raw) if name.endswith(".gz") else raw
+
+
+@requires_mnist
+def test_plain_amat_is_accepted_as_well_as_gzip(tmp_path):
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    (folder / "binarized_mnist_test.amat").write_bytes(_plain_text("test"))
+    plain = binarized_mnist_split("test", tmp_path, download=False)
+    assert plain.shape == (10000, 784)
+    assert (plain == binarized_mnist_split("test", cache(), download=False)).all()
+
+
+@requires_mnist
+def test_corrupt_file_is_named_and_rejected(tmp_path):
+    folder = tmp_path / "binarized_mnist"
+    folder.mkdir()
+    text = bytearray(_plain_text("test"))
+    text[0] = ord("1") if text[0] == ord("0") else ord("0")  # one flipped pixel
+    (folder / "binarized_mnist_test.amat").write_bytes(bytes(text))
+    with pytest.raises(ChecksumError, match="binarized_mnist_test.amat is corrupt.*delete it"):
+        binarized_mnist_split("test", tmp_path)
+
+
+def test_missing_file_offline_is_a_clear_error_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    monkeypatch.setenv("PVAE_DATA_DIR", str(tmp_path))
+    with pytest.raises(DataUnavailableError, match="could not be downloaded.*PVAE_DATA_DIR"):
+        pvae.load_dataset("binarized-mnist")
+    leftovers = list(tmp_path.rglob("*.amat*"))
+    assert leftovers == []
+
+
+class _FakeResponse(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@requires_mnist
+def test_download_is_verified_and_cached(tmp_path, monkeypatch):
+    text = _plain_text("valid")
+    urls = []
+
+    def serve(url, timeout=None):
+        urls.append(url)
+        return _FakeResponse(text)
+
+    monkeypatch.setattr(urllib.request, "urlopen", serve)
+    arr = binarized_mnist_split("valid", tmp_path)
+    assert urls == [
+        "http://www.cs.toronto.edu/~larocheh/public/datasets/binarized_mnist/binarized_mnist_valid.amat"
+    ]
+    assert arr.shape == (10000, 784)
+    assert (tmp_path / "binarized_mnist" / "binarized_mnist_valid.amat").read_bytes() == text
+    binarized_mnist_split("valid", tmp_path)  # second load: from the cache, no download
+    assert len(urls) == 1
+
+
+def test_a_bad_download_is_not_kept(tmp_path, monkeypatch):
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _FakeResponse(b"<html>moved</html>"))
+    with pytest.raises(ChecksumError):
+        binarized_mnist_split("test", tmp_path)
+    assert list((tmp_path / "binarized_mnist").iterdir()) == []

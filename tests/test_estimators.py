@@ -1,0 +1,132 @@
+"""ELBO and importance-weighted bounds against the exact linear-Gaussian log p(x).
+
+Tolerances are Monte Carlo standard errors times the normal quantile of a stated failure
+rate (1e-6 per check, see pvae.testing.mc_tolerance), never tuned to a seed.
+"""
+
+import math
+
+import pytest
+import torch
+
+import pvae
+from pvae.estimators import evaluate_bounds, log_importance_weights
+from pvae.testing import (
+    exact_elbo,
+    exact_log_marginal,
+    linear_gaussian_vae,
+    mc_tolerance,
+    with_exact_guide,
+)
+
+
+@pytest.fixture
+def model():
+    return linear_gaussian_vae(data_dim=5, latent_dim=2, noise_scale=0.5)
+
+
+@pytest.fixture
+def x(model):
+    # data simulated from the model itself
+    return model.sample(40, seed=3, mean=False).detach()
+
+
+@pytest.mark.parametrize("num_samples, chunk_size", [(1, 100), (37, 10), (100, 7)])
+def test_exact_posterior_guide_gives_log_marginal(model, x, num_samples, chunk_size):
+    """With q = p(z|x) every log-weight equals log p(x): all estimators are exact."""
+    exact = exact_log_marginal(model, x).detach()
+    est = evaluate_bounds(with_exact_guide(model), x, num_samples, chunk_size=chunk_size, batch_size=16)
+    for name in ("elbo", "iwae"):
+        assert est[name].num_samples == num_samples
+        assert est[name].num_datapoints == x.shape[0]
+        torch.testing.assert_close(est[name].values, exact, atol=1e-8, rtol=0)
+    torch.testing.assert_close(est["iwae"].extra["ess"], torch.full((40,), float(num_samples), dtype=torch.float64))
+
+
+def test_chunks_add_up_to_exactly_k(model, x):
+    sizes = [lw.shape[0] for lw in log_importance_weights(model, x, 250, chunk_size=64)]
+    assert sizes == [64, 64, 64, 58]
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate_bounds(model, x, 0)
+    with pytest.raises(ValueError, match="num_samples"):
+        evaluate_bounds(model, x, 2.5)
+
+
+def test_elbo_estimate_is_unbiased_for_closed_form_elbo(model, x):
+    est = evaluate_bounds(model, x, 4000, seed=1)["elbo"]
+    exact = exact_elbo(model, x).detach()
+    err = (est.values - exact).abs()
+    # 40 independent checks: Bonferroni, overall failure rate 1e-6
+    assert bool((err < mc_tolerance(1, 1e-6 / 40) * est.mc_stderr).all())
+
+
+def test_bounds_are_ordered_with_a_poor_guide(model, x):
+    """E[ELBO] <= E[L_K] <= E[L_K'] <= log p(x) for K < K'. Expectations are estimated by
+    averaging R independent replicates of the data-set mean; each inequality is checked up
+    to the Monte Carlo standard error of the difference."""
+    exact = exact_log_marginal(model, x).detach().mean()
+    replicates = 60
+    rows = []
+    for r in range(replicates):
+        elbo_1 = evaluate_bounds(model, x, 1, seed=10_000 + r)["elbo"].mean
+        l_5 = evaluate_bounds(model, x, 5, seed=20_000 + r)["iwae"].mean
+        l_50 = evaluate_bounds(model, x, 50, seed=30_000 + r)["iwae"].mean
+        rows.append([elbo_1, l_5, l_50])
+    values = torch.tensor(rows, dtype=torch.float64)
+    means = values.mean(0)
+    tol = mc_tolerance(1.0, 1e-6 / 3)
+    for lo, hi in ((0, 1), (1, 2)):
+        diff = values[:, hi] - values[:, lo]
+        assert diff.mean() > -tol * diff.std() / math.sqrt(replicates)
+    se_top = values[:, 2].std() / math.sqrt(replicates)
+    assert means[2] < exact + tol * se_top
+    # the guide is poor: the ordering is strict by many standard errors, not a tie
+    assert means[1] - means[0] > 10 * (values[:, 1] - values[:, 0]).std() / math.sqrt(replicates)
+
+
+def test_importance_estimate_of_p_x_is_unbiased():
+    """E_q[p(x,z)/q(z|x)] = p(x). A guide wider than the posterior keeps Var[w] finite."""
+    model = linear_gaussian_vae(data_dim=3, latent_dim=2, noise_scale=1.0, seed=1)
+    x = model.sample(4, seed=2, mean=False).detach()
+    with torch.no_grad():
+        model.guide_net.encoder[0].weight.zero_()
+        model.guide_net.encoder[0].bias.zero_()  # q(z|x) = N(0, softplus(0)^2) ~ N(0, 0.69^2)
+    k = 200_000
+    torch.manual_seed(0)
+    lw = torch.cat(list(log_importance_weights(model, x, k, chunk_size=20_000))).detach()
+    log_px = exact_log_marginal(model, x).detach()
+    ratio = (lw - log_px).exp()  # w / p(x): mean 1 if unbiased
+    se = ratio.std(0) / math.sqrt(k)
+    assert bool(((ratio.mean(0) - 1).abs() < mc_tolerance(1, 1e-6 / 4) * se).all())
+
+
+def test_evaluation_changes_no_parameters_and_no_global_rng(model, x):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    evaluate_bounds(model, x, 20, seed=0)
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert model.training  # the caller's mode is restored
+
+
+def test_seeded_estimates_are_reproducible(model, x):
+    a = evaluate_bounds(model, x, 30, seed=4)["iwae"].values
+    b = evaluate_bounds(model, x, 30, seed=4)["iwae"].values
+    assert torch.equal(a, b)
+
+
+def test_estimate_report_and_bits_per_dim(model, x):
+    est = evaluate_bounds(model, x, 10)["iwae"]
+    report = est.to_dict()
+    assert report["estimator"] == "iwae" and report["num_samples"] == 10
+    assert report["units"] == "nats per datapoint"
+    assert est.bits_per_dim(5) == pytest.approx(-est.mean / (5 * math.log(2)))
+    assert est.stderr == pytest.approx(float(est.values.std() / math.sqrt(40)))
+
+
+def test_estimators_reject_bad_data(model):
+    with pytest.raises(ValueError, match="NaN"):
+        evaluate_bounds(model, torch.full((3, 5), float("nan"), dtype=torch.float64), 5)
+    with pytest.raises(ValueError, match="shape"):
+        pvae.iwae_bound(model, torch.zeros(3, 4, dtype=torch.float64), 5)

@@ -1,0 +1,159 @@
+"""The VAE as a Pyro model/guide pair: sites, shapes, densities, gradients."""
+
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+
+import pvae
+from pvae import DATA_PLATE, LATENT_SITE, OBSERVED_SITE
+from pvae.testing import exact_elbo, linear_gaussian_vae, mc_tolerance
+
+
+def small_vae(data_dim=64, latent_dim=3):
+    config = pvae.RunConfig(latent_dim=latent_dim, hidden=(16,))
+    return pvae.build_vae(config, data_dim)
+
+
+def binary_batch(n=7, d=64):
+    return (torch.rand(n, d) < 0.3).float()
+
+
+def test_model_and_guide_sites():
+    vae = small_vae()
+    x = binary_batch()
+    guide_trace = poutine.trace(vae.guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(vae.model, trace=guide_trace)).get_trace(x)
+    z_site = model_trace.nodes[LATENT_SITE]
+    x_site = model_trace.nodes[OBSERVED_SITE]
+    assert x_site["is_observed"] and torch.equal(x_site["value"], x)
+    assert z_site["value"].shape == (7, 3)
+    assert [f.name for f in z_site["cond_indep_stack"]] == [DATA_PLATE]
+    assert z_site["fn"].event_shape == (3,) and x_site["fn"].event_shape == (64,)
+    assert guide_trace.nodes[LATENT_SITE]["fn"].has_rsample  # pathwise (reparametrized) gradients
+
+
+def test_log_joint_is_the_model_trace_density():
+    vae = small_vae()
+    x = binary_batch()
+    z = torch.randn(7, 3)
+    trace = poutine.trace(poutine.condition(vae.model, {LATENT_SITE: z})).get_trace(x)
+    trace.compute_log_prob()
+    per_datapoint = trace.nodes[LATENT_SITE]["log_prob"] + trace.nodes[OBSERVED_SITE]["log_prob"]
+    torch.testing.assert_close(vae.log_joint(x, z), per_datapoint)
+
+
+def test_log_joint_broadcasts_over_samples():
+    vae = small_vae()
+    x = binary_batch()
+    z = torch.randn(4, 7, 3)
+    lj = vae.log_joint(x, z)
+    assert lj.shape == (4, 7)
+    torch.testing.assert_close(lj[2], vae.log_joint(x, z[2]))
+
+
+def test_conveniences_shapes_and_ranges():
+    vae = small_vae()
+    x = binary_batch()
+    assert vae.encode(x).shape == (7, 3)
+    recon = vae.reconstruct(x)
+    assert recon.shape == (7, 64) and recon.min() >= 0 and recon.max() <= 1
+    s = vae.sample(5, seed=1)
+    assert s.shape == (5, 64)
+    torch.testing.assert_close(s, vae.sample(5, seed=1))
+    draws = vae.sample(5, seed=1, mean=False)
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_sample_with_seed_leaves_global_rng_alone():
+    vae = small_vae()
+    state = torch.get_rng_state()
+    vae.sample(3, seed=123)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("name", ["elbo", "elbo-analytic-kl"])
+@pytest.mark.parametrize("particles", [1, 4])
+def test_objectives_run_with_vectorized_particles_and_reach_parameters(name, particles):
+    vae = small_vae()
+    objective = pvae.make_objective(name, particles)
+    loss, value = objective.loss_and_value(vae, binary_batch())
+    loss.backward()
+    assert torch.isfinite(loss) and value == -loss.detach()
+    grads = [p.grad for p in vae.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(g.abs().sum() > 0 for g in grads)
+    assert len(pyro.get_param_store().keys()) == 0  # nothing in Pyro's global store
+
+
+@pytest.mark.parametrize("name", ["elbo", "elbo-analytic-kl"])
+def test_objective_value_matches_closed_form_elbo(name):
+    """On the linear-Gaussian model the objective's value is an unbiased estimate of the
+    closed-form ELBO (tolerance from the Monte Carlo standard error)."""
+    vae = linear_gaussian_vae()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    objective = pvae.make_objective(name, num_particles=1)
+    values = torch.stack([objective.loss_and_value(vae, x)[1] for _ in range(2000)])
+    exact = exact_elbo(vae, x).mean().detach()
+    se = values.std() / len(values) ** 0.5
+    assert abs(values.mean() - exact) < mc_tolerance(se)
+
+
+def test_objective_value_equals_estimator_on_same_samples():
+    """What training logs is the ELBO itself: the same draws through the estimator module
+    give the same number."""
+    vae = small_vae()
+    x = binary_batch()
+    torch.manual_seed(5)
+    _, logged = pvae.make_objective("elbo").loss_and_value(vae, x)
+    torch.manual_seed(5)
+    lw = next(pvae.log_importance_weights(vae, x, 1))
+    torch.testing.assert_close(logged, lw.mean().detach())
+
+
+def test_mismatched_parts_are_rejected():
+    with pytest.raises(ValueError, match="latent_dim"):
+        pvae.VAE(
+            pvae.StandardNormalPrior(3), pvae.MLP(3, 10, ()), pvae.BernoulliLikelihood(10),
+            pvae.DiagonalGaussianGuide(10, 4, ()),
+        )
+    with pytest.raises(ValueError, match="decoder outputs"):
+        pvae.VAE(
+            pvae.StandardNormalPrior(3), pvae.MLP(3, 11, ()), pvae.BernoulliLikelihood(10),
+            pvae.DiagonalGaussianGuide(10, 3, ()),
+        )
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.full((4, 64), float("nan")), "NaN or infinite"),
+        (torch.ones(4, 63), r"shape \(batch, 64\)"),
+        (torch.ones(2, 4, 64), r"shape \(batch, 64\)"),
+        (torch.full((4, 64), 0.5), "binary"),
+        (torch.ones(4, 64, dtype=torch.int64), "floating-point"),
+    ],
+)
+def test_bad_data_gets_a_clear_error(bad, message):
+    vae = small_vae()
+    with pytest.raises((ValueError, TypeError), match=message):
+        vae.check_data(bad)
+
+
+def test_gaussian_learned_scale_is_trained():
+    lik = pvae.GaussianLikelihood(4, scale=0.3, learn_scale=True)
+    assert any(p is lik.log_scale for p in lik.parameters())
+    torch.testing.assert_close(lik.scale, torch.tensor(0.3))
+    fixed = pvae.GaussianLikelihood(4, scale=0.3)
+    assert list(fixed.parameters()) == []
+    with pytest.raises(ValueError, match="positive"):
+        pvae.GaussianLikelihood(4, scale=0.0)
+
+
+def test_unknown_component_names_list_choices():
+    with pytest.raises(KeyError, match="valid choices: .*standard-normal"):
+        pvae.RunConfig(prior="vampire")
+    with pytest.raises(KeyError, match="valid choices"):
+        pvae.RunConfig(likelihood="poissonish")
+    with pytest.raises(ValueError, match="unknown config key"):
+        pvae.RunConfig.from_dict({"latent_dims": 3})
