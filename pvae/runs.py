@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._rng import seeded
 from .checkpoint import load_checkpoint, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
@@ -86,7 +87,8 @@ def train_run(
     run_dir = Path(run_dir)
     device = resolve_device(config.device)
     data = dataset if dataset is not None else load_dataset(config.dataset)
-    vae = build_vae(config, data.data_dim)
+    with seeded(config.seed):  # initial weights are a function of the config's seed
+        vae = build_vae(config, data.data_dim)
     vae.check_data(data.train, f"{config.dataset} training data")
     vae.check_data(data.valid, f"{config.dataset} validation data")
     config_path = run_dir / CONFIG_FILE

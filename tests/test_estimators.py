@@ -130,3 +130,24 @@ def test_estimators_reject_bad_data(model):
         evaluate_bounds(model, torch.full((3, 5), float("nan"), dtype=torch.float64), 5)
     with pytest.raises(ValueError, match="shape"):
         pvae.iwae_bound(model, torch.zeros(3, 4, dtype=torch.float64), 5)
+
+
+def test_naive_prior_estimate_is_unbiased_for_p_x_and_collapses_in_high_dimension():
+    from pvae.estimators import naive_prior_estimate
+
+    model = linear_gaussian_vae(data_dim=3, latent_dim=2, noise_scale=1.0, seed=1)
+    x = model.sample(4, seed=2, mean=False).detach()
+    log_px = exact_log_marginal(model, x).detach()
+    # exp of the estimate is unbiased for p(x): average p_hat / p(x) over replicates
+    reps = torch.stack([
+        (naive_prior_estimate(model, x, 50, seed=s).values - log_px).exp() for s in range(400)
+    ])
+    se = reps.std(0) / math.sqrt(400)
+    assert bool(((reps.mean(0) - 1).abs() < mc_tolerance(1, 1e-6 / 4) * se).all())
+    # in 60 dimensions with a sharp likelihood, prior samples almost never explain x
+    big = linear_gaussian_vae(data_dim=60, latent_dim=10, noise_scale=0.3, seed=0)
+    xb = big.sample(5, seed=1, mean=False).detach()
+    est = naive_prior_estimate(big, xb, 1000)
+    assert est.estimator == "naive-prior-mc" and est.num_samples == 1000
+    assert bool((est.extra["ess"] < 5).all())
+    assert bool((est.values < exact_log_marginal(big, xb).detach() - 5).all())

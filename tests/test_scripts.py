@@ -1,0 +1,80 @@
+"""Every notebook, experiment, benchmark and CLI command runs here at smoke size.
+
+The meta-test fails when a new one appears without a smoke entry below.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import MNIST_AVAILABLE
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# script -> smoke-size arguments ({tmp} is a temporary folder)
+SCRIPTS = {
+    "experiments/aevb_binarized_mnist.py": [
+        "--epochs", "1", "--K", "3", "--test-limit", "50",
+        "--out-dir", "{tmp}/out", "--summary", "{tmp}/summary.json",
+    ],
+    "benchmarks/bench_train_step.py": ["--blocks", "2", "--steps-per-block", "2", "--out", "{tmp}/bench.json"],
+}
+NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py"}
+NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10"}
+HELPERS = {"benchmarks/handwritten_vae.py"}  # imported by scripts, not run on their own
+
+
+def discovered_scripts():
+    found = set()
+    for pattern in ("experiments/*.py", "benchmarks/*.py"):
+        found |= {str(p.relative_to(ROOT)) for p in ROOT.glob(pattern)}
+    return found - HELPERS
+
+
+def notebooks():
+    return sorted(ROOT.glob("notebooks/*.ipynb"))
+
+
+def test_every_script_has_a_smoke_run():
+    assert discovered_scripts() == set(SCRIPTS), "add the new script to SCRIPTS with smoke arguments"
+
+
+def test_every_cli_command_is_tested():
+    from pvae.cli import _parser
+
+    commands = next(a for a in _parser()._actions if a.dest == "command").choices
+    cli_tests = (ROOT / "tests" / "test_cli.py").read_text()
+    for command in commands:
+        assert f'main(["{command}"' in cli_tests, f"pvae {command} has no CLI test"
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_script_runs_at_smoke_size(script, tmp_path):
+    if script in NEEDS_MNIST and not MNIST_AVAILABLE:
+        pytest.skip("needs binarized MNIST in the data cache")
+    args = [a.format(tmp=tmp_path) for a in SCRIPTS[script]]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = [p for p in tmp_path.rglob("*.json")]
+    assert outputs, "the script wrote no result file"
+    for path in outputs:
+        json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("notebook", notebooks(), ids=lambda p: p.name)
+def test_notebook_runs_at_smoke_size(notebook, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for key, value in NOTEBOOK_ENV.items():
+        monkeypatch.setenv(key, value)
+    nb = nbformat.read(notebook, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
