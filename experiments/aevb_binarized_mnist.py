@@ -2,13 +2,15 @@
 
 Trains the config in ``aevb_binarized_mnist.json`` (784-500-500-50 softplus MLPs, Bernoulli,
 Adam 1e-3, batch 100, 20 epochs) with pvae (``pvae.train_run``, the code path of
-``pvae train --config``) and the hand-written VAE of ``benchmarks/handwritten_vae.py`` with
-the same data order procedure, optimizer and epochs, then evaluates both on all 10,000 test
-images with K importance samples per image: the ELBO (mean of the K log-weights) and the
-importance-weighted bound L_K. Both runs checkpoint every epoch and resume when restarted.
+``pvae train --config``) and the hand-written VAE of ``benchmarks/handwritten_vae.py`` (same
+architecture, loss, optimizer, data-order procedure and epochs), for each seed in ``--seeds``.
+Every model is evaluated on all 10,000 test images: the test ELBO from ``--K-elbo`` samples per
+image, and for the first seed also the importance-weighted bound L_K with ``--K`` samples
+(and the ELBO from those same K samples). Runs checkpoint every epoch and resume when the
+script is restarted.
 
     PVAE_DATA_DIR=../shared/data python experiments/aevb_binarized_mnist.py \
-        --out-dir results/aevb_binarized_mnist --K 1000
+        --out-dir results/aevb_binarized_mnist --K 1000 --seeds 0,1,2
 
 Writes ``summary.json`` in the output folder and ``experiments/results/aevb_binarized_mnist.json``.
 """
@@ -16,7 +18,9 @@ Writes ``summary.json`` in the output folder and ``experiments/results/aevb_bina
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,122 +32,146 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 from handwritten_vae import HandwrittenVAE  # noqa: E402
 
 import pvae  # noqa: E402
+from pvae._rng import seeded  # noqa: E402
 from pvae.checkpoint import load_checkpoint, save_checkpoint, write_json  # noqa: E402
 
 
-def train_handwritten(config, data, path: Path, progress=True):
-    """Same loop as pvae.fit: seeded randperm order, Adam, checkpoint each epoch, resume."""
-    torch.manual_seed(config.seed)
-    model = HandwrittenVAE(data.data_dim, config.latent_dim, config.hidden)
+def train_handwritten(config, data, path: Path):
+    """The loop of pvae.fit written out: seeded init, seeded randperm order, Adam,
+    a checkpoint each epoch, resume from it."""
+    with seeded(config.seed):
+        model = HandwrittenVAE(data.data_dim, config.latent_dim, config.hidden)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     start, seconds = 0, 0.0
+    rng = None
     if path.exists():
         ckpt = load_checkpoint(path)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["data_order"])
-        torch.set_rng_state(ckpt["torch"])
-        start, seconds = ckpt["epoch"], ckpt["seconds"]
+        rng, start, seconds = ckpt["torch"], ckpt["epoch"], ckpt["seconds"]
     x = data.train
-    for epoch in range(start + 1, config.epochs + 1):
-        t0 = time.perf_counter()
-        total = 0.0
-        for idx in torch.randperm(x.shape[0], generator=gen).split(config.batch_size):
-            loss = model.loss(x[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * idx.numel()
-        seconds += time.perf_counter() - t0
-        if progress:
-            print(f"handwritten epoch {epoch}: train ELBO {-total / x.shape[0]:.2f}", flush=True)
-        save_checkpoint(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "data_order": gen.get_state(),
-             "torch": torch.get_rng_state(), "epoch": epoch, "seconds": seconds},
-            path,
-        )
+    with seeded(config.seed):
+        if rng is not None:
+            torch.set_rng_state(rng)
+        for epoch in range(start + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            total = 0.0
+            for idx in torch.randperm(x.shape[0], generator=gen).split(config.batch_size):
+                loss = model.loss(x[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * idx.numel()
+            seconds += time.perf_counter() - t0
+            print(f"handwritten seed {config.seed} epoch {epoch}: train ELBO {-total / x.shape[0]:.2f}", flush=True)
+            save_checkpoint(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "data_order": gen.get_state(),
+                 "torch": torch.get_rng_state(), "epoch": epoch, "seconds": seconds},
+                path,
+            )
+    model.eval()
     return model, seconds
+
+
+def mean_se(values: torch.Tensor) -> dict:
+    values = values.double()
+    return {"mean": float(values.mean()), "stderr": float(values.std() / values.numel() ** 0.5)}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=HERE / "aevb_binarized_mnist.json")
     parser.add_argument("--out-dir", type=Path, default=Path("results/aevb_binarized_mnist"))
-    parser.add_argument("--K", type=int, default=1000)
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--K", type=int, default=1000, help="importance samples for L_K (first seed)")
+    parser.add_argument("--K-elbo", type=int, default=10, help="samples per image for every test ELBO")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--epochs", type=int, help="override the config (smoke runs)")
     parser.add_argument("--test-limit", type=int, help="evaluate on a seeded random subset (smoke runs)")
+    parser.add_argument("--train-limit", type=int, help="train on a seeded random subset (smoke runs)")
     parser.add_argument("--summary", type=Path, default=HERE / "results" / "aevb_binarized_mnist.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    seeds = [int(s) for s in args.seeds.split(",")]
     config = pvae.RunConfig.load(args.config)
     if args.epochs:
         config = config.replace(epochs=args.epochs)
     data = pvae.load_dataset(config.dataset)
+    if args.train_limit:
+        idx = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(0))
+        data = dataclasses.replace(data, train=data.train[idx[: args.train_limit]])
     args.out_dir.mkdir(parents=True, exist_ok=True)
-
-    # pvae: the same code path as `pvae train --config ...` (resumes if interrupted)
-    run_dir = args.out_dir / "pvae"
-    t0 = time.perf_counter()
-    resume = (run_dir / "config.json").exists()
-    vae, history = pvae.train_run(config, run_dir, resume=resume, dataset=data)
-    pvae_seconds = sum(r["seconds"] for r in history.records)
-    print(f"pvae trained: {len(history.records)} epochs, {pvae_seconds:.0f} s in epochs "
-          f"({time.perf_counter() - t0:.0f} s this call)", flush=True)
-
-    hand, hand_seconds = train_handwritten(config, data, args.out_dir / "handwritten.pt")
-
-    test = data.test
-    subset = "all 10,000 test images"
+    test, subset = data.test, "all 10,000 test images"
     if args.test_limit:
         idx = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(0))[: args.test_limit]
         test, subset = test[idx], f"seeded random subset (seed 0) of {args.test_limit} test images"
 
-    t0 = time.perf_counter()
-    bounds = pvae.evaluate_bounds(vae, test, args.K, seed=0, progress=True)
-    pvae_eval_seconds = time.perf_counter() - t0
-    torch.manual_seed(0)
-    hand.eval()
-    t0 = time.perf_counter()
-    hand_elbo, hand_iwae = hand.bounds(test, args.K)
-    hand_eval_seconds = time.perf_counter() - t0
+    runs = []
+    for i, seed in enumerate(seeds):
+        cfg = config.replace(seed=seed)
+        run_dir = args.out_dir / f"pvae-seed{seed}"
+        vae, history = pvae.train_run(cfg, run_dir, resume=(run_dir / "config.json").exists(),
+                                      progress=False, dataset=data)
+        hand, hand_seconds = train_handwritten(cfg, data, args.out_dir / f"handwritten-seed{seed}.pt")
+        row = {
+            "seed": seed,
+            "pvae_train_seconds": sum(r["seconds"] for r in history.records),
+            "handwritten_train_seconds": hand_seconds,
+            "pvae_best_epoch": history.best_epoch,
+            "pvae_test_elbo": pvae.elbo(vae, test, args.K_elbo, seed=1000 + seed).mean,
+        }
+        with seeded(1000 + seed):
+            row["handwritten_test_elbo"] = float(hand.bounds(test, args.K_elbo)[0].double().mean())
+        print(json.dumps(row), flush=True)
+        if i == 0:
+            t0 = time.perf_counter()
+            bounds = pvae.evaluate_bounds(vae, test, args.K, seed=0)
+            row["pvae_eval_seconds_K"] = time.perf_counter() - t0
+            row["pvae_test_elbo_K"] = bounds["elbo"].to_dict()
+            row["pvae_test_iwae_K"] = bounds["iwae"].to_dict()
+            t0 = time.perf_counter()
+            with seeded(0):
+                hand_elbo, hand_iwae = hand.bounds(test, args.K)
+            row["handwritten_eval_seconds_K"] = time.perf_counter() - t0
+            row["handwritten_test_elbo_K"] = mean_se(hand_elbo)
+            row["handwritten_test_iwae_K"] = mean_se(hand_iwae)
+            print(json.dumps(row), flush=True)
+        runs.append(row)
 
-    def stats(values):
-        return {"mean": float(values.mean()), "stderr": float(values.std() / values.numel() ** 0.5)}
+    def across(key):
+        values = [r[key] for r in runs]
+        return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else None,
+                "values": values}
 
+    first = runs[0]
     summary = {
-        "experiment": "AEVB, 784-500-500-50 Bernoulli VAE on static binarized MNIST",
+        "experiment": "AEVB, 784-500-500-50 Bernoulli VAE on static binarized MNIST, pvae vs hand-written PyTorch",
         "config": config.to_dict(),
+        "seeds": seeds,
         "test_set": subset,
+        "K_elbo": args.K_elbo,
         "K": args.K,
-        "units": "nats per image; stderr over images",
-        "pvae": {
-            "test_elbo": bounds["elbo"].to_dict(),
-            "test_iwae": bounds["iwae"].to_dict(),
-            "best_epoch": history.best_epoch,
-            "best_val_elbo": history.best_val_elbo,
-            "train_seconds": pvae_seconds,
-            "eval_seconds": pvae_eval_seconds,
-        },
-        "handwritten": {
-            "test_elbo": stats(hand_elbo),
-            "test_iwae": stats(hand_iwae),
-            "train_seconds": hand_seconds,
-            "eval_seconds": hand_eval_seconds,
-        },
+        "units": "nats per image; stderr over images; sd over seeds",
         "threads": args.threads,
         "torch": torch.__version__,
+        "runs": runs,
+        "pvae_test_elbo": across("pvae_test_elbo"),
+        "handwritten_test_elbo": across("handwritten_test_elbo"),
+        "pvae_train_seconds": across("pvae_train_seconds"),
+        "handwritten_train_seconds": across("handwritten_train_seconds"),
     }
     summary["elbo_difference_pvae_minus_handwritten"] = (
-        summary["pvae"]["test_elbo"]["mean"] - summary["handwritten"]["test_elbo"]["mean"]
+        summary["pvae_test_elbo"]["mean"] - summary["handwritten_test_elbo"]["mean"]
     )
-    summary["pvae_nll_iwae_below_minus_elbo"] = (
-        -summary["pvae"]["test_iwae"]["mean"] < -summary["pvae"]["test_elbo"]["mean"]
+    summary["first_seed_nll_iwae_below_minus_elbo"] = (
+        -first["pvae_test_iwae_K"]["mean"] < -first["pvae_test_elbo_K"]["mean"]
     )
     write_json(summary, args.out_dir / "summary.json")
     write_json(summary, args.summary)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps({k: summary[k] for k in ("pvae_test_elbo", "handwritten_test_elbo",
+                                              "elbo_difference_pvae_minus_handwritten")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,14 @@ __version__ = "0.1.0"
 
 from .config import RunConfig, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
-from .estimators import Estimate, elbo, evaluate_bounds, iwae_bound, log_importance_weights
+from .estimators import (
+    Estimate,
+    elbo,
+    evaluate_bounds,
+    iwae_bound,
+    log_importance_weights,
+    naive_prior_estimate,
+)
 from .guides import GUIDES, DiagonalGaussianGuide, Guide
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood
 from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
@@ -33,5 +40,6 @@ __all__ = [
     "LATENT_SITE", "LIKELIHOODS", "Likelihood", "MLP", "OBJECTIVES", "OBSERVED_SITE",
     "Objective", "PRIORS", "Prior", "RunConfig", "StandardNormalPrior", "VAE", "build_vae",
     "data_dir", "elbo", "evaluate_bounds", "evaluate_run", "fit", "iwae_bound",
-    "load_dataset", "load_run", "log_importance_weights", "make_objective", "train_run",
+    "load_dataset", "load_run", "log_importance_weights", "make_objective", "naive_prior_estimate",
+    "train_run",
 ]

@@ -93,12 +93,24 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def log_importance_weights(
-    vae, x: torch.Tensor, num_samples: int, chunk_size: int = DEFAULT_CHUNK_SIZE
-) -> Iterator[torch.Tensor]:
-    """Yield chunks of log importance weights with the guide as proposal.
+def _proposal(vae, x: torch.Tensor, proposal: str):
+    if proposal == "guide":
+        return vae.guide_net(x)
+    if proposal == "prior":
+        return vae.prior().expand([x.shape[0]])
+    raise ValueError(f"unknown proposal {proposal!r}; valid choices: guide, prior")
 
-    :math:`\\log w_k = \\log p(x, z_k) - \\log q(z_k|x)`, :math:`z_k \\sim q(z|x)`.
+
+def log_importance_weights(
+    vae,
+    x: torch.Tensor,
+    num_samples: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    proposal: str = "guide",
+) -> Iterator[torch.Tensor]:
+    """Yield chunks of log importance weights :math:`\\log w_k = \\log p(x, z_k) - \\log r(z_k)`,
+    :math:`z_k \\sim r`, where the proposal ``r`` is the guide :math:`q(z|x)` (``"guide"``)
+    or the prior :math:`p(z)` (``"prior"``, for which :math:`\\log w_k = \\log p(x|z_k)`).
 
     :param vae: a :class:`~pvae.model.VAE`.
     :param x: data, ``(B, D)``.
@@ -111,18 +123,70 @@ def log_importance_weights(
     """
     num_samples = _check_positive_int("num_samples", num_samples)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
-    q = vae.guide_net(x)
+    r = _proposal(vae, x, proposal)
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        z = q.rsample((k,))
-        yield vae.log_joint(x, z) - q.log_prob(z)
+        z = r.rsample((k,))
+        yield vae.log_joint(x, z) - r.log_prob(z)
         done += k
 
 
 def _batches(x: torch.Tensor, batch_size: int):
     for start in range(0, x.shape[0], batch_size):
         yield x[start : start + batch_size]
+
+
+def _weight_statistics(
+    vae, x, num_samples, batch_size, chunk_size, seed, proposal, progress, desc
+) -> Dict[str, torch.Tensor]:
+    """Stream the log-weights of every datapoint once and keep, per datapoint: the
+    log-mean-exp of the weights, the ESS, and the mean and variance of the log-weights.
+    Memory is bounded by ``batch_size * chunk_size``; parameters and the caller's RNG and
+    train/eval mode are left as they were."""
+    num_samples = _check_positive_int("num_samples", num_samples)
+    batch_size = _check_positive_int("batch_size", batch_size)
+    vae.check_data(x)
+    parts: Dict[str, list] = {"log_mean_w": [], "ess": [], "mean_lw": [], "var_lw": []}
+    was_training = vae.training
+    vae.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=x.shape[0], desc=desc, unit="x", leave=False)
+    k = num_samples
+    try:
+        with torch.no_grad(), seeded(seed, x.device):
+            for xb in _batches(x, batch_size):
+                lse = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+                lse2 = lse.clone()
+                total = torch.zeros(xb.shape[0], dtype=torch.float64, device=x.device)
+                total_sq = torch.zeros_like(total)
+                for lw in log_importance_weights(vae, xb, k, chunk_size, proposal):
+                    lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
+                    lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+                    lw64 = lw.double()
+                    total += lw64.sum(0)
+                    total_sq += lw64.pow(2).sum(0)
+                mean_lw = total / k
+                parts["mean_lw"].append(mean_lw)
+                parts["var_lw"].append((total_sq / k - mean_lw.pow(2)).clamp_min(0) * (k / max(k - 1, 1)))
+                parts["log_mean_w"].append(lse.double() - math.log(k))
+                parts["ess"].append((2 * lse - lse2).double().exp())
+                if bar is not None:
+                    bar.update(xb.shape[0])
+    finally:
+        vae.train(was_training)
+        if bar is not None:
+            bar.close()
+    return {name: torch.cat(p).cpu() for name, p in parts.items()}
+
+
+def _importance_estimate(name: str, stats: Dict[str, torch.Tensor], k: int) -> Estimate:
+    # delta method: Var[log mean w] ~ Var[w] / (K E[w]^2) = 1/ESS - 1/K per datapoint
+    mc_stderr = (1.0 / stats["ess"] - 1.0 / k).clamp_min(0).sqrt()
+    return Estimate(name, k, stats["log_mean_w"], mc_stderr, {"ess": stats["ess"]})
 
 
 def evaluate_bounds(
@@ -153,52 +217,13 @@ def evaluate_bounds(
 
     :returns: ``{"elbo": Estimate, "iwae": Estimate}``, values in nats per datapoint.
     """
-    num_samples = _check_positive_int("num_samples", num_samples)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    vae.check_data(x)
-    elbo_vals, elbo_err, iwae_vals, iwae_err, ess_vals = [], [], [], [], []
-    was_training = vae.training
-    vae.eval()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=x.shape[0], desc=f"L_{num_samples}", unit="x", leave=False)
-    try:
-        with torch.no_grad(), seeded(seed, x.device):
-            for xb in _batches(x, batch_size):
-                b = xb.shape[0]
-                lse = torch.full((b,), -math.inf, dtype=x.dtype, device=x.device)
-                lse2 = lse.clone()
-                total = torch.zeros(b, dtype=torch.float64, device=x.device)
-                total_sq = torch.zeros_like(total)
-                for lw in log_importance_weights(vae, xb, num_samples, chunk_size):
-                    lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
-                    lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
-                    lw64 = lw.double()
-                    total += lw64.sum(0)
-                    total_sq += lw64.pow(2).sum(0)
-                k = num_samples
-                mean_lw = total / k
-                var_lw = (total_sq / k - mean_lw.pow(2)).clamp_min(0) * (k / max(k - 1, 1))
-                elbo_vals.append(mean_lw)
-                elbo_err.append((var_lw / k).sqrt())
-                iwae_vals.append(lse.double() - math.log(k))
-                ess = (2 * lse - lse2).double().exp()
-                ess_vals.append(ess)
-                iwae_err.append((1.0 / ess - 1.0 / k).clamp_min(0).sqrt())
-                if bar is not None:
-                    bar.update(b)
-    finally:
-        vae.train(was_training)
-        if bar is not None:
-            bar.close()
-    cat = lambda parts: torch.cat(parts).cpu()  # noqa: E731
+    stats = _weight_statistics(
+        vae, x, num_samples, batch_size, chunk_size, seed, "guide", progress, f"L_{num_samples}"
+    )
+    k = int(num_samples)
     return {
-        "elbo": Estimate("elbo", num_samples, cat(elbo_vals), cat(elbo_err)),
-        "iwae": Estimate(
-            "iwae", num_samples, cat(iwae_vals), cat(iwae_err), {"ess": cat(ess_vals)}
-        ),
+        "elbo": Estimate("elbo", k, stats["mean_lw"], (stats["var_lw"] / k).sqrt()),
+        "iwae": _importance_estimate("iwae", stats, k),
     }
 
 
@@ -221,6 +246,7 @@ def naive_prior_estimate(
     batch_size: int = 100,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: Optional[int] = 0,
+    progress: bool = False,
 ) -> Estimate:
     r"""The naive Monte Carlo estimate :math:`p(x) \approx \frac1n \sum_i p(x|z_i)`,
     :math:`z_i \sim p(z)` — importance sampling with the prior as proposal.
@@ -232,27 +258,7 @@ def naive_prior_estimate(
     by the delta method, :math:`\sqrt{1/\mathrm{ESS} - 1/n}`. Cost: n decoder passes per
     datapoint; the guide is not used. ``seed`` as in :func:`evaluate_bounds`.
     """
-    num_samples = _check_positive_int("num_samples", num_samples)
-    batch_size = _check_positive_int("batch_size", batch_size)
-    chunk_size = _check_positive_int("chunk_size", chunk_size)
-    vae.check_data(x)
-    values, errors, ess_all = [], [], []
-    with torch.no_grad(), seeded(seed, x.device):
-        prior = vae.prior()
-        for xb in _batches(x, batch_size):
-            lse = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
-            lse2 = lse.clone()
-            done = 0
-            while done < num_samples:
-                k = min(chunk_size, num_samples - done)
-                z = prior.sample((k, xb.shape[0]))
-                ll = vae.log_likelihood(xb, z)
-                lse = torch.logaddexp(lse, torch.logsumexp(ll, 0))
-                lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * ll, 0))
-                done += k
-            ess = (2 * lse - lse2).double().exp()
-            values.append(lse.double() - math.log(num_samples))
-            ess_all.append(ess)
-            errors.append((1.0 / ess - 1.0 / num_samples).clamp_min(0).sqrt())
-    cat = lambda parts: torch.cat(parts).cpu()  # noqa: E731
-    return Estimate("naive-prior-mc", num_samples, cat(values), cat(errors), {"ess": cat(ess_all)})
+    stats = _weight_statistics(
+        vae, x, num_samples, batch_size, chunk_size, seed, "prior", progress, f"naive n={num_samples}"
+    )
+    return _importance_estimate("naive-prior-mc", stats, int(num_samples))
