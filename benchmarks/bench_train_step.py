@@ -6,7 +6,7 @@ same shape), Adam 1e-3, on 2 threads. One step = loss, backward, optimizer step.
 timed in alternating blocks (so drift in machine load hits both), after a warm-up, and the
 ratio of median block times is written to a JSON file.
 
-    python benchmarks/bench_train_step.py --out results/bench_train_step.json
+    PVAE_DATA_DIR=../shared/data python benchmarks/bench_train_step.py   # writes benchmarks/results/bench_train_step.json
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv=None):
     parser.add_argument("--steps-per-block", type=int, default=50)
     parser.add_argument("--blocks", type=int, default=10)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=Path("results/bench_train_step.json"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_train_step.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -1,6 +1,6 @@
 """Build the paper's tables from result files (no number is typed by hand).
 
-    python paper/build.py            # writes paper/generated/tables.md
+    python paper/build.py     # writes paper/generated/tables.md and paper/generated/paper.md
 
 Reads ``experiments/results/*.json`` and ``benchmarks/results/*.json``; a missing result file
 gives a table row saying so instead of a number.
@@ -83,6 +83,8 @@ def main(argv=None):
     text += bench_table(_load(args.benchmarks / "bench_train_step.json"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
+    source = (ROOT / "paper" / "paper.md").read_text()
+    (args.out.parent / "paper.md").write_text(source.replace("<!-- include: generated/tables.md -->", text))
     print(text)
 
 
