@@ -25,8 +25,9 @@ def elbo_curves(records: Sequence[dict]) -> Figure:
     val = [(r["epoch"], r["val_elbo"], r.get("val_elbo_stderr") or 0.0) for r in records
            if r.get("val_elbo") is not None]
     if val:
-        e, v, s = zip(*val)
-        ax.errorbar(e, v, yerr=s, label="validation ELBO", capsize=2)
+        e, v, s = (torch.tensor(c, dtype=torch.float64) for c in zip(*val))
+        (line,) = ax.plot(e, v, label="validation ELBO (± s.e.)")
+        ax.fill_between(e, v - s, v + s, alpha=0.3, color=line.get_color())
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per datapoint")
     ax.set_title("training curves")
