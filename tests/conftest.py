@@ -11,6 +11,9 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # exactly as a user's cache: PVAE_DATA_DIR if set, else ../shared/data next to the repo.
 if "PVAE_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
     os.environ["PVAE_DATA_DIR"] = str(SHARED_DATA)
+if os.environ.get("PVAE_DATA_DIR"):
+    # absolute, so that scripts run from other folders (subprocess smoke tests) see the same cache
+    os.environ["PVAE_DATA_DIR"] = str(Path(os.environ["PVAE_DATA_DIR"]).expanduser().resolve())
 
 
 def _mnist_available() -> bool:
