@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from .config import RunConfig
+from .config import AUTOENCODER_LOSSES, MODELS, NETS, RunConfig, autoencoder_settings
 from .data import DATASETS, ChecksumError, DataUnavailableError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
@@ -21,6 +21,7 @@ from .registry import UnknownNameError
 # command-line flag -> RunConfig field (flags left unset keep the config's value)
 _TRAIN_FLAGS = {
     "dataset": "dataset",
+    "model": "model",
     "latent_dim": "latent_dim",
     "hidden": "hidden",
     "activation": "activation",
@@ -28,7 +29,12 @@ _TRAIN_FLAGS = {
     "guide": "guide",
     "likelihood": "likelihood",
     "likelihood_scale": "likelihood_scale",
-    "learn_scale": "learn_scale",
+    "gaussian_scale": "gaussian_scale",
+    "net": "net",
+    "channels": "channels",
+    "flows": "num_flows",
+    "mog_components": "mog_components",
+    "pseudo_inputs": "vamp_pseudo_inputs",
     "objective": "objective",
     "particles": "num_particles",
     "epochs": "epochs",
@@ -68,14 +74,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", type=Path, help="JSON run config; flags override its values")
     train.add_argument("--dataset", help=f"one of {DATASETS.names()}")
-    train.add_argument("--latent-dim", type=int)
+    train.add_argument("--model", choices=MODELS,
+                       help="'autoencoder': the plain deterministic autoencoder (delta guide, reconstruction loss)")
+    train.add_argument("--loss", choices=sorted(AUTOENCODER_LOSSES),
+                       help="autoencoder reconstruction loss: bce (binary cross-entropy) or mse (squared error)")
+    train.add_argument("--latent-dim", "--code-size", dest="latent_dim", type=int, help="size of z (the code layer)")
     train.add_argument("--hidden", type=_widths, help="encoder widths, e.g. 500,500 (decoder mirrors)")
+    train.add_argument("--layers", type=int, help="number of hidden layers (with --units; instead of --hidden)")
+    train.add_argument("--units", type=int, help="units per hidden layer (with --layers)")
+    train.add_argument("--net", help=f"one of {NETS.names()}")
+    train.add_argument("--channels", type=_widths, help="conv channels, e.g. 32,64")
     train.add_argument("--activation", help=f"one of {ACTIVATIONS.names()}")
     train.add_argument("--prior", help=f"one of {PRIORS.names()}")
     train.add_argument("--guide", help=f"one of {GUIDES.names()}")
     train.add_argument("--likelihood", help=f"one of {LIKELIHOODS.names()}")
     train.add_argument("--likelihood-scale", type=float, help="Gaussian likelihood std (initial value if learned)")
-    train.add_argument("--learn-scale", action="store_true", default=None, help="learn the Gaussian std")
+    train.add_argument("--gaussian-scale", choices=["fixed", "global", "per-dim"],
+                       help="Gaussian likelihood std: fixed, one learned, or learned per dimension")
+    train.add_argument("--flows", type=int, help="flow steps for flow guides and the flow prior")
+    train.add_argument("--mog-components", type=int, help="components of the 'mog' prior")
+    train.add_argument("--pseudo-inputs", type=int, help="pseudo-inputs of the 'vamp' prior")
     train.add_argument("--objective", help=f"one of {OBJECTIVES.names()}")
     train.add_argument("--particles", type=int, help="samples per datapoint in the objective")
     train.add_argument("--epochs", type=int)
@@ -115,6 +133,16 @@ def _train(args) -> int:
         for flag, field in _TRAIN_FLAGS.items()
         if getattr(args, flag) is not None
     }
+    if (args.layers is None) != (args.units is None):
+        raise ValueError("--layers and --units go together (or give --hidden)")
+    if args.layers is not None:
+        if args.hidden is not None:
+            raise ValueError("give either --hidden or --layers/--units, not both")
+        changes["hidden"] = (args.units,) * args.layers
+    if args.model == "autoencoder":
+        changes.update(autoencoder_settings(args.loss or "bce"))
+    elif args.loss is not None:
+        raise ValueError("--loss sets the autoencoder's reconstruction loss; add --model autoencoder")
     config = base.replace(**changes)
     run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     vae, history = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -122,7 +150,8 @@ def _train(args) -> int:
         "run_dir": str(run_dir),
         "epochs": len(history.records),
         "best_epoch": history.best_epoch,
-        "best_val_elbo": history.best_val_elbo,
+        "validation_metric": history.val_metric,
+        "best_val": history.best_val,
         "stopped_early": history.stopped_early,
     }
     print(json.dumps(summary, indent=2))
@@ -143,14 +172,19 @@ def _evaluate(args) -> int:
         progress=not args.no_progress,
     )
     print(f"{report['dataset']} {args.split} split, {report['num_datapoints']} datapoints, seed {args.seed}")
-    for est in report["estimates"].values():
+    for name, est in report["estimates"].items():
+        if name in ("reconstruction", "squared-error"):
+            unit = "nats" if name == "reconstruction" else "(squared data units)"
+            print(f"  {est['estimator']} at the code E_q[z|x]: {est['mean']:.3f} ± {est['stderr']:.3f} {unit}")
+            continue
         print(
             f"  {est['estimator']:>5} (K={est['num_samples']}): {est['mean']:.3f} "
             f"± {est['stderr']:.3f} nats (± is the std. error over datapoints; "
             f"Monte Carlo part ± {est['mc_stderr_of_mean']:.3f})"
         )
-    print(f"  -log p(x) ≈ {report['nll_iwae']:.3f} nats (from L_{args.K}), "
-          f"{report['bits_per_dim_iwae']:.4f} bits/dim")
+    if "nll_iwae" in report:
+        print(f"  -log p(x) ≈ {report['nll_iwae']:.3f} nats (from L_{args.K}), "
+              f"{report['bits_per_dim_iwae']:.4f} bits/dim")
     return 0
 
 

@@ -9,39 +9,81 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
-from .data import DATASETS
+from .data import DATASETS, image_shape_of
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .model import VAE
-from .nets import ACTIVATIONS, MLP
+from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder
 from .objectives import OBJECTIVES
 from .priors import PRIORS
+from .registry import Registry
+
+MODELS = ("vae", "autoencoder")
+NETS: Registry = Registry("net")
+
+
+@NETS.register("mlp")
+class _MLPNets:
+    """Encoder MLP with the config's widths; the decoder mirrors them."""
+
+    @staticmethod
+    def encoder(config, data_dim, image_shape):
+        return lambda n_out: MLP(data_dim, n_out, config.hidden, config.activation)
+
+    @staticmethod
+    def decoder(config, likelihood, image_shape):
+        return MLP(config.latent_dim, likelihood.param_dim, config.hidden[::-1], config.activation)
+
+
+@NETS.register("conv")
+class _ConvNets:
+    """Two stride-2 convolutions (``channels``) and a transposed mirror; image shape from the
+    data set."""
+
+    @staticmethod
+    def encoder(config, data_dim, image_shape):
+        return lambda n_out: ConvEncoder(image_shape, n_out, config.channels, config.activation)
+
+    @staticmethod
+    def decoder(config, likelihood, image_shape):
+        return ConvDecoder(config.latent_dim, image_shape, config.channels[::-1], config.activation,
+                           params_per_pixel=likelihood.params_per_dim)
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """One training run.
 
-    Model: ``latent_dim``, ``hidden`` (encoder widths; the decoder mirrors them),
-    ``activation``, ``prior``, ``guide``, ``likelihood``, ``likelihood_scale`` and
-    ``learn_scale`` (Gaussian likelihood). Training: ``dataset``, ``objective``,
-    ``num_particles``, ``epochs``, ``batch_size``, ``lr``, ``patience``, ``seed``, ``device``,
-    ``val_num_samples``.
+    Model: ``model`` (``"vae"`` or ``"autoencoder"``, see :func:`autoencoder_config`),
+    ``latent_dim`` (code size), ``net`` (``"mlp"`` or ``"conv"``), ``hidden`` (MLP encoder
+    widths; the decoder mirrors them), ``channels`` (conv channels), ``activation``,
+    ``prior``, ``guide``, ``likelihood``; part options ``likelihood_scale`` and
+    ``gaussian_scale`` (``"fixed"``, ``"global"``, ``"per-dim"``), ``num_flows`` (flow guides
+    and prior), ``mog_components``, ``vamp_pseudo_inputs``. Training: ``dataset``,
+    ``objective``, ``num_particles``, ``epochs``, ``batch_size``, ``lr``, ``patience``,
+    ``seed``, ``device``, ``val_num_samples``.
     """
 
     dataset: str = "digits"
+    model: str = "vae"
     latent_dim: int = 8
+    net: str = "mlp"
     hidden: Tuple[int, ...] = (256, 256)
+    channels: Tuple[int, ...] = (32, 64)
     activation: str = "softplus"
     prior: str = "standard-normal"
     guide: str = "diagonal"
     likelihood: str = "bernoulli"
     likelihood_scale: float = 1.0
-    learn_scale: bool = False
+    gaussian_scale: str = "fixed"
+    num_flows: int = 2
+    mog_components: int = 10
+    vamp_pseudo_inputs: int = 50
     objective: str = "elbo"
     num_particles: int = 1
     epochs: int = 600
@@ -54,8 +96,10 @@ class RunConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
         for registry, value in (
             (DATASETS, self.dataset),
+            (NETS, self.net),
             (PRIORS, self.prior),
             (GUIDES, self.guide),
             (LIKELIHOODS, self.likelihood),
@@ -63,16 +107,27 @@ class RunConfig:
             (OBJECTIVES, self.objective),
         ):
             registry.get(value)  # raises with the valid choices
-        for name in ("latent_dim", "num_particles", "epochs", "batch_size", "val_num_samples"):
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
+        if self.model == "autoencoder" and (self.guide, self.objective) != ("delta", "reconstruction"):
+            raise ValueError(
+                "model 'autoencoder' is the deterministic autoencoder: guide 'delta' with objective "
+                f"'reconstruction' (got guide {self.guide!r}, objective {self.objective!r}); "
+                "build it with pvae.autoencoder_config(...) or `pvae train --model autoencoder`"
+            )
+        for name in ("latent_dim", "num_particles", "epochs", "batch_size", "val_num_samples",
+                     "num_flows", "mog_components", "vamp_pseudo_inputs"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if any(h < 1 for h in self.hidden):
-            raise ValueError(f"hidden widths must be positive, got {self.hidden}")
+        if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels) or not self.channels:
+            raise ValueError(f"hidden widths and channels must be positive, got {self.hidden}, {self.channels}")
         if self.patience is not None and self.patience < 1:
             raise ValueError(f"patience must be a positive integer or null, got {self.patience!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.net == "conv" and image_shape_of(self.dataset) is None:
+            raise ValueError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
 
     @classmethod
     def field_names(cls) -> list:
@@ -96,21 +151,48 @@ class RunConfig:
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["hidden"] = list(self.hidden)
+        out["channels"] = list(self.channels)
         return out
 
     def replace(self, **changes) -> "RunConfig":
         return self.from_dict({**self.to_dict(), **changes})
 
 
-def build_vae(config: RunConfig, data_dim: int) -> VAE:
-    """Compose the VAE described by ``config`` for data of ``data_dim`` dimensions.
+#: the autoencoder's reconstruction losses: loss name -> likelihood settings. Squared error is
+#: the Gaussian negative log-likelihood with sigma = 1/sqrt(2) (up to a constant).
+AUTOENCODER_LOSSES = {
+    "bce": {"likelihood": "bernoulli"},
+    "mse": {"likelihood": "gaussian", "likelihood_scale": 1 / math.sqrt(2), "gaussian_scale": "fixed"},
+}
 
-    The decoder is an MLP mirroring the encoder's widths (``hidden`` reversed).
-    """
-    prior = PRIORS.get(config.prior)(config.latent_dim)
+
+def autoencoder_settings(loss: str = "bce") -> dict:
+    """The config fields that make a run the plain deterministic autoencoder."""
+    if loss not in AUTOENCODER_LOSSES:
+        raise ValueError(f"unknown autoencoder loss {loss!r}; valid choices: {', '.join(AUTOENCODER_LOSSES)}")
+    return {"model": "autoencoder", "guide": "delta", "objective": "reconstruction", **AUTOENCODER_LOSSES[loss]}
+
+
+def autoencoder_config(
+    code_size: int = 8, layers: int = 2, units: int = 256, loss: str = "bce", **kwargs
+) -> RunConfig:
+    """The plain autoencoder with its four knobs by name: size of the middle (code) layer,
+    number of hidden layers (in the encoder; the decoder mirrors it), units per layer, and the
+    reconstruction loss (``"bce"`` binary cross-entropy or ``"mse"`` squared error). Other
+    :class:`RunConfig` fields pass through ``kwargs``."""
+    return RunConfig(latent_dim=code_size, hidden=(units,) * layers, **autoencoder_settings(loss), **kwargs)
+
+
+def build_vae(config: RunConfig, data_dim: int, image_shape: Optional[Sequence[int]] = None) -> VAE:
+    """Compose the VAE described by ``config`` for data of ``data_dim`` dimensions
+    (``image_shape`` defaults to the registered data set's, for convolutional nets)."""
+    if image_shape is None:
+        image_shape = image_shape_of(config.dataset)
+    nets = NETS.get(config.net)
     likelihood = LIKELIHOODS.get(config.likelihood).from_config(data_dim, config)
-    decoder = MLP(config.latent_dim, likelihood.param_dim, config.hidden[::-1], config.activation)
-    guide = GUIDES.get(config.guide)(data_dim, config.latent_dim, config.hidden, config.activation)
+    decoder = nets.decoder(config, likelihood, image_shape)
+    guide = GUIDES.get(config.guide).from_config(data_dim, config, nets.encoder(config, data_dim, image_shape))
+    prior = PRIORS.get(config.prior).from_config(config, guide)
     return VAE(prior, decoder, likelihood, guide)
 
 

@@ -81,6 +81,22 @@ class Dataset:
         return None if self.labels is None else self.labels.get(name)
 
 
+def _image_shape(shape):
+    """Record a data set's image shape on its loader (read by convolutional networks
+    without loading the data)."""
+
+    def decorate(loader):
+        loader.image_shape = shape
+        return loader
+
+    return decorate
+
+
+def image_shape_of(name: str) -> Optional[Tuple[int, int]]:
+    """The image shape ``(H, W)`` of a registered data set, or None for non-image data."""
+    return getattr(DATASETS.get(name), "image_shape", None)
+
+
 def data_dir() -> Path:
     """The cache directory: ``$PVAE_DATA_DIR`` or ``~/.cache/pvae``."""
     env = os.environ.get(DATA_DIR_ENV)
@@ -105,6 +121,7 @@ def _digits_split(images: np.ndarray, labels: np.ndarray, name: str, binary: boo
 
 
 @DATASETS.register("digits")
+@_image_shape((8, 8))
 def _load_digits(cache_dir: Path) -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -114,6 +131,7 @@ def _load_digits(cache_dir: Path) -> Dataset:
 
 
 @DATASETS.register("digits-grey")
+@_image_shape((8, 8))
 def _load_digits_grey(cache_dir: Path) -> Dataset:
     from sklearn.datasets import load_digits
 
@@ -215,6 +233,7 @@ def binarized_mnist_split(split: str, cache_dir: Path, download: bool = True) ->
 
 
 @DATASETS.register("binarized-mnist")
+@_image_shape((28, 28))
 def _load_binarized_mnist(cache_dir: Path) -> Dataset:
     arrays = {s: binarized_mnist_split(s, cache_dir) for s in SPLITS}
     tensors = {s: torch.from_numpy(a).to(torch.float32) for s, a in arrays.items()}

@@ -42,6 +42,7 @@ class Estimate:
     values: torch.Tensor
     mc_stderr: torch.Tensor
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)
+    units: str = "nats per datapoint"
 
     @property
     def num_datapoints(self) -> int:
@@ -80,7 +81,7 @@ class Estimate:
             "mean": self.mean,
             "stderr": self.stderr,
             "mc_stderr_of_mean": self.mc_stderr_of_mean,
-            "units": "nats per datapoint",
+            "units": self.units,
         }
         for key, value in self.extra.items():
             out[f"{key}_mean"] = float(value.double().mean())
@@ -147,6 +148,12 @@ def _weight_statistics(
     num_samples = _check_positive_int("num_samples", num_samples)
     batch_size = _check_positive_int("batch_size", batch_size)
     vae.check_data(x)
+    if proposal == "guide" and not getattr(vae.guide_net, "has_density", True):
+        raise ValueError(
+            f"the guide {type(vae.guide_net).__name__} is a point mass without a density, so the "
+            "ELBO and importance-weighted bounds are undefined for it; use "
+            "pvae.reconstruction_error (or the naive prior estimate, which needs no guide)"
+        )
     parts: Dict[str, list] = {"log_mean_w": [], "ess": [], "mean_lw": [], "var_lw": []}
     was_training = vae.training
     vae.eval()
@@ -262,3 +269,36 @@ def naive_prior_estimate(
         vae, x, num_samples, batch_size, chunk_size, seed, "prior", progress, f"naive n={num_samples}"
     )
     return _importance_estimate("naive-prior-mc", stats, int(num_samples))
+
+
+def reconstruction_error(vae, x: torch.Tensor, batch_size: int = 1000) -> Dict[str, Estimate]:
+    r"""Deterministic reconstruction quality at the code :math:`\hat z = E_q[z|x]`
+    (the encoder output of an autoencoder):
+
+    * ``"reconstruction"``: :math:`\log p_\theta(x|\hat z)` per datapoint (nats; minus the
+      binary cross-entropy under a Bernoulli likelihood),
+    * ``"squared-error"``: :math:`\|x - E[x|\hat z]\|^2` per datapoint (data units squared).
+
+    No sampling (``num_samples`` is reported as 1 and the Monte Carlo errors are 0).
+    """
+    batch_size = _check_positive_int("batch_size", batch_size)
+    vae.check_data(x)
+    loglik, sq = [], []
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.no_grad():
+            for xb in _batches(x, batch_size):
+                z = vae.guide_net.mean(xb)
+                params = vae.decoder(z)
+                loglik.append(vae.likelihood(params).log_prob(xb).double())
+                sq.append((xb - vae.likelihood.mean(params)).pow(2).sum(-1).double())
+    finally:
+        vae.train(was_training)
+    loglik, sq = torch.cat(loglik).cpu(), torch.cat(sq).cpu()
+    return {
+        "reconstruction": Estimate("reconstruction-log-likelihood", 1, loglik, torch.zeros_like(loglik)),
+        "squared-error": Estimate(
+            "squared-error", 1, sq, torch.zeros_like(sq), units="squared data units per datapoint"
+        ),
+    }

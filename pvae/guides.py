@@ -3,15 +3,22 @@ r"""Guides q(z|x).
 A guide is an :class:`torch.nn.Module` whose ``forward(x)`` returns a
 :mod:`pyro.distributions` distribution over ``z`` with ``batch_shape == x.shape[:-1]`` and
 ``event_shape == (latent_dim,)``; sampling must be reparametrized (``has_rsample``) so that
-Pyro's ELBOs use the pathwise gradient :math:`z = \mu + \sigma \odot \epsilon`,
+Pyro's ELBOs use the pathwise gradient, e.g. :math:`z = \mu + \sigma \odot \epsilon`,
 :math:`\epsilon \sim \mathcal{N}(0, I)` (Kingma & Welling, 2013).
+
+Amortized guides read ``x`` through an *encoder* network that outputs
+:meth:`Guide.encoder_outputs` numbers per datapoint (an :class:`~pvae.nets.MLP` by default,
+or any module such as :class:`~pvae.nets.ConvEncoder`); the guide turns them into the
+parameters of its distribution. ``base(x)`` is the Gaussian the guide starts from (the guide
+itself for Gaussian guides, the base of the flow for flow guides); the VampPrior mixes it.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,32 +30,19 @@ GUIDES: Registry = Registry("guide")
 
 
 class Guide(nn.Module):
-    """Base class: ``forward(x) -> Distribution`` and ``mean(x) -> E_q[z]``."""
+    """Base class: ``forward(x) -> Distribution``, ``mean(x)``, ``base(x)``.
 
-    def __init__(self, data_dim: int, latent_dim: int):
-        super().__init__()
-        self.data_dim = int(data_dim)
-        self.latent_dim = int(latent_dim)
-
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior mean :math:`E_q[z]`, shape ``(..., latent_dim)``."""
-        return self(x).mean
-
-
-@GUIDES.register("diagonal")
-class DiagonalGaussianGuide(Guide):
-    r"""Amortized diagonal Gaussian :math:`q_\phi(z|x) = \mathcal{N}(\mu_\phi(x),
-    \operatorname{diag}\sigma^2_\phi(x))`, the encoder of Kingma & Welling (2013).
-
-    The encoder network outputs ``2 * latent_dim`` numbers: the mean and a pre-activation
-    mapped to a positive scale by ``softplus(.) + min_scale``.
-
-    :param int data_dim: input size.
+    :param int data_dim: size of x.
     :param int latent_dim: size of z.
-    :param hidden: hidden widths of the encoder MLP.
-    :param str activation: encoder activation.
-    :param float min_scale: floor on the standard deviation (numerical safety).
+    :param hidden: hidden widths of the default MLP encoder.
+    :param str activation: activation of the default MLP encoder.
+    :param encoder: a module mapping ``(..., data_dim)`` to ``(..., encoder_outputs)``, or a
+        callable that builds one given that number of outputs; replaces the default MLP
+        (e.g. ``lambda n: ConvEncoder(image_shape, n)``).
     """
+
+    #: whether q(z|x) has a density (False for a point mass)
+    has_density: bool = True
 
     def __init__(
         self,
@@ -56,16 +50,57 @@ class DiagonalGaussianGuide(Guide):
         latent_dim: int,
         hidden: Sequence[int] = (500, 500),
         activation: str = "softplus",
-        min_scale: float = 1e-4,
+        encoder: Optional[nn.Module] = None,
     ):
-        super().__init__(data_dim, latent_dim)
-        self.encoder = MLP(data_dim, 2 * latent_dim, hidden, activation)
-        self.min_scale = float(min_scale)
+        super().__init__()
+        self.data_dim = int(data_dim)
+        self.latent_dim = int(latent_dim)
+        n_out = self.encoder_outputs(self.latent_dim)
+        if encoder is None:
+            encoder = MLP(self.data_dim, n_out, hidden, activation)
+        elif not isinstance(encoder, nn.Module):  # a factory: out_features -> module
+            encoder = encoder(n_out)
+        if getattr(encoder, "out_features", n_out) != n_out:
+            raise ValueError(
+                f"{type(self).__name__} needs an encoder with {n_out} outputs, "
+                f"got {encoder.out_features}"
+            )
+        self.encoder = encoder
+
+    @classmethod
+    def encoder_outputs(cls, latent_dim: int) -> int:
+        """How many numbers per datapoint the encoder must produce."""
+        return 2 * latent_dim
+
+    @classmethod
+    def from_config(cls, data_dim: int, config, encoder) -> "Guide":
+        """Build from a :class:`~pvae.config.RunConfig` and an encoder (or encoder factory)."""
+        return cls(data_dim, config.latent_dim, encoder=encoder)
+
+    def base(self, x: torch.Tensor) -> dist.Distribution:
+        """The guide's Gaussian (before any flow), batch ``x.shape[:-1]``."""
+        return self(x)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior mean :math:`E_q[z]`, shape ``(..., latent_dim)``."""
+        return self(x).mean
+
+
+def _positive(pre: torch.Tensor, min_scale: float) -> torch.Tensor:
+    return F.softplus(pre) + min_scale
+
+
+@GUIDES.register("diagonal")
+class DiagonalGaussianGuide(Guide):
+    r"""Amortized diagonal Gaussian :math:`q_\phi(z|x) = \mathcal{N}(\mu_\phi(x),
+    \operatorname{diag}\sigma^2_\phi(x))`, the encoder of Kingma & Welling (2013).
+    The scale is ``softplus(.) + 1e-4``."""
+
+    min_scale = 1e-4
 
     def loc_scale(self, x: torch.Tensor):
-        h = self.encoder(x)
-        loc, pre_scale = h.split(self.latent_dim, dim=-1)
-        return loc, F.softplus(pre_scale) + self.min_scale
+        loc, pre = self.encoder(x).split(self.latent_dim, dim=-1)
+        return loc, _positive(pre, self.min_scale)
 
     def forward(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.loc_scale(x)
@@ -73,3 +108,140 @@ class DiagonalGaussianGuide(Guide):
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         return self.loc_scale(x)[0]
+
+
+@GUIDES.register("full-rank")
+class FullRankGaussianGuide(Guide):
+    r"""Amortized Gaussian with a full covariance :math:`\Sigma_\phi(x) = L_\phi L_\phi^\top`:
+    the encoder outputs the mean and the lower triangle of the Cholesky factor, whose
+    diagonal is made positive by ``softplus(.) + 1e-4``."""
+
+    min_scale = 1e-4
+
+    @classmethod
+    def encoder_outputs(cls, latent_dim: int) -> int:
+        return latent_dim + latent_dim * (latent_dim + 1) // 2
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        rows, cols = torch.tril_indices(self.latent_dim, self.latent_dim)
+        self.register_buffer("_rows", rows, persistent=False)
+        self.register_buffer("_cols", cols, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> dist.Distribution:
+        h = self.encoder(x)
+        loc, tril_values = h[..., : self.latent_dim], h[..., self.latent_dim :]
+        lat = self.latent_dim
+        tril = h.new_zeros(*h.shape[:-1], lat, lat)
+        tril[..., self._rows, self._cols] = tril_values
+        diag = _positive(tril.diagonal(dim1=-2, dim2=-1), self.min_scale)
+        tril = tril.tril(-1) + torch.diag_embed(diag)
+        return dist.MultivariateNormal(loc, scale_tril=tril)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)[..., : self.latent_dim]
+
+
+class FlowGuide(Guide):
+    r"""A diagonal Gaussian :math:`q_0(z_0|x)` followed by ``num_flows`` conditional
+    normalizing-flow steps :math:`z_K = f_K \circ \dots \circ f_1(z_0; c(x))` whose parameters
+    depend on a context vector :math:`c(x)` from the encoder (amortized flows). Pyro's
+    :class:`~pyro.distributions.TransformedDistribution` adds the log-determinants:
+    :math:`\log q(z_K|x) = \log q_0(z_0|x) - \sum_k \log|\det \partial f_k/\partial z_{k-1}|`.
+
+    The density is evaluated at the guide's own samples through the transforms' caches (so
+    flows without an analytic inverse, such as planar flows, work for ELBO and importance
+    sampling).
+    """
+
+    min_scale = 1e-4
+
+    def __init__(
+        self,
+        data_dim: int,
+        latent_dim: int,
+        hidden: Sequence[int] = (500, 500),
+        activation: str = "softplus",
+        encoder: Optional[nn.Module] = None,
+        num_flows: int = 2,
+        context_dim: Optional[int] = None,
+    ):
+        self.context_dim = int(context_dim or 2 * latent_dim)
+        super().__init__(data_dim, latent_dim, hidden, activation, encoder)
+        if num_flows < 1:
+            raise ValueError(f"num_flows must be positive, got {num_flows}")
+        self.num_flows = int(num_flows)
+        self.flows = nn.ModuleList(self.make_flow() for _ in range(self.num_flows))
+
+    def encoder_outputs(self, latent_dim: int) -> int:  # needs context_dim: an instance method
+        return 2 * latent_dim + self.context_dim
+
+    @classmethod
+    def from_config(cls, data_dim: int, config, encoder) -> "FlowGuide":
+        return cls(data_dim, config.latent_dim, encoder=encoder, num_flows=config.num_flows)
+
+    def make_flow(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _split(self, x):
+        h = self.encoder(x)
+        loc, pre, context = h.split([self.latent_dim, self.latent_dim, self.context_dim], dim=-1)
+        return loc, _positive(pre, self.min_scale), context
+
+    def base(self, x: torch.Tensor) -> dist.Distribution:
+        loc, scale, _ = self._split(x)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def forward(self, x: torch.Tensor) -> dist.Distribution:
+        loc, scale, context = self._split(x)
+        transforms = [flow.condition(context) for flow in self.flows]
+        return dist.TransformedDistribution(dist.Normal(loc, scale).to_event(1), transforms)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The flow applied to the base mean (a point estimate; E_q[z] has no closed form)."""
+        loc, _, context = self._split(x)
+        z = loc
+        for flow in self.flows:
+            z = flow.condition(context)(z)
+        return z
+
+
+@GUIDES.register("iaf")
+class IAFGuide(FlowGuide):
+    """Inverse autoregressive flow guide (Kingma et al., 2016): conditional affine
+    autoregressive steps (:func:`pyro.distributions.transforms.conditional_affine_autoregressive`)."""
+
+    def make_flow(self):
+        width = max(2 * self.latent_dim, 32)
+        return T.conditional_affine_autoregressive(
+            self.latent_dim, self.context_dim, hidden_dims=[width, width]
+        )
+
+
+@GUIDES.register("planar")
+class PlanarGuide(FlowGuide):
+    """Planar flow guide (Rezende & Mohamed, 2015): conditional planar steps
+    (:func:`pyro.distributions.transforms.conditional_planar`)."""
+
+    def make_flow(self):
+        return T.conditional_planar(self.latent_dim, self.context_dim, hidden_dims=[max(2 * self.latent_dim, 32)])
+
+
+@GUIDES.register("delta")
+class DeltaGuide(Guide):
+    r"""A point mass :math:`q(z|x) = \delta(z - f_\phi(x))`: the deterministic encoder of a
+    plain autoencoder. It has no density, so the ELBO and importance-weighted bounds are
+    undefined for it; train it with the ``"reconstruction"`` objective (an autoencoder) or
+    with ``"elbo"`` (then :math:`\log p(z)` acts as a regulariser, MAP-style)."""
+
+    has_density = False
+
+    @classmethod
+    def encoder_outputs(cls, latent_dim: int) -> int:
+        return latent_dim
+
+    def forward(self, x: torch.Tensor) -> dist.Distribution:
+        return dist.Delta(self.encoder(x), event_dim=1)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)

@@ -10,6 +10,7 @@ clear error instead of a silently wrong log-density.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import pyro.distributions as dist
 import torch
@@ -74,29 +75,41 @@ class BernoulliLikelihood(Likelihood):
 
 @LIKELIHOODS.register("gaussian")
 class GaussianLikelihood(Likelihood):
-    r"""Independent Gaussian dimensions :math:`x_d \sim \mathcal{N}(\mu_d(z), \sigma^2)` with
+    r"""Independent Gaussian dimensions :math:`x_d \sim \mathcal{N}(\mu_d(z), \sigma_d^2)` with
     the mean from the decoder.
 
     :param int data_dim: number of data dimensions.
     :param float scale: the standard deviation :math:`\sigma` (its initial value when
         learned).
-    :param bool learn_scale: learn one global :math:`\sigma` (parametrised by its log).
+    :param str scale_mode: ``"fixed"`` (σ given), ``"global"`` (one learned σ) or
+        ``"per-dim"`` (a learned σ_d per data dimension, e.g. per pixel); learned scales are
+        parametrised by their logs. ``learn_scale=True`` is the same as ``"global"``.
     """
 
-    def __init__(self, data_dim: int, scale: float = 1.0, learn_scale: bool = False):
+    SCALE_MODES = ("fixed", "global", "per-dim")
+
+    def __init__(self, data_dim: int, scale: float = 1.0, learn_scale: bool = False,
+                 scale_mode: Optional[str] = None):
         super().__init__(data_dim)
         if not scale > 0 or not math.isfinite(scale):
             raise ValueError(f"Gaussian likelihood scale must be positive and finite, got {scale}")
-        log_scale = torch.tensor(math.log(scale))
-        self.learn_scale = bool(learn_scale)
-        if self.learn_scale:
-            self.log_scale = nn.Parameter(log_scale)
-        else:
+        mode = scale_mode or ("global" if learn_scale else "fixed")
+        if mode not in self.SCALE_MODES:
+            raise ValueError(f"unknown scale_mode {mode!r}; valid choices: {', '.join(self.SCALE_MODES)}")
+        self.scale_mode = mode
+        log_scale = torch.full((self.data_dim,) if mode == "per-dim" else (), math.log(scale))
+        if mode == "fixed":
             self.register_buffer("log_scale", log_scale)
+        else:
+            self.log_scale = nn.Parameter(log_scale)
+
+    @property
+    def learn_scale(self) -> bool:
+        return self.scale_mode != "fixed"
 
     @classmethod
     def from_config(cls, data_dim: int, config) -> "GaussianLikelihood":
-        return cls(data_dim, config.likelihood_scale, config.learn_scale)
+        return cls(data_dim, config.likelihood_scale, scale_mode=config.gaussian_scale)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -108,3 +121,48 @@ class GaussianLikelihood(Likelihood):
     def mean(self, params: torch.Tensor) -> torch.Tensor:
         return params
 
+
+def _check_unit_interval(x: torch.Tensor, name: str) -> None:
+    if not bool(((x >= 0) & (x <= 1)).all()):
+        raise ValueError(
+            f"the {name} likelihood needs data in [0, 1], but the data range over "
+            f"[{float(x.min())}, {float(x.max())}]; rescale the data or choose 'gaussian'"
+        )
+
+
+@LIKELIHOODS.register("continuous-bernoulli")
+class ContinuousBernoulliLikelihood(Likelihood):
+    r"""Continuous Bernoulli (Loaiza-Ganem & Cunningham, 2019) for grey levels in [0, 1]:
+    :math:`p(x|\lambda) = C(\lambda)\,\lambda^x (1-\lambda)^{1-x}`, with the normalizing
+    constant :math:`C(\lambda)` included, so unlike the Bernoulli log-likelihood applied to
+    grey levels it is a proper density. Logits from the decoder."""
+
+    def forward(self, params: torch.Tensor) -> dist.Distribution:
+        return dist.ContinuousBernoulli(logits=params).to_event(1)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        _check_unit_interval(x, "continuous Bernoulli")
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return dist.ContinuousBernoulli(logits=params).mean
+
+
+@LIKELIHOODS.register("poisson")
+class PoissonLikelihood(Likelihood):
+    r"""Independent Poisson counts with log-rates from the decoder:
+    :math:`\log p(x|z) = \sum_d x_d \eta_d - e^{\eta_d} - \log x_d!` (nats). For count data
+    and 8-bit pixel values stored as integers 0…255. Data must be non-negative integers."""
+
+    def forward(self, params: torch.Tensor) -> dist.Distribution:
+        return dist.Poisson(params.clamp(max=20.0).exp()).to_event(1)
+
+    def check_data(self, x: torch.Tensor) -> None:
+        if not bool(((x >= 0) & (x == x.round())).all()):
+            raise ValueError(
+                "the Poisson likelihood needs counts (non-negative integers), but the data "
+                "contain negative or fractional values; use 'gaussian' or "
+                "'continuous-bernoulli' for real values"
+            )
+
+    def mean(self, params: torch.Tensor) -> torch.Tensor:
+        return params.clamp(max=20.0).exp()

@@ -66,3 +66,97 @@ class MLP(nn.Sequential):
                 f"MLP expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
         return super().forward(x)
+
+
+def _conv_out(size: int) -> int:
+    """Spatial size after a 3x3 convolution with stride 2 and padding 1."""
+    return (size - 1) // 2 + 1
+
+
+class ConvEncoder(nn.Module):
+    """Convolutional encoder for images stored as flat vectors.
+
+    Two 3x3 stride-2 convolutions (``channels``) with ``activation``, then a linear layer.
+    The image shape ``(C, H, W)`` comes from the data set, so any size works.
+
+    Shapes: ``(..., C*H*W) -> (..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        out_features: int,
+        channels: Sequence[int] = (32, 64),
+        activation: str = "relu",
+    ):
+        super().__init__()
+        if len(image_shape) == 2:
+            image_shape = (1, *image_shape)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        c, h, w = self.image_shape
+        self.in_features = c * h * w
+        self.out_features = int(out_features)
+        act = ACTIVATIONS.get(activation)
+        layers, c_in = [], c
+        for c_out in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), act()]
+            c_in, h, w = c_out, _conv_out(h), _conv_out(w)
+        self.convs = nn.Sequential(*layers)
+        self.linear = nn.Linear(c_in * h * w, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"ConvEncoder expects inputs of shape (..., {self.in_features}) "
+                f"(images {self.image_shape} flattened), got {tuple(x.shape)}"
+            )
+        lead = x.shape[:-1]
+        h = self.convs(x.reshape(-1, *self.image_shape))
+        return self.linear(h.flatten(1)).reshape(*lead, self.out_features)
+
+
+class ConvDecoder(nn.Module):
+    """Convolutional decoder mirroring :class:`ConvEncoder`: a linear layer to a small
+    feature map, then 4x4 stride-2 transposed convolutions up to (at least) the image size,
+    cropped to ``(H, W)``; ``params_per_pixel`` output maps per image channel.
+
+    Shapes: ``(..., in_features) -> (..., params_per_pixel * C*H*W)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        image_shape: Sequence[int],
+        channels: Sequence[int] = (64, 32),
+        activation: str = "relu",
+        params_per_pixel: int = 1,
+    ):
+        super().__init__()
+        if len(image_shape) == 2:
+            image_shape = (1, *image_shape)
+        self.image_shape = tuple(int(s) for s in image_shape)
+        c, h, w = self.image_shape
+        self.in_features = int(in_features)
+        self.params_per_pixel = int(params_per_pixel)
+        self.out_features = self.params_per_pixel * c * h * w
+        for _ in channels:
+            h, w = _conv_out(h), _conv_out(w)
+        self.start = (channels[0], h, w)
+        act = ACTIVATIONS.get(activation)
+        self.linear = nn.Sequential(nn.Linear(self.in_features, channels[0] * h * w), act())
+        layers = []
+        widths = list(channels) + [c * self.params_per_pixel]
+        for i, (c_in, c_out) in enumerate(zip(widths[:-1], widths[1:])):
+            layers.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if i < len(widths) - 2:
+                layers.append(act())
+        self.deconvs = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        lead = z.shape[:-1]
+        h = self.linear(z.reshape(-1, self.in_features)).reshape(-1, *self.start)
+        c, height, width = self.image_shape
+        out = self.deconvs(h)[:, :, :height, :width]
+        # (N, k*C, H, W) -> (N, k, C*H*W) -> flat, parameter blocks outermost
+        out = out.reshape(out.shape[0], self.params_per_pixel, c * height * width)
+        return out.reshape(*lead, self.out_features)

@@ -12,6 +12,9 @@ Registered objectives (:data:`OBJECTIVES`):
   :math:`E_q[\\log p(x,z) - \\log q(z|x)]`, KL term sampled.
 * ``"elbo-analytic-kl"`` — :class:`pyro.infer.TraceMeanField_ELBO`: the same bound with
   :math:`KL(q(z|x)\\|p(z))` in closed form where Pyro knows it (lower variance).
+* ``"reconstruction"`` — :math:`E_q[\\log p(x|z)]` only: the ELBO with the latent site's
+  log-densities scaled by 0 (the plain autoencoder's loss with a ``"delta"`` guide: binary
+  cross-entropy under a Bernoulli likelihood, squared error under a Gaussian one).
 
 Particles are vectorized (``vectorize_particles=True``, ``max_plate_nesting=1``).
 """
@@ -22,8 +25,24 @@ from typing import Tuple
 
 import pyro.infer
 import torch
+from pyro.poutine.messenger import Messenger
 
+from .model import LATENT_SITE
 from .registry import Registry
+
+
+class ScaleSite(Messenger):
+    """Multiply the log-density of one sample site by ``scale`` (which may be 0), leaving all
+    other sites alone — a site-restricted :func:`pyro.poutine.scale`."""
+
+    def __init__(self, site: str, scale: float):
+        super().__init__()
+        self.site = site
+        self.scale = float(scale)
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and msg["name"] == self.site:
+            msg["scale"] = msg["scale"] * self.scale
 
 OBJECTIVES: Registry = Registry("objective")
 
@@ -35,14 +54,19 @@ class Objective:
     :param str name: registry name, kept for logs.
     """
 
-    def __init__(self, elbo: pyro.infer.ELBO, name: str):
+    def __init__(self, elbo: pyro.infer.ELBO, name: str, latent_scale: float = 1.0):
         self.elbo = elbo
         self.name = name
         self.num_particles = elbo.num_particles
+        self.latent_scale = float(latent_scale)
 
     def surrogate_loss(self, vae, x: torch.Tensor) -> torch.Tensor:
         """Differentiable surrogate: minus the objective, averaged over the batch (nats)."""
-        return self.elbo.differentiable_loss(vae.model, vae.guide, x) / x.shape[0]
+        model, guide = vae.model, vae.guide
+        if self.latent_scale != 1.0:
+            model = ScaleSite(LATENT_SITE, self.latent_scale)(model)
+            guide = ScaleSite(LATENT_SITE, self.latent_scale)(guide)
+        return self.elbo.differentiable_loss(model, guide, x) / x.shape[0]
 
     def loss_and_value(self, vae, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(surrogate_loss, value)``: the loss to differentiate and the detached
@@ -74,6 +98,18 @@ def mean_field_elbo(num_particles: int = 1) -> Objective:
             num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
         ),
         "elbo-analytic-kl",
+    )
+
+
+@OBJECTIVES.register("reconstruction")
+def reconstruction(num_particles: int = 1) -> Objective:
+    """Expected reconstruction log-likelihood :math:`E_q[\\log p(x|z)]` (no prior, no entropy)."""
+    return Objective(
+        pyro.infer.Trace_ELBO(
+            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
+        ),
+        "reconstruction",
+        latent_scale=0.0,
     )
 
 

@@ -15,18 +15,21 @@ from matplotlib.figure import Figure
 
 
 def elbo_curves(records: Sequence[dict]) -> Figure:
-    """Training objective and validation ELBO per epoch (nats per datapoint)."""
+    """Training objective and the validation metric (ELBO, or the reconstruction
+    log-likelihood for a point-mass guide) per epoch (nats per datapoint)."""
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     epochs = [r["epoch"] for r in records]
     if records:
         name = records[0].get("objective", "objective")
         ax.plot(epochs, [r["train_objective"] for r in records], label=f"train {name} (running)")
-    val = [(r["epoch"], r["val_elbo"], r.get("val_elbo_stderr") or 0.0) for r in records
-           if r.get("val_elbo") is not None]
+    metric = records[0].get("val_metric", "val_elbo") if records else None
+    val = [(r["epoch"], r[metric], r.get(f"{metric}_stderr") or 0.0) for r in records
+           if r.get(metric) is not None]
     if val:
         e, v, s = (torch.tensor(c, dtype=torch.float64) for c in zip(*val))
-        (line,) = ax.plot(e, v, label="validation ELBO (± s.e.)")
+        label = {"val_elbo": "validation ELBO", "val_reconstruction": "validation log p(x|code)"}.get(metric, metric)
+        (line,) = ax.plot(e, v, label=f"{label} (± s.e.)")
         ax.fill_between(e, v - s, v + s, alpha=0.3, color=line.get_color())
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per datapoint")

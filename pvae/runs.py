@@ -22,7 +22,7 @@ from ._rng import seeded
 from .checkpoint import load_checkpoint, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
-from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds
+from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds, reconstruction_error
 from .model import VAE
 from .train import CHECKPOINT_FILE, History, fit
 
@@ -177,25 +177,30 @@ def evaluate_run(
     write: bool = True,
 ) -> dict:
     """ELBO and importance-weighted bound :math:`\\mathcal{L}_K` on a split of the run's data
-    set, with K = ``num_samples``; writes ``evaluation-<split>-K<K>.json`` unless ``write``
-    is False. The run's files are only read."""
+    set, with K = ``num_samples`` (when the guide has a density), and the reconstruction
+    error at the encoder's code; writes ``evaluation-<split>-K<K>.json`` unless ``write`` is
+    False. The run's files are only read."""
     config, vae = load_run(run_dir, device)
     data = load_dataset(config.dataset)
     x = data.split(split).to(vae.device)
-    estimates = evaluate_bounds(
-        vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
-        progress=progress,
-    )
+    estimates = reconstruction_error(vae, x)
     report = {
         "run_dir": str(run_dir),
         "dataset": config.dataset,
+        "model": config.model,
         "split": split,
         "num_datapoints": int(x.shape[0]),
         "seed": seed,
-        "estimates": {name: est.to_dict() for name, est in estimates.items()},
-        "nll_iwae": -estimates["iwae"].mean,
-        "bits_per_dim_iwae": estimates["iwae"].bits_per_dim(vae.data_dim),
     }
+    if vae.guide_net.has_density:
+        bounds = evaluate_bounds(
+            vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
+            progress=progress,
+        )
+        estimates = {**bounds, **estimates}
+        report["nll_iwae"] = -bounds["iwae"].mean
+        report["bits_per_dim_iwae"] = bounds["iwae"].bits_per_dim(vae.data_dim)
+    report["estimates"] = {name: est.to_dict() for name, est in estimates.items()}
     if write:
         write_json(report, Path(run_dir) / f"evaluation-{split}-K{num_samples}.json")
     return report

@@ -21,7 +21,7 @@ import torch
 
 from ._rng import seeded
 from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
-from .estimators import evaluate_bounds
+from .estimators import evaluate_bounds, reconstruction_error
 from .objectives import Objective, make_objective
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -34,9 +34,11 @@ class History:
     """What :func:`fit` did, one record per epoch.
 
     Record keys: ``epoch`` (1-based), ``train_objective`` (mean training objective over the
-    epoch's minibatches, nats per datapoint, as the parameters moved), ``val_elbo`` and
-    ``val_elbo_stderr`` (ELBO on the validation data at the end of the epoch, with
-    ``val_num_samples`` samples per datapoint, nats per datapoint), ``seconds``.
+    epoch's minibatches, nats per datapoint, as the parameters moved), ``val_metric`` (the
+    name of the validation metric), its value and ``<name>_stderr``, and ``seconds``. The
+    validation metric is ``val_elbo`` (ELBO on the validation data at the end of the epoch,
+    ``val_num_samples`` samples per datapoint, nats per datapoint) when the guide has a
+    density, else ``val_reconstruction`` (:math:`\\log p(x|\\hat z)` at the encoder's code).
     """
 
     records: List[dict] = field(default_factory=list)
@@ -52,10 +54,20 @@ class History:
         return [r["val_elbo"] for r in self.records if r.get("val_elbo") is not None]
 
     @property
-    def best_val_elbo(self) -> Optional[float]:
+    def val_metric(self) -> Optional[str]:
+        """Name of the validation metric (``"val_elbo"`` or ``"val_reconstruction"``)."""
+        return self.records[0].get("val_metric") if self.records else None
+
+    @property
+    def best_val(self) -> Optional[float]:
+        """Best value of the validation metric (higher is better)."""
         if self.best_epoch is None:
             return None
-        return self.records[self.best_epoch - 1]["val_elbo"]
+        return self.records[self.best_epoch - 1][self.val_metric]
+
+    @property
+    def best_val_elbo(self) -> Optional[float]:
+        return self.best_val if self.val_metric == "val_elbo" else None
 
 
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
@@ -70,6 +82,14 @@ def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device
     generator.set_state(state["data_order"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _validate(vae, valid_data, num_samples, seed):
+    """The validation metric: the ELBO if the guide has a density, else the reconstruction
+    log-likelihood at the encoder's code. Runs under its own seed (training draws unchanged)."""
+    if vae.guide_net.has_density:
+        return "val_elbo", evaluate_bounds(vae, valid_data, num_samples, seed=seed)["elbo"]
+    return "val_reconstruction", reconstruction_error(vae, valid_data)["reconstruction"]
 
 
 def fit(
@@ -212,17 +232,17 @@ def fit(
                     "train_objective": total / train_data.shape[0],
                     "objective": objective.name,
                     "num_particles": objective.num_particles,
-                    "val_elbo": None,
-                    "val_elbo_stderr": None,
-                    "val_num_samples": None,
+                    "val_metric": None,
                 }
                 if valid_data is not None:
-                    est = evaluate_bounds(vae, valid_data, val_num_samples, seed=seed)["elbo"]
-                    vae.train()
-                    record.update(
-                        val_elbo=est.mean, val_elbo_stderr=est.stderr, val_num_samples=val_num_samples
-                    )
-                    if history.best_epoch is None or est.mean > history.best_val_elbo:
+                    metric, est = _validate(vae, valid_data, val_num_samples, seed)
+                    record.update({
+                        "val_metric": metric,
+                        metric: est.mean,
+                        f"{metric}_stderr": est.stderr,
+                        "val_num_samples": est.num_samples,
+                    })
+                    if history.best_epoch is None or est.mean > history.best_val:
                         history.best_epoch = epoch
                         best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
                 record["seconds"] = time.perf_counter() - t0
@@ -231,8 +251,8 @@ def fit(
                     history.stopped_early = epoch - history.best_epoch >= patience
                 if bar is not None:
                     postfix = {"epoch": epoch, "train": f"{record['train_objective']:.2f}"}
-                    if record["val_elbo"] is not None:
-                        postfix["val_elbo"] = f"{record['val_elbo']:.2f}"
+                    if record["val_metric"] is not None:
+                        postfix[record["val_metric"]] = f"{record[record['val_metric']]:.2f}"
                     bar.set_postfix(postfix)
                 if ckpt_path is not None:
                     save_checkpoint(

@@ -64,7 +64,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prior", "vampire"], "unknown prior 'vampire'; valid choices: standard-normal"),
+        (["--prior", "vampire"], "unknown prior 'vampire'; valid choices: flow, learned-diagonal, mog, standard-normal, vamp"),
         (["--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: binarized-mnist"),
         (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
         (["--latent-dim", "0"], "latent_dim must be a positive integer"),
@@ -81,7 +81,7 @@ def test_unknown_config_key_lists_the_valid_keys(tmp_path, capsys):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"latent_dims": 3}))
     assert main(["train", "--config", str(cfg), "--run-dir", str(tmp_path / "r")]) == 2
-    assert "unknown config key(s) ['latent_dims']; valid keys: dataset, latent_dim" in capsys.readouterr().err
+    assert "unknown config key(s) ['latent_dims']; valid keys: dataset, model, latent_dim" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -109,5 +109,5 @@ def test_train_on_binarized_mnist_smoke(tmp_path, capsys):
             "--epochs", "1", "--batch-size", "500", "--run-dir", str(run), "--no-progress"]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert -300 < summary["best_val_elbo"] < -100
+    assert summary["validation_metric"] == "val_elbo" and -300 < summary["best_val"] < -100
     assert (run / "samples.png").is_file()

@@ -141,7 +141,7 @@ def test_bad_data_gets_a_clear_error(bad, message):
 
 
 def test_gaussian_learned_scale_is_trained():
-    lik = pvae.GaussianLikelihood(4, scale=0.3, learn_scale=True)
+    lik = pvae.GaussianLikelihood(4, scale=0.3, learn_scale=True)  # = scale_mode="global"
     assert any(p is lik.log_scale for p in lik.parameters())
     torch.testing.assert_close(lik.scale, torch.tensor(0.3))
     fixed = pvae.GaussianLikelihood(4, scale=0.3)
@@ -151,7 +151,7 @@ def test_gaussian_learned_scale_is_trained():
 
 
 def test_unknown_component_names_list_choices():
-    with pytest.raises(KeyError, match="valid choices: .*standard-normal"):
+    with pytest.raises(KeyError, match="valid choices: .*standard-normal, vamp"):
         pvae.RunConfig(prior="vampire")
     with pytest.raises(KeyError, match="valid choices"):
         pvae.RunConfig(likelihood="poissonish")
