@@ -140,7 +140,15 @@ def _train(args) -> int:
             raise ValueError("give either --hidden or --layers/--units, not both")
         changes["hidden"] = (args.units,) * args.layers
     if args.model == "autoencoder":
-        changes.update(autoencoder_settings(args.loss or "bce"))
+        preset = autoencoder_settings(args.loss or "bce")
+        clash = [f"--{k.replace('_', '-')} {changes[k]}" for k in preset
+                 if k in changes and changes[k] != preset[k]]
+        if clash:
+            raise ValueError(
+                f"--model autoencoder sets {', '.join(f'{k}={v!r}' for k, v in preset.items())}; "
+                f"it conflicts with {', '.join(clash)} (choose the loss with --loss bce|mse)"
+            )
+        changes.update(preset)
     elif args.loss is not None:
         raise ValueError("--loss sets the autoencoder's reconstruction loss; add --model autoencoder")
     config = base.replace(**changes)

@@ -111,3 +111,45 @@ def test_train_on_binarized_mnist_smoke(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["validation_metric"] == "val_elbo" and -300 < summary["best_val"] < -100
     assert (run / "samples.png").is_file()
+
+
+def test_plain_autoencoder_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "ae"
+    args = ["train", "--model", "autoencoder", "--code-size", "4", "--layers", "1", "--units", "32",
+            "--loss", "mse", "--dataset", "digits-grey", "--epochs", "3", "--run-dir", str(run), "--no-progress"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["validation_metric"] == "val_reconstruction"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"], config["guide"], config["objective"], config["likelihood"]) == (
+        "autoencoder", "delta", "reconstruction", "gaussian")
+    assert config["latent_dim"] == 4 and config["hidden"] == [32]
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    report = json.loads((run / "evaluation-test-K1000.json").read_text())
+    assert set(report["estimates"]) == {"reconstruction", "squared-error"}  # no bounds for a point mass
+    assert report["estimates"]["squared-error"]["mean"] > 0
+    for name in FIGURES:
+        assert (run / name).is_file()
+
+
+def test_autoencoder_flags_are_checked(tmp_path, capsys):
+    assert main(["train", "--loss", "mse", "--run-dir", str(tmp_path / "r"), *FAST]) == 2
+    assert "--model autoencoder" in capsys.readouterr().err
+    assert main(["train", "--layers", "2", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "--layers and --units go together" in capsys.readouterr().err
+    assert main(["train", "--model", "autoencoder", "--guide", "diagonal", "--run-dir", str(tmp_path / "r"),
+                 "--no-progress"]) == 2
+    assert "conflicts with --guide diagonal" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("extra", [["--net", "conv", "--channels", "4,8"],
+                                   ["--prior", "vamp", "--guide", "iaf", "--pseudo-inputs", "5"],
+                                   ["--prior", "mog", "--guide", "planar", "--flows", "1"],
+                                   ["--prior", "flow", "--guide", "full-rank"]])
+def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST, *extra]) == 0
+    assert main(["evaluate", str(run), "--K", "4", "--no-progress"]) == 0
+    report = json.loads((run / "evaluation-test-K4.json").read_text())
+    assert report["estimates"]["iwae"]["num_samples"] == 4

@@ -23,6 +23,11 @@ SCRIPTS = {
     ],
     "benchmarks/bench_train_step.py": ["--blocks", "2", "--steps-per-block", "2", "--out", "{tmp}/bench.json"],
     "paper/build.py": ["--out", "{tmp}/tables.md"],
+    "experiments/components_grid.py": [
+        "--dataset", "digits", "--priors", "standard-normal,vamp", "--guides", "diagonal,planar",
+        "--epochs", "1", "--latent-dim", "2", "--hidden", "16", "--extra", "--pseudo-inputs 3",
+        "--out-dir", "{tmp}/grid", "--summary", "{tmp}/grid.json",
+    ],
 }
 NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py"}
 NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10"}
