@@ -15,7 +15,7 @@ Compose a model from parts, train it with a Pyro ELBO, evaluate it honestly::
 
 __version__ = "0.1.0"
 
-from .config import RunConfig, build_vae
+from .config import RunConfig, autoencoder_config, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
 from .estimators import (
     Estimate,
@@ -24,6 +24,7 @@ from .estimators import (
     iwae_bound,
     log_importance_weights,
     naive_prior_estimate,
+    reconstruction_error,
 )
 from .guides import GUIDES, DiagonalGaussianGuide, Guide
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood
@@ -41,5 +42,5 @@ __all__ = [
     "Objective", "PRIORS", "Prior", "RunConfig", "StandardNormalPrior", "VAE", "build_vae",
     "data_dir", "elbo", "evaluate_bounds", "evaluate_run", "fit", "iwae_bound",
     "load_dataset", "load_run", "log_importance_weights", "make_objective", "naive_prior_estimate",
-    "train_run",
+    "train_run", "autoencoder_config", "reconstruction_error",
 ]

@@ -114,7 +114,10 @@ class DiagonalGaussianGuide(Guide):
 class FullRankGaussianGuide(Guide):
     r"""Amortized Gaussian with a full covariance :math:`\Sigma_\phi(x) = L_\phi L_\phi^\top`:
     the encoder outputs the mean and the lower triangle of the Cholesky factor, whose
-    diagonal is made positive by ``softplus(.) + 1e-4``."""
+    diagonal is made positive by ``softplus(.) + 1e-4`` and whose off-diagonal entries are
+    the outputs divided by :math:`\sqrt{L}` (so that at initialisation the rows of
+    :math:`L_\phi` have norms of order one whatever the latent size, instead of
+    :math:`\sqrt{L}` times the output scale, which starts training with a huge KL)."""
 
     min_scale = 1e-4
 
@@ -135,7 +138,7 @@ class FullRankGaussianGuide(Guide):
         tril = h.new_zeros(*h.shape[:-1], lat, lat)
         tril[..., self._rows, self._cols] = tril_values
         diag = _positive(tril.diagonal(dim1=-2, dim2=-1), self.min_scale)
-        tril = tril.tril(-1) + torch.diag_embed(diag)
+        tril = tril.tril(-1) / lat**0.5 + torch.diag_embed(diag)
         return dist.MultivariateNormal(loc, scale_tril=tril)
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
