@@ -13,6 +13,7 @@ mean, and standard errors. All values are in nats.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional
@@ -133,6 +134,18 @@ def log_importance_weights(
         done += k
 
 
+@contextlib.contextmanager
+def _evaluating(vae):
+    """No gradients and eval mode inside; the caller's train/eval mode restored after."""
+    was_training = vae.training
+    vae.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        vae.train(was_training)
+
+
 def _batches(x: torch.Tensor, batch_size: int):
     for start in range(0, x.shape[0], batch_size):
         yield x[start : start + batch_size]
@@ -155,8 +168,6 @@ def _weight_statistics(
             "pvae.reconstruction_error (or the naive prior estimate, which needs no guide)"
         )
     parts: Dict[str, list] = {"log_mean_w": [], "ess": [], "mean_lw": [], "var_lw": []}
-    was_training = vae.training
-    vae.eval()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -164,7 +175,7 @@ def _weight_statistics(
         bar = tqdm(total=x.shape[0], desc=desc, unit="x", leave=False)
     k = num_samples
     try:
-        with torch.no_grad(), seeded(seed, x.device):
+        with _evaluating(vae), seeded(seed, x.device):
             for xb in _batches(x, batch_size):
                 lse = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
                 lse2 = lse.clone()
@@ -184,7 +195,6 @@ def _weight_statistics(
                 if bar is not None:
                     bar.update(xb.shape[0])
     finally:
-        vae.train(was_training)
         if bar is not None:
             bar.close()
     return {name: torch.cat(p).cpu() for name, p in parts.items()}
@@ -284,17 +294,11 @@ def reconstruction_error(vae, x: torch.Tensor, batch_size: int = 1000) -> Dict[s
     batch_size = _check_positive_int("batch_size", batch_size)
     vae.check_data(x)
     loglik, sq = [], []
-    was_training = vae.training
-    vae.eval()
-    try:
-        with torch.no_grad():
-            for xb in _batches(x, batch_size):
-                z = vae.guide_net.mean(xb)
-                params = vae.decoder(z)
-                loglik.append(vae.likelihood(params).log_prob(xb).double())
-                sq.append((xb - vae.likelihood.mean(params)).pow(2).sum(-1).double())
-    finally:
-        vae.train(was_training)
+    with _evaluating(vae):
+        for xb in _batches(x, batch_size):
+            params = vae.decoder(vae.guide_net.mean(xb))
+            loglik.append(vae.likelihood(params).log_prob(xb).double())
+            sq.append((xb - vae.likelihood.mean(params)).pow(2).sum(-1).double())
     loglik, sq = torch.cat(loglik).cpu(), torch.cat(sq).cpu()
     return {
         "reconstruction": Estimate("reconstruction-log-likelihood", 1, loglik, torch.zeros_like(loglik)),

@@ -79,38 +79,27 @@ class Objective:
         return f"Objective({self.name!r}, num_particles={self.num_particles})"
 
 
+def _vectorized(elbo_class, num_particles: int) -> pyro.infer.ELBO:
+    """A Pyro ELBO with particles vectorized over one extra plate dimension."""
+    return elbo_class(num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
+
+
 @OBJECTIVES.register("elbo")
 def trace_elbo(num_particles: int = 1) -> Objective:
     """ELBO with a Monte Carlo KL term (:class:`pyro.infer.Trace_ELBO`)."""
-    return Objective(
-        pyro.infer.Trace_ELBO(
-            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
-        ),
-        "elbo",
-    )
+    return Objective(_vectorized(pyro.infer.Trace_ELBO, num_particles), "elbo")
 
 
 @OBJECTIVES.register("elbo-analytic-kl")
 def mean_field_elbo(num_particles: int = 1) -> Objective:
     """ELBO with an analytic KL term (:class:`pyro.infer.TraceMeanField_ELBO`)."""
-    return Objective(
-        pyro.infer.TraceMeanField_ELBO(
-            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
-        ),
-        "elbo-analytic-kl",
-    )
+    return Objective(_vectorized(pyro.infer.TraceMeanField_ELBO, num_particles), "elbo-analytic-kl")
 
 
 @OBJECTIVES.register("reconstruction")
 def reconstruction(num_particles: int = 1) -> Objective:
     """Expected reconstruction log-likelihood :math:`E_q[\\log p(x|z)]` (no prior, no entropy)."""
-    return Objective(
-        pyro.infer.Trace_ELBO(
-            num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
-        ),
-        "reconstruction",
-        latent_scale=0.0,
-    )
+    return Objective(_vectorized(pyro.infer.Trace_ELBO, num_particles), "reconstruction", latent_scale=0.0)
 
 
 def make_objective(name: str = "elbo", num_particles: int = 1) -> Objective:
