@@ -26,7 +26,7 @@ from .estimators import (
     naive_prior_estimate,
     reconstruction_error,
 )
-from .guides import GUIDES, DiagonalGaussianGuide, Guide
+from .guides import GUIDES, DiagonalGaussianGuide, Guide, NonAmortizedGuide
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood
 from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
 from .nets import ACTIVATIONS, MLP
@@ -37,7 +37,7 @@ from .train import History, fit
 
 __all__ = [
     "ACTIVATIONS", "BernoulliLikelihood", "DATASETS", "DATA_PLATE", "Dataset",
-    "DiagonalGaussianGuide", "Estimate", "GUIDES", "GaussianLikelihood", "Guide", "History",
+    "DiagonalGaussianGuide", "Estimate", "NonAmortizedGuide", "GUIDES", "GaussianLikelihood", "Guide", "History",
     "LATENT_SITE", "LIKELIHOODS", "Likelihood", "MLP", "OBJECTIVES", "OBSERVED_SITE",
     "Objective", "PRIORS", "Prior", "RunConfig", "StandardNormalPrior", "VAE", "build_vae",
     "data_dir", "elbo", "evaluate_bounds", "evaluate_run", "fit", "iwae_bound",

@@ -95,9 +95,9 @@ def _check_positive_int(name: str, value) -> int:
     return int(value)
 
 
-def _proposal(vae, x: torch.Tensor, proposal: str):
+def _proposal(vae, x: torch.Tensor, proposal: str, index=None):
     if proposal == "guide":
-        return vae.guide_net(x)
+        return vae.posterior(x, index)
     if proposal == "prior":
         return vae.prior().expand([x.shape[0]])
     raise ValueError(f"unknown proposal {proposal!r}; valid choices: guide, prior")
@@ -109,6 +109,7 @@ def log_importance_weights(
     num_samples: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     proposal: str = "guide",
+    index: Optional[torch.Tensor] = None,
 ) -> Iterator[torch.Tensor]:
     """Yield chunks of log importance weights :math:`\\log w_k = \\log p(x, z_k) - \\log r(z_k)`,
     :math:`z_k \\sim r`, where the proposal ``r`` is the guide :math:`q(z|x)` (``"guide"``)
@@ -118,6 +119,7 @@ def log_importance_weights(
     :param x: data, ``(B, D)``.
     :param int num_samples: total K; the chunks' sizes add up to exactly K.
     :param int chunk_size: samples per chunk; memory is ``O(chunk_size * B * D)``.
+    :param index: positions of ``x`` in the data set of a non-amortized guide.
     :yields: tensors of shape ``(k, B)`` with ``k <= chunk_size``, nats.
 
     Draws from the global torch RNG (wrap in :func:`pvae._rng.seeded` to fix it). The encoder
@@ -125,7 +127,7 @@ def log_importance_weights(
     """
     num_samples = _check_positive_int("num_samples", num_samples)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
-    r = _proposal(vae, x, proposal)
+    r = _proposal(vae, x, proposal, index)
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
@@ -147,12 +149,13 @@ def _evaluating(vae):
 
 
 def _batches(x: torch.Tensor, batch_size: int):
+    """Yield ``(start, x[start:start + batch_size])``."""
     for start in range(0, x.shape[0], batch_size):
-        yield x[start : start + batch_size]
+        yield start, x[start : start + batch_size]
 
 
 def _weight_statistics(
-    vae, x, num_samples, batch_size, chunk_size, seed, proposal, progress, desc
+    vae, x, num_samples, batch_size, chunk_size, seed, proposal, progress, desc, index=None
 ) -> Dict[str, torch.Tensor]:
     """Stream the log-weights of every datapoint once and keep, per datapoint: the
     log-mean-exp of the weights, the ESS, and the mean and variance of the log-weights.
@@ -176,12 +179,13 @@ def _weight_statistics(
     k = num_samples
     try:
         with _evaluating(vae), seeded(seed, x.device):
-            for xb in _batches(x, batch_size):
+            for start, xb in _batches(x, batch_size):
+                ib = None if index is None else index[start : start + xb.shape[0]]
                 lse = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
                 lse2 = lse.clone()
                 total = torch.zeros(xb.shape[0], dtype=torch.float64, device=x.device)
                 total_sq = torch.zeros_like(total)
-                for lw in log_importance_weights(vae, xb, k, chunk_size, proposal):
+                for lw in log_importance_weights(vae, xb, k, chunk_size, proposal, ib):
                     lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
                     lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
                     lw64 = lw.double()
@@ -214,6 +218,7 @@ def evaluate_bounds(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     seed: Optional[int] = 0,
     progress: bool = False,
+    index: Optional[torch.Tensor] = None,
 ) -> Dict[str, Estimate]:
     r"""ELBO and importance-weighted bound :math:`\mathcal{L}_K` from the same K samples.
 
@@ -230,12 +235,13 @@ def evaluate_bounds(
     Cost: one encoder pass per datapoint and K decoder passes, in chunks of ``chunk_size``
     samples over data batches of ``batch_size`` (memory bounded by both). Parameters are not
     changed and no gradients are kept. ``seed`` fixes the samples without touching the global
-    RNG (``None`` draws from it).
+    RNG (``None`` draws from it). ``index``: positions of ``x`` in the data set of a
+    non-amortized guide.
 
     :returns: ``{"elbo": Estimate, "iwae": Estimate}``, values in nats per datapoint.
     """
     stats = _weight_statistics(
-        vae, x, num_samples, batch_size, chunk_size, seed, "guide", progress, f"L_{num_samples}"
+        vae, x, num_samples, batch_size, chunk_size, seed, "guide", progress, f"L_{num_samples}", index
     )
     k = int(num_samples)
     return {
@@ -281,7 +287,9 @@ def naive_prior_estimate(
     return _importance_estimate("naive-prior-mc", stats, int(num_samples))
 
 
-def reconstruction_error(vae, x: torch.Tensor, batch_size: int = 1000) -> Dict[str, Estimate]:
+def reconstruction_error(
+    vae, x: torch.Tensor, batch_size: int = 1000, index: Optional[torch.Tensor] = None
+) -> Dict[str, Estimate]:
     r"""Deterministic reconstruction quality at the code :math:`\hat z = E_q[z|x]`
     (the encoder output of an autoencoder):
 
@@ -295,8 +303,9 @@ def reconstruction_error(vae, x: torch.Tensor, batch_size: int = 1000) -> Dict[s
     vae.check_data(x)
     loglik, sq = [], []
     with _evaluating(vae):
-        for xb in _batches(x, batch_size):
-            params = vae.decoder(vae.guide_net.mean(xb))
+        for start, xb in _batches(x, batch_size):
+            ib = None if index is None else index[start : start + xb.shape[0]]
+            params = vae.decoder(vae.encode(xb, ib))
             loglik.append(vae.likelihood(params).log_prob(xb).double())
             sq.append((xb - vae.likelihood.mean(params)).pow(2).sum(-1).double())
     loglik, sq = torch.cat(loglik).cpu(), torch.cat(sq).cpu()

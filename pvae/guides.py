@@ -43,6 +43,8 @@ class Guide(nn.Module):
 
     #: whether q(z|x) has a density (False for a point mass)
     has_density: bool = True
+    #: whether the guide is indexed by datapoint (non-amortized) instead of reading x
+    needs_index: bool = False
 
     def __init__(
         self,
@@ -248,3 +250,60 @@ class DeltaGuide(Guide):
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder(x)
+
+
+class NonAmortizedGuide(Guide):
+    r"""Free variational parameters per datapoint (no encoder):
+    :math:`q(z|x_n) = \mathcal{N}(m_n, \operatorname{diag} s_n^2)` for the ``num_datapoints``
+    datapoints of one data set, addressed by their ``index`` in it. Classical (non-amortized)
+    variational inference; used to measure the amortization gap and to refine a trained
+    encoder on held-out data (start from :meth:`from_guide`).
+
+    It is built for one data set, so it is not in the config registry; attach it with
+    ``VAE(vae.prior, vae.decoder, vae.likelihood, NonAmortizedGuide(...))`` and pass
+    ``index`` to :func:`pvae.fit` through the data order (fit does this) or to the estimators.
+    """
+
+    needs_index = True
+    min_scale = 1e-4
+
+    def __init__(self, data_dim: int, latent_dim: int, num_datapoints: int):
+        nn.Module.__init__(self)
+        self.data_dim, self.latent_dim = int(data_dim), int(latent_dim)
+        self.num_datapoints = int(num_datapoints)
+        self.loc = nn.Parameter(torch.zeros(self.num_datapoints, self.latent_dim))
+        # softplus(0.5413) + 1e-4 = 1: start at the standard normal prior
+        self.pre_scale = nn.Parameter(torch.full((self.num_datapoints, self.latent_dim), 0.5413))
+
+    @classmethod
+    def from_guide(cls, guide: Guide, x: torch.Tensor) -> "NonAmortizedGuide":
+        """Initialise from an amortized diagonal Gaussian guide's output on ``x`` (refinement)."""
+        new = cls(guide.data_dim, guide.latent_dim, x.shape[0]).to(x.device, x.dtype)
+        with torch.no_grad():
+            q = guide.base(x)
+            base = q.base_dist if isinstance(q, dist.Independent) else q
+            new.loc.copy_(base.loc)
+            new.pre_scale.copy_(torch.log(torch.expm1(base.scale - cls.min_scale)))
+        return new
+
+    def _select(self, x, index):
+        if index is None:
+            raise ValueError(
+                "a non-amortized guide needs the datapoints' indices (index=...) in the data "
+                f"set it was built for ({self.num_datapoints} datapoints)"
+            )
+        if index.shape != x.shape[:1]:
+            raise ValueError(f"index has shape {tuple(index.shape)}, expected ({x.shape[0]},)")
+        if int(index.max()) >= self.num_datapoints or int(index.min()) < 0:
+            raise ValueError(f"index out of range for a guide of {self.num_datapoints} datapoints")
+        return self.loc[index], _positive(self.pre_scale[index], self.min_scale)
+
+    def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> dist.Distribution:
+        loc, scale = self._select(x, index)
+        return dist.Normal(loc, scale).to_event(1)
+
+    def base(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> dist.Distribution:
+        return self(x, index)
+
+    def mean(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._select(x, index)[0]

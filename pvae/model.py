@@ -121,22 +121,33 @@ class VAE(nn.Module):
         return self.log_prior(z) + self.log_likelihood(x, z)
 
     # ------------------------------------------------------------------ Pyro programs
-    def model(self, x: torch.Tensor) -> torch.Tensor:
-        """Generative program: ``z ~ p(z)``, ``x ~ p(x|z)`` (observed), in plate ``"data"``."""
+    def model(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Generative program: ``z ~ p(z)``, ``x ~ p(x|z)`` (observed), in plate ``"data"``.
+        ``index`` (the datapoints' positions in the data set) is accepted for symmetry with
+        :meth:`guide` and not used."""
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
             z = pyro.sample(LATENT_SITE, self.prior())
             pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)), obs=x)
         return z
 
-    def guide(self, x: torch.Tensor) -> torch.Tensor:
-        """Amortized guide program: ``z ~ q(z|x)`` in plate ``"data"``."""
+    def guide(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Guide program: ``z ~ q(z|x)`` in plate ``"data"``."""
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            return pyro.sample(LATENT_SITE, self.guide_net(x))
+            return pyro.sample(LATENT_SITE, self.posterior(x, index))
+
+    def posterior(self, x: torch.Tensor, index: Optional[torch.Tensor] = None):
+        """The guide's distribution q(z|x), batch shape ``(B,)``. Non-amortized guides need
+        ``index``, the datapoints' positions in the data set they were built for."""
+        if self.guide_net.needs_index:
+            return self.guide_net(x, index)
+        return self.guide_net(x)
 
     # ------------------------------------------------------------------ conveniences
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Posterior means :math:`E_q[z|x]`, shape ``(B, latent_dim)``."""
+        if self.guide_net.needs_index:
+            return self.guide_net.mean(x, index)
         return self.guide_net.mean(x)
 
     @torch.no_grad()
@@ -145,9 +156,9 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decoder(z))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """:math:`E[x | z = E_q[z|x]]`: decode the posterior mean."""
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x, index))
 
     @torch.no_grad()
     def sample(

@@ -21,7 +21,7 @@ Particles are vectorized (``vectorize_particles=True``, ``max_plate_nesting=1``)
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import pyro.infer
 import torch
@@ -60,18 +60,21 @@ class Objective:
         self.num_particles = elbo.num_particles
         self.latent_scale = float(latent_scale)
 
-    def surrogate_loss(self, vae, x: torch.Tensor) -> torch.Tensor:
-        """Differentiable surrogate: minus the objective, averaged over the batch (nats)."""
+    def surrogate_loss(self, vae, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Differentiable surrogate: minus the objective, averaged over the batch (nats).
+        ``index`` (positions in the data set) is passed to the guide for non-amortized guides."""
         model, guide = vae.model, vae.guide
         if self.latent_scale != 1.0:
             model = ScaleSite(LATENT_SITE, self.latent_scale)(model)
             guide = ScaleSite(LATENT_SITE, self.latent_scale)(guide)
-        return self.elbo.differentiable_loss(model, guide, x) / x.shape[0]
+        return self.elbo.differentiable_loss(model, guide, x, index) / x.shape[0]
 
-    def loss_and_value(self, vae, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_value(
+        self, vae, x: torch.Tensor, index: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(surrogate_loss, value)``: the loss to differentiate and the detached
         Monte Carlo estimate of the objective per datapoint (nats, higher is better)."""
-        loss = self.surrogate_loss(vae, x)
+        loss = self.surrogate_loss(vae, x, index)
         # For fully reparametrized ELBOs Pyro's surrogate equals minus the ELBO estimate.
         return loss, -loss.detach()
 

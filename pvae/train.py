@@ -149,8 +149,20 @@ def fit(
     device = torch.device(device) if device is not None else vae.device
     vae.to(device)
     vae.check_data(train_data, "training data")
+    indexed = vae.guide_net.needs_index
     if valid_data is not None:
         vae.check_data(valid_data, "validation data")
+        if indexed:
+            raise ValueError(
+                "a non-amortized guide has parameters only for the training datapoints, so it "
+                "cannot score validation data; pass valid_data=None (or refine a guide on the "
+                "validation data separately)"
+            )
+    if indexed and vae.guide_net.num_datapoints != train_data.shape[0]:
+        raise ValueError(
+            f"the non-amortized guide was built for {vae.guide_net.num_datapoints} datapoints, "
+            f"but the training data have {train_data.shape[0]}"
+        )
     train_data = train_data.to(device)
     valid_data = valid_data.to(device) if valid_data is not None else None
 
@@ -213,7 +225,8 @@ def fit(
                 total = 0.0
                 for step, idx in enumerate(order.split(batch_size)):
                     xb = train_data[idx]
-                    loss, value = objective.loss_and_value(vae, xb)
+                    # a non-amortized guide is addressed by the datapoints' positions
+                    loss, value = objective.loss_and_value(vae, xb, *((idx,) if indexed else ()))
                     if not torch.isfinite(loss):
                         raise FloatingPointError(
                             f"the training loss became {loss.item()} at epoch {epoch}, step "

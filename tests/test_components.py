@@ -250,3 +250,34 @@ def test_vamp_iaf_run_rebuilds_from_config_and_evaluates(tmp_path, digits):
     torch.testing.assert_close(loaded.log_joint(x, loaded.encode(x)), vae.log_joint(x, vae.encode(x)))
     report = pvae.evaluate_run(tmp_path / "run", num_samples=5, progress=False, write=False)
     assert report["estimates"]["iwae"]["mean"] >= report["estimates"]["elbo"]["mean"]
+
+
+# ------------------------------------------------------------------------------- non-amortized
+def test_non_amortized_guide_trains_per_datapoint_parameters(digits):
+    config = RunConfig(latent_dim=3, hidden=(32,))
+    vae = build_vae(config, digits.data_dim)
+    x = digits.train[:300]
+    guide = pvae.NonAmortizedGuide(digits.data_dim, 3, num_datapoints=x.shape[0])
+    model = pvae.VAE(vae.prior, vae.decoder, vae.likelihood, guide)
+    before = pvae.evaluate_bounds(model, x, 5, index=torch.arange(300))["elbo"].mean
+    history = pvae.fit(model, x, epochs=20, batch_size=50, lr=1e-2, progress=False)
+    after = pvae.evaluate_bounds(model, x, 5, index=torch.arange(300))["elbo"].mean
+    assert after > before + 5 and history.train_objective[-1] > history.train_objective[0]
+    # each datapoint has its own posterior: permuting the index permutes the means
+    perm = torch.randperm(300)
+    torch.testing.assert_close(model.encode(x[perm], perm), model.encode(x, torch.arange(300))[perm])
+
+
+def test_non_amortized_guide_refines_an_encoder_and_needs_indices(digits):
+    vae = build_vae(RunConfig(latent_dim=3, hidden=(32,)), digits.data_dim)
+    x = digits.test[:50]
+    refined = pvae.NonAmortizedGuide.from_guide(vae.guide_net, x)
+    torch.testing.assert_close(refined.mean(x, torch.arange(50)), vae.encode(x))
+    torch.testing.assert_close(refined(x, torch.arange(50)).base_dist.scale, vae.guide_net(x).base_dist.scale)
+    model = pvae.VAE(vae.prior, vae.decoder, vae.likelihood, refined)
+    with pytest.raises(ValueError, match="needs the datapoints' indices"):
+        pvae.evaluate_bounds(model, x, 3)
+    with pytest.raises(ValueError, match="cannot score validation data"):
+        pvae.fit(model, x, digits.valid, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="built for 50 datapoints"):
+        pvae.fit(model, digits.test[:60], epochs=1, progress=False)
