@@ -176,7 +176,7 @@ class FlowGuide(Guide):
         if num_flows < 1:
             raise ValueError(f"num_flows must be positive, got {num_flows}")
         self.num_flows = int(num_flows)
-        self.flows = nn.ModuleList(self.make_flow() for _ in range(self.num_flows))
+        self.flows = nn.ModuleList(self.make_flow(step) for step in range(self.num_flows))
 
     def encoder_outputs(self, latent_dim: int) -> int:  # needs context_dim: an instance method
         return 2 * latent_dim + self.context_dim
@@ -185,7 +185,8 @@ class FlowGuide(Guide):
     def from_config(cls, data_dim: int, config, encoder) -> "FlowGuide":
         return cls(data_dim, config.latent_dim, encoder=encoder, num_flows=config.num_flows)
 
-    def make_flow(self) -> nn.Module:
+    def make_flow(self, step: int) -> nn.Module:
+        """The conditional transform of flow step ``step`` (it has ``.condition(context)``)."""
         raise NotImplementedError
 
     def _split(self, x):
@@ -216,7 +217,7 @@ class IAFGuide(FlowGuide):
     """Inverse autoregressive flow guide (Kingma et al., 2016): conditional affine
     autoregressive steps (:func:`pyro.distributions.transforms.conditional_affine_autoregressive`)."""
 
-    def make_flow(self):
+    def make_flow(self, step):
         width = max(2 * self.latent_dim, 32)
         return T.conditional_affine_autoregressive(
             self.latent_dim, self.context_dim, hidden_dims=[width, width]
@@ -228,8 +229,76 @@ class PlanarGuide(FlowGuide):
     """Planar flow guide (Rezende & Mohamed, 2015): conditional planar steps
     (:func:`pyro.distributions.transforms.conditional_planar`)."""
 
-    def make_flow(self):
+    def make_flow(self, step):
         return T.conditional_planar(self.latent_dim, self.context_dim, hidden_dims=[max(2 * self.latent_dim, 32)])
+
+
+class _TriangularSylvester(torch.distributions.Transform):
+    r""":math:`y = x + Q R \tanh(S Q^\top x + b)` with upper-triangular :math:`R, S` whose
+    diagonals lie in (-1, 1) (so the map is invertible) and :math:`Q` the identity or the
+    reversal permutation (triangular Sylvester flow, van den Berg et al., 2018). Parameters
+    carry batch dimensions (one flow per datapoint). The inverse has no closed form: like
+    Pyro's Sylvester transform, only cached samples can be scored."""
+
+    domain = torch.distributions.constraints.real_vector
+    codomain = torch.distributions.constraints.real_vector
+    bijective = True
+
+    def __init__(self, r: torch.Tensor, s: torch.Tensor, b: torch.Tensor, reverse: bool):
+        super().__init__(cache_size=1)
+        self.r, self.s, self.b, self.reverse = r, s, b, reverse
+
+    def _permute(self, x):
+        return x.flip(-1) if self.reverse else x
+
+    def _preactivation(self, x):
+        return (self.s @ self._permute(x).unsqueeze(-1)).squeeze(-1) + self.b
+
+    def _call(self, x):
+        h = torch.tanh(self._preactivation(x))
+        return x + self._permute((self.r @ h.unsqueeze(-1)).squeeze(-1))
+
+    def _inverse(self, y):
+        raise NotImplementedError("a Sylvester flow can only score its own (cached) samples")
+
+    def log_abs_det_jacobian(self, x, y):
+        dtanh = 1 - torch.tanh(self._preactivation(x)).pow(2)
+        diag = self.r.diagonal(dim1=-2, dim2=-1) * self.s.diagonal(dim1=-2, dim2=-1)
+        return torch.log1p(dtanh * diag).sum(-1)
+
+
+class _ConditionalSylvester(nn.Module):
+    """Amortized triangular Sylvester step: a linear hypernetwork maps the context to the
+    step's R, S (upper triangular, tanh diagonals) and b."""
+
+    def __init__(self, latent_dim: int, context_dim: int, reverse: bool):
+        super().__init__()
+        self.latent_dim, self.reverse = latent_dim, reverse
+        self.hyper = nn.Linear(context_dim, 2 * latent_dim * latent_dim + latent_dim)
+        nn.init.uniform_(self.hyper.weight, -0.01, 0.01)
+        nn.init.zeros_(self.hyper.bias)
+        self.register_buffer("mask", torch.ones(latent_dim, latent_dim).triu(1), persistent=False)
+
+    def condition(self, context: torch.Tensor) -> _TriangularSylvester:
+        lat = self.latent_dim
+        h = self.hyper(context)
+        r, s, b = h.split([lat * lat, lat * lat, lat], dim=-1)
+        r = r.unflatten(-1, (lat, lat))
+        s = s.unflatten(-1, (lat, lat))
+        r = r * self.mask + torch.diag_embed(torch.tanh(r.diagonal(dim1=-2, dim2=-1)))
+        s = s * self.mask + torch.diag_embed(torch.tanh(s.diagonal(dim1=-2, dim2=-1)))
+        return _TriangularSylvester(r, s, b, self.reverse)
+
+
+@GUIDES.register("sylvester")
+class SylvesterGuide(FlowGuide):
+    """Triangular Sylvester flow guide (van den Berg et al., 2018), amortized: each step's
+    R, S and b come from the encoder's context; steps alternate the identity and the
+    reversal permutation for Q. Log-determinants are exact
+    (:math:`\\sum_i \\log|1 + \\tanh'(\\cdot)_i R_{ii} S_{ii}|`)."""
+
+    def make_flow(self, step):
+        return _ConditionalSylvester(self.latent_dim, self.context_dim, reverse=step % 2 == 1)
 
 
 @GUIDES.register("delta")
