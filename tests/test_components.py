@@ -291,3 +291,22 @@ def test_non_amortized_guide_refines_an_encoder_and_needs_indices(digits):
         pvae.fit(model, x, digits.valid, epochs=1, progress=False)
     with pytest.raises(ValueError, match="built for 50 datapoints"):
         pvae.fit(model, digits.test[:60], epochs=1, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("prior, guide", COMBOS)
+def test_every_combination_moves_to_cuda(prior, guide):
+    config = RunConfig(prior=prior, guide=guide, latent_dim=3, hidden=(16,), mog_components=3, vamp_pseudo_inputs=4)
+    vae = build_vae(config, 64).cuda()
+    x = (torch.rand(5, 64, device="cuda") < 0.3).float()
+    loss, _ = pvae.make_objective("elbo", 2).loss_and_value(vae, x)
+    loss.backward()
+    assert loss.device.type == "cuda" and vae.sample(3, seed=0).device.type == "cuda"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", LIKELIHOODS.names())
+def test_likelihoods_move_to_cuda(name):
+    lik = _likelihood(name, 5).cuda()
+    p = lik(torch.randn(3, lik.param_dim, device="cuda"))
+    assert p.log_prob(p.sample()).device.type == "cuda"
