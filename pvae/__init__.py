@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 
 from .config import RunConfig, autoencoder_config, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
+from .diagnostics import active_units, importance_diagnostics, kl_per_dimension, psis_khat
 from .estimators import (
     Estimate,
     elbo,
@@ -42,5 +43,6 @@ __all__ = [
     "Objective", "PRIORS", "Prior", "RunConfig", "StandardNormalPrior", "VAE", "build_vae",
     "data_dir", "elbo", "evaluate_bounds", "evaluate_run", "fit", "iwae_bound",
     "load_dataset", "load_run", "log_importance_weights", "make_objective", "naive_prior_estimate",
-    "train_run", "autoencoder_config", "reconstruction_error",
+    "train_run", "autoencoder_config", "reconstruction_error", "active_units",
+    "importance_diagnostics", "kl_per_dimension", "psis_khat",
 ]

@@ -1,0 +1,79 @@
+r"""Diagnostics of a trained VAE. Pure functions: no printing, no plotting.
+
+* :func:`psis_khat` — Pareto-smoothed importance sampling shape :math:`\hat k` per datapoint
+  (Vehtari et al., 2024; Yao et al., 2018): is :math:`q(z|x)` good enough as a proposal for
+  :math:`p(z|x)`? :math:`\hat k < 0.5` good, :math:`0.5 \le \hat k < 0.7` usable,
+  :math:`\hat k \ge 0.7` the importance estimate is unreliable. Computed by ArviZ 0.x
+  (``arviz.psislw``, pinned below 1.0, whose API moved).
+* :func:`active_units` — Burda et al. (2015): unit :math:`u` is active when
+  :math:`\operatorname{Cov}_x(E_q[z_u|x]) > 0.01`.
+* :func:`kl_per_dimension` — :math:`E_x KL(q(z_d|x) \| p(z_d))` per latent dimension
+  (factorized Gaussian guide and prior); near-zero entries are collapsed units.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import pyro.distributions as dist
+import torch
+
+from ._rng import seeded
+from .estimators import DEFAULT_CHUNK_SIZE, log_importance_weights
+
+
+def psis_khat(log_weights: torch.Tensor) -> torch.Tensor:
+    """PSIS :math:`\\hat k` per datapoint from log importance weights of shape ``(K, B)``
+    (samples first, as :func:`pvae.estimators.log_importance_weights` yields them).
+
+    :returns: ``(B,)`` float64 tensor.
+    """
+    try:
+        from arviz import psislw
+    except ImportError as exc:  # arviz >= 1 moved it; pvae pins arviz < 1
+        raise ImportError("pvae.diagnostics needs arviz 0.x (arviz.psislw); pip install 'arviz<1'") from exc
+    if log_weights.dim() != 2:
+        raise ValueError(f"log_weights must have shape (K, B), got {tuple(log_weights.shape)}")
+    _, khat = psislw(log_weights.detach().T.double().cpu().numpy())
+    return torch.as_tensor(khat, dtype=torch.float64).reshape(-1)
+
+
+def importance_diagnostics(
+    vae, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    seed: Optional[int] = 0,
+) -> Dict[str, torch.Tensor]:
+    """PSIS :math:`\\hat k` and the importance-sampling ESS per datapoint for the guide as
+    proposal, from ``num_samples`` draws (memory ``num_samples * B``; batch ``x`` yourself).
+
+    :returns: ``{"khat": (B,), "ess": (B,)}``.
+    """
+    with torch.no_grad(), seeded(seed, x.device):
+        lw = torch.cat(list(log_importance_weights(vae, x, num_samples, chunk_size))).double()
+    ess = torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
+    return {"khat": psis_khat(lw), "ess": ess.cpu()}
+
+
+def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> Dict[str, torch.Tensor]:
+    """Burda et al.'s activity :math:`A_u = \\operatorname{Var}_x(E_q[z_u|x])` per latent unit,
+    over the datapoints ``x``; ``"active"`` is the boolean mask :math:`A_u > ` ``threshold``
+    and ``"count"`` its sum."""
+    means = vae.encode(x).double()
+    activity = means.var(0, unbiased=True).cpu()
+    active = activity > threshold
+    return {"activity": activity, "active": active, "count": active.sum()}
+
+
+def kl_per_dimension(vae, x: torch.Tensor) -> torch.Tensor:
+    """:math:`\\frac1N\\sum_n KL(q(z_d|x_n) \\| p(z_d))` per latent dimension (nats), in
+    closed form; needs a diagonal Gaussian guide and a diagonal Gaussian prior (otherwise the
+    KL does not split over dimensions)."""
+    with torch.no_grad():
+        q, p = vae.posterior(x), vae.prior()
+        qb = q.base_dist if isinstance(q, dist.Independent) else q
+        pb = p.base_dist if isinstance(p, dist.Independent) else p
+        if not (isinstance(qb, dist.Normal) and isinstance(pb, dist.Normal)):
+            raise ValueError(
+                "kl_per_dimension needs a diagonal Gaussian guide and prior; got "
+                f"{type(vae.guide_net).__name__} and {type(vae.prior).__name__}"
+            )
+        return torch.distributions.kl_divergence(qb, pb).double().mean(0).cpu()
