@@ -1,0 +1,70 @@
+"""AIS and its HMC kernel against exact answers (tolerances from Monte Carlo standard errors)."""
+
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pvae.ais import ais, hmc_step, schedule
+from pvae.estimators import naive_prior_estimate
+from pvae.testing import exact_log_marginal, linear_gaussian_vae, mc_tolerance
+
+
+@pytest.fixture
+def model():
+    return linear_gaussian_vae(data_dim=5, latent_dim=2, noise_scale=0.5, seed=0)
+
+
+def test_two_point_schedule_is_importance_sampling_from_the_prior(model):
+    x = model.sample(7, seed=1, mean=False).detach()
+    a = ais(model, x, num_chains=64, betas=[0.0, 1.0], seed=3)
+    b = naive_prior_estimate(model, x, 64, chunk_size=64, seed=3)
+    torch.testing.assert_close(a.values, b.values, atol=1e-10, rtol=0)
+
+
+def test_ais_is_unbiased_for_p_x(model):
+    """E[p_hat / p(x)] = 1: replicate AIS with independent seeds and check the mean ratio."""
+    x = model.sample(4, seed=2, mean=False).detach()
+    log_px = exact_log_marginal(model, x).detach()
+    reps = torch.stack([
+        (ais(model, x, num_chains=4, num_steps=30, seed=s).values - log_px).exp() for s in range(40)
+    ])  # (40, 4)
+    se = reps.std(0) / math.sqrt(40)
+    assert bool(((reps.mean(0) - 1).abs() < mc_tolerance(1, 1e-6 / 4) * se).all())
+
+
+def test_ais_beats_naive_prior_sampling_at_equal_chains(model):
+    x = model.sample(10, seed=4, mean=False).detach()
+    log_px = exact_log_marginal(model, x).detach()
+    a = ais(model, x, num_chains=8, num_steps=50, seed=0)
+    naive = naive_prior_estimate(model, x, 8, seed=0)
+    assert (log_px - a.values).abs().mean() < (log_px - naive.values).abs().mean()
+    assert bool((a.extra["accept_rate"] > 0.3).all())
+
+
+def test_hmc_leaves_a_correlated_gaussian_invariant():
+    torch.manual_seed(0)
+    cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64)
+    target = dist.MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov)
+    n = 20000
+    z = target.sample((n,))
+    for _ in range(5):
+        z, acc = hmc_step(z, target.log_prob, torch.tensor(0.3, dtype=torch.float64), num_leapfrog=5)
+    assert acc.mean() > 0.5
+    tol = mc_tolerance(1.0, 1e-6 / 5)
+    assert bool((z.mean(0).abs() < tol * z.std(0) / math.sqrt(n)).all())
+    # second moments: E[z1^2], E[z2^2], E[z1 z2] against the target's
+    for f, expected in ((z[:, 0] ** 2, 1.0), (z[:, 1] ** 2, 1.0), (z[:, 0] * z[:, 1], 0.8)):
+        assert abs(f.mean() - expected) < tol * f.std() / math.sqrt(n)
+
+
+def test_schedules_and_bad_arguments(model):
+    for kind in ("linear", "sigmoid"):
+        b = schedule(10, kind)
+        assert b[0] == 0 and b[-1] == 1 and bool((b.diff() > 0).all())
+    with pytest.raises(ValueError, match="valid choices: linear, sigmoid"):
+        schedule(10, "cosine")
+    x = torch.zeros(2, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        ais(model, x, betas=[0.0, 0.5])
