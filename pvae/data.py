@@ -222,13 +222,15 @@ def binarized_mnist_split(split: str, cache_dir: Path, download: bool = True) ->
                 f"it at {candidates[0]} (or .amat.gz), or set {DATA_DIR_ENV} to a folder "
                 "that holds binarized_mnist/"
             ) from exc
-        path = candidates[0]
-        try:
-            _verified(_read_text(path), _BMNIST_SHA256[split], path)
-        except ChecksumError:
+        path, downloaded = candidates[0], True
+    else:
+        downloaded = False
+    try:
+        text = _verified(_read_text(path), _BMNIST_SHA256[split], path)
+    except ChecksumError:
+        if downloaded:
             path.unlink()  # never leave a bad download in the cache
-            raise
-    text = _verified(_read_text(path), _BMNIST_SHA256[split], path)
+        raise
     return _parse_amat(text, _BMNIST_ROWS[split], path)
 
 
