@@ -120,6 +120,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--chunk-size", type=int, default=100, help="samples per chunk (memory bound)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--estimators", default="elbo,iwae",
+                    help="comma-separated, any of elbo,iwae,naive,ais (default elbo,iwae)")
+    ev.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
+    ev.add_argument("--ais-steps", type=int, default=100, help="AIS annealing steps (sigmoid schedule)")
     ev.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -178,6 +182,9 @@ def _evaluate(args) -> int:
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
+        estimators=[e.strip() for e in args.estimators.split(",") if e.strip()],
+        ais_chains=args.ais_chains,
+        ais_steps=args.ais_steps,
     )
     print(f"{report['dataset']} {args.split} split, {report['num_datapoints']} datapoints, seed {args.seed}")
     for name, est in report["estimates"].items():
@@ -186,10 +193,12 @@ def _evaluate(args) -> int:
             print(f"  {est['estimator']} at the code E_q[z|x]: {est['mean']:.3f} ± {est['stderr']:.3f} {unit}")
             continue
         print(
-            f"  {est['estimator']:>5} (K={est['num_samples']}): {est['mean']:.3f} "
+            f"  {est['estimator']:>5} ({'chains' if name == 'ais' else 'K'}={est['num_samples']}): {est['mean']:.3f} "
             f"± {est['stderr']:.3f} nats (± is the std. error over datapoints; "
             f"Monte Carlo part ± {est['mc_stderr_of_mean']:.3f})"
         )
+    for name, why in report["skipped"].items():
+        print(f"  {name}: skipped ({why})")
     if "nll_iwae" in report:
         print(f"  -log p(x) ≈ {report['nll_iwae']:.3f} nats (from L_{args.K}), "
               f"{report['bits_per_dim_iwae']:.4f} bits/dim")

@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -22,7 +22,8 @@ from ._rng import seeded
 from .checkpoint import load_checkpoint, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
-from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds, reconstruction_error
+from .ais import ais
+from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds, naive_prior_estimate, reconstruction_error
 from .model import VAE
 from .train import CHECKPOINT_FILE, History, fit
 
@@ -165,6 +166,9 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig
     return config, vae
 
 
+ESTIMATORS = ("elbo", "iwae", "naive", "ais")
+
+
 def evaluate_run(
     run_dir,
     split: str = "test",
@@ -175,11 +179,23 @@ def evaluate_run(
     device: str = "cpu",
     progress: bool = True,
     write: bool = True,
+    estimators: Sequence[str] = ("elbo", "iwae"),
+    ais_chains: int = 16,
+    ais_steps: int = 100,
 ) -> dict:
-    """ELBO and importance-weighted bound :math:`\\mathcal{L}_K` on a split of the run's data
-    set, with K = ``num_samples`` (when the guide has a density), and the reconstruction
-    error at the encoder's code; writes ``evaluation-<split>-K<K>.json`` unless ``write`` is
-    False. The run's files are only read."""
+    """Evaluate a run on a split of its data set; the run's files are only read.
+
+    ``estimators`` (any of :data:`ESTIMATORS`): ``"elbo"`` and ``"iwae"`` (the ELBO and the
+    importance-weighted bound :math:`\\mathcal{L}_K` from the same K = ``num_samples`` draws
+    of the guide), ``"naive"`` (the prior Monte Carlo estimate with K draws), ``"ais"``
+    (annealed importance sampling from the prior, ``ais_chains`` chains, ``ais_steps``
+    sigmoid-scheduled HMC steps). The reconstruction error at the encoder's code is always
+    reported. Guide-based bounds are skipped, with the reason in ``report["skipped"]``, for a
+    point-mass guide. Writes ``evaluation-<split>-K<K>.json`` unless ``write`` is False.
+    """
+    unknown = sorted(set(estimators) - set(ESTIMATORS))
+    if unknown:
+        raise ValueError(f"unknown estimator(s) {unknown}; valid choices: {', '.join(ESTIMATORS)}")
     config, vae = load_run(run_dir, device)
     data = load_dataset(config.dataset)
     x = data.split(split).to(vae.device)
@@ -191,15 +207,28 @@ def evaluate_run(
         "split": split,
         "num_datapoints": int(x.shape[0]),
         "seed": seed,
+        "skipped": {},
     }
-    if vae.guide_net.has_density:
+    wanted_bounds = [e for e in ("elbo", "iwae") if e in estimators]
+    if wanted_bounds and not vae.guide_net.has_density:
+        for name in wanted_bounds:
+            report["skipped"][name] = "the guide is a point mass without a density"
+    elif wanted_bounds:
         bounds = evaluate_bounds(
             vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
             progress=progress,
         )
-        estimates = {**bounds, **estimates}
-        report["nll_iwae"] = -bounds["iwae"].mean
-        report["bits_per_dim_iwae"] = bounds["iwae"].bits_per_dim(vae.data_dim)
+        estimates.update({name: bounds[name] for name in wanted_bounds})
+        if "iwae" in bounds and "iwae" in wanted_bounds:
+            report["nll_iwae"] = -bounds["iwae"].mean
+            report["bits_per_dim_iwae"] = bounds["iwae"].bits_per_dim(vae.data_dim)
+    if "naive" in estimators:
+        estimates["naive"] = naive_prior_estimate(
+            vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed, progress=progress
+        )
+    if "ais" in estimators:
+        estimates["ais"] = ais(vae, x, num_chains=ais_chains, num_steps=ais_steps, batch_size=batch_size, seed=seed)
+        report["ais_settings"] = {"chains": ais_chains, "steps": ais_steps, "schedule": "sigmoid", "start": "prior"}
     report["estimates"] = {name: est.to_dict() for name, est in estimates.items()}
     if write:
         write_json(report, Path(run_dir) / f"evaluation-{split}-K{num_samples}.json")

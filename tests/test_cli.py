@@ -127,6 +127,7 @@ def test_plain_autoencoder_from_the_command_line(tmp_path, capsys):
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K1000.json").read_text())
     assert set(report["estimates"]) == {"reconstruction", "squared-error"}  # no bounds for a point mass
+    assert set(report["skipped"]) == {"elbo", "iwae"}
     assert report["estimates"]["squared-error"]["mean"] > 0
     for name in FIGURES:
         assert (run / name).is_file()
@@ -153,3 +154,18 @@ def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra):
     assert main(["evaluate", str(run), "--K", "4", "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K4.json").read_text())
     assert report["estimates"]["iwae"]["num_samples"] == 4
+
+
+def test_evaluate_with_every_estimator(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST]) == 0
+    args = ["evaluate", str(run), "--K", "6", "--estimators", "elbo,iwae,naive,ais",
+            "--ais-chains", "3", "--ais-steps", "4", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "ais (chains=3)" in out and "naive-prior-mc (K=6)" in out
+    report = json.loads((run / "evaluation-test-K6.json").read_text())
+    assert set(report["estimates"]) == {"elbo", "iwae", "naive", "ais", "reconstruction", "squared-error"}
+    assert report["ais_settings"] == {"chains": 3, "steps": 4, "schedule": "sigmoid", "start": "prior"}
+    assert main(["evaluate", str(run), "--estimators", "elbo,psis"]) == 2
+    assert "unknown estimator(s) ['psis']; valid choices: elbo, iwae, naive, ais" in capsys.readouterr().err
