@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 from .config import RunConfig, autoencoder_config, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
-from .diagnostics import active_units, importance_diagnostics, kl_per_dimension, psis_khat
+from .diagnostics import active_units, importance_diagnostics, kl_per_dimension, psis_khat, to_inference_data
 from .estimators import (
     Estimate,
     elbo,
@@ -44,5 +44,5 @@ __all__ = [
     "data_dir", "elbo", "evaluate_bounds", "evaluate_run", "fit", "iwae_bound",
     "load_dataset", "load_run", "log_importance_weights", "make_objective", "naive_prior_estimate",
     "train_run", "autoencoder_config", "reconstruction_error", "active_units",
-    "importance_diagnostics", "kl_per_dimension", "psis_khat",
+    "importance_diagnostics", "kl_per_dimension", "psis_khat", "to_inference_data",
 ]

@@ -77,3 +77,27 @@ def kl_per_dimension(vae, x: torch.Tensor) -> torch.Tensor:
                 f"{type(vae.guide_net).__name__} and {type(vae.prior).__name__}"
             )
         return torch.distributions.kl_divergence(qb, pb).double().mean(0).cpu()
+
+
+def to_inference_data(vae, x: torch.Tensor, num_samples: int = 100, seed: Optional[int] = 0):
+    """Export guide samples :math:`z_k \\sim q(z|x)` and their log importance weights
+    :math:`\\log p(x, z_k) - \\log q(z_k|x)` to :class:`arviz.InferenceData`.
+
+    ``posterior["z"]`` has dims ``(chain=1, draw=num_samples, datapoint, latent)``;
+    ``sample_stats["log_weight"]`` has dims ``(chain, draw, datapoint)`` (nats). The draws are
+    independent samples from the guide (not MCMC), so use the importance weights, not the
+    raw draws, for anything about the true posterior.
+    """
+    import arviz
+
+    with torch.no_grad(), seeded(seed, x.device):
+        vae.check_data(x)
+        q = vae.posterior(x)
+        z = q.rsample((num_samples,))
+        log_w = vae.log_joint(x, z) - q.log_prob(z)
+    return arviz.from_dict(
+        posterior={"z": z.double().cpu().numpy()[None]},
+        sample_stats={"log_weight": log_w.double().cpu().numpy()[None]},
+        coords={"datapoint": list(range(x.shape[0])), "latent": list(range(vae.latent_dim))},
+        dims={"z": ["datapoint", "latent"], "log_weight": ["datapoint"]},
+    )

@@ -55,3 +55,21 @@ def test_kl_per_dimension_refuses_non_factorized_parts():
     vae = pvae.build_vae(pvae.RunConfig(guide="full-rank", latent_dim=2, hidden=(8,)), 64)
     with pytest.raises(ValueError, match="diagonal Gaussian"):
         kl_per_dimension(vae, torch.zeros(3, 64))
+
+
+def test_export_to_inference_data():
+    from pvae.diagnostics import to_inference_data
+
+    model = linear_gaussian_vae()
+    x = model.sample(4, seed=1, mean=False).detach()
+    idata = to_inference_data(model, x, num_samples=50)
+    assert idata.posterior["z"].shape == (1, 50, 4, 2)
+    assert idata.sample_stats["log_weight"].shape == (1, 50, 4)
+    # the exported weights are the estimator module's log-weights for the same seed
+    with torch.no_grad():
+        from pvae._rng import seeded
+        from pvae.estimators import log_importance_weights
+
+        with seeded(0):
+            lw = next(log_importance_weights(model, x, 50, chunk_size=50))
+    np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0], lw.numpy())
