@@ -29,7 +29,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 
 from ._rng import seeded
-from .estimators import Estimate, _batches, _check_positive_int, _evaluating
+from .estimators import Estimate, _batches, _check_positive_int, _evaluating, _importance_estimate, importance_ess
 
 
 def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:
@@ -126,11 +126,9 @@ def _estimate(name, log_w_parts, accept_parts, num_chains, reciprocal=False) -> 
     """log-mean-exp of the weights over chains; with ``reciprocal`` the weights estimate
     1/p(x) (reverse AIS) and the value is minus their log-mean-exp."""
     log_w = torch.cat(log_w_parts, dim=1).cpu()
-    lse = torch.logsumexp(log_w, 0)
-    values = (lse - math.log(num_chains)) * (-1.0 if reciprocal else 1.0)
-    ess = torch.exp(2 * lse - torch.logsumexp(2 * log_w, 0))
-    mc = (1.0 / ess - 1.0 / num_chains).clamp_min(0).sqrt()
-    return Estimate(name, num_chains, values, mc, {"ess": ess, "accept_rate": torch.cat(accept_parts).cpu()})
+    values = (torch.logsumexp(log_w, 0) - math.log(num_chains)) * (-1.0 if reciprocal else 1.0)
+    stats = {"log_mean_w": values, "ess": importance_ess(log_w), "accept_rate": torch.cat(accept_parts).cpu()}
+    return _importance_estimate(name, stats, num_chains)
 
 
 def ais(

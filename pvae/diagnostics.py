@@ -19,7 +19,7 @@ import pyro.distributions as dist
 import torch
 
 from ._rng import seeded
-from .estimators import DEFAULT_CHUNK_SIZE, log_importance_weights
+from .estimators import DEFAULT_CHUNK_SIZE, importance_ess, log_importance_weights
 
 
 def psis_khat(log_weights: torch.Tensor) -> torch.Tensor:
@@ -49,8 +49,7 @@ def importance_diagnostics(
     """
     with torch.no_grad(), seeded(seed, x.device):
         lw = torch.cat(list(log_importance_weights(vae, x, num_samples, chunk_size))).double()
-    ess = torch.exp(2 * torch.logsumexp(lw, 0) - torch.logsumexp(2 * lw, 0))
-    return {"khat": psis_khat(lw), "ess": ess.cpu()}
+    return {"khat": psis_khat(lw), "ess": importance_ess(lw).cpu()}
 
 
 def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> Dict[str, torch.Tensor]:

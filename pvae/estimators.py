@@ -204,10 +204,17 @@ def _weight_statistics(
     return {name: torch.cat(p).cpu() for name, p in parts.items()}
 
 
+def importance_ess(log_weights: torch.Tensor) -> torch.Tensor:
+    """Effective sample size :math:`(\\sum_k w_k)^2 / \\sum_k w_k^2` over dim 0 of
+    ``log_weights`` (samples first), computed in the log domain."""
+    return torch.exp(2 * torch.logsumexp(log_weights, 0) - torch.logsumexp(2 * log_weights, 0))
+
+
 def _importance_estimate(name: str, stats: Dict[str, torch.Tensor], k: int) -> Estimate:
     # delta method: Var[log mean w] ~ Var[w] / (K E[w]^2) = 1/ESS - 1/K per datapoint
     mc_stderr = (1.0 / stats["ess"] - 1.0 / k).clamp_min(0).sqrt()
-    return Estimate(name, k, stats["log_mean_w"], mc_stderr, {"ess": stats["ess"]})
+    extra = {"ess": stats["ess"], **{key: v for key, v in stats.items() if key not in ("ess", "log_mean_w")}}
+    return Estimate(name, k, stats["log_mean_w"], mc_stderr, extra)
 
 
 def evaluate_bounds(
