@@ -37,6 +37,12 @@ _TRAIN_FLAGS = {
     "pseudo_inputs": "vamp_pseudo_inputs",
     "objective": "objective",
     "particles": "num_particles",
+    "beta": "beta",
+    "kl_warmup": "kl_warmup",
+    "kl_schedule": "kl_schedule",
+    "dreg": "dreg",
+    "info_alpha": "info_alpha",
+    "mmd_lambda": "mmd_lambda",
     "epochs": "epochs",
     "batch_size": "batch_size",
     "lr": "lr",
@@ -95,7 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--mog-components", type=int, help="components of the 'mog' prior")
     train.add_argument("--pseudo-inputs", type=int, help="pseudo-inputs of the 'vamp' prior")
     train.add_argument("--objective", help=f"one of {OBJECTIVES.names()}")
-    train.add_argument("--particles", type=int, help="samples per datapoint in the objective")
+    train.add_argument("--particles", "--K", dest="particles", type=int,
+                       help="samples per datapoint in the objective (K of --objective iwae)")
+    train.add_argument("--beta", type=float, help="weight of the KL term (beta-VAE; 1 = ELBO)")
+    train.add_argument("--kl-warmup", type=float, help="KL warm-up length (or cycle length) in epochs; 0 = none")
+    train.add_argument("--kl-schedule", choices=["linear", "cyclical"], help="KL weight schedule over --kl-warmup")
+    train.add_argument("--dreg", action="store_const", const=True,
+                       help="doubly reparametrized guide gradient for --objective iwae")
+    train.add_argument("--info-alpha", type=float, help="InfoVAE alpha (KL weight 1 - alpha)")
+    train.add_argument("--mmd-lambda", type=float, help="InfoVAE lambda (MMD weight alpha + lambda - 1)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)

@@ -19,7 +19,7 @@ from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .model import VAE
 from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVE_OPTIONS, OBJECTIVES, make_objective
 from .priors import PRIORS
 from .registry import Registry
 
@@ -55,6 +55,13 @@ class _ConvNets:
                            params_per_pixel=likelihood.params_per_dim)
 
 
+#: config keys of earlier versions -> function giving (current key, value). ``learn_scale``
+#: (pvae 0.1's Gaussian likelihood switch) became ``gaussian_scale``.
+LEGACY_KEYS = {
+    "learn_scale": lambda learned: ("gaussian_scale", "global" if learned else "fixed"),
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run.
@@ -65,7 +72,10 @@ class RunConfig:
     ``prior``, ``guide``, ``likelihood``; part options ``likelihood_scale`` and
     ``gaussian_scale`` (``"fixed"``, ``"global"``, ``"per-dim"``), ``num_flows`` (flow guides
     and prior), ``mog_components``, ``vamp_pseudo_inputs``. Training: ``dataset``,
-    ``objective``, ``num_particles``, ``epochs``, ``batch_size``, ``lr``, ``patience``,
+    ``objective``, ``num_particles`` (K for ``"iwae"``), the objective's options ``beta``,
+    ``kl_warmup`` (epochs), ``kl_schedule``, ``dreg``, ``info_alpha``, ``mmd_lambda`` (see
+    :func:`pvae.objectives.make_objective`; an option the objective does not take must keep
+    its default), ``epochs``, ``batch_size``, ``lr``, ``patience``,
     ``seed``, ``device``, ``val_num_samples``.
     """
 
@@ -86,6 +96,12 @@ class RunConfig:
     vamp_pseudo_inputs: int = 50
     objective: str = "elbo"
     num_particles: int = 1
+    beta: float = 1.0
+    kl_warmup: float = 0.0
+    kl_schedule: str = "linear"
+    dreg: bool = False
+    info_alpha: float = 0.0
+    mmd_lambda: float = 1000.0
     epochs: int = 600
     batch_size: int = 100
     lr: float = 1e-3
@@ -107,6 +123,7 @@ class RunConfig:
             (OBJECTIVES, self.objective),
         ):
             registry.get(value)  # raises with the valid choices
+        make_objective(self.objective, self.num_particles, **self.objective_options())  # validates
         if self.model not in MODELS:
             raise ValueError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
         if self.model == "autoencoder" and (self.guide, self.objective) != ("delta", "reconstruction"):
@@ -129,13 +146,28 @@ class RunConfig:
         if self.net == "conv" and image_shape_of(self.dataset) is None:
             raise ValueError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
 
+    def objective_options(self) -> dict:
+        return {name: getattr(self, name) for name in OBJECTIVE_OPTIONS}
+
+    def build_objective(self):
+        """The :class:`~pvae.objectives.Objective` this config trains with."""
+        return make_objective(self.objective, self.num_particles, **self.objective_options())
+
     @classmethod
     def field_names(cls) -> list:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        """Build from a dict, rejecting unknown keys (listing the valid ones)."""
+        """Build from a dict, rejecting unknown keys (listing the valid ones). Keys written by
+        earlier pvae versions are translated (:data:`LEGACY_KEYS`)."""
+        values = dict(values)
+        for old, translate in LEGACY_KEYS.items():
+            if old in values:
+                new, value = translate(values.pop(old))
+                if new in values and values[new] != value:
+                    raise ValueError(f"config has both legacy key {old!r} and {new!r}, and they disagree")
+                values[new] = value
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
             raise ValueError(

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, Optional
 
+import pyro
 import torch
 
 from ._rng import seeded
@@ -138,11 +139,15 @@ def log_importance_weights(
 
 @contextlib.contextmanager
 def _evaluating(vae):
-    """No gradients and eval mode inside; the caller's train/eval mode restored after."""
+    """No gradients and eval mode inside; the caller's train/eval mode restored after.
+
+    Distribution argument validation is switched off inside (callers check the data once with
+    :meth:`~pvae.model.VAE.check_data`; re-checking every chunk of samples costs ~5% of an
+    IWAE evaluation) and restored after."""
     was_training = vae.training
     vae.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), pyro.validation_enabled(False):
             yield
     finally:
         vae.train(was_training)

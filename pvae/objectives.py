@@ -1,28 +1,42 @@
-"""Training objectives: thin factories over Pyro's ELBOs.
+r"""Training objectives: the ELBO family through Pyro's ELBOs, and the information-autoencoding
+family (β-VAE, KL warm-up, IWAE, InfoVAE/MMD) by composition.
 
 An :class:`Objective` returns two things for a minibatch: the differentiable *surrogate loss*
 whose gradient is followed, and the *value* of the objective it estimates (per datapoint,
-nats). For the reparametrized ELBO the surrogate is exactly minus the Monte Carlo ELBO, but
-the two are kept separate so that objectives whose surrogate differs from their value (e.g.
-DReG estimators) log the true value.
+nats, averaged over the batch; what training logs). For reparametrized ELBOs the surrogate is
+exactly minus the value; for the doubly reparametrized IWAE gradient (DReG) it is not, and the
+value logged is still :math:`\mathcal{L}_K` itself.
 
-Registered objectives (:data:`OBJECTIVES`):
+Registered objectives (:data:`OBJECTIVES`; build with :func:`make_objective`):
 
-* ``"elbo"`` — :class:`pyro.infer.Trace_ELBO`: Monte Carlo estimate of
-  :math:`E_q[\\log p(x,z) - \\log q(z|x)]`, KL term sampled.
-* ``"elbo-analytic-kl"`` — :class:`pyro.infer.TraceMeanField_ELBO`: the same bound with
-  :math:`KL(q(z|x)\\|p(z))` in closed form where Pyro knows it (lower variance).
-* ``"reconstruction"`` — :math:`E_q[\\log p(x|z)]` only: the ELBO with the latent site's
-  log-densities scaled by 0 (the plain autoencoder's loss with a ``"delta"`` guide: binary
-  cross-entropy under a Bernoulli likelihood, squared error under a Gaussian one).
+* ``"elbo"`` — :class:`pyro.infer.Trace_ELBO`:
+  :math:`E_q[\log p(x|z)] - \beta_t\,E_q[\log q(z|x) - \log p(z)]`, KL term sampled.
+* ``"elbo-analytic-kl"`` — :class:`pyro.infer.TraceMeanField_ELBO`: the same with
+  :math:`KL(q(z|x)\|p(z))` in closed form where Pyro knows it (lower variance).
+* ``"reconstruction"`` — :math:`E_q[\log p(x|z)]` only (:math:`\beta = 0`): the plain
+  autoencoder's loss with a ``"delta"`` guide (binary cross-entropy under a Bernoulli
+  likelihood, squared error under a Gaussian one).
+* ``"iwae"`` — :math:`\mathcal{L}_K = \log \frac1K\sum_k p(x,z_k)/q(z_k|x)` per datapoint
+  (Burda et al., 2015), optionally with the DReG guide gradient (Tucker et al., 2018).
+* ``"infovae"`` — InfoVAE (Zhao et al., 2019):
+  :math:`E_q[\log p(x|z)] - (1-\alpha)\,\beta_t\,KL - (\alpha+\lambda-1)\,\mathrm{MMD}^2(q(z), p(z))`.
+
+The KL weight :math:`\beta_t` is :math:`\beta` times a :class:`KLSchedule` (constant, linear
+warm-up, cyclical), applied with :class:`ScaleSite` — a site-restricted
+:func:`pyro.poutine.scale` on the latent site of both model and guide, which scales
+:math:`\log p(z) - \log q(z|x)` (or Pyro's analytic KL) and nothing else. The training loop
+tells the objective how far training has got (:meth:`Objective.set_progress`, in epochs).
 
 Particles are vectorized (``vectorize_particles=True``, ``max_plate_nesting=1``).
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Optional, Tuple
 
+import pyro.distributions as dist
 import pyro.infer
 import torch
 from pyro.poutine.messenger import Messenger
@@ -44,42 +58,245 @@ class ScaleSite(Messenger):
         if msg["type"] == "sample" and msg["name"] == self.site:
             msg["scale"] = msg["scale"] * self.scale
 
+
 OBJECTIVES: Registry = Registry("objective")
+
+KL_SCHEDULES = ("constant", "linear", "cyclical")
+
+
+class KLSchedule:
+    r"""Weight :math:`\beta_t` of the KL term as training progresses (``t`` in epochs, a float).
+
+    * ``"constant"``: :math:`\beta` throughout (β-VAE, Higgins et al., 2017; β = 1 is the ELBO).
+    * ``"linear"`` warm-up (Bowman et al., 2016; Sønderby et al., 2016):
+      :math:`\beta\min(1, t / W)` over ``warmup`` = W epochs, then β.
+    * ``"cyclical"`` (Fu et al., 2019): cycles of W epochs, each ramping linearly from 0 to β
+      over its first half and holding β over its second half.
+
+    ``warmup = 0`` means constant.
+    """
+
+    def __init__(self, beta: float = 1.0, warmup: float = 0.0, kind: str = "linear"):
+        beta, warmup = float(beta), float(warmup)
+        if not (math.isfinite(beta) and beta >= 0):
+            raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
+        if not (math.isfinite(warmup) and warmup >= 0):
+            raise ValueError(f"kl warm-up must be a number of epochs >= 0, got {warmup!r}")
+        if kind not in KL_SCHEDULES:
+            raise ValueError(f"unknown KL schedule {kind!r}; valid choices: {', '.join(KL_SCHEDULES)}")
+        self.beta, self.warmup = beta, warmup
+        self.kind = "constant" if warmup == 0 else kind
+
+    def __call__(self, progress: float) -> float:
+        if self.kind == "constant":
+            return self.beta
+        if self.kind == "linear":
+            return self.beta * min(1.0, progress / self.warmup)
+        phase = (progress % self.warmup) / self.warmup
+        return self.beta * min(1.0, 2.0 * phase)
+
+    @property
+    def is_identity(self) -> bool:
+        return self.kind == "constant" and self.beta == 1.0
+
+    def __repr__(self) -> str:
+        return f"KLSchedule(beta={self.beta}, warmup={self.warmup}, kind={self.kind!r})"
 
 
 class Objective:
-    """A training objective for a :class:`~pvae.model.VAE`.
+    """Base class: subclasses implement :meth:`loss_and_value`.
 
-    :param pyro.infer.ELBO elbo: the Pyro ELBO that builds the surrogate.
-    :param str name: registry name, kept for logs.
+    :ivar str name: registry name, kept in logs and checkpoints.
+    :ivar int num_particles: samples per datapoint (K for IWAE).
+    :ivar KLSchedule kl_schedule: weight of the KL term (ELBO family and InfoVAE).
     """
 
-    def __init__(self, elbo: pyro.infer.ELBO, name: str, latent_scale: float = 1.0):
-        self.elbo = elbo
+    def __init__(self, name: str, num_particles: int = 1, kl_schedule: Optional[KLSchedule] = None,
+                 fixed_schedule: bool = False):
         self.name = name
-        self.num_particles = elbo.num_particles
-        self.latent_scale = float(latent_scale)
+        self._fixed_schedule = fixed_schedule  # part of the objective's definition, not an option
+        self.num_particles = int(num_particles)
+        self.kl_schedule = kl_schedule if kl_schedule is not None else KLSchedule()
+        self.progress = math.inf  # outside a training loop every schedule is at full weight
+
+    def set_progress(self, epochs: float) -> None:
+        """Tell the objective how far training has got (in epochs; fractional within one)."""
+        self.progress = float(epochs)
+
+    @property
+    def kl_weight(self) -> float:
+        """The KL weight :math:`\\beta_t` at the current progress."""
+        return self.kl_schedule(self.progress)
+
+    def options(self) -> dict:
+        """Settings beyond name and particles that change the objective (for checkpoints)."""
+        out = {}
+        if not self.kl_schedule.is_identity and not self._fixed_schedule:
+            out.update(beta=self.kl_schedule.beta, kl_warmup=self.kl_schedule.warmup,
+                       kl_schedule=self.kl_schedule.kind)
+        return out
 
     def surrogate_loss(self, vae, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Differentiable surrogate: minus the objective, averaged over the batch (nats).
-        ``index`` (positions in the data set) is passed to the guide for non-amortized guides."""
-        model, guide = vae.model, vae.guide
-        if self.latent_scale != 1.0:
-            model = ScaleSite(LATENT_SITE, self.latent_scale)(model)
-            guide = ScaleSite(LATENT_SITE, self.latent_scale)(guide)
-        return self.elbo.differentiable_loss(model, guide, x, index) / x.shape[0]
+        """Differentiable surrogate, averaged over the batch (nats); its gradient is the
+        objective's gradient estimator. ``index``: positions in the data set, for
+        non-amortized guides."""
+        return self.loss_and_value(vae, x, index)[0]
 
     def loss_and_value(
         self, vae, x: torch.Tensor, index: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(surrogate_loss, value)``: the loss to differentiate and the detached
-        Monte Carlo estimate of the objective per datapoint (nats, higher is better)."""
-        loss = self.surrogate_loss(vae, x, index)
-        # For fully reparametrized ELBOs Pyro's surrogate equals minus the ELBO estimate.
-        return loss, -loss.detach()
+        Monte Carlo estimate of the objective, averaged over the batch (nats, higher is better)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"Objective({self.name!r}, num_particles={self.num_particles})"
+        opts = "".join(f", {k}={v!r}" for k, v in self.options().items())
+        return f"{type(self).__name__}({self.name!r}, num_particles={self.num_particles}{opts})"
+
+
+class ElboObjective(Objective):
+    """The (KL-weighted) ELBO through a Pyro ELBO's ``differentiable_loss``; the KL weight is
+    applied by :class:`ScaleSite` on the latent site of model and guide."""
+
+    def __init__(self, elbo: pyro.infer.ELBO, name: str, kl_schedule: Optional[KLSchedule] = None,
+                 fixed_schedule: bool = False):
+        super().__init__(name, elbo.num_particles, kl_schedule, fixed_schedule)
+        self.elbo = elbo
+
+    def loss_and_value(self, vae, x, index=None):
+        model, guide = vae.model, vae.guide
+        weight = self.kl_weight
+        if weight != 1.0:
+            model = ScaleSite(LATENT_SITE, weight)(model)
+            guide = ScaleSite(LATENT_SITE, weight)(guide)
+        loss = self.elbo.differentiable_loss(model, guide, x, index) / x.shape[0]
+        # for fully reparametrized ELBOs Pyro's surrogate equals minus the estimate
+        return loss, -loss.detach()
+
+
+def _stop_gradient(q: dist.Distribution) -> dist.Distribution:
+    """The same distribution with its parameters detached (for DReG's log q term)."""
+    if isinstance(q, dist.Independent):
+        return _stop_gradient(q.base_dist).to_event(q.reinterpreted_batch_ndims)
+    if isinstance(q, dist.Normal):
+        return dist.Normal(q.loc.detach(), q.scale.detach())
+    if isinstance(q, dist.MultivariateNormal):
+        return dist.MultivariateNormal(q.loc.detach(), scale_tril=q.scale_tril.detach())
+    raise ValueError(
+        f"the DReG gradient needs log q(z|x) with the guide's parameters held fixed, which pvae "
+        f"provides for Gaussian guides (diagonal, full-rank), not for {type(q).__name__}; "
+        "train this guide with dreg=False"
+    )
+
+
+class IWAEObjective(Objective):
+    r"""The importance-weighted bound :math:`\mathcal{L}_K` per datapoint (Burda et al., 2015):
+    for each datapoint separately, :math:`\log\frac1K\sum_k w_k` with
+    :math:`w_k = p(x, z_k)/q(z_k|x)`, :math:`z_k \sim q(z|x)` reparametrized, averaged over the
+    batch. The log-weights come from :meth:`pvae.model.VAE.log_joint` and the guide's
+    distribution — the same function as :func:`pvae.estimators.log_importance_weights`, so the
+    logged value equals the estimator's :math:`\mathcal{L}_K` on the same samples.
+
+    Why not :class:`pyro.infer.RenyiELBO` (α = 0)? Its log-mean-exp is per datapoint only for
+    plates shared by *every* sample site (since Pyro 1.3; a site outside the data plate turns
+    it into a bound on the whole batch, :math:`\log\frac1K\sum_k\prod_b w_{kb}`, pyro issue
+    #3104). For pvae's model its value agrees with this objective's (tested), but it has no
+    ``differentiable_loss``, so it cannot train module parameters outside Pyro's parameter
+    store, and it has no DReG.
+
+    With ``dreg=True`` the guide's gradient is the doubly reparametrized estimator (Tucker et
+    al., 2018): :math:`\sum_k \tilde w_k^2\,\partial \log w_k/\partial z_k\,\partial z_k/\partial\phi`
+    with :math:`\log q` evaluated at stopped guide parameters and normalized weights
+    :math:`\tilde w_k`; the model's gradient stays :math:`\sum_k \tilde w_k \nabla_\theta\log p(x,z_k)`.
+    Both are unbiased for the gradient of :math:`E[\mathcal{L}_K]`; DReG's variance does not
+    grow with K. Implemented with one decoder pass: a gradient hook on ``z`` multiplies the
+    gradient reaching it by :math:`\tilde w_k`.
+    """
+
+    def __init__(self, num_particles: int, dreg: bool = False):
+        super().__init__("iwae", num_particles)
+        self.dreg = bool(dreg)
+
+    def options(self) -> dict:
+        return {"dreg": True} if self.dreg else {}
+
+    def loss_and_value(self, vae, x, index=None):
+        k = self.num_particles
+        q = vae.posterior(x, index)
+        z = q.rsample((k,))
+        if not self.dreg:
+            log_w = vae.log_joint(x, z) - q.log_prob(z)  # (K, B)
+            value = torch.logsumexp(log_w, 0) - math.log(k)
+            return -value.mean(), value.mean().detach()
+        log_w = vae.log_joint(x, z) - _stop_gradient(q).log_prob(z)
+        value = torch.logsumexp(log_w.detach(), 0) - math.log(k)
+        normalized = torch.softmax(log_w.detach(), 0)  # (K, B)
+        if z.requires_grad:
+            z.register_hook(lambda grad: grad * normalized.unsqueeze(-1))
+        loss = -(normalized * log_w).sum(0).mean()
+        return loss, value.mean()
+
+
+def gaussian_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:math:`k(a, b) = \\exp(-\\|a - b\\|^2 / L)` for all pairs (``(n, L), (m, L) -> (n, m)``);
+    the bandwidth is the latent dimension L, as in Zhao et al.'s code."""
+    return torch.exp(-torch.cdist(a, b).pow(2) / a.shape[-1])
+
+
+def mmd_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    r"""Unbiased estimate of :math:`\mathrm{MMD}^2(P, Q)` from samples ``a ~ P`` ``(n, L)`` and
+    ``b ~ Q`` ``(m, L)`` with :func:`gaussian_kernel` (Gretton et al., 2012, the U-statistic):
+    :math:`\frac{1}{n(n-1)}\sum_{i\ne j}k(a_i,a_j) + \frac{1}{m(m-1)}\sum_{i\ne j}k(b_i,b_j)
+    - \frac{2}{nm}\sum_{i,j}k(a_i,b_j)`. Needs n, m >= 2."""
+    n, m = a.shape[0], b.shape[0]
+    if n < 2 or m < 2:
+        raise ValueError(f"the MMD estimate needs at least 2 samples on each side, got {n} and {m}")
+    k_aa, k_bb, k_ab = gaussian_kernel(a, a), gaussian_kernel(b, b), gaussian_kernel(a, b)
+    return ((k_aa.sum() - k_aa.diagonal().sum()) / (n * (n - 1))
+            + (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1))
+            - 2 * k_ab.mean())
+
+
+class InfoVAEObjective(Objective):
+    r"""InfoVAE (Zhao, Song & Ermon, 2019), per datapoint averaged over the batch:
+
+    .. math::
+
+        E_q[\log p(x|z)] - (1-\alpha)\,\beta_t\,E_q[\log q(z|x) - \log p(z)]
+        - (\alpha + \lambda - 1)\,\mathrm{MMD}^2\big(q(z), p(z)\big),
+
+    where :math:`q(z) = E_{p_D}[q(z|x)]` is the aggregate posterior, estimated on the minibatch
+    by one guide sample per datapoint per particle against as many prior samples, with
+    :func:`mmd_squared` (Gaussian kernel, bandwidth L). α = 1 removes the KL term (the MMD-VAE);
+    α = 0, λ = 1 is the ELBO. The prior samples are drawn from :meth:`VAE.prior` (learned
+    priors receive the MMD's gradient too). Requires batches of at least 2.
+    """
+
+    def __init__(self, num_particles: int = 1, alpha: float = 0.0, lam: float = 1000.0,
+                 kl_schedule: Optional[KLSchedule] = None):
+        super().__init__("infovae", num_particles, kl_schedule)
+        alpha, lam = float(alpha), float(lam)
+        if not (math.isfinite(alpha) and alpha <= 1):
+            raise ValueError(f"InfoVAE alpha must be <= 1 (1 - alpha weights the KL), got {alpha!r}")
+        if not (math.isfinite(lam) and alpha + lam - 1 >= 0):
+            raise ValueError(
+                f"InfoVAE needs alpha + lambda - 1 >= 0 (the weight of the MMD term), got alpha={alpha}, "
+                f"lambda={lam}"
+            )
+        self.alpha, self.lam = alpha, lam
+
+    def options(self) -> dict:
+        return {**super().options(), "info_alpha": self.alpha, "mmd_lambda": self.lam}
+
+    def loss_and_value(self, vae, x, index=None):
+        q = vae.posterior(x, index)
+        z = q.rsample((self.num_particles,))  # (P, B, L)
+        expected_loglik = vae.log_likelihood(x, z).mean(0)
+        kl = (q.log_prob(z) - vae.log_prior(z)).mean(0)
+        prior = vae.prior()
+        mmd = torch.stack([mmd_squared(zp, prior.rsample((x.shape[0],))) for zp in z]).mean()
+        value = (expected_loglik - (1 - self.alpha) * self.kl_weight * kl).mean() - (self.alpha + self.lam - 1) * mmd
+        return -value, value.detach()
 
 
 def _vectorized(elbo_class, num_particles: int) -> pyro.infer.ELBO:
@@ -88,25 +305,63 @@ def _vectorized(elbo_class, num_particles: int) -> pyro.infer.ELBO:
 
 
 @OBJECTIVES.register("elbo")
-def trace_elbo(num_particles: int = 1) -> Objective:
-    """ELBO with a Monte Carlo KL term (:class:`pyro.infer.Trace_ELBO`)."""
-    return Objective(_vectorized(pyro.infer.Trace_ELBO, num_particles), "elbo")
+def trace_elbo(num_particles: int = 1, beta: float = 1.0, kl_warmup: float = 0.0,
+               kl_schedule: str = "linear") -> Objective:
+    """ELBO with a Monte Carlo KL term (:class:`pyro.infer.Trace_ELBO`), KL weighted by
+    ``beta`` and a warm-up schedule."""
+    return ElboObjective(_vectorized(pyro.infer.Trace_ELBO, num_particles), "elbo",
+                         KLSchedule(beta, kl_warmup, kl_schedule))
 
 
 @OBJECTIVES.register("elbo-analytic-kl")
-def mean_field_elbo(num_particles: int = 1) -> Objective:
+def mean_field_elbo(num_particles: int = 1, beta: float = 1.0, kl_warmup: float = 0.0,
+                    kl_schedule: str = "linear") -> Objective:
     """ELBO with an analytic KL term (:class:`pyro.infer.TraceMeanField_ELBO`)."""
-    return Objective(_vectorized(pyro.infer.TraceMeanField_ELBO, num_particles), "elbo-analytic-kl")
+    return ElboObjective(_vectorized(pyro.infer.TraceMeanField_ELBO, num_particles), "elbo-analytic-kl",
+                         KLSchedule(beta, kl_warmup, kl_schedule))
 
 
 @OBJECTIVES.register("reconstruction")
 def reconstruction(num_particles: int = 1) -> Objective:
     """Expected reconstruction log-likelihood :math:`E_q[\\log p(x|z)]` (no prior, no entropy)."""
-    return Objective(_vectorized(pyro.infer.Trace_ELBO, num_particles), "reconstruction", latent_scale=0.0)
+    return ElboObjective(_vectorized(pyro.infer.Trace_ELBO, num_particles), "reconstruction",
+                         KLSchedule(beta=0.0), fixed_schedule=True)
 
 
-def make_objective(name: str = "elbo", num_particles: int = 1) -> Objective:
-    """Build a registered objective by name."""
-    if int(num_particles) != num_particles or num_particles < 1:
+@OBJECTIVES.register("iwae")
+def iwae(num_particles: int = 1, dreg: bool = False) -> Objective:
+    """Importance-weighted bound with K = ``num_particles`` samples per datapoint."""
+    return IWAEObjective(num_particles, dreg)
+
+
+@OBJECTIVES.register("infovae")
+def infovae(num_particles: int = 1, info_alpha: float = 0.0, mmd_lambda: float = 1000.0,
+            beta: float = 1.0, kl_warmup: float = 0.0, kl_schedule: str = "linear") -> Objective:
+    """InfoVAE / MMD-VAE with weights α (``info_alpha``) and λ (``mmd_lambda``)."""
+    return InfoVAEObjective(num_particles, info_alpha, mmd_lambda, KLSchedule(beta, kl_warmup, kl_schedule))
+
+
+#: option name -> default, for every option some objective takes (config and CLI defaults)
+OBJECTIVE_OPTIONS = {"beta": 1.0, "kl_warmup": 0.0, "kl_schedule": "linear", "dreg": False,
+                     "info_alpha": 0.0, "mmd_lambda": 1000.0}
+
+
+def make_objective(name: str = "elbo", num_particles: int = 1, **options) -> Objective:
+    """Build a registered objective by name. ``options`` are the objective's settings
+    (``beta``, ``kl_warmup``, ``kl_schedule`` for the ELBOs and InfoVAE; ``dreg`` for IWAE;
+    ``info_alpha``, ``mmd_lambda`` for InfoVAE). An option the objective does not take is an
+    error unless it has its default value (so one config can carry all of them)."""
+    if isinstance(num_particles, bool) or int(num_particles) != num_particles or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
-    return OBJECTIVES.get(name)(num_particles=int(num_particles))
+    factory = OBJECTIVES.get(name)
+    accepted = set(inspect.signature(factory).parameters) - {"num_particles"}
+    unknown = sorted(set(options) - set(OBJECTIVE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown objective option(s) {unknown}; valid: {', '.join(OBJECTIVE_OPTIONS)}")
+    ignored = sorted(k for k, v in options.items() if k not in accepted and v != OBJECTIVE_OPTIONS[k])
+    if ignored:
+        raise ValueError(
+            f"objective {name!r} does not take {', '.join(ignored)}"
+            + (f"; it takes {', '.join(sorted(accepted))}" if accepted else "; it takes no options")
+        )
+    return factory(num_particles=int(num_particles), **{k: v for k, v in options.items() if k in accepted})

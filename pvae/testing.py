@@ -84,15 +84,23 @@ def exact_posterior(vae: VAE, x: torch.Tensor) -> dist.MultivariateNormal:
     return dist.MultivariateNormal(mean, covariance_matrix=cov.expand(x.shape[0], -1, -1))
 
 
-def exact_elbo(vae: VAE, x: torch.Tensor) -> torch.Tensor:
-    r"""Closed-form ELBO per datapoint for a Gaussian guide (diagonal or full covariance):
+def exact_elbo(vae: VAE, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    r"""Closed-form (β-weighted) ELBO per datapoint for a Gaussian guide (diagonal or full
+    covariance), differentiable in the VAE's parameters:
 
     .. math::
 
-        E_q[\log p(x|z)] - KL(q\|p), \quad
+        E_q[\log p(x|z)] - \beta\,KL(q\|p), \quad
         E_q[\log p(x|z)] = -\tfrac{D}{2}\log 2\pi\sigma^2
         - \frac{\|x - W\mu - b\|^2 + \operatorname{tr}(W S W^\top)}{2\sigma^2}.
     """
+    expected_loglik, kl = exact_elbo_terms(vae, x)
+    return expected_loglik - beta * kl
+
+
+def exact_elbo_terms(vae: VAE, x: torch.Tensor):
+    """``(E_q[log p(x|z)], KL(q(z|x) || p(z)))`` per datapoint in closed form; see
+    :func:`exact_elbo`."""
     w, b, var = _parts(vae)
     q = vae.guide_net(x)
     mu = q.mean
@@ -110,7 +118,7 @@ def exact_elbo(vae: VAE, x: torch.Tensor) -> torch.Tensor:
         torch.zeros(latent, dtype=x.dtype), torch.eye(latent, dtype=x.dtype)
     )
     kl = torch.distributions.kl_divergence(dist.MultivariateNormal(mu, cov), prior)
-    return expected_loglik - kl
+    return expected_loglik, kl
 
 
 class ExactPosteriorGuide(Guide):

@@ -181,6 +181,9 @@ def fit(
         "num_train": int(train_data.shape[0]),
         "data_dim": int(train_data.shape[1]),
     }
+    options = objective.options() if hasattr(objective, "options") else {}
+    if options:  # beta, warm-up, DReG, InfoVAE weights: resuming with others is an error
+        fit_args["objective_options"] = options
     resumed_rng = None
     if ckpt_path is not None and ckpt_path.exists():
         if not resume:
@@ -225,6 +228,8 @@ def fit(
                 total = 0.0
                 for step, idx in enumerate(order.split(batch_size)):
                     xb = train_data[idx]
+                    if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
+                        objective.set_progress(epoch - 1 + step / steps_per_epoch)
                     # a non-amortized guide is addressed by the datapoints' positions
                     loss, value = objective.loss_and_value(vae, xb, *((idx,) if indexed else ()))
                     if not torch.isfinite(loss):
@@ -245,6 +250,7 @@ def fit(
                     "train_objective": total / train_data.shape[0],
                     "objective": objective.name,
                     "num_particles": objective.num_particles,
+                    **({"kl_weight": objective.kl_weight} if hasattr(objective, "kl_weight") else {}),
                     "val_metric": None,
                 }
                 if valid_data is not None:
@@ -287,6 +293,8 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+        if hasattr(objective, "set_progress"):
+            objective.set_progress(math.inf)  # outside training, schedules are at full weight
     if restore_best and best_state is not None:
         vae.load_state_dict(best_state)
     return history

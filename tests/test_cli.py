@@ -68,6 +68,9 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
         (["--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: binarized-mnist"),
         (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
         (["--latent-dim", "0"], "latent_dim must be a positive integer"),
+        (["--objective", "iwae", "--K", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes dreg"),
+        (["--dreg"], "objective 'elbo' does not take dreg"),
+        (["--objective", "infovae", "--info-alpha", "3"], "alpha must be <= 1"),
     ],
 )
 def test_bad_requests_fail_clearly_and_write_nothing(tmp_path, capsys, args, message):
@@ -156,6 +159,23 @@ def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra):
     assert report["estimates"]["iwae"]["num_samples"] == 4
 
 
+@pytest.mark.parametrize("extra, options", [
+    (["--objective", "iwae", "--K", "5"], {"objective": "iwae", "num_particles": 5}),
+    (["--objective", "iwae", "--K", "3", "--dreg"], {"objective": "iwae", "dreg": True}),
+    (["--beta", "4", "--kl-warmup", "1", "--kl-schedule", "cyclical"], {"beta": 4.0, "kl_schedule": "cyclical"}),
+    (["--objective", "infovae", "--info-alpha", "1", "--mmd-lambda", "100"],
+     {"objective": "infovae", "info_alpha": 1.0, "mmd_lambda": 100.0}),
+])
+def test_objectives_from_the_command_line(tmp_path, capsys, extra, options):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST, *extra]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert {k: saved[k] for k in options} == options
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["objective"] == options.get("objective", "elbo")
+    assert main(["evaluate", str(run), "--K", "4", "--no-progress"]) == 0
+
+
 def test_evaluate_with_every_estimator(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST]) == 0
@@ -169,3 +189,12 @@ def test_evaluate_with_every_estimator(tmp_path, capsys):
     assert report["ais_settings"] == {"chains": 3, "steps": 4, "schedule": "sigmoid", "start": "prior"}
     assert main(["evaluate", str(run), "--estimators", "elbo,psis"]) == 2
     assert "unknown estimator(s) ['psis']; valid choices: elbo, iwae, naive, ais" in capsys.readouterr().err
+
+
+def test_config_of_an_earlier_version_loads_with_its_legacy_key_translated():
+    from pvae import RunConfig
+
+    assert RunConfig.from_dict({"learn_scale": False}).gaussian_scale == "fixed"
+    assert RunConfig.from_dict({"learn_scale": True}).gaussian_scale == "global"
+    with pytest.raises(ValueError, match="legacy key 'learn_scale'"):
+        RunConfig.from_dict({"learn_scale": True, "gaussian_scale": "per-dim"})

@@ -22,6 +22,10 @@ SCRIPTS = {
         "--out-dir", "{tmp}/out", "--summary", "{tmp}/summary.json",
     ],
     "benchmarks/bench_train_step.py": ["--blocks", "2", "--steps-per-block", "2", "--out", "{tmp}/bench.json"],
+    "benchmarks/bench_iwae.py": [
+        "--run-dir", "{tmp}/none", "--K", "7", "--images", "30", "--block", "10", "--ais-images", "4",
+        "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json",
+    ],
     "paper/build.py": ["--out", "{tmp}/tables.md"],
     "experiments/components_grid.py": [
         "--dataset", "digits", "--priors", "standard-normal,vamp", "--guides", "diagonal,planar",

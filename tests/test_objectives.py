@@ -1,0 +1,255 @@
+"""Training objectives: identities between them, unbiasedness against closed forms on the
+linear-Gaussian model (tolerances from Monte Carlo standard errors), logged values equal to the
+estimators', schedules, and configuration errors."""
+
+import math
+
+import pyro
+import pytest
+import torch
+
+import pvae
+from pvae.objectives import KLSchedule, gaussian_kernel, mmd_squared
+from pvae.testing import (
+    exact_elbo,
+    exact_log_marginal,
+    linear_gaussian_vae,
+    mc_tolerance,
+    with_exact_guide,
+)
+
+
+def lg_data(n=4, seed=1):
+    return torch.randn(n, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def value_and_grads(objective, vae, x, seed):
+    vae.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    loss, value = objective.loss_and_value(vae, x)
+    loss.backward()
+    return value, [p.grad.clone() for p in vae.parameters()]
+
+
+def assert_same(a, b):
+    (va, ga), (vb, gb) = a, b
+    torch.testing.assert_close(va, vb)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+
+
+def test_iwae_with_one_sample_is_the_elbo_value_and_gradient():
+    vae, x = linear_gaussian_vae(), lg_data()
+    assert_same(value_and_grads(pvae.make_objective("iwae", 1), vae, x, 3),
+                value_and_grads(pvae.make_objective("elbo", 1), vae, x, 3))
+
+
+@pytest.mark.parametrize("name", ["elbo", "elbo-analytic-kl"])
+def test_beta_one_and_finished_warmup_are_the_elbo(name):
+    vae, x = linear_gaussian_vae(), lg_data()
+    plain = value_and_grads(pvae.make_objective(name), vae, x, 4)
+    assert_same(value_and_grads(pvae.make_objective(name, beta=1.0), vae, x, 4), plain)
+    for kind in ("linear", "cyclical"):
+        warm = pvae.make_objective(name, kl_warmup=10, kl_schedule=kind)
+        warm.set_progress(10.0 if kind == "linear" else 7.5)  # full weight
+        assert warm.kl_weight == 1.0
+        assert_same(value_and_grads(warm, vae, x, 4), plain)
+
+
+def test_warmup_at_its_start_is_the_reconstruction_objective():
+    vae, x = linear_gaussian_vae(), lg_data()
+    warm = pvae.make_objective("elbo", kl_warmup=5)
+    warm.set_progress(0.0)
+    assert_same(value_and_grads(warm, vae, x, 2), value_and_grads(pvae.make_objective("reconstruction"), vae, x, 2))
+
+
+def test_kl_schedules():
+    linear = KLSchedule(beta=2.0, warmup=4, kind="linear")
+    assert [linear(t) for t in (0, 1, 4, 9)] == [0.0, 0.5, 2.0, 2.0]
+    cyc = KLSchedule(beta=1.0, warmup=4, kind="cyclical")
+    assert [cyc(t) for t in (0, 1, 2, 3, 4, 5)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5]
+    assert KLSchedule(beta=3.0)(0.0) == 3.0
+    for bad in ({"beta": -1}, {"warmup": -2}, {"warmup": 1, "kind": "cosine"}):
+        with pytest.raises(ValueError):
+            KLSchedule(**bad)
+
+
+def _gradient_check(objective, vae, x, exact_fn, replicates=4000):
+    """Mean of the objective's value and gradient over replicates vs the autograd gradient of
+    the closed form; each coordinate within its MCSE tolerance (Bonferroni over coordinates)."""
+    params = list(vae.parameters())
+    vae.zero_grad(set_to_none=True)
+    exact = exact_fn(vae, x).mean()
+    exact_grads = torch.autograd.grad(exact, params)
+    values, grads = [], []
+    torch.manual_seed(0)
+    for _ in range(replicates):
+        loss, value = objective.loss_and_value(vae, x)
+        g = torch.autograd.grad(loss, params)
+        values.append(value)
+        grads.append(-torch.cat([t.flatten() for t in g]))
+    values, grads = torch.stack(values), torch.stack(grads)
+    target = torch.cat([t.flatten() for t in exact_grads])
+    n_coords = target.numel() + 1
+    se = values.std() / math.sqrt(replicates)
+    assert abs(values.mean() - exact) < mc_tolerance(se, 1e-6 / n_coords)
+    g_se = grads.std(0) / math.sqrt(replicates)
+    tol = torch.tensor([mc_tolerance(s, 1e-6 / n_coords) for s in g_se], dtype=g_se.dtype) + 1e-10
+    assert bool(((grads.mean(0) - target).abs() < tol).all()), (grads.mean(0) - target)
+
+
+@pytest.mark.parametrize("name", ["elbo", "elbo-analytic-kl"])
+@pytest.mark.parametrize("beta", [1.0, 4.0])
+def test_beta_elbo_value_and_gradient_are_unbiased_for_the_closed_form(name, beta):
+    vae, x = linear_gaussian_vae(), lg_data(3)
+    _gradient_check(pvae.make_objective(name, beta=beta), vae, x, lambda v, d: exact_elbo(v, d, beta))
+
+
+def test_iwae_with_the_exact_posterior_is_log_px_and_its_gradient():
+    vae = with_exact_guide(linear_gaussian_vae())
+    x = lg_data()
+    loss, value = pvae.make_objective("iwae", 7).loss_and_value(vae, x)
+    exact = exact_log_marginal(vae, x).mean()
+    torch.testing.assert_close(value, exact.detach(), rtol=0, atol=1e-8)
+    params = list(vae.decoder.parameters())
+    for g, e in zip(torch.autograd.grad(-loss, params), torch.autograd.grad(exact, params)):
+        torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
+
+
+def test_dreg_and_iwae_gradients_have_the_same_expectation():
+    """Both are unbiased for the gradient of E[L_K]; DReG's guide gradient has lower variance."""
+    vae, x = linear_gaussian_vae(), lg_data(3)
+    params = list(vae.parameters())
+    out = {}
+    for dreg in (False, True):
+        objective = pvae.make_objective("iwae", 5, dreg=dreg)
+        torch.manual_seed(11 if dreg else 12)
+        out[dreg] = torch.stack([
+            torch.cat([g.flatten() for g in torch.autograd.grad(objective.loss_and_value(vae, x)[0], params)])
+            for _ in range(3000)
+        ])
+    diff = out[True].mean(0) - out[False].mean(0)
+    se = (out[True].var(0) / 3000 + out[False].var(0) / 3000).sqrt()
+    tol = torch.tensor([mc_tolerance(s, 1e-6 / diff.numel()) for s in se], dtype=se.dtype) + 1e-10
+    assert bool((diff.abs() < tol).all()), diff
+    guide_ids = {id(p) for p in vae.guide_net.parameters()}
+    is_guide = torch.cat([torch.full((p.numel(),), id(p) in guide_ids) for p in params])
+    assert out[True][:, is_guide].var(0).sum() < out[False][:, is_guide].var(0).sum()
+
+
+def test_logged_iwae_value_is_the_estimators_bound_on_the_same_samples():
+    vae, x = linear_gaussian_vae(), lg_data(6)
+    for dreg in (False, True):
+        with pvae._rng.seeded(9):
+            _, value = pvae.make_objective("iwae", 13, dreg=dreg).loss_and_value(vae, x)
+        bound = pvae.iwae_bound(vae, x, 13, seed=9, batch_size=6)
+        torch.testing.assert_close(value, torch.tensor(bound.mean, dtype=value.dtype))
+
+
+def test_pyro_renyi_elbo_agrees_with_the_per_datapoint_bound_for_this_plate_structure():
+    """Cross-check against Pyro (pyro#3104): RenyiELBO(alpha=0) keeps the plates shared by all
+    sites, so with every site in the "data" plate its value is the sum of per-datapoint L_K on
+    the same draws — not the bound on the batch's joint likelihood. (pvae still computes L_K
+    itself: RenyiELBO has no differentiable_loss for module parameters, and no DReG.)"""
+    vae, x = linear_gaussian_vae(), lg_data(4)
+    k = 6
+    renyi = pyro.infer.RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1)
+    torch.manual_seed(1)
+    renyi_value = -renyi.loss(vae.model, vae.guide, x)
+    torch.manual_seed(1)
+    lw = next(pvae.log_importance_weights(vae, x, k)).detach()
+    per_datapoint = float((torch.logsumexp(lw, 0) - math.log(k)).sum())
+    batch_bound = float(torch.logsumexp(lw.sum(1), 0) - math.log(k))
+    assert renyi_value == pytest.approx(per_datapoint, rel=1e-9)
+    assert per_datapoint > batch_bound + 1e-3  # the two readings differ on these draws
+
+
+def _expected_kernel(mean_a, var_a, mean_b, var_b, dim):
+    h = dim / 2.0  # exp(-|a-b|^2 / L) = exp(-|a-b|^2 / (2h))
+    s = h + var_a + var_b
+    return (h / s) ** (dim / 2) * math.exp(-((mean_a - mean_b) ** 2) * dim / (2 * s))
+
+
+def test_mmd_estimate_is_unbiased_for_the_closed_form():
+    dim, shift, n = 3, 0.7, 8
+    exact = (_expected_kernel(0, 1, 0, 1, dim) + _expected_kernel(shift, 1, shift, 1, dim)
+             - 2 * _expected_kernel(0, 1, shift, 1, dim))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([
+        mmd_squared(torch.randn(n, dim, generator=g, dtype=torch.float64),
+                    shift + torch.randn(n, dim, generator=g, dtype=torch.float64))
+        for _ in range(4000)
+    ])
+    assert abs(draws.mean() - exact) < mc_tolerance(draws.std() / math.sqrt(len(draws)))
+    same = torch.stack([mmd_squared(torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g))
+                        for _ in range(4000)])
+    assert abs(same.mean()) < mc_tolerance(same.std() / math.sqrt(len(same)))  # 0 for P = Q
+    assert torch.allclose(gaussian_kernel(torch.zeros(1, 2), torch.ones(1, 2)), torch.tensor([[math.exp(-1.0)]]))
+    with pytest.raises(ValueError, match="at least 2"):
+        mmd_squared(torch.zeros(1, 2), torch.zeros(3, 2))
+
+
+def test_infovae_with_alpha_0_lambda_1_is_the_elbo_on_the_same_samples():
+    vae, x = linear_gaussian_vae(), lg_data(5)
+    with pvae._rng.seeded(2):
+        _, value = pvae.make_objective("infovae", info_alpha=0.0, mmd_lambda=1.0).loss_and_value(vae, x)
+    with pvae._rng.seeded(2):
+        lw = next(pvae.log_importance_weights(vae, x, 1))
+    torch.testing.assert_close(value, lw.mean())
+
+
+def test_infovae_value_is_unbiased_and_trains_every_part():
+    """value = E[log p(x|z)] - (1-a) KL - (a+l-1) MMD^2; with alpha = 1 the KL is absent and the
+    MMD term alone pulls the guide: every parameter gets a finite gradient."""
+    vae, x = linear_gaussian_vae(), lg_data(6)
+    objective = pvae.make_objective("infovae", 2, info_alpha=0.5, mmd_lambda=10.0)
+    loss, value = objective.loss_and_value(vae, x)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
+    assert value == -loss.detach()
+    mmd_only = pvae.make_objective("infovae", info_alpha=1.0, mmd_lambda=5.0)
+    vae.zero_grad(set_to_none=True)
+    mmd_only.loss_and_value(vae, x)[0].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.guide_net.parameters())
+    values = torch.stack([objective.loss_and_value(vae, x)[1] for _ in range(3000)])
+    assert values.std() > 0  # a Monte Carlo estimate (checked for alpha=0, lambda=1 exactly above)
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("iwae", {"beta": 2.0}, "'iwae' does not take beta"),
+    ("elbo", {"dreg": True}, "'elbo' does not take dreg"),
+    ("infovae", {"info_alpha": 2.0}, "alpha must be <= 1"),
+    ("infovae", {"info_alpha": 0.0, "mmd_lambda": 0.5}, "alpha \\+ lambda - 1 >= 0"),
+    ("elbo", {"momentum": 1}, "unknown objective option"),
+    ("elbo", {"kl_warmup": -1.0}, "warm-up"),
+])
+def test_bad_objective_options_are_named(name, options, match):
+    with pytest.raises(ValueError, match=match):
+        pvae.make_objective(name, 2, **options)
+    if "momentum" not in options:  # the config validates the same way
+        with pytest.raises(ValueError, match=match):
+            pvae.RunConfig(objective=name, num_particles=2, **options)
+
+
+def test_dreg_refuses_a_guide_without_a_stopped_density():
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,), guide="planar"), 6)
+    x = (torch.rand(3, 6) < 0.5).float()
+    with pytest.raises(ValueError, match="DReG.*Gaussian guides"):
+        pvae.make_objective("iwae", 2, dreg=True).loss_and_value(vae, x)
+
+
+def test_fit_follows_the_warmup_and_refuses_to_resume_with_other_options(tmp_path):
+    torch.manual_seed(0)
+    data = (torch.rand(200, 6) < 0.4).float()
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,)), 6)
+    objective = pvae.make_objective("elbo", kl_warmup=4)
+    history = pvae.fit(vae, data, epochs=3, objective=objective, run_dir=tmp_path, progress=False)
+    weights = [r["kl_weight"] for r in history.records]
+    steps = 2  # 200 / 100
+    assert weights == pytest.approx([(e + (steps - 1) / steps) / 4 for e in range(3)])
+    assert objective.kl_weight == 1.0  # outside training: full weight
+    with pytest.raises(ValueError, match="cannot resume"):
+        pvae.fit(vae, data, epochs=4, objective=pvae.make_objective("elbo", kl_warmup=8),
+                 run_dir=tmp_path, resume=True, progress=False)
+    pvae.fit(vae, data, epochs=4, objective=pvae.make_objective("elbo", kl_warmup=4),
+             run_dir=tmp_path, resume=True, progress=False)
