@@ -66,7 +66,7 @@ def main(argv=None):
     parser.add_argument("--run-dir", type=Path, default=Path("results/aevb_binarized_mnist/pvae-seed0"))
     parser.add_argument("--K", type=int, default=5000)
     parser.add_argument("--images", type=int, default=10000, help="test images for the IWAE part")
-    parser.add_argument("--block", type=int, default=1000, help="images per alternating block")
+    parser.add_argument("--block", type=int, default=100, help="images per alternating block")
     parser.add_argument("--ais-images", type=int, default=100)
     parser.add_argument("--ais-chains", type=int, default=16)
     parser.add_argument("--ais-steps", type=int, default=100)
@@ -114,7 +114,8 @@ def main(argv=None):
             seconds[name] += time.perf_counter() - t0
             values[name]["elbo"].append(elbo)
             values[name]["iwae"].append(iwae)
-        print(f"block {i + 1}/{len(blocks)}: pvae {seconds['pvae']:.1f}s, "
+        if (i + 1) % 10 == 0:
+            print(f"block {i + 1}/{len(blocks)}: pvae {seconds['pvae']:.1f}s, "
               f"hand-written {seconds['handwritten']:.1f}s", flush=True)
     iwae_part = {
         "K": args.K,

@@ -211,6 +211,11 @@ def _evaluate(args) -> int:
             f"± {est['stderr']:.3f} nats (± is the std. error over datapoints; "
             f"Monte Carlo part ± {est['mc_stderr_of_mean']:.3f})"
         )
+    latent = report["latent"]
+    kl = "" if latent["kl_total"] is None else f", KL(q(z|x)||p(z)) {latent['kl_total']:.2f} nats"
+    print(f"  active units: {latent['active_units']} of {latent['latent_dim']}{kl}")
+    if latent["posterior_collapse"]:
+        print(f"  warning: {latent['posterior_collapse']}")
     for name, why in report["skipped"].items():
         print(f"  {name}: skipped ({why})")
     if "nll_iwae" in report:

@@ -13,6 +13,7 @@ r"""Diagnostics of a trained VAE. Pure functions: no printing, no plotting.
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional
 
 import pyro.distributions as dist
@@ -100,3 +101,34 @@ def to_inference_data(vae, x: torch.Tensor, num_samples: int = 100, seed: Option
         coords={"datapoint": list(range(x.shape[0])), "latent": list(range(vae.latent_dim))},
         dims={"z": ["datapoint", "latent"], "log_weight": ["datapoint"]},
     )
+
+
+def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1000) -> dict:
+    """Active units (Burda et al.), KL per latent dimension where it splits (diagonal Gaussian
+    guide and prior; else ``None``), and a posterior-collapse warning: units whose activity is
+    at most ``threshold`` carry (almost) no information about x. Returns plain Python values
+    (JSON-ready) and issues a :class:`UserWarning` when some units are inactive."""
+    with torch.no_grad():
+        means = torch.cat([vae.encode(xb) for xb in x.split(batch_size)]).double()
+    activity = means.var(0, unbiased=True).cpu()
+    active = activity > threshold
+    try:
+        kl = torch.cat([kl_per_dimension(vae, xb)[None] * xb.shape[0] for xb in x.split(batch_size)]).sum(0) / x.shape[0]
+        kl_list = kl.tolist()
+    except ValueError:
+        kl_list = None
+    count, latent = int(active.sum()), int(activity.numel())
+    collapse = None
+    if count < latent:
+        collapse = (f"posterior collapse in {latent - count} of {latent} latent units: their posterior "
+                    f"mean varies over x with variance <= {threshold}")
+        warnings.warn(collapse, stacklevel=2)
+    return {
+        "active_units": count,
+        "latent_dim": latent,
+        "activity_threshold": threshold,
+        "activity": activity.tolist(),
+        "kl_per_dimension": kl_list,
+        "kl_total": None if kl_list is None else float(sum(kl_list)),
+        "posterior_collapse": collapse,
+    }

@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -23,6 +24,7 @@ from .checkpoint import load_checkpoint, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
 from .ais import ais
+from .diagnostics import latent_diagnostics
 from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds, naive_prior_estimate, reconstruction_error
 from .model import VAE
 from .train import CHECKPOINT_FILE, History, fit
@@ -188,8 +190,9 @@ def evaluate_run(
     importance-weighted bound :math:`\\mathcal{L}_K` from the same K = ``num_samples`` draws
     of the guide), ``"naive"`` (the prior Monte Carlo estimate with K draws), ``"ais"``
     (annealed importance sampling from the prior, ``ais_chains`` chains, ``ais_steps``
-    sigmoid-scheduled HMC steps). The reconstruction error at the encoder's code is always
-    reported. Guide-based bounds are skipped, with the reason in ``report["skipped"]``, for a
+    sigmoid-scheduled HMC steps). The reconstruction error at the encoder's code and the latent
+    diagnostics (active units, KL per dimension, posterior-collapse message; see
+    :func:`pvae.diagnostics.latent_diagnostics`) are always reported. Guide-based bounds are skipped, with the reason in ``report["skipped"]``, for a
     point-mass guide. Writes ``evaluation-<split>-K<K>.json`` unless ``write`` is False.
     """
     unknown = sorted(set(estimators) - set(ESTIMATORS))
@@ -229,6 +232,9 @@ def evaluate_run(
         estimates["ais"] = ais(vae, x, num_chains=ais_chains, num_steps=ais_steps, batch_size=batch_size, seed=seed)
         report["ais_settings"] = {"chains": ais_chains, "steps": ais_steps, "schedule": "sigmoid", "start": "prior"}
     report["estimates"] = {name: est.to_dict() for name, est in estimates.items()}
+    with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
+        warnings.simplefilter("ignore", UserWarning)
+        report["latent"] = latent_diagnostics(vae, x)
     if write:
         write_json(report, Path(run_dir) / f"evaluation-{split}-K{num_samples}.json")
     return report

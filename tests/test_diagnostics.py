@@ -1,5 +1,7 @@
 """Diagnostics against ArviZ on fixed inputs and against exact answers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,16 @@ def test_export_to_inference_data():
         with seeded(0):
             lw = next(log_importance_weights(model, x, 50, chunk_size=50))
     np.testing.assert_allclose(idata.sample_stats["log_weight"].values[0], lw.numpy())
+
+
+def test_latent_diagnostics_report_active_units_kl_and_collapse():
+    vae = linear_gaussian_vae(data_dim=5, latent_dim=3)
+    x = torch.randn(200, 5, dtype=torch.float64)
+    linear = [m for m in vae.guide_net.encoder.modules() if isinstance(m, torch.nn.Linear)][0]
+    with torch.no_grad():  # unit 2's posterior mean ignores x: collapsed
+        linear.weight[2].zero_()
+    with pytest.warns(UserWarning, match="posterior collapse in 1 of 3"):
+        report = pvae.diagnostics.latent_diagnostics(vae, x)
+    assert report["active_units"] == 2 and report["activity"][2] == 0.0
+    assert report["kl_total"] == pytest.approx(float(pvae.kl_per_dimension(vae, x).sum()))
+    json.dumps(report)  # JSON-ready

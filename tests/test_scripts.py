@@ -27,6 +27,10 @@ SCRIPTS = {
         "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json",
     ],
     "paper/build.py": ["--out", "{tmp}/tables.md"],
+    "experiments/objectives_mnist.py": [
+        "--dataset", "digits", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--K", "3",
+        "--runs", "elbo,iwae-5-dreg,warmup-5,mmd-vae", "--out-dir", "{tmp}/out", "--summary", "{tmp}/summary.json",
+    ],
     "experiments/components_grid.py": [
         "--dataset", "digits", "--priors", "standard-normal,vamp", "--guides", "diagonal,planar",
         "--epochs", "1", "--latent-dim", "2", "--hidden", "16", "--extra", "--pseudo-inputs 3",
