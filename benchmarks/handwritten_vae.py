@@ -32,10 +32,14 @@ class HandwrittenVAE(nn.Module):
         self.encoder = _mlp((data_dim, *hidden, 2 * latent_dim))
         self.decoder = _mlp((latent_dim, *hidden[::-1], data_dim))
 
-    def log_weights(self, x, num_samples=None):
-        """log p(x, z) - log q(z|x) for z ~ q; shape (B,) or (K, B) when num_samples is set."""
+    def encode(self, x):
         loc, pre = self.encoder(x).split(self.latent_dim, -1)
-        scale = F.softplus(pre) + 1e-4
+        return loc, F.softplus(pre) + 1e-4
+
+    def log_weights(self, x, num_samples=None, encoded=None):
+        """log p(x, z) - log q(z|x) for z ~ q; shape (B,) or (K, B) when num_samples is set.
+        ``encoded``: the ``(loc, scale)`` of ``encode(x)``, to encode once for many samples."""
+        loc, scale = self.encode(x) if encoded is None else encoded
         shape = loc.shape if num_samples is None else (num_samples, *loc.shape)
         eps = torch.randn(shape, dtype=loc.dtype, device=loc.device)
         z = loc + scale * eps
@@ -56,11 +60,12 @@ class HandwrittenVAE(nn.Module):
         """Per-datapoint ELBO (mean of the K log-weights) and L_K (log-mean-exp)."""
         elbos, iwaes = [], []
         for xb in x.split(batch_size):
+            encoded = self.encode(xb)  # once per batch, as pvae does
             chunks = []
             done = 0
             while done < num_samples:
                 k = min(chunk_size, num_samples - done)
-                chunks.append(self.log_weights(xb, k))
+                chunks.append(self.log_weights(xb, k, encoded))
                 done += k
             lw = torch.cat(chunks).double()
             elbos.append(lw.mean(0))

@@ -83,7 +83,7 @@ def hmc_step(
     return torch.where(accept.unsqueeze(-1), q, z), accept_prob
 
 
-def _anneal(vae, xb, r, z, betas, num_leapfrog, step_size, target_accept, adapt_step_size):
+def _anneal(vae, xb, r, z, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar=None):
     """Run chains ``z`` (C, B, L) along ``betas`` (increasing for AIS, decreasing for reverse
     AIS); return the accumulated log-weights (C, B) and the mean acceptance per datapoint."""
 
@@ -100,6 +100,8 @@ def _anneal(vae, xb, r, z, betas, num_leapfrog, step_size, target_accept, adapt_
         beta = betas[t].item()
         z, acc = hmc_step(z, lambda s: r.log_prob(s) + beta * log_ratio(s), eps, num_leapfrog)
         accepts.append(acc.mean(0))
+        if bar is not None:
+            bar.update(1)
         if adapt_step_size:
             eps = eps * torch.exp(0.1 * (acc.mean(0) - target_accept))
     accept = (torch.stack(accepts).mean(0).double() if accepts
@@ -144,6 +146,7 @@ def ais(
     adapt_step_size: bool = True,
     batch_size: int = 100,
     seed: Optional[int] = 0,
+    progress: bool = False,
 ) -> Estimate:
     """AIS estimate of :math:`\\log p(x)` per datapoint (nats).
 
@@ -158,20 +161,32 @@ def ais(
     :returns: :class:`~pvae.estimators.Estimate` named ``"ais"`` with ``extra["ess"]`` (over
         chains) and ``extra["accept_rate"]``; Monte Carlo standard error by the delta method.
 
-    Cost: ``T * (num_leapfrog + 1)`` gradient evaluations of log p(x, z) per chain.
+    Cost: ``(T - 1) * (num_leapfrog + 1)`` gradient evaluations of log p(x, z) per chain.
     Parameters are not changed; ``seed`` fixes the draws without touching the global RNG.
+    ``progress`` shows a tqdm bar over batches and transitions.
     """
     num_chains = _check_positive_int("num_chains", num_chains)
+    batch_size = _check_positive_int("batch_size", batch_size)
     betas = _betas(betas, num_steps)
     vae.check_data(x)
     log_ws, accepts = [], []
-    with _evaluating(vae), seeded(seed, x.device):
-        for _, xb in _batches(x, batch_size):
-            r = _start(vae, xb, start)
-            lw, acc = _anneal(vae, xb, r, r.rsample((num_chains,)), betas, num_leapfrog,
-                              step_size, target_accept, adapt_step_size)
-            log_ws.append(lw)
-            accepts.append(acc)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=math.ceil(x.shape[0] / batch_size) * (betas.numel() - 2), desc=f"AIS {num_chains} chains",
+                   unit="step", leave=False)
+    try:
+        with _evaluating(vae), seeded(seed, x.device):
+            for _, xb in _batches(x, batch_size):
+                r = _start(vae, xb, start)
+                lw, acc = _anneal(vae, xb, r, r.rsample((num_chains,)), betas, num_leapfrog,
+                                  step_size, target_accept, adapt_step_size, bar)
+                log_ws.append(lw)
+                accepts.append(acc)
+    finally:
+        if bar is not None:
+            bar.close()
     return _estimate("ais", log_ws, accepts, num_chains)
 
 

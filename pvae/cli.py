@@ -123,9 +123,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser(
         "evaluate",
-        help="ELBO and importance-weighted log-likelihood of a trained run",
-        description="Report the ELBO and the importance-weighted bound L_K (nats per datapoint, "
-        "with standard errors) on a split, and write evaluation-<split>-K<K>.json in RUN_DIR.",
+        help="estimates of log p(x) (ELBO, L_K, AIS, naive) and diagnostics of a trained run",
+        description="Report the ELBO, the importance-weighted bound L_K and optionally AIS and the naive "
+        "prior estimate (nats per datapoint, with standard errors), active units, KL and PSIS k-hat on a "
+        "split; write evaluation-<split>-K<K>.json and .png in RUN_DIR.",
     )
     ev.add_argument("run_dir", type=Path)
     ev.add_argument("--K", type=int, default=1000, help="importance samples per datapoint")
@@ -137,7 +138,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--estimators", default="elbo,iwae",
                     help="comma-separated, any of elbo,iwae,naive,ais (default elbo,iwae)")
     ev.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
-    ev.add_argument("--ais-steps", type=int, default=100, help="AIS annealing steps (sigmoid schedule)")
+    ev.add_argument("--ais-steps", type=int, default=100, help="AIS annealing steps")
+    ev.add_argument("--ais-start", default="prior", choices=["prior", "guide"], help="AIS initial distribution")
+    ev.add_argument("--ais-schedule", default="sigmoid", choices=["sigmoid", "linear"], help="AIS temperature schedule")
+    ev.add_argument("--psis-datapoints", type=int, default=500,
+                    help="datapoints for PSIS k-hat of the guide (first N of the split; 0: off)")
     ev.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -199,6 +204,9 @@ def _evaluate(args) -> int:
         estimators=[e.strip() for e in args.estimators.split(",") if e.strip()],
         ais_chains=args.ais_chains,
         ais_steps=args.ais_steps,
+        ais_start=args.ais_start,
+        ais_schedule=args.ais_schedule,
+        psis_datapoints=args.psis_datapoints,
     )
     print(f"{report['dataset']} {args.split} split, {report['num_datapoints']} datapoints, seed {args.seed}")
     for name, est in report["estimates"].items():
@@ -216,6 +224,12 @@ def _evaluate(args) -> int:
     print(f"  active units: {latent['active_units']} of {latent['latent_dim']}{kl}")
     if latent["posterior_collapse"]:
         print(f"  warning: {latent['posterior_collapse']}")
+    if "psis" in report:
+        p = report["psis"]
+        print(f"  PSIS k-hat of q(z|x) (first {p['datapoints']} datapoints, K={p['num_samples']}): mean "
+              f"{p['khat_mean']:.2f}, {p['fraction_above_0.7']:.1%} above 0.7")
+    if "figure" in report:
+        print(f"  figure: {Path(args.run_dir) / report['figure']}")
     for name, why in report["skipped"].items():
         print(f"  {name}: skipped ({why})")
     if "nll_iwae" in report:

@@ -13,6 +13,7 @@ r"""Diagnostics of a trained VAE. Pure functions: no printing, no plotting.
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Dict, Optional
 
@@ -131,4 +132,116 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
         "kl_per_dimension": kl_list,
         "kl_total": None if kl_list is None else float(sum(kl_list)),
         "posterior_collapse": collapse,
+    }
+
+
+def inference_gaps(
+    vae,
+    x: torch.Tensor,
+    num_samples: int = 1000,
+    refine_steps: int = 500,
+    lr: float = 1e-2,
+    num_particles: int = 10,
+    batch_size: int = 100,
+    seed: Optional[int] = 0,
+    log_marginal: Optional[torch.Tensor] = None,
+    progress: bool = False,
+) -> dict:
+    r"""Split the inference gap :math:`\log p(x) - \mathrm{ELBO}[q_\phi]` (Cremer, Li &
+    Duvenaud, 2018) per datapoint into
+
+    * the **approximation gap** :math:`\log p(x) - \mathrm{ELBO}[q^*]`, where :math:`q^*` is the
+      best distribution of the guide's family for that datapoint alone, and
+    * the **amortization gap** :math:`\mathrm{ELBO}[q^*] - \mathrm{ELBO}[q_\phi]`, the price of
+      predicting q from x with one encoder.
+
+    :math:`q^*` is found by refinement: a :class:`~pvae.guides.NonAmortizedGuide` started at the
+    encoder's output is optimized alone (Adam, ``refine_steps`` full-batch steps per batch of
+    ``batch_size`` datapoints, ``num_particles`` reparametrized samples and the KL in closed
+    form where Pyro knows it (:class:`pyro.infer.TraceMeanField_ELBO`), learning rate decaying
+    linearly from ``lr`` to ``lr/100``); the decoder and prior are held fixed and their
+    ``.grad`` left untouched. The family is the diagonal Gaussian, so the guide must be one.
+    ``log_marginal`` (per datapoint, e.g. AIS values) is used if given; otherwise
+    :math:`\log p(x)` is estimated by :math:`\mathcal{L}_K` with :math:`q^*` as proposal (a
+    better proposal than the encoder's, hence a tighter bound). Both ELBOs are estimated from
+    ``num_samples`` draws.
+
+    :returns: ``{"elbo_amortized": Estimate, "elbo_refined": Estimate, "log_marginal": Estimate
+        or the given tensor, "approximation_gap": (N,), "amortization_gap": (N,),
+        "settings": dict}`` (nats per datapoint). Parameters, gradients, the global RNG and
+        the train/eval mode of ``vae`` are left as they were.
+    """
+    from .estimators import Estimate, _check_positive_int, evaluate_bounds
+    from .guides import DiagonalGaussianGuide, NonAmortizedGuide
+    from .model import VAE
+    from .objectives import make_objective
+
+    if not isinstance(vae.guide_net, DiagonalGaussianGuide):
+        raise ValueError(
+            "inference_gaps refines within the diagonal Gaussian family, so it needs a "
+            f"DiagonalGaussianGuide; this VAE has {type(vae.guide_net).__name__}"
+        )
+    for name, value in (("refine_steps", refine_steps), ("num_particles", num_particles),
+                        ("batch_size", batch_size)):
+        _check_positive_int(name, value)
+    vae.check_data(x)
+    if log_marginal is not None and log_marginal.shape != x.shape[:1]:
+        raise ValueError(f"log_marginal must have shape ({x.shape[0]},), got {tuple(log_marginal.shape)}")
+    amortized = evaluate_bounds(vae, x, num_samples, seed=seed)
+    objective = make_objective("elbo-analytic-kl", num_particles)  # Monte Carlo KL where none is known
+    was_training = vae.training
+    vae.eval()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=refine_steps * math.ceil(x.shape[0] / batch_size), desc="refine q*", leave=False)
+    locs, pre_scales = [], []
+    try:
+        with seeded(seed, x.device):
+            for xb in x.split(batch_size):
+                local = NonAmortizedGuide.from_guide(vae.guide_net, xb)
+                refined = VAE(vae.prior, vae.decoder, vae.likelihood, local)
+                index = torch.arange(xb.shape[0], device=x.device)
+                params = list(local.parameters())
+                opt = torch.optim.Adam(params, lr=lr)
+                sched = torch.optim.lr_scheduler.LambdaLR(
+                    opt, lambda t: 1.0 - 0.99 * t / max(refine_steps - 1, 1))
+                for _ in range(refine_steps):
+                    loss = objective.surrogate_loss(refined, xb, index)
+                    grads = torch.autograd.grad(loss, params)
+                    for p, g in zip(params, grads):
+                        p.grad = g
+                    opt.step()
+                    sched.step()
+                    if bar is not None:
+                        bar.update(1)
+                locs.append(local.loc.detach())
+                pre_scales.append(local.pre_scale.detach())
+    finally:
+        if bar is not None:
+            bar.close()
+        vae.train(was_training)
+    local = NonAmortizedGuide(vae.data_dim, vae.latent_dim, x.shape[0]).to(x.device, x.dtype)
+    with torch.no_grad():
+        local.loc.copy_(torch.cat(locs))
+        local.pre_scale.copy_(torch.cat(pre_scales))
+    refined = VAE(vae.prior, vae.decoder, vae.likelihood, local)
+    best = evaluate_bounds(refined, x, num_samples, seed=None if seed is None else seed + 1,
+                           index=torch.arange(x.shape[0], device=x.device))
+    if log_marginal is None:
+        log_px = best["iwae"]
+    else:
+        log_px = log_marginal.detach().double().cpu()
+    log_px_values = log_px.values if isinstance(log_px, Estimate) else log_px
+    return {
+        "elbo_amortized": amortized["elbo"],
+        "elbo_refined": best["elbo"],
+        "log_marginal": log_px,
+        "approximation_gap": log_px_values - best["elbo"].values,
+        "amortization_gap": best["elbo"].values - amortized["elbo"].values,
+        "refined_guide": local,
+        "settings": {"num_samples": int(num_samples), "refine_steps": int(refine_steps), "lr": float(lr),
+                     "num_particles": int(num_particles), "batch_size": int(batch_size),
+                     "log_marginal": "given" if log_marginal is not None else f"L_{num_samples} under q*"},
     }

@@ -262,6 +262,20 @@ def evaluate_bounds(
     }
 
 
+def bounds_by_k(vae, x: torch.Tensor, ks, seed: Optional[int] = 0, **kwargs) -> Dict[int, Dict[str, Estimate]]:
+    """:func:`evaluate_bounds` for each K in ``ks`` (independent draws for each K: seed
+    ``seed + i``), on the same datapoints: ``{K: {"elbo": Estimate, "iwae": Estimate}}``, for
+    plotting the bounds as K grows (:func:`pvae.plots.bounds_versus_k`). Cost: sum(ks) samples
+    per datapoint."""
+    out = {}
+    for i, k in enumerate(ks):
+        k = _check_positive_int("K", k)
+        if k in out:
+            raise ValueError(f"K={k} appears twice in ks")
+        out[k] = evaluate_bounds(vae, x, k, seed=None if seed is None else seed + i, **kwargs)
+    return out
+
+
 def elbo(vae, x: torch.Tensor, num_samples: int = 1, **kwargs) -> Estimate:
     """Unbiased Monte Carlo ELBO per datapoint from ``num_samples`` samples of q; see
     :func:`evaluate_bounds`."""

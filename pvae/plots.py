@@ -105,3 +105,100 @@ def latent_scatter(
     ax.set_ylabel(axis[1])
     ax.set_title(title)
     return fig
+
+
+def _mean_and_stderr(estimate, which: str = "stderr") -> Tuple[float, float]:
+    """(mean, error) from an :class:`~pvae.estimators.Estimate` or its ``to_dict()``."""
+    if isinstance(estimate, dict):
+        return float(estimate["mean"]), float(estimate[which])
+    return estimate.mean, float(getattr(estimate, which))
+
+
+def bounds_versus_k(
+    bounds_by_k: dict, references: Optional[dict] = None, ax=None, title: str = "importance-weighted bounds"
+) -> Figure:
+    """:math:`\\mathcal{L}_K` and the ELBO against K (log axis), from
+    :func:`pvae.estimators.bounds_by_k` (``{K: {"elbo": Estimate, "iwae": Estimate}}``).
+
+    Error bars are the *Monte Carlo* standard errors of the means (the same datapoints are used
+    for every K, so the spread between datapoints is common to all points and left out).
+    ``references``: name -> value, Estimate or dict, drawn as horizontal lines (e.g. AIS, or
+    the exact log p(x))."""
+    fig = ax.figure if ax is not None else Figure(figsize=(6, 4), layout="constrained")
+    ax = ax if ax is not None else fig.add_subplot()
+    ks = sorted(bounds_by_k)
+    for name, label in (("iwae", "$\\mathcal{L}_K$"), ("elbo", "ELBO (mean of K log-weights)")):
+        points = [_mean_and_stderr(bounds_by_k[k][name], "mc_stderr_of_mean") for k in ks]
+        ax.errorbar(ks, [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=label)
+    for i, (name, ref) in enumerate((references or {}).items()):
+        value, err = (float(ref), 0.0) if isinstance(ref, (int, float)) else _mean_and_stderr(ref, "mc_stderr_of_mean")
+        line = ax.axhline(value, linestyle="--", color=f"C{i + 2}", label=name)
+        if err > 0:
+            ax.axhspan(value - err, value + err, color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_xlabel("K (importance samples per datapoint)")
+    ax.set_ylabel("nats per datapoint")
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+ESTIMATOR_LABELS = {"elbo": "ELBO", "iwae": "L_K (IWAE)", "ais": "AIS", "naive": "naive prior MC",
+                    "reverse-ais": "reverse AIS (upper)"}
+
+
+def estimator_comparison(models: dict, ax=None, title: str = "estimates of log p(x)") -> Figure:
+    """For each model (``{model name: {estimator name: Estimate or dict}}``) the estimates side
+    by side with their standard errors over datapoints, in nats per datapoint — e.g. ELBO vs
+    :math:`\\mathcal{L}_K` vs AIS vs the naive prior estimate. The legend gives each
+    estimator's sample count."""
+    fig = ax.figure if ax is not None else Figure(figsize=(6, 1.2 + 0.9 * max(len(models), 1)), layout="constrained")
+    ax = ax if ax is not None else fig.add_subplot()
+    names = []
+    for per_model in models.values():
+        names += [n for n in per_model if n not in names]
+    for j, name in enumerate(names):
+        for i, per_model in enumerate(models.values()):
+            if name not in per_model:
+                continue
+            est = per_model[name]
+            mean, se = _mean_and_stderr(est)
+            n = est["num_samples"] if isinstance(est, dict) else est.num_samples
+            count = "chains" if name in ("ais", "reverse-ais") else "K"
+            ax.errorbar(mean, i + 0.12 * (j - (len(names) - 1) / 2), xerr=se, fmt="o", capsize=3, color=f"C{j}",
+                        label=f"{ESTIMATOR_LABELS.get(name, name)} ({count}={n})" if i == 0 else None)
+    ax.set_yticks(range(len(models)), list(models))
+    ax.set_xlabel("nats per datapoint (± s.e. over datapoints)")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    return fig
+
+
+def khat_histogram(khat: torch.Tensor, ax=None, title: str = "PSIS $\\hat k$ of q(z|x) as proposal") -> Figure:
+    """Histogram of per-datapoint PSIS :math:`\\hat k` with the thresholds 0.5 and 0.7 (Vehtari
+    et al.: above 0.7 importance sampling with this proposal is unreliable)."""
+    fig = ax.figure if ax is not None else Figure(figsize=(6, 4), layout="constrained")
+    ax = ax if ax is not None else fig.add_subplot()
+    khat = torch.as_tensor(khat, dtype=torch.float64)
+    finite = khat[torch.isfinite(khat)]
+    ax.hist(finite.numpy(), bins=30)
+    for threshold, style in ((0.5, ":"), (0.7, "--")):
+        ax.axvline(threshold, color="k", linestyle=style, label=f"k = {threshold}")
+    above = float((khat > 0.7).double().mean()) if khat.numel() else float("nan")
+    ax.set_xlabel("$\\hat k$")
+    ax.set_ylabel("datapoints")
+    dropped = f" ({khat.numel() - finite.numel()} non-finite not shown)" if finite.numel() < khat.numel() else ""
+    ax.set_title(f"{title}\n{above:.1%} of {khat.numel()} datapoints above 0.7{dropped}")
+    ax.legend()
+    return fig
+
+
+def evaluation_figure(estimates: dict, khat: Optional[torch.Tensor] = None, title: str = "") -> Figure:
+    """The figure ``pvae evaluate`` writes: the estimates of log p(x) with their standard
+    errors and, when given, the histogram of PSIS :math:`\\hat k`."""
+    fig = Figure(figsize=(12 if khat is not None else 6, 4), layout="constrained")
+    axes = fig.subplots(1, 2 if khat is not None else 1, squeeze=False)[0]
+    estimator_comparison({title or "model": estimates}, ax=axes[0])
+    if khat is not None:
+        khat_histogram(khat, ax=axes[1])
+    return fig

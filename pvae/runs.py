@@ -24,7 +24,7 @@ from .checkpoint import load_checkpoint, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
 from .ais import ais
-from .diagnostics import latent_diagnostics
+from .diagnostics import importance_diagnostics, latent_diagnostics
 from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds, naive_prior_estimate, reconstruction_error
 from .model import VAE
 from .train import CHECKPOINT_FILE, History, fit
@@ -168,6 +168,9 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig
 
 
 ESTIMATORS = ("elbo", "iwae", "naive", "ais")
+#: fewest draws per datapoint for which evaluate_run fits PSIS k-hat (the Pareto tail then has
+#: min(K/5, 3 sqrt(K)) >= 20 draws)
+PSIS_MIN_SAMPLES = 100
 
 
 def evaluate_run(
@@ -183,17 +186,25 @@ def evaluate_run(
     estimators: Sequence[str] = ("elbo", "iwae"),
     ais_chains: int = 16,
     ais_steps: int = 100,
+    ais_start: str = "prior",
+    ais_schedule: str = "sigmoid",
+    psis_datapoints: int = 500,
 ) -> dict:
     """Evaluate a run on a split of its data set; the run's files are only read.
 
     ``estimators`` (any of :data:`ESTIMATORS`): ``"elbo"`` and ``"iwae"`` (the ELBO and the
     importance-weighted bound :math:`\\mathcal{L}_K` from the same K = ``num_samples`` draws
     of the guide), ``"naive"`` (the prior Monte Carlo estimate with K draws), ``"ais"``
-    (annealed importance sampling from the prior, ``ais_chains`` chains, ``ais_steps``
-    sigmoid-scheduled HMC steps). The reconstruction error at the encoder's code and the latent
+    (annealed importance sampling from ``ais_start`` — the prior or the guide — with
+    ``ais_chains`` chains and ``ais_steps`` HMC steps on the ``ais_schedule`` schedule). For a
+    guide with a density, PSIS k-hat of the guide as proposal is computed on the first
+    ``psis_datapoints`` datapoints from K draws each (0 turns it off) and summarized in
+    ``report["psis"]``. The reconstruction error at the encoder's code and the latent
     diagnostics (active units, KL per dimension, posterior-collapse message; see
     :func:`pvae.diagnostics.latent_diagnostics`) are always reported. Guide-based bounds are skipped, with the reason in ``report["skipped"]``, for a
-    point-mass guide. Writes ``evaluation-<split>-K<K>.json`` unless ``write`` is False.
+    point-mass guide. Writes ``evaluation-<split>-K<K>.json`` and the figure
+    ``evaluation-<split>-K<K>.png`` (estimates with standard errors, k-hat histogram) unless
+    ``write`` is False.
     """
     unknown = sorted(set(estimators) - set(ESTIMATORS))
     if unknown:
@@ -229,12 +240,39 @@ def evaluate_run(
             vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed, progress=progress
         )
     if "ais" in estimators:
-        estimates["ais"] = ais(vae, x, num_chains=ais_chains, num_steps=ais_steps, batch_size=batch_size, seed=seed)
-        report["ais_settings"] = {"chains": ais_chains, "steps": ais_steps, "schedule": "sigmoid", "start": "prior"}
+        estimates["ais"] = ais(vae, x, num_chains=ais_chains, num_steps=ais_steps, betas=ais_schedule,
+                               start=ais_start, batch_size=batch_size, seed=seed, progress=progress)
+        report["ais_settings"] = {"chains": ais_chains, "steps": ais_steps, "schedule": ais_schedule,
+                                  "start": ais_start, "leapfrog_steps": 10, "target_accept": 0.65}
     report["estimates"] = {name: est.to_dict() for name, est in estimates.items()}
+    khat = None
+    if psis_datapoints and vae.guide_net.has_density and num_samples < PSIS_MIN_SAMPLES:
+        report["skipped"]["psis"] = (f"K={num_samples} is too few draws to fit the Pareto tail "
+                                     f"(PSIS k-hat needs K >= {PSIS_MIN_SAMPLES} here)")
+    elif psis_datapoints and vae.guide_net.has_density:
+        sub = x[:psis_datapoints]
+        khat = torch.cat([importance_diagnostics(vae, xb, num_samples, chunk_size, seed=seed)["khat"]
+                          for xb in sub.split(batch_size)])
+        finite = khat[torch.isfinite(khat)]
+        report["psis"] = {
+            "datapoints": int(sub.shape[0]), "num_samples": int(num_samples),
+            "nonfinite_khat": int(khat.numel() - finite.numel()),
+            "khat_mean": float(finite.mean()) if finite.numel() else None,
+            "khat_max": float(finite.max()) if finite.numel() else None,
+            "fraction_above_0.5": float((khat > 0.5).double().mean()),
+            "fraction_above_0.7": float((khat > 0.7).double().mean()),
+        }
     with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
         warnings.simplefilter("ignore", UserWarning)
         report["latent"] = latent_diagnostics(vae, x)
     if write:
-        write_json(report, Path(run_dir) / f"evaluation-{split}-K{num_samples}.json")
+        from . import plots
+
+        stem = Path(run_dir) / f"evaluation-{split}-K{num_samples}"
+        bounds = {k: v for k, v in estimates.items() if k not in ("reconstruction", "squared-error")}
+        if bounds or khat is not None:
+            fig = plots.evaluation_figure(bounds, khat, title=f"{config.dataset} {split}")
+            fig.savefig(stem.with_suffix(".png"), dpi=100)
+            report["figure"] = stem.with_suffix(".png").name
+        write_json(report, stem.with_suffix(".json"))
     return report

@@ -84,7 +84,7 @@ def exact_posterior(vae: VAE, x: torch.Tensor) -> dist.MultivariateNormal:
     return dist.MultivariateNormal(mean, covariance_matrix=cov.expand(x.shape[0], -1, -1))
 
 
-def exact_elbo(vae: VAE, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+def exact_elbo(vae: VAE, x: torch.Tensor, beta: float = 1.0, index: Optional[torch.Tensor] = None) -> torch.Tensor:
     r"""Closed-form (β-weighted) ELBO per datapoint for a Gaussian guide (diagonal or full
     covariance), differentiable in the VAE's parameters:
 
@@ -94,15 +94,15 @@ def exact_elbo(vae: VAE, x: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
         E_q[\log p(x|z)] = -\tfrac{D}{2}\log 2\pi\sigma^2
         - \frac{\|x - W\mu - b\|^2 + \operatorname{tr}(W S W^\top)}{2\sigma^2}.
     """
-    expected_loglik, kl = exact_elbo_terms(vae, x)
+    expected_loglik, kl = exact_elbo_terms(vae, x, index)
     return expected_loglik - beta * kl
 
 
-def exact_elbo_terms(vae: VAE, x: torch.Tensor):
+def exact_elbo_terms(vae: VAE, x: torch.Tensor, index: Optional[torch.Tensor] = None):
     """``(E_q[log p(x|z)], KL(q(z|x) || p(z)))`` per datapoint in closed form; see
-    :func:`exact_elbo`."""
+    :func:`exact_elbo` (``index`` for a non-amortized guide)."""
     w, b, var = _parts(vae)
-    q = vae.guide_net(x)
+    q = vae.posterior(x, index)
     mu = q.mean
     base = q.base_dist if isinstance(q, dist.Independent) else q
     if isinstance(base, dist.Normal):

@@ -92,3 +92,12 @@ def test_bdmc_sandwiches_the_exact_log_marginal(model):
     # measured: gap 0.38 ± 0.10 nats with 50 steps; 1 nat is 6 s.e. away, and a broken
     # reverse chain gives gaps of ~10 nats (a sign error did exactly that while writing this)
     assert (err[:, 1] - err[:, 0]).mean() < 1.0
+
+
+def test_progress_bar_changes_no_number(model, capsys):
+    vae = model
+    x = torch.randn(5, 5, dtype=torch.float64)
+    quiet = ais(vae, x, num_chains=3, num_steps=5, batch_size=2)
+    shown = ais(vae, x, num_chains=3, num_steps=5, batch_size=2, progress=True)
+    assert torch.equal(quiet.values, shown.values)
+    assert "AIS 3 chains" in capsys.readouterr().err

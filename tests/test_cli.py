@@ -179,14 +179,19 @@ def test_objectives_from_the_command_line(tmp_path, capsys, extra, options):
 def test_evaluate_with_every_estimator(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST]) == 0
-    args = ["evaluate", str(run), "--K", "6", "--estimators", "elbo,iwae,naive,ais",
-            "--ais-chains", "3", "--ais-steps", "4", "--no-progress"]
+    args = ["evaluate", str(run), "--K", "100", "--estimators", "elbo,iwae,naive,ais",
+            "--ais-chains", "3", "--ais-steps", "4", "--ais-start", "guide", "--ais-schedule", "linear",
+            "--psis-datapoints", "40", "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "ais (chains=3)" in out and "naive-prior-mc (K=6)" in out
-    report = json.loads((run / "evaluation-test-K6.json").read_text())
+    assert "ais (chains=3)" in out and "naive-prior-mc (K=100)" in out and "active units:" in out
+    report = json.loads((run / "evaluation-test-K100.json").read_text())
     assert set(report["estimates"]) == {"elbo", "iwae", "naive", "ais", "reconstruction", "squared-error"}
-    assert report["ais_settings"] == {"chains": 3, "steps": 4, "schedule": "sigmoid", "start": "prior"}
+    assert report["ais_settings"] == {"chains": 3, "steps": 4, "schedule": "linear", "start": "guide",
+                                      "leapfrog_steps": 10, "target_accept": 0.65}
+    assert report["psis"]["datapoints"] == 40 and 0 <= report["psis"]["fraction_above_0.7"] <= 1
+    assert report["latent"]["latent_dim"] == 2
+    assert (run / report["figure"]).stat().st_size > 0
     assert main(["evaluate", str(run), "--estimators", "elbo,psis"]) == 2
     assert "unknown estimator(s) ['psis']; valid choices: elbo, iwae, naive, ais" in capsys.readouterr().err
 

@@ -88,3 +88,50 @@ def test_latent_diagnostics_report_active_units_kl_and_collapse():
     assert report["active_units"] == 2 and report["activity"][2] == 0.0
     assert report["kl_total"] == pytest.approx(float(pvae.kl_per_dimension(vae, x).sum()))
     json.dumps(report)  # JSON-ready
+
+
+def test_inference_gaps_against_the_closed_form_on_the_linear_gaussian_model():
+    """The best diagonal Gaussian for a Gaussian posterior N(m, S) has mean m and variances
+    1/diag(S^-1); the approximation gap is then KL(q*||p(z|x)) exactly, and the amortization
+    gap is ELBO[q*] - ELBO[q_phi] in closed form."""
+    from pvae.testing import exact_elbo, exact_log_marginal, exact_posterior, mc_tolerance
+
+    vae = linear_gaussian_vae(data_dim=5, latent_dim=2, noise_scale=0.7, seed=3)
+    x = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads_before = [p.grad for p in vae.parameters()]
+    state = {k: v.clone() for k, v in vae.state_dict().items()}
+    rng = torch.get_rng_state()
+    gaps = pvae.diagnostics.inference_gaps(vae, x, num_samples=4000, refine_steps=1500, lr=0.02,
+                                           num_particles=50, log_marginal=exact_log_marginal(vae, x))
+    post = exact_posterior(vae, x)
+    best_scale = post.precision_matrix.diagonal(dim1=-2, dim2=-1).rsqrt()
+    q_star = gaps["refined_guide"]
+    index = torch.arange(4)
+    loc, scale = q_star.loc.detach(), torch.nn.functional.softplus(q_star.pre_scale.detach()) + q_star.min_scale
+    torch.testing.assert_close(loc, post.mean, atol=2e-2, rtol=0)  # stochastic optimization: ~5e-3 typical
+    torch.testing.assert_close(scale, best_scale, atol=2e-2, rtol=0)
+    refined = pvae.VAE(vae.prior, vae.decoder, vae.likelihood, q_star)
+    elbo_star = exact_elbo(refined, x, index=index).detach()
+    optimal_gap = torch.distributions.kl_divergence(
+        torch.distributions.MultivariateNormal(post.mean, scale_tril=torch.diag_embed(best_scale)), post)
+    # the refined q* is optimal up to second order in its parameter error (< 1e-2)
+    assert ((exact_log_marginal(vae, x).detach() - elbo_star) - optimal_gap).abs().max() < 1e-3
+    # the Monte Carlo estimates agree with the closed forms within their standard errors
+    se = gaps["elbo_refined"].mc_stderr
+    assert ((gaps["approximation_gap"] - (exact_log_marginal(vae, x).detach() - elbo_star)).abs()
+            < torch.tensor([mc_tolerance(s, 1e-6 / 4) for s in se])).all()
+    exact_amortization = elbo_star - exact_elbo(vae, x).detach()
+    se2 = (gaps["elbo_refined"].mc_stderr ** 2 + gaps["elbo_amortized"].mc_stderr ** 2).sqrt()
+    assert ((gaps["amortization_gap"] - exact_amortization).abs()
+            < torch.tensor([mc_tolerance(s, 1e-6 / 4) for s in se2])).all()
+    assert (gaps["amortization_gap"] > 0).all()  # the untrained encoder is far from q*
+    # evaluation changed nothing
+    assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
+    assert [p.grad for p in vae.parameters()] == grads_before
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_inference_gaps_need_a_diagonal_gaussian_guide():
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,), guide="iaf"), 6)
+    with pytest.raises(ValueError, match="needs a DiagonalGaussianGuide"):
+        pvae.diagnostics.inference_gaps(vae, (torch.rand(3, 6) < 0.5).float())
