@@ -38,7 +38,7 @@ SCRIPTS = {
     ],
 }
 NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py"}
-NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10"}
+NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10", "PVAE_NOTEBOOK_AIS_STEPS": "3"}
 HELPERS = {"benchmarks/handwritten_vae.py"}  # imported by scripts, not run on their own
 
 
