@@ -168,8 +168,9 @@ def inference_gaps(
 
     :returns: ``{"elbo_amortized": Estimate, "elbo_refined": Estimate, "log_marginal": Estimate
         or the given tensor, "approximation_gap": (N,), "amortization_gap": (N,),
-        "settings": dict}`` (nats per datapoint). Parameters, gradients, the global RNG and
-        the train/eval mode of ``vae`` are left as they were.
+        "settings": dict}`` (nats per datapoint). Parameters, gradients and the train/eval
+        mode of ``vae`` (and of its parts) are left as they were, and so is the global RNG unless
+        ``seed`` is None (then the draws come from it).
     """
     from .estimators import Estimate, _check_positive_int, evaluate_bounds
     from .guides import DiagonalGaussianGuide, NonAmortizedGuide
@@ -189,7 +190,7 @@ def inference_gaps(
         raise ValueError(f"log_marginal must have shape ({x.shape[0]},), got {tuple(log_marginal.shape)}")
     amortized = evaluate_bounds(vae, x, num_samples, seed=seed)
     objective = make_objective("elbo-analytic-kl", num_particles)  # Monte Carlo KL where none is known
-    was_training = vae.training
+    modes = {module: module.training for module in vae.modules()}
     vae.eval()
     bar = None
     if progress:
@@ -221,7 +222,8 @@ def inference_gaps(
     finally:
         if bar is not None:
             bar.close()
-        vae.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     local = NonAmortizedGuide(vae.data_dim, vae.latent_dim, x.shape[0]).to(x.device, x.dtype)
     with torch.no_grad():
         local.loc.copy_(torch.cat(locs))

@@ -139,18 +139,19 @@ def log_importance_weights(
 
 @contextlib.contextmanager
 def _evaluating(vae):
-    """No gradients and eval mode inside; the caller's train/eval mode restored after.
+    """No gradients and eval mode inside; the caller's train/eval modes restored after.
 
     Distribution argument validation is switched off inside (callers check the data once with
     :meth:`~pvae.model.VAE.check_data`; re-checking every chunk of samples costs ~5% of an
     IWAE evaluation) and restored after."""
-    was_training = vae.training
+    modes = {module: module.training for module in vae.modules()}
     vae.eval()
     try:
         with torch.no_grad(), pyro.validation_enabled(False):
             yield
-    finally:
-        vae.train(was_training)
+    finally:  # every submodule's own mode (parts may be shared with another VAE in another mode)
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def _batches(x: torch.Tensor, batch_size: int):

@@ -88,7 +88,7 @@ class KLSchedule:
         self.kind = "constant" if warmup == 0 else kind
 
     def __call__(self, progress: float) -> float:
-        if self.kind == "constant":
+        if self.kind == "constant" or math.isinf(progress):  # outside training: full weight
             return self.beta
         if self.kind == "linear":
             return self.beta * min(1.0, progress / self.warmup)
@@ -118,6 +118,15 @@ class Objective:
         self.num_particles = int(num_particles)
         self.kl_schedule = kl_schedule if kl_schedule is not None else KLSchedule()
         self.progress = math.inf  # outside a training loop every schedule is at full weight
+
+    #: whether the objective has a KL term that :attr:`kl_weight` scales
+    has_kl_term: bool = True
+    #: fewest datapoints a minibatch may have
+    min_batch_size: int = 1
+
+    def check(self, vae, x: torch.Tensor) -> None:
+        """Raise a clear error if this objective cannot train ``vae`` (called by
+        :func:`pvae.fit` on two datapoints before anything is trained or written)."""
 
     def set_progress(self, epochs: float) -> None:
         """Tell the objective how far training has got (in epochs; fractional within one)."""
@@ -213,9 +222,16 @@ class IWAEObjective(Objective):
     gradient reaching it by :math:`\tilde w_k`.
     """
 
+    has_kl_term = False
+
     def __init__(self, num_particles: int, dreg: bool = False):
         super().__init__("iwae", num_particles)
         self.dreg = bool(dreg)
+
+    def check(self, vae, x):
+        if self.dreg:
+            with torch.no_grad():
+                _stop_gradient(vae.posterior(x))
 
     def options(self) -> dict:
         return {"dreg": True} if self.dreg else {}
@@ -238,9 +254,11 @@ class IWAEObjective(Objective):
 
 
 def gaussian_kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """:math:`k(a, b) = \\exp(-\\|a - b\\|^2 / L)` for all pairs (``(n, L), (m, L) -> (n, m)``);
-    the bandwidth is the latent dimension L, as in Zhao et al.'s code."""
-    return torch.exp(-torch.cdist(a, b).pow(2) / a.shape[-1])
+    """:math:`k(a, b) = \\exp(-\\|a - b\\|^2 / L^2)` for all pairs (``(n, L), (m, L) -> (n, m)``),
+    i.e. :math:`\\exp(-\\mathrm{mean}_d (a_d - b_d)^2 / L)` as in Zhao et al.'s reference code
+    (``compute_kernel`` of their MMD-VAE)."""
+    dim = a.shape[-1]
+    return torch.exp(-torch.cdist(a, b).pow(2) / (dim * dim))
 
 
 def mmd_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -267,10 +285,14 @@ class InfoVAEObjective(Objective):
 
     where :math:`q(z) = E_{p_D}[q(z|x)]` is the aggregate posterior, estimated on the minibatch
     by one guide sample per datapoint per particle against as many prior samples, with
-    :func:`mmd_squared` (Gaussian kernel, bandwidth L). α = 1 removes the KL term (the MMD-VAE);
-    α = 0, λ = 1 is the ELBO. The prior samples are drawn from :meth:`VAE.prior` (learned
-    priors receive the MMD's gradient too). Requires batches of at least 2.
+    :func:`mmd_squared` (:func:`gaussian_kernel`). α = 1 removes the KL term (the MMD-VAE);
+    α = 0, λ = 1 is the ELBO. The prior samples are drawn from :meth:`VAE.prior`; priors with
+    reparametrized sampling (standard normal, learned diagonal, flow) receive the MMD's gradient,
+    mixtures (MoG, VampPrior) are sampled without it. Needs minibatches of at least 2
+    (:func:`pvae.fit` checks the last one before training).
     """
+
+    min_batch_size = 2
 
     def __init__(self, num_particles: int = 1, alpha: float = 0.0, lam: float = 1000.0,
                  kl_schedule: Optional[KLSchedule] = None):
@@ -293,8 +315,12 @@ class InfoVAEObjective(Objective):
         z = q.rsample((self.num_particles,))  # (P, B, L)
         expected_loglik = vae.log_likelihood(x, z).mean(0)
         kl = (q.log_prob(z) - vae.log_prior(z)).mean(0)
+        if x.shape[0] < 2:
+            raise ValueError("the InfoVAE objective estimates MMD over the minibatch and needs at least 2 "
+                             f"datapoints per batch, got {x.shape[0]}")
         prior = vae.prior()
-        mmd = torch.stack([mmd_squared(zp, prior.rsample((x.shape[0],))) for zp in z]).mean()
+        draw = prior.rsample if prior.has_rsample else prior.sample  # mixtures: no pathwise gradient
+        mmd = torch.stack([mmd_squared(zp, draw((x.shape[0],))) for zp in z]).mean()
         value = (expected_loglik - (1 - self.alpha) * self.kl_weight * kl).mean() - (self.alpha + self.lam - 1) * mmd
         return -value, value.detach()
 

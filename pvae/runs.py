@@ -27,7 +27,7 @@ from .ais import ais
 from .diagnostics import importance_diagnostics, latent_diagnostics
 from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds, naive_prior_estimate, reconstruction_error
 from .model import VAE
-from .train import CHECKPOINT_FILE, History, fit
+from .train import CHECKPOINT_FILE, History, check_objective, fit
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
@@ -94,6 +94,8 @@ def train_run(
         vae = build_vae(config, data.data_dim)
     vae.check_data(data.train, f"{config.dataset} training data")
     vae.check_data(data.valid, f"{config.dataset} validation data")
+    objective = config.build_objective()
+    check_objective(objective, vae, data.train, config.batch_size)
     config_path = run_dir / CONFIG_FILE
     if config_path.exists():
         if not resume:
@@ -120,7 +122,7 @@ def train_run(
         epochs=config.epochs,
         batch_size=config.batch_size,
         lr=config.lr,
-        objective=config.build_objective(),
+        objective=objective,
         patience=config.patience,
         seed=config.seed,
         device=device,
@@ -239,11 +241,15 @@ def evaluate_run(
         estimates["naive"] = naive_prior_estimate(
             vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed, progress=progress
         )
-    if "ais" in estimators:
+    if "ais" in estimators and ais_start == "guide" and not vae.guide_net.has_density:
+        report["skipped"]["ais"] = "AIS from the guide needs a guide with a density; use --ais-start prior"
+    elif "ais" in estimators:
+        settings = {"num_leapfrog": 10, "target_accept": 0.65}
         estimates["ais"] = ais(vae, x, num_chains=ais_chains, num_steps=ais_steps, betas=ais_schedule,
-                               start=ais_start, batch_size=batch_size, seed=seed, progress=progress)
+                               start=ais_start, batch_size=batch_size, seed=seed, progress=progress, **settings)
         report["ais_settings"] = {"chains": ais_chains, "steps": ais_steps, "schedule": ais_schedule,
-                                  "start": ais_start, "leapfrog_steps": 10, "target_accept": 0.65}
+                                  "start": ais_start, "leapfrog_steps": settings["num_leapfrog"],
+                                  "target_accept": settings["target_accept"]}
     report["estimates"] = {name: est.to_dict() for name, est in estimates.items()}
     khat = None
     if psis_datapoints and vae.guide_net.has_density and num_samples < PSIS_MIN_SAMPLES:
@@ -251,8 +257,8 @@ def evaluate_run(
                                      f"(PSIS k-hat needs K >= {PSIS_MIN_SAMPLES} here)")
     elif psis_datapoints and vae.guide_net.has_density:
         sub = x[:psis_datapoints]
-        khat = torch.cat([importance_diagnostics(vae, xb, num_samples, chunk_size, seed=seed)["khat"]
-                          for xb in sub.split(batch_size)])
+        khat = torch.cat([importance_diagnostics(vae, xb, num_samples, chunk_size, seed=seed + 1000 + i)["khat"]
+                          for i, xb in enumerate(sub.split(batch_size))])
         finite = khat[torch.isfinite(khat)]
         report["psis"] = {
             "datapoints": int(sub.shape[0]), "num_samples": int(num_samples),
@@ -263,7 +269,7 @@ def evaluate_run(
             "fraction_above_0.7": float((khat > 0.7).double().mean()),
         }
     with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)
         report["latent"] = latent_diagnostics(vae, x)
     if write:
         from . import plots

@@ -92,6 +92,22 @@ def _validate(vae, valid_data, num_samples, seed):
     return "val_reconstruction", reconstruction_error(vae, valid_data)["reconstruction"]
 
 
+def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int) -> None:
+    """Raise a clear error, before anything is trained or written, when ``objective`` cannot
+    train ``vae`` on ``train_data`` in minibatches of ``batch_size`` (e.g. the DReG gradient
+    with a flow guide, or InfoVAE with a last minibatch of one datapoint)."""
+    min_batch = getattr(objective, "min_batch_size", 1)
+    last_batch = train_data.shape[0] % batch_size or batch_size
+    if min(last_batch, batch_size) < min_batch:
+        raise ValueError(
+            f"objective {objective.name!r} needs minibatches of at least {min_batch} datapoints, but "
+            f"{train_data.shape[0]} training datapoints in batches of {batch_size} leave a last batch of "
+            f"{last_batch}; choose another batch size"
+        )
+    if hasattr(objective, "check") and not vae.guide_net.needs_index:
+        objective.check(vae, train_data[:2].to(vae.device))
+
+
 def fit(
     vae,
     train_data: torch.Tensor,
@@ -165,6 +181,7 @@ def fit(
         )
     train_data = train_data.to(device)
     valid_data = valid_data.to(device) if valid_data is not None else None
+    check_objective(objective, vae, train_data, batch_size)
 
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(int(seed))
@@ -250,7 +267,8 @@ def fit(
                     "train_objective": total / train_data.shape[0],
                     "objective": objective.name,
                     "num_particles": objective.num_particles,
-                    **({"kl_weight": objective.kl_weight} if hasattr(objective, "kl_weight") else {}),
+                    # the KL weight at the epoch's last step
+                    **({"kl_weight": objective.kl_weight} if getattr(objective, "has_kl_term", False) else {}),
                     "val_metric": None,
                 }
                 if valid_data is not None:

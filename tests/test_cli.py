@@ -132,6 +132,9 @@ def test_plain_autoencoder_from_the_command_line(tmp_path, capsys):
     assert set(report["estimates"]) == {"reconstruction", "squared-error"}  # no bounds for a point mass
     assert set(report["skipped"]) == {"elbo", "iwae"}
     assert report["estimates"]["squared-error"]["mean"] > 0
+    assert main(["evaluate", str(run), "--K", "5", "--estimators", "ais", "--ais-start", "guide", "--no-progress"]) == 0
+    report = json.loads((run / "evaluation-test-K5.json").read_text())
+    assert "needs a guide with a density" in report["skipped"]["ais"]
     for name in FIGURES:
         assert (run / name).is_file()
 

@@ -129,6 +129,9 @@ def test_inference_gaps_against_the_closed_form_on_the_linear_gaussian_model():
     assert all(torch.equal(v, state[k]) for k, v in vae.state_dict().items())
     assert [p.grad for p in vae.parameters()] == grads_before
     assert torch.equal(rng, torch.get_rng_state())
+    vae.eval()  # a loaded model is in eval mode: every part stays there
+    pvae.diagnostics.inference_gaps(vae, x, num_samples=10, refine_steps=2)
+    assert not any(m.training for m in vae.modules())
 
 
 def test_inference_gaps_need_a_diagonal_gaussian_guide():

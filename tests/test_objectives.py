@@ -69,6 +69,7 @@ def test_kl_schedules():
     cyc = KLSchedule(beta=1.0, warmup=4, kind="cyclical")
     assert [cyc(t) for t in (0, 1, 2, 3, 4, 5)] == [0.0, 0.5, 1.0, 1.0, 0.0, 0.5]
     assert KLSchedule(beta=3.0)(0.0) == 3.0
+    assert cyc(math.inf) == linear(math.inf) / 2.0 == 1.0  # outside training: full weight
     for bad in ({"beta": -1}, {"warmup": -2}, {"warmup": 1, "kind": "cosine"}):
         with pytest.raises(ValueError):
             KLSchedule(**bad)
@@ -165,7 +166,7 @@ def test_pyro_renyi_elbo_agrees_with_the_per_datapoint_bound_for_this_plate_stru
 
 
 def _expected_kernel(mean_a, var_a, mean_b, var_b, dim):
-    h = dim / 2.0  # exp(-|a-b|^2 / L) = exp(-|a-b|^2 / (2h))
+    h = dim * dim / 2.0  # exp(-|a-b|^2 / L^2) = exp(-|a-b|^2 / (2h))
     s = h + var_a + var_b
     return (h / s) ** (dim / 2) * math.exp(-((mean_a - mean_b) ** 2) * dim / (2 * s))
 
@@ -184,7 +185,7 @@ def test_mmd_estimate_is_unbiased_for_the_closed_form():
     same = torch.stack([mmd_squared(torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g))
                         for _ in range(4000)])
     assert abs(same.mean()) < mc_tolerance(same.std() / math.sqrt(len(same)))  # 0 for P = Q
-    assert torch.allclose(gaussian_kernel(torch.zeros(1, 2), torch.ones(1, 2)), torch.tensor([[math.exp(-1.0)]]))
+    assert torch.allclose(gaussian_kernel(torch.zeros(1, 2), torch.ones(1, 2)), torch.tensor([[math.exp(-0.5)]]))
     with pytest.raises(ValueError, match="at least 2"):
         mmd_squared(torch.zeros(1, 2), torch.zeros(3, 2))
 
@@ -198,11 +199,21 @@ def test_infovae_with_alpha_0_lambda_1_is_the_elbo_on_the_same_samples():
     torch.testing.assert_close(value, lw.mean())
 
 
-def test_infovae_value_is_unbiased_and_trains_every_part():
-    """value = E[log p(x|z)] - (1-a) KL - (a+l-1) MMD^2; with alpha = 1 the KL is absent and the
-    MMD term alone pulls the guide: every parameter gets a finite gradient."""
+def test_infovae_value_is_its_formula_on_the_same_draws_and_trains_every_part():
+    """value = E[log p(x|z)] - (1-a) KL - (a+l-1) MMD^2, recomputed by hand from the same draws;
+    with alpha = 1 the KL is absent and the MMD term alone pulls the guide."""
     vae, x = linear_gaussian_vae(), lg_data(6)
     objective = pvae.make_objective("infovae", 2, info_alpha=0.5, mmd_lambda=10.0)
+    with pvae._rng.seeded(4):
+        _, value = objective.loss_and_value(vae, x)
+    with pvae._rng.seeded(4), torch.no_grad():
+        q = vae.posterior(x)
+        z = q.rsample((2,))
+        prior_draws = [vae.prior().rsample((6,)) for _ in range(2)]
+        loglik = vae.log_likelihood(x, z).mean(0)
+        kl = (q.log_prob(z) - vae.log_prior(z)).mean(0)
+        mmd = torch.stack([mmd_squared(z[i], prior_draws[i]) for i in range(2)]).mean()
+    torch.testing.assert_close(value, (loglik - 0.5 * kl).mean() - 9.5 * mmd)
     loss, value = objective.loss_and_value(vae, x)
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in vae.parameters())
@@ -211,8 +222,25 @@ def test_infovae_value_is_unbiased_and_trains_every_part():
     vae.zero_grad(set_to_none=True)
     mmd_only.loss_and_value(vae, x)[0].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vae.guide_net.parameters())
-    values = torch.stack([objective.loss_and_value(vae, x)[1] for _ in range(3000)])
-    assert values.std() > 0  # a Monte Carlo estimate (checked for alpha=0, lambda=1 exactly above)
+
+
+def test_infovae_with_a_mixture_prior_and_its_batch_size_check(tmp_path):
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,), prior="mog"), 6)
+    x = (torch.rand(5, 6) < 0.5).float()
+    loss, _ = pvae.make_objective("infovae").loss_and_value(vae, x)
+    loss.backward()  # mixtures are sampled without a pathwise gradient; the rest trains
+    data = (torch.rand(201, 6) < 0.5).float()
+    with pytest.raises(ValueError, match="at least 2 datapoints.*last batch of 1"):
+        pvae.fit(vae, data, epochs=1, objective="infovae", run_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_dreg_with_a_flow_guide_is_refused_before_training(tmp_path):
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,), guide="iaf"), 6)
+    with pytest.raises(ValueError, match="DReG"):
+        pvae.fit(vae, (torch.rand(20, 6) < 0.5).float(), epochs=1,
+                 objective=pvae.make_objective("iwae", 3, dreg=True), run_dir=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("name, options, match", [
