@@ -44,6 +44,16 @@ OBJECTIVES = {
 }
 
 
+def write_summary(args, rows):
+    write_json({
+        "experiment": "training objectives, same architecture and epochs, pvae train/evaluate from the CLI",
+        "dataset": args.dataset, "latent_dim": args.latent_dim, "hidden": args.hidden, "epochs": args.epochs,
+        "evaluation": f"test split, ELBO and L_K from the same K={args.K} draws per image; "
+                      "active units: Var_x E_q[z_u|x] > 0.01; test_kl: mean KL(q(z|x)||p(z)) in closed form",
+        "runs": rows,
+    }, args.summary)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", default=",".join(OBJECTIVES), help=f"subset of {', '.join(OBJECTIVES)}")
@@ -92,13 +102,7 @@ def main(argv=None):
             "train_seconds": sum(r["seconds"] for r in records), "this_call_train_seconds": train_call,
         })
         print(json.dumps(rows[-1]), flush=True)
-    write_json({
-        "experiment": "training objectives, same architecture and epochs, pvae train/evaluate from the CLI",
-        "dataset": args.dataset, "latent_dim": args.latent_dim, "hidden": args.hidden, "epochs": args.epochs,
-        "evaluation": f"test split, ELBO and L_K from the same K={args.K} draws per image; "
-                      "active units: Var_x E_q[z_u|x] > 0.01; test_kl: mean KL(q(z|x)||p(z)) in closed form",
-        "runs": rows,
-    }, args.summary)
+        write_summary(args, rows)  # after every run: an interrupted experiment keeps its rows
 
 
 if __name__ == "__main__":

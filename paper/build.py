@@ -131,7 +131,8 @@ def objectives_table(summary) -> str:
         return "_Objectives experiment: no result file (run experiments/objectives_mnist.py)._\n"
     lines = [
         f"**Table 7.** Training objectives on {summary['dataset']}, the same MLP ({summary['hidden']}, "
-        f"latent {summary['latent_dim']}) for {summary['epochs']} epochs each, one seed; "
+        f"latent {summary['latent_dim']}) for {summary['epochs']} epochs each, one seed, each evaluated at "
+        "its best validation-ELBO epoch (pvae train's selection rule for every objective); "
         f"{summary['evaluation']}. Nats per image (± s.e. over images).",
         "",
         "| objective | final training objective | test ELBO | test L_K | active units | test KL |",

@@ -27,6 +27,10 @@ SCRIPTS = {
         "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json",
     ],
     "paper/build.py": ["--out", "{tmp}/tables.md"],
+    "experiments/inference_gaps_mnist.py": [
+        "--run-dir", "{tmp}/run", "--train-missing", "digits", "--images", "3", "--K", "5", "--refine-steps", "2", "--particles", "2",
+        "--summary", "{tmp}/summary.json",
+    ],
     "experiments/objectives_mnist.py": [
         "--dataset", "digits", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--K", "3",
         "--runs", "elbo,iwae-5-dreg,warmup-5,mmd-vae", "--out-dir", "{tmp}/out", "--summary", "{tmp}/summary.json",
