@@ -39,7 +39,7 @@ from .guides import GUIDES, DiagonalGaussianGuide, Guide, NonAmortizedGuide
 from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood
 from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
 from .nets import ACTIVATIONS, MLP
-from .objectives import OBJECTIVES, ElboObjective, InfoVAEObjective, IWAEObjective, KLSchedule, Objective, make_objective
+from .objectives import OBJECTIVES, ElboObjective, FreeBitsObjective, InfoVAEObjective, IWAEObjective, KLSchedule, Objective, make_objective
 from .priors import PRIORS, Prior, StandardNormalPrior
 from .runs import evaluate_run, load_run, train_run
 from .train import History, fit
@@ -48,7 +48,7 @@ __all__ = [
     "ACTIVATIONS", "BernoulliLikelihood", "DATASETS", "DATA_PLATE", "Dataset",
     "DiagonalGaussianGuide", "Estimate", "NonAmortizedGuide", "GUIDES", "GaussianLikelihood", "Guide", "History",
     "LATENT_SITE", "LIKELIHOODS", "Likelihood", "MLP", "OBJECTIVES", "OBSERVED_SITE",
-    "Objective", "ElboObjective", "IWAEObjective", "InfoVAEObjective", "KLSchedule", "PRIORS", "Prior", "RunConfig", "StandardNormalPrior", "VAE", "build_vae",
+    "Objective", "ElboObjective", "FreeBitsObjective", "IWAEObjective", "InfoVAEObjective", "KLSchedule", "PRIORS", "Prior", "RunConfig", "StandardNormalPrior", "VAE", "build_vae",
     "data_dir", "elbo", "evaluate_bounds", "evaluate_run", "fit", "iwae_bound",
     "load_dataset", "load_run", "log_importance_weights", "make_objective", "naive_prior_estimate",
     "train_run", "autoencoder_config", "reconstruction_error", "active_units",

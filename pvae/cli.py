@@ -43,6 +43,7 @@ _TRAIN_FLAGS = {
     "dreg": "dreg",
     "info_alpha": "info_alpha",
     "mmd_lambda": "mmd_lambda",
+    "free_bits": "free_bits",
     "epochs": "epochs",
     "batch_size": "batch_size",
     "lr": "lr",
@@ -110,6 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="doubly reparametrized guide gradient for --objective iwae")
     train.add_argument("--info-alpha", type=float, help="InfoVAE alpha (KL weight 1 - alpha)")
     train.add_argument("--mmd-lambda", type=float, help="InfoVAE lambda (MMD weight alpha + lambda - 1)")
+    train.add_argument("--free-bits", type=float,
+                       help="nats per latent dimension below which the KL is not penalized (--objective elbo-analytic-kl)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)

@@ -73,7 +73,7 @@ class RunConfig:
     ``gaussian_scale`` (``"fixed"``, ``"global"``, ``"per-dim"``), ``num_flows`` (flow guides
     and prior), ``mog_components``, ``vamp_pseudo_inputs``. Training: ``dataset``,
     ``objective``, ``num_particles`` (K for ``"iwae"``), the objective's options ``beta``,
-    ``kl_warmup`` (epochs), ``kl_schedule``, ``dreg``, ``info_alpha``, ``mmd_lambda`` (see
+    ``kl_warmup`` (epochs), ``kl_schedule``, ``dreg``, ``info_alpha``, ``mmd_lambda``, ``free_bits`` (see
     :func:`pvae.objectives.make_objective`; an option the objective does not take must keep
     its default), ``epochs``, ``batch_size``, ``lr``, ``patience``,
     ``seed``, ``device``, ``val_num_samples``.
@@ -102,6 +102,7 @@ class RunConfig:
     dreg: bool = False
     info_alpha: float = 0.0
     mmd_lambda: float = 1000.0
+    free_bits: float = 0.0
     epochs: int = 600
     batch_size: int = 100
     lr: float = 1e-3

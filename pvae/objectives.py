@@ -12,7 +12,8 @@ Registered objectives (:data:`OBJECTIVES`; build with :func:`make_objective`):
 * ``"elbo"`` — :class:`pyro.infer.Trace_ELBO`:
   :math:`E_q[\log p(x|z)] - \beta_t\,E_q[\log q(z|x) - \log p(z)]`, KL term sampled.
 * ``"elbo-analytic-kl"`` — :class:`pyro.infer.TraceMeanField_ELBO`: the same with
-  :math:`KL(q(z|x)\|p(z))` in closed form where Pyro knows it (lower variance).
+  :math:`KL(q(z|x)\|p(z))` in closed form where Pyro knows it (lower variance); with
+  ``free_bits`` λ > 0, the free-bits ELBO (:class:`FreeBitsObjective`).
 * ``"reconstruction"`` — :math:`E_q[\log p(x|z)]` only (:math:`\beta = 0`): the plain
   autoencoder's loss with a ``"delta"`` guide (binary cross-entropy under a Bernoulli
   likelihood, squared error under a Gaussian one).
@@ -183,6 +184,58 @@ class ElboObjective(Objective):
         return loss, -loss.detach()
 
 
+def _factorized_normal(d: dist.Distribution, what: str) -> dist.Normal:
+    base = d.base_dist if isinstance(d, dist.Independent) else d
+    if not isinstance(base, dist.Normal):
+        raise ValueError(
+            f"free bits need the KL per latent dimension, which exists in closed form for a diagonal "
+            f"Gaussian {what}; got {type(base).__name__}. Use a diagonal guide and a standard-normal or "
+            "learned-diagonal prior, or free_bits=0"
+        )
+    return base
+
+
+class FreeBitsObjective(Objective):
+    r"""The ELBO with free bits (Kingma et al., 2016):
+
+    .. math::
+
+        E_q[\log p(x|z)] - \beta_t \sum_{d=1}^{L} \max\big(\lambda,\ \overline{KL}_d\big),
+        \qquad \overline{KL}_d = \frac1B\sum_b KL\big(q(z_d|x_b)\,\|\,p(z_d)\big),
+
+    per datapoint averaged over the minibatch: a latent dimension whose minibatch-average KL is
+    below λ nats is not pushed further toward the prior, which counters posterior collapse. The
+    KL per dimension is in closed form, so the guide and the prior must be diagonal Gaussians.
+    It is computed directly from the parts (:meth:`~pvae.model.VAE.log_likelihood`, the guide's
+    and prior's distributions) because Pyro's ELBOs sum the KL over dimensions before any
+    clamp could act. With λ = 0 it is ``elbo-analytic-kl``.
+    """
+
+    def __init__(self, num_particles: int, free_bits: float, kl_schedule: Optional[KLSchedule] = None):
+        super().__init__("elbo-analytic-kl", num_particles, kl_schedule)
+        free_bits = float(free_bits)
+        if not (math.isfinite(free_bits) and free_bits >= 0):
+            raise ValueError(f"free_bits must be a number of nats >= 0, got {free_bits!r}")
+        self.free_bits = free_bits
+
+    def options(self) -> dict:
+        return {**super().options(), "free_bits": self.free_bits}
+
+    def check(self, vae, x):
+        with torch.no_grad():
+            _factorized_normal(vae.posterior(x), "guide")
+            _factorized_normal(vae.prior(), "prior")
+
+    def loss_and_value(self, vae, x, index=None):
+        q = vae.posterior(x, index)
+        z = q.rsample((self.num_particles,))
+        expected_loglik = vae.log_likelihood(x, z).mean(0).mean()
+        kl_per_dim = torch.distributions.kl_divergence(
+            _factorized_normal(q, "guide"), _factorized_normal(vae.prior(), "prior")).mean(0)  # (L,)
+        value = expected_loglik - self.kl_weight * kl_per_dim.clamp(min=self.free_bits).sum()
+        return -value, value.detach()
+
+
 def _stop_gradient(q: dist.Distribution) -> dist.Distribution:
     """The same distribution with its parameters detached (for DReG's log q term)."""
     if isinstance(q, dist.Independent):
@@ -341,8 +394,11 @@ def trace_elbo(num_particles: int = 1, beta: float = 1.0, kl_warmup: float = 0.0
 
 @OBJECTIVES.register("elbo-analytic-kl")
 def mean_field_elbo(num_particles: int = 1, beta: float = 1.0, kl_warmup: float = 0.0,
-                    kl_schedule: str = "linear") -> Objective:
-    """ELBO with an analytic KL term (:class:`pyro.infer.TraceMeanField_ELBO`)."""
+                    kl_schedule: str = "linear", free_bits: float = 0.0) -> Objective:
+    """ELBO with an analytic KL term (:class:`pyro.infer.TraceMeanField_ELBO`); with
+    ``free_bits`` > 0 nats per latent dimension, the free-bits ELBO (:class:`FreeBitsObjective`)."""
+    if free_bits:
+        return FreeBitsObjective(num_particles, free_bits, KLSchedule(beta, kl_warmup, kl_schedule))
     return ElboObjective(_vectorized(pyro.infer.TraceMeanField_ELBO, num_particles), "elbo-analytic-kl",
                          KLSchedule(beta, kl_warmup, kl_schedule))
 
@@ -369,13 +425,13 @@ def infovae(num_particles: int = 1, info_alpha: float = 0.0, mmd_lambda: float =
 
 #: option name -> default, for every option some objective takes (config and CLI defaults)
 OBJECTIVE_OPTIONS = {"beta": 1.0, "kl_warmup": 0.0, "kl_schedule": "linear", "dreg": False,
-                     "info_alpha": 0.0, "mmd_lambda": 1000.0}
+                     "info_alpha": 0.0, "mmd_lambda": 1000.0, "free_bits": 0.0}
 
 
 def make_objective(name: str = "elbo", num_particles: int = 1, **options) -> Objective:
     """Build a registered objective by name. ``options`` are the objective's settings
-    (``beta``, ``kl_warmup``, ``kl_schedule`` for the ELBOs and InfoVAE; ``dreg`` for IWAE;
-    ``info_alpha``, ``mmd_lambda`` for InfoVAE). An option the objective does not take is an
+    (``beta``, ``kl_warmup``, ``kl_schedule`` for the ELBOs and InfoVAE; ``free_bits`` for
+    ``elbo-analytic-kl``; ``dreg`` for IWAE; ``info_alpha``, ``mmd_lambda`` for InfoVAE). An option the objective does not take is an
     error unless it has its default value (so one config can carry all of them)."""
     if isinstance(num_particles, bool) or int(num_particles) != num_particles or num_particles < 1:
         raise ValueError(f"num_particles must be a positive integer, got {num_particles}")

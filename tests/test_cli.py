@@ -168,6 +168,7 @@ def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra):
     (["--beta", "4", "--kl-warmup", "1", "--kl-schedule", "cyclical"], {"beta": 4.0, "kl_schedule": "cyclical"}),
     (["--objective", "infovae", "--info-alpha", "1", "--mmd-lambda", "100"],
      {"objective": "infovae", "info_alpha": 1.0, "mmd_lambda": 100.0}),
+    (["--objective", "elbo-analytic-kl", "--free-bits", "0.25"], {"objective": "elbo-analytic-kl", "free_bits": 0.25}),
 ])
 def test_objectives_from_the_command_line(tmp_path, capsys, extra, options):
     run = tmp_path / "run"

@@ -281,3 +281,35 @@ def test_fit_follows_the_warmup_and_refuses_to_resume_with_other_options(tmp_pat
                  run_dir=tmp_path, resume=True, progress=False)
     pvae.fit(vae, data, epochs=4, objective=pvae.make_objective("elbo", kl_warmup=4),
              run_dir=tmp_path, resume=True, progress=False)
+
+
+def test_free_bits_zero_is_the_analytic_kl_elbo_and_its_formula_otherwise():
+    vae, x = linear_gaussian_vae(), lg_data(5)
+    assert_same(value_and_grads(pvae.make_objective("elbo-analytic-kl", 2, free_bits=0.0), vae, x, 6),
+                value_and_grads(pvae.make_objective("elbo-analytic-kl", 2), vae, x, 6))
+    objective = pvae.make_objective("elbo-analytic-kl", 2, free_bits=0.3, beta=2.0)
+    with pvae._rng.seeded(7):
+        _, value = objective.loss_and_value(vae, x)
+    with pvae._rng.seeded(7), torch.no_grad():
+        q = vae.posterior(x)
+        loglik = vae.log_likelihood(x, q.rsample((2,))).mean()
+        kl = torch.distributions.kl_divergence(q.base_dist, vae.prior().base_dist).mean(0)
+    torch.testing.assert_close(value, loglik - 2.0 * kl.clamp(min=0.3).sum())
+
+
+def test_free_bits_stop_the_kl_gradient_below_the_threshold():
+    """Every dimension's KL below lambda: the guide's gradient comes from the likelihood alone."""
+    vae, x = linear_gaussian_vae(), lg_data(5)
+    params = list(vae.guide_net.parameters())
+    torch.manual_seed(3)
+    free = torch.autograd.grad(pvae.make_objective("elbo-analytic-kl", free_bits=1e6).loss_and_value(vae, x)[0], params)
+    torch.manual_seed(3)
+    recon = torch.autograd.grad(pvae.make_objective("reconstruction").loss_and_value(vae, x)[0], params)
+    for a, b in zip(free, recon):
+        torch.testing.assert_close(a, b)
+    flow = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,), guide="planar"), 6)
+    with pytest.raises(ValueError, match="free bits need the KL per latent dimension"):
+        pvae.fit(flow, (torch.rand(20, 6) < 0.5).float(), epochs=1,
+                 objective=pvae.make_objective("elbo-analytic-kl", free_bits=0.5), progress=False)
+    with pytest.raises(ValueError, match="'elbo' does not take free_bits"):
+        pvae.make_objective("elbo", free_bits=0.5)
