@@ -23,6 +23,7 @@ upper bound (Grosse et al., 2015).
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
@@ -190,20 +191,14 @@ def ais(
     return _estimate("ais", log_ws, accepts, num_chains)
 
 
-def bdmc(
-    vae,
-    x: torch.Tensor,
-    z_exact: torch.Tensor,
-    num_chains: int = 16,
-    num_steps: int = 100,
-    betas: Union[str, Sequence[float], torch.Tensor] = "sigmoid",
-    start: str = "prior",
-    num_leapfrog: int = 10,
-    step_size: float = 0.05,
-    target_accept: float = 0.65,
-    adapt_step_size: bool = True,
-    seed: Optional[int] = 0,
-) -> dict:
+#: the annealing settings of :func:`ais` and their defaults (shared by :func:`bdmc`)
+_ANNEALING_DEFAULTS = {
+    name: p.default for name, p in inspect.signature(ais).parameters.items()
+    if name not in ("vae", "x", "batch_size", "seed", "progress")
+}
+
+
+def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, **ais_options) -> dict:
     r"""Bidirectional Monte Carlo (Grosse et al., 2015) on data simulated from the model.
 
     For :math:`z^* \sim p(z)`, :math:`x \sim p(x|z^*)`, :math:`z^*` is an exact posterior
@@ -214,17 +209,23 @@ def bdmc(
 
     :param z_exact: ``(B, L)`` the latent codes the data were simulated from (every reverse
         chain starts there).
+    :param ais_options: the annealing settings of :func:`ais` (``num_chains``, ``num_steps``,
+        ``betas``, ``start``, ``num_leapfrog``, ``step_size``, ``target_accept``,
+        ``adapt_step_size``; its defaults), used by both directions.
     :returns: ``{"lower": Estimate, "upper": Estimate, "gap": (B,) tensor}``.
     """
     if z_exact.shape != (x.shape[0], vae.latent_dim):
         raise ValueError(f"z_exact must have shape ({x.shape[0]}, {vae.latent_dim}), got {tuple(z_exact.shape)}")
-    lower = ais(vae, x, num_chains, num_steps, betas, start, num_leapfrog, step_size, target_accept,
-                adapt_step_size, batch_size=x.shape[0], seed=seed)
-    forward = _betas(betas, num_steps)
+    unknown = sorted(set(ais_options) - set(_ANNEALING_DEFAULTS))
+    if unknown:
+        raise TypeError(f"bdmc got unknown option(s) {unknown}; valid: {', '.join(_ANNEALING_DEFAULTS)}")
+    o = {**_ANNEALING_DEFAULTS, **ais_options}
+    lower = ais(vae, x, batch_size=x.shape[0], seed=seed, **o)
+    forward = _betas(o["betas"], o["num_steps"])
     with _evaluating(vae), seeded(None if seed is None else seed + 1, x.device):
-        r = _start(vae, x, start)
-        z = z_exact.expand(num_chains, *z_exact.shape).clone()
-        lw, acc = _anneal(vae, x, r, z, forward.flip(0), num_leapfrog, step_size, target_accept,
-                          adapt_step_size)
-    upper = _estimate("reverse-ais", [lw], [acc], num_chains, reciprocal=True)
+        r = _start(vae, x, o["start"])
+        z = z_exact.expand(o["num_chains"], *z_exact.shape).clone()
+        lw, acc = _anneal(vae, x, r, z, forward.flip(0), o["num_leapfrog"], o["step_size"], o["target_accept"],
+                          o["adapt_step_size"])
+    upper = _estimate("reverse-ais", [lw], [acc], o["num_chains"], reciprocal=True)
     return {"lower": lower, "upper": upper, "gap": upper.values - lower.values}

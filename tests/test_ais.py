@@ -92,6 +92,8 @@ def test_bdmc_sandwiches_the_exact_log_marginal(model):
     # measured: gap 0.38 ± 0.10 nats with 50 steps; 1 nat is 6 s.e. away, and a broken
     # reverse chain gives gaps of ~10 nats (a sign error did exactly that while writing this)
     assert (err[:, 1] - err[:, 0]).mean() < 1.0
+    with pytest.raises(TypeError, match="unknown option.*'chains'"):
+        bdmc(model, x, z, chains=8)
 
 
 def test_progress_bar_changes_no_number(model, capsys):
