@@ -14,8 +14,11 @@ Each chain starts at :math:`z_0 \sim r`, accumulates
 :math:`z_{t-1} \to z_t` by HMC leaving :math:`f_{\beta_t}` invariant. :math:`w` is an unbiased
 estimate of :math:`p(x)`; the log-mean-exp over chains is therefore a stochastic lower bound
 (biased down by Jensen), tight when the chains' weights agree. With the two-point schedule
-``[0, 1]`` AIS is plain importance sampling from ``r``. The joint density comes from
-:meth:`pvae.model.VAE.log_joint` (the one source of log p(x, z)).
+``[0, 1]`` AIS is plain importance sampling from ``r``. The joint density comes from the
+model program conditioned on the chains' states (:func:`pvae.engine.log_density`), and the
+start distribution from the prior site of the model or the latent site of the guide program
+(:func:`pvae.engine.log_weights`), so AIS follows an edited program. AIS moves one latent site
+with real support (pvae's ``"z"``).
 
 :func:`bdmc` runs the schedule backwards from exact posterior samples of simulated data for an
 upper bound (Grosse et al., 2015).
@@ -29,8 +32,12 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from pyro.distributions import constraints
+
+from . import engine
 from ._rng import seeded
-from .estimators import Estimate, _batches, _check_positive_int, _evaluating, _importance_estimate, importance_ess
+from .estimators import (Estimate, _batches, _check_positive_int, _evaluating, _importance_estimate, check_data,
+                         importance_ess)
 
 
 def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:
@@ -84,12 +91,13 @@ def hmc_step(
     return torch.where(accept.unsqueeze(-1), q, z), accept_prob
 
 
-def _anneal(vae, xb, r, z, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar=None):
+def _anneal(vae, xb, r, z, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar=None, site="z"):
     """Run chains ``z`` (C, B, L) along ``betas`` (increasing for AIS, decreasing for reverse
     AIS); return the accumulated log-weights (C, B) and the mean acceptance per datapoint."""
 
     def log_ratio(state):  # log p(x, z) - log r(z), shape (C, B)
-        return vae.log_joint(xb, state) - r.log_prob(state)
+        log_lik, log_prior = engine.log_density(vae, xb, {site: state})
+        return log_lik + log_prior - r.log_prob(state)
 
     log_w = torch.zeros(z.shape[:-1], dtype=torch.float64, device=xb.device)
     eps = torch.full((xb.shape[0],), float(step_size), dtype=xb.dtype, device=xb.device)
@@ -119,10 +127,22 @@ def _betas(betas, num_steps) -> torch.Tensor:
     return betas
 
 
-def _start(vae, xb, start):
+def _start(vae, xb, start, num_chains):
+    """The start distribution r (batch ``(C, B)``) from the programs, initial states
+    ``(C, B, L)`` drawn from it, and the latent site's name."""
     if start not in ("prior", "guide"):
         raise ValueError(f"unknown start {start!r}; valid choices: prior, guide")
-    return vae.prior().expand([xb.shape[0]]) if start == "prior" else vae.posterior(xb)
+    samples = engine.log_weights(vae, xb, num_chains, proposal="guide" if start == "guide" else "prior")
+    if len(samples.latents) != 1:
+        raise ValueError(f"AIS moves one latent site; this program has {sorted(samples.latents)}")
+    ((site, z),) = samples.latents.items()
+    r = samples.guide_dists[site]
+    support = r.support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if support is not constraints.real:
+        raise ValueError(f"AIS's HMC moves real-valued latents; site {site!r} has support {r.support}")
+    return r, z.detach(), site
 
 
 def _estimate(name, log_w_parts, accept_parts, num_chains, reciprocal=False) -> Estimate:
@@ -169,7 +189,7 @@ def ais(
     num_chains = _check_positive_int("num_chains", num_chains)
     batch_size = _check_positive_int("batch_size", batch_size)
     betas = _betas(betas, num_steps)
-    vae.check_data(x)
+    check_data(vae, x)
     log_ws, accepts = [], []
     bar = None
     if progress:
@@ -180,9 +200,9 @@ def ais(
     try:
         with _evaluating(vae), seeded(seed, x.device):
             for _, xb in _batches(x, batch_size):
-                r = _start(vae, xb, start)
-                lw, acc = _anneal(vae, xb, r, r.rsample((num_chains,)), betas, num_leapfrog,
-                                  step_size, target_accept, adapt_step_size, bar)
+                r, z0, site = _start(vae, xb, start, num_chains)
+                lw, acc = _anneal(vae, xb, r, z0, betas, num_leapfrog,
+                                  step_size, target_accept, adapt_step_size, bar, site)
                 log_ws.append(lw)
                 accepts.append(acc)
     finally:
@@ -214,8 +234,8 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
         ``adapt_step_size``; its defaults), used by both directions.
     :returns: ``{"lower": Estimate, "upper": Estimate, "gap": (B,) tensor}``.
     """
-    if z_exact.shape != (x.shape[0], vae.latent_dim):
-        raise ValueError(f"z_exact must have shape ({x.shape[0]}, {vae.latent_dim}), got {tuple(z_exact.shape)}")
+    if z_exact.dim() != 2 or z_exact.shape[0] != x.shape[0]:
+        raise ValueError(f"z_exact must have shape ({x.shape[0]}, latent_dim), got {tuple(z_exact.shape)}")
     unknown = sorted(set(ais_options) - set(_ANNEALING_DEFAULTS))
     if unknown:
         raise TypeError(f"bdmc got unknown option(s) {unknown}; valid: {', '.join(_ANNEALING_DEFAULTS)}")
@@ -223,9 +243,11 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
     lower = ais(vae, x, batch_size=x.shape[0], seed=seed, **o)
     forward = _betas(o["betas"], o["num_steps"])
     with _evaluating(vae), seeded(None if seed is None else seed + 1, x.device):
-        r = _start(vae, x, o["start"])
+        r, z0, site = _start(vae, x, o["start"], o["num_chains"])
+        if z0.shape[1:] != z_exact.shape:
+            raise ValueError(f"z_exact must have shape {tuple(z0.shape[1:])}, got {tuple(z_exact.shape)}")
         z = z_exact.expand(o["num_chains"], *z_exact.shape).clone()
         lw, acc = _anneal(vae, x, r, z, forward.flip(0), o["num_leapfrog"], o["step_size"], o["target_accept"],
-                          o["adapt_step_size"])
+                          o["adapt_step_size"], site=site)
     upper = _estimate("reverse-ais", [lw], [acc], o["num_chains"], reciprocal=True)
     return {"lower": lower, "upper": upper, "gap": upper.values - lower.values}

@@ -21,7 +21,8 @@ import pyro.distributions as dist
 import torch
 
 from ._rng import seeded
-from .estimators import DEFAULT_CHUNK_SIZE, importance_ess, log_importance_weights
+from . import engine
+from .estimators import DEFAULT_CHUNK_SIZE, check_data, importance_ess, log_importance_weights
 
 
 def psis_khat(log_weights: torch.Tensor) -> torch.Tensor:
@@ -69,15 +70,20 @@ def kl_per_dimension(vae, x: torch.Tensor) -> torch.Tensor:
     closed form; needs a diagonal Gaussian guide and a diagonal Gaussian prior (otherwise the
     KL does not split over dimensions)."""
     with torch.no_grad():
-        q, p = vae.posterior(x), vae.prior()
+        samples = engine.log_weights(vae, x, 1)  # the guide's and prior's site distributions
+        if len(samples.latents) != 1:
+            raise ValueError(f"kl_per_dimension needs one latent site; the program has {sorted(samples.latents)}")
+        (site,) = samples.latents
+        q, p = samples.guide_dists[site], samples.prior_dists[site]
         qb = q.base_dist if isinstance(q, dist.Independent) else q
         pb = p.base_dist if isinstance(p, dist.Independent) else p
         if not (isinstance(qb, dist.Normal) and isinstance(pb, dist.Normal)):
             raise ValueError(
                 "kl_per_dimension needs a diagonal Gaussian guide and prior; got "
-                f"{type(vae.guide_net).__name__} and {type(vae.prior).__name__}"
+                f"{type(qb).__name__} and {type(pb).__name__}"
             )
-        return torch.distributions.kl_divergence(qb, pb).double().mean(0).cpu()
+        kl = torch.distributions.kl_divergence(qb, pb).double()
+        return kl.reshape(-1, kl.shape[-1]).mean(0).cpu()
 
 
 def to_inference_data(vae, x: torch.Tensor, num_samples: int = 100, seed: Optional[int] = 0):
@@ -92,14 +98,16 @@ def to_inference_data(vae, x: torch.Tensor, num_samples: int = 100, seed: Option
     import arviz
 
     with torch.no_grad(), seeded(seed, x.device):
-        vae.check_data(x)
-        q = vae.posterior(x)
-        z = q.rsample((num_samples,))
-        log_w = vae.log_joint(x, z) - q.log_prob(z)
+        check_data(vae, x)
+        samples = engine.log_weights(vae, x, num_samples)
+        if len(samples.latents) != 1:
+            raise ValueError(f"to_inference_data exports one latent site; the program has {sorted(samples.latents)}")
+        (z,) = samples.latents.values()
+        log_w = samples.log_weight
     return arviz.from_dict(
         posterior={"z": z.double().cpu().numpy()[None]},
         sample_stats={"log_weight": log_w.double().cpu().numpy()[None]},
-        coords={"datapoint": list(range(x.shape[0])), "latent": list(range(vae.latent_dim))},
+        coords={"datapoint": list(range(x.shape[0])), "latent": list(range(z.shape[-1]))},
         dims={"z": ["datapoint", "latent"], "log_weight": ["datapoint"]},
     )
 

@@ -1,10 +1,12 @@
 r"""Per-datapoint estimates of :math:`\log p_\theta(x)` from importance weights.
 
-Everything here is computed from one function, :func:`log_importance_weights`, which returns
+Everything here is computed from one function, :func:`pvae.engine.log_weights`, which returns
 :math:`\log w_k = \log p_\theta(x, z_k) - \log q_\phi(z_k|x)`, :math:`z_k \sim q_\phi(z|x)`,
-per datapoint and sample (shape ``(K, B)``), using :meth:`pvae.model.VAE.log_joint` — the one
-source of the joint density. Unlike :func:`pyro.infer.importance.vectorized_importance_weights`,
-which sums over the whole data batch, these are kept per datapoint.
+per datapoint and sample (shape ``(K, B)``), derived from the traces of the model and guide
+programs (so an edited program changes every estimate). Unlike
+:func:`pyro.infer.importance.vectorized_importance_weights`, which sums over the whole data
+batch, these are kept per datapoint. ``vae`` may be a :class:`~pvae.model.VAE` or a
+:class:`~pvae.engine.ModelGuidePair` of the user's own.
 
 Each estimate is returned as an :class:`Estimate` carrying the estimator's name, the number
 of samples ``K`` (honoured exactly; chunking never rounds it), the per-datapoint values, their
@@ -21,10 +23,36 @@ from typing import Dict, Iterator, Optional
 import pyro
 import torch
 
+from . import engine
 from ._rng import seeded
 
-#: default number of importance samples drawn per chunk (bounds memory: chunk * batch * D)
-DEFAULT_CHUNK_SIZE = 100
+#: ``chunk_size=None`` (the default) picks the samples per chunk from this memory budget:
+#: a quarter of the free memory on a CUDA device, this many bytes on a CPU
+CPU_CHUNK_BUDGET_BYTES = 512 * 2**20
+DEFAULT_CHUNK_SIZE = None
+
+
+def auto_chunk_size(vae, batch_size: int, num_samples: int, device=None, dtype=torch.float32) -> int:
+    """Samples per chunk so that one chunk's activations fit the memory budget: a quarter of
+    the free memory of a CUDA device (``torch.cuda.mem_get_info``), or
+    :data:`CPU_CHUNK_BUDGET_BYTES` on a CPU (where small chunks stay in cache).
+
+    The bytes per sample and datapoint are estimated from the decoder's widths: the
+    decoder's activations (twice each Linear layer's outputs) plus six copies of the data
+    dimension (logits, the expanded data, the log-probabilities and their temporaries) and four
+    of the latent dimension. Never more than ``num_samples``, never less than 1."""
+    device = torch.device(device) if device is not None else getattr(vae, "device", torch.device("cpu"))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = free // 4
+    else:
+        budget = CPU_CHUNK_BUDGET_BYTES
+    data_dim = int(getattr(vae, "data_dim", 0) or 0)
+    latent_dim = int(getattr(vae, "latent_dim", 0) or 0)
+    decoder = getattr(vae, "decoder", None)
+    widths = sum(m.out_features for m in decoder.modules() if isinstance(m, torch.nn.Linear)) if decoder else 0
+    per_sample = max(6 * data_dim + 2 * widths + 4 * latent_dim, 1) * torch.tensor([], dtype=dtype).element_size()
+    return int(max(1, min(num_samples, budget // (per_sample * max(int(batch_size), 1)))))
 
 
 @dataclass(frozen=True)
@@ -90,25 +118,14 @@ class Estimate:
         return out
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def _proposal(vae, x: torch.Tensor, proposal: str, index=None):
-    if proposal == "guide":
-        return vae.posterior(x, index)
-    if proposal == "prior":
-        return vae.prior().expand([x.shape[0]])
-    raise ValueError(f"unknown proposal {proposal!r}; valid choices: guide, prior")
+_check_positive_int = engine._check_positive_int
 
 
 def log_importance_weights(
     vae,
     x: torch.Tensor,
     num_samples: int,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     proposal: str = "guide",
     index: Optional[torch.Tensor] = None,
 ) -> Iterator[torch.Tensor]:
@@ -119,21 +136,23 @@ def log_importance_weights(
     :param vae: a :class:`~pvae.model.VAE`.
     :param x: data, ``(B, D)``.
     :param int num_samples: total K; the chunks' sizes add up to exactly K.
-    :param int chunk_size: samples per chunk; memory is ``O(chunk_size * B * D)``.
+    :param chunk_size: samples per chunk; memory is ``O(chunk_size * B * D)``; ``None``:
+        :func:`auto_chunk_size`.
     :param index: positions of ``x`` in the data set of a non-amortized guide.
     :yields: tensors of shape ``(k, B)`` with ``k <= chunk_size``, nats.
 
-    Draws from the global torch RNG (wrap in :func:`pvae._rng.seeded` to fix it). The encoder
-    runs once per call.
+    Each chunk is :func:`pvae.engine.log_weights` (the programs' traces, or the tested fast
+    path); the programs run once per chunk. Draws from the global torch RNG (wrap in
+    :func:`pvae._rng.seeded` to fix it).
     """
     num_samples = _check_positive_int("num_samples", num_samples)
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(vae, x.shape[0], num_samples, x.device, x.dtype)
     chunk_size = _check_positive_int("chunk_size", chunk_size)
-    r = _proposal(vae, x, proposal, index)
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        z = r.rsample((k,))
-        yield vae.log_joint(x, z) - r.log_prob(z)
+        yield engine.log_weights(vae, x, k, index, proposal).log_weight
         done += k
 
 
@@ -145,13 +164,27 @@ def _evaluating(vae):
     :meth:`~pvae.model.VAE.check_data`; re-checking every chunk of samples costs ~5% of an
     IWAE evaluation) and restored after."""
     modes = {module: module.training for module in vae.modules()}
-    vae.eval()
+    for module in modes:
+        module.training = False
     try:
         with torch.no_grad(), pyro.validation_enabled(False):
             yield
     finally:  # every submodule's own mode (parts may be shared with another VAE in another mode)
         for module, mode in modes.items():
             module.training = mode
+
+
+def check_data(vae, x: torch.Tensor, what: str = "data") -> None:
+    """The model's own data check (:meth:`pvae.model.VAE.check_data`) where it has one; for a
+    user's model/guide pair, that ``x`` is a finite floating-point ``(B, ...)`` tensor."""
+    check = getattr(vae, "check_data", None)
+    if check is not None:
+        check(x, what)
+        return
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"{what} must be a non-empty floating-point tensor (batch first)")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{what} contain NaN or infinite values; clean or drop those rows")
 
 
 def _batches(x: torch.Tensor, batch_size: int):
@@ -169,8 +202,8 @@ def _weight_statistics(
     train/eval mode are left as they were."""
     num_samples = _check_positive_int("num_samples", num_samples)
     batch_size = _check_positive_int("batch_size", batch_size)
-    vae.check_data(x)
-    if proposal == "guide" and not getattr(vae.guide_net, "has_density", True):
+    check_data(vae, x)
+    if proposal == "guide" and not getattr(getattr(vae, "guide_net", None), "has_density", True):
         raise ValueError(
             f"the guide {type(vae.guide_net).__name__} is a point mass without a density, so the "
             "ELBO and importance-weighted bounds are undefined for it; use "
@@ -228,7 +261,7 @@ def evaluate_bounds(
     x: torch.Tensor,
     num_samples: int,
     batch_size: int = 100,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     seed: Optional[int] = 0,
     progress: bool = False,
     index: Optional[torch.Tensor] = None,
@@ -294,7 +327,7 @@ def naive_prior_estimate(
     x: torch.Tensor,
     num_samples: int,
     batch_size: int = 100,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     seed: Optional[int] = 0,
     progress: bool = False,
 ) -> Estimate:

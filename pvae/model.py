@@ -3,25 +3,40 @@
 :class:`VAE` composes four parts — a prior p(z), a decoder network, a likelihood p(x|z) and a
 guide q(z|x) — into the two Pyro programs :meth:`VAE.model` and :meth:`VAE.guide`, whose
 sites are named by the constants :data:`LATENT_SITE`, :data:`OBSERVED_SITE` and
-:data:`DATA_PLATE`. :meth:`VAE.log_joint` is the one place where log p(x, z) is computed
-outside a Pyro trace; estimators and objectives call it (a test checks it against the trace
-of :meth:`VAE.model`).
+:data:`DATA_PLATE`. **The programs are the definition** of p(x, z) and q(z|x): every estimator,
+objective and diagnostic derives its log-weights from their traces
+(:func:`pvae.engine.log_weights`). :meth:`VAE._fast_log_weights` computes the same numbers
+without tracing, and is used only while the programs are pvae's own (tested equal, part by part).
 
-Parameters live in the module (``vae.parameters()``), never in Pyro's global parameter
-store, so several VAEs in one process are independent. Train with a Pyro ELBO's
-``differentiable_loss(vae.model, vae.guide, x)`` and a :mod:`torch.optim` optimizer (see
-:func:`pvae.train.fit`).
+Pyro sees the parameters, yet they stay local to the module:
+
+* ``vae.model`` and ``vae.guide`` are :class:`torch.nn.Module` s (:class:`Program`), so Pyro's
+  module form ``Trace_ELBO()(vae.model, vae.guide)`` exposes ``vae.parameters()``;
+* when run under a Pyro handler, the programs announce every parameter as a ``param`` site
+  (as :class:`~pyro.nn.PyroModule` does with ``module_local_params``), so the classic
+  ``SVI(vae.model, vae.guide, pyro.optim.Adam(...), Trace_ELBO())`` optimizes them;
+* nothing is written to Pyro's global parameter store, so VAEs in one process never share or
+  overwrite parameters, whatever the order they are trained in.
+
+Subclasses may override ``model`` / ``guide`` with their own Pyro programs (same signature
+``(x, index=None)``); they are wrapped as :class:`Program` s too, and everything pvae computes
+then follows the new program.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import weakref
+from typing import Callable, Optional
 
 import pyro
 import torch
+from pyro.distributions import constraints
+from pyro.poutine.runtime import am_i_wrapped, effectful
 from torch import nn
 
 from ._rng import seeded
+from .engine import WeightedSamples, params_quiet
 from .guides import Guide
 from .likelihoods import Likelihood
 from .priors import Prior
@@ -29,6 +44,63 @@ from .priors import Prior
 LATENT_SITE = "z"
 OBSERVED_SITE = "x"
 DATA_PLATE = "data"
+
+def _announce(module: nn.Module, prefix: str) -> None:
+    """Emit a Pyro ``param`` site for every parameter of ``module``, named
+    ``<prefix>$$$<name>``, with a value that Pyro's SVI maps back to the parameter itself
+    (``value.unconstrained()``), without touching the global parameter store."""
+    param = effectful(type="param")
+    for name, p in module.named_parameters():
+        full = f"{prefix}$$${name}"
+        value = p.detach()  # a fresh alias per call: nothing is attached to the parameter
+        value.unconstrained = weakref.ref(p)
+        param(lambda *_, _v=value, **__: _v)(full, value, constraint=constraints.real, event_dim=None, name=full)
+
+
+class Program(nn.Module):
+    """A VAE's Pyro program (``vae.model`` or ``vae.guide``) as a :class:`torch.nn.Module`.
+
+    Calling it runs the program; its parameters are the VAE's (``Program.vae``). Under a Pyro
+    handler it first announces the parameters as ``param`` sites (see the module docstring).
+    """
+
+    def __init__(self, vae: "VAE", fn: Callable, name: str):
+        super().__init__()
+        self.vae = vae
+        object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "program_name", name)
+
+    def forward(self, *args, **kwargs):
+        if am_i_wrapped() and not params_quiet():
+            _announce(self.vae, f"pvae_{id(self.vae):x}")
+        return self.fn(self.vae, *args, **kwargs)
+
+    def __repr__(self):
+        return f"Program({type(self.vae).__name__}.{self.program_name})"
+
+
+class program:
+    """Descriptor: ``vae.model`` / ``vae.guide`` return the instance's :class:`Program`
+    (created once per instance and kept out of ``state_dict``)."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        override = instance.__dict__.get("_program_overrides", {}).get(self.name)
+        if override is not None:
+            return override
+        cache = instance.__dict__.setdefault("_programs", {})
+        bound = cache.get(self.name)
+        if bound is None or bound.fn is not self.fn:
+            bound = cache[self.name] = Program(instance, self.fn, self.name)
+        return bound
 
 
 class VAE(nn.Module):
@@ -103,7 +175,9 @@ class VAE(nn.Module):
             )
         self.likelihood.check_data(x)
 
-    # ------------------------------------------------------------------ densities
+    # ------------------------------------------------------------------ densities (fast path)
+    # The closed-form densities of pvae's own programs, for the fast path only: equal to the
+    # programs' traces (tests), never used for an overridden program (pvae.engine.use_fast_path).
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
         """:math:`\\log p(z)` in nats, shape ``z.shape[:-1]``."""
         return self.prior().log_prob(z)
@@ -113,27 +187,81 @@ class VAE(nn.Module):
         return self.likelihood(self.decoder(z)).log_prob(x)
 
     def log_joint(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """:math:`\\log p_\\theta(x, z) = \\log p(z) + \\log p_\\theta(x|z)`, per datapoint.
-
-        The single source of the joint density for estimators and objectives.
-        Shapes: ``z: (..., B, L)``, ``x: (B, D)`` → ``(..., B)``; nats.
-        """
+        """:math:`\\log p_\\theta(x, z) = \\log p(z) + \\log p_\\theta(x|z)` per datapoint, in
+        closed form for pvae's own model (what :func:`pvae.engine.log_density` computes from
+        the program). Shapes: ``z: (..., B, L)``, ``x: (B, D)`` → ``(..., B)``; nats."""
         return self.log_prior(z) + self.log_likelihood(x, z)
 
     # ------------------------------------------------------------------ Pyro programs
-    def model(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    #: plates the programs nest (the data plate); samples are vectorized just outside
+    max_plate_nesting = 1
+    #: the plate over datapoints
+    data_plate = DATA_PLATE
+
+    @program
+    def model(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
+              num_datapoints: Optional[int] = None) -> torch.Tensor:
         """Generative program: ``z ~ p(z)``, ``x ~ p(x|z)`` (observed), in plate ``"data"``.
+        With ``x=None`` it generates ``num_datapoints`` new datapoints (site ``"x"`` sampled).
         ``index`` (the datapoints' positions in the data set) is accepted for symmetry with
         :meth:`guide` and not used."""
-        with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
+        size = x.shape[0] if x is not None else num_datapoints
+        if size is None:
+            raise ValueError("model(None) generates data: pass num_datapoints=")
+        with pyro.plate(DATA_PLATE, size, dim=-1):
             z = pyro.sample(LATENT_SITE, self.prior())
             pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)), obs=x)
         return z
 
-    def guide(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @program
+    def guide(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Guide program: ``z ~ q(z|x)`` in plate ``"data"``."""
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
             return pyro.sample(LATENT_SITE, self.posterior(x, index))
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass's own ``model`` / ``guide`` become :class:`Program` s too."""
+        super().__init_subclass__(**kwargs)
+        for name in ("model", "guide"):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not isinstance(fn, program):
+                p = program(fn)
+                p.__set_name__(cls, name)
+                setattr(cls, name, p)
+
+    def __setattr__(self, name, value):
+        if name in ("model", "guide"):  # an instance-level program (e.g. wrapped in a handler)
+            self.__dict__.setdefault("_program_overrides", {})[name] = value
+            return
+        super().__setattr__(name, value)
+
+    def programs_are_builtin(self) -> bool:
+        """Whether :attr:`model` and :attr:`guide` are pvae's own programs (not overridden in a
+        subclass or on the instance): only then may the fast path replace the trace."""
+        cls = type(self)
+        return (not self.__dict__.get("_program_overrides")
+                and getattr(cls.model, "fn", None) is VAE.model.fn
+                and getattr(cls.guide, "fn", None) is VAE.guide.fn)
+
+    def _fast_log_weights(self, x: torch.Tensor, num_samples: int, index=None, proposal="guide") -> WeightedSamples:
+        """:func:`pvae.engine.log_weights` for pvae's own programs, without tracing: the same
+        distributions, expanded to ``(K, B)`` as the plates expand them and sampled the same
+        way, so the draws and values equal the trace path's on the same RNG state."""
+        shape = (num_samples, x.shape[0])
+        prior = self.prior().expand(shape)
+        if proposal == "guide":
+            q = self.posterior(x, index).expand(shape)
+            z = q()
+            log_q = q.log_prob(z)
+        else:
+            q = prior
+            z = prior()
+        log_p = prior.log_prob(z)
+        if proposal == "prior":
+            log_q = log_p
+        log_lik = self.likelihood(self.decoder(z)).log_prob(x)
+        return WeightedSamples(log_lik, log_p, log_q, {LATENT_SITE: z}, {LATENT_SITE: q},
+                               {LATENT_SITE: prior}, "fast", {LATENT_SITE: (log_p, log_q)})
 
     def posterior(self, x: torch.Tensor, index: Optional[torch.Tensor] = None):
         """The guide's distribution q(z|x), batch shape ``(B,)``. Non-amortized guides need

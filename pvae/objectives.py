@@ -42,6 +42,7 @@ import pyro.infer
 import torch
 from pyro.poutine.messenger import Messenger
 
+from . import engine
 from .model import LATENT_SITE
 from .registry import Registry
 
@@ -164,23 +165,57 @@ class Objective:
         return f"{type(self).__name__}({self.name!r}, num_particles={self.num_particles}{opts})"
 
 
+def _reparametrized(samples) -> bool:
+    return all(getattr(d, "has_rsample", False) for d in samples.guide_dists.values())
+
+
+def _analytic_kl(samples) -> torch.Tensor:
+    r""":math:`KL(q\|p)` per ``(K, B)``, summed over latent sites: in closed form where
+    :func:`torch.distributions.kl_divergence` knows the pair (as
+    :class:`pyro.infer.TraceMeanField_ELBO` does), else the sampled ``log q - log p``."""
+    shape = samples.log_likelihood.shape
+    total = torch.zeros(shape, dtype=samples.log_likelihood.dtype, device=samples.log_likelihood.device)
+    for name, (log_p, log_q) in samples.site_terms.items():
+        try:
+            kl = torch.distributions.kl_divergence(samples.guide_dists[name], samples.prior_dists[name])
+        except NotImplementedError:
+            kl = log_q - log_p
+        total = total + kl.expand(shape)
+    return total
+
+
 class ElboObjective(Objective):
-    """The (KL-weighted) ELBO through a Pyro ELBO's ``differentiable_loss``; the KL weight is
-    applied by :class:`ScaleSite` on the latent site of model and guide."""
+    r"""The (KL-weighted) ELBO, per datapoint averaged over the batch, computed from
+    :func:`pvae.engine.log_weights` (the programs' traces, or the tested fast path):
+    :math:`E_q[\log p(x|z)] - \beta_t\,KL`, the KL sampled (``analytic_kl=False``, what
+    :class:`pyro.infer.Trace_ELBO` computes) or in closed form where known (what
+    :class:`pyro.infer.TraceMeanField_ELBO` computes). With reparametrized guide sites the
+    surrogate is minus the value, as in Pyro; a guide with a non-reparametrizable site falls
+    back to Pyro's own ``elbo.differentiable_loss`` (score-function gradient) with the KL weight
+    applied by :class:`ScaleSite`. Tests check the value and gradient equal Pyro's ELBOs on the
+    same noise."""
 
     def __init__(self, elbo: pyro.infer.ELBO, name: str, kl_schedule: Optional[KLSchedule] = None,
-                 fixed_schedule: bool = False):
+                 fixed_schedule: bool = False, analytic_kl: bool = False):
         super().__init__(name, elbo.num_particles, kl_schedule, fixed_schedule)
         self.elbo = elbo
+        self.analytic_kl = bool(analytic_kl)
 
-    def loss_and_value(self, vae, x, index=None):
+    def loss_and_value(self, vae, x, index=None, kl_weight=None):
+        weight = self.kl_weight if kl_weight is None else kl_weight
+        samples = engine.log_weights(vae, x, self.num_particles, index)
+        if not _reparametrized(samples):
+            return self._pyro_loss_and_value(vae, x, index, float(weight))
+        kl = _analytic_kl(samples) if self.analytic_kl else -samples.log_ratio
+        value = (samples.log_likelihood - weight * kl).mean()
+        return -value, value.detach()
+
+    def _pyro_loss_and_value(self, vae, x, index, weight):
         model, guide = vae.model, vae.guide
-        weight = self.kl_weight
         if weight != 1.0:
             model = ScaleSite(LATENT_SITE, weight)(model)
             guide = ScaleSite(LATENT_SITE, weight)(guide)
         loss = self.elbo.differentiable_loss(model, guide, x, index) / x.shape[0]
-        # for fully reparametrized ELBOs Pyro's surrogate equals minus the estimate
         return loss, -loss.detach()
 
 
@@ -223,16 +258,23 @@ class FreeBitsObjective(Objective):
 
     def check(self, vae, x):
         with torch.no_grad():
-            _factorized_normal(vae.posterior(x), "guide")
-            _factorized_normal(vae.prior(), "prior")
+            self._kl_per_dim(engine.log_weights(vae, x, 1))
 
-    def loss_and_value(self, vae, x, index=None):
-        q = vae.posterior(x, index)
-        z = q.rsample((self.num_particles,))
-        expected_loglik = vae.log_likelihood(x, z).mean(0).mean()
-        kl_per_dim = torch.distributions.kl_divergence(
-            _factorized_normal(q, "guide"), _factorized_normal(vae.prior(), "prior")).mean(0)  # (L,)
-        value = expected_loglik - self.kl_weight * kl_per_dim.clamp(min=self.free_bits).sum()
+    @staticmethod
+    def _kl_per_dim(samples) -> torch.Tensor:
+        if len(samples.latents) != 1:
+            raise ValueError(f"free bits need one latent site, the program has {sorted(samples.latents)}")
+        (name,) = samples.latents
+        q = _factorized_normal(samples.guide_dists[name], "guide")
+        p = _factorized_normal(samples.prior_dists[name], "prior")
+        kl = torch.distributions.kl_divergence(q, p)  # (K, B, L) or broadcastable
+        return kl.reshape(-1, kl.shape[-1]).mean(0) if kl.dim() > 1 else kl
+
+    def loss_and_value(self, vae, x, index=None, kl_weight=None):
+        weight = self.kl_weight if kl_weight is None else kl_weight
+        samples = engine.log_weights(vae, x, self.num_particles, index)
+        kl_per_dim = self._kl_per_dim(samples)  # (L,), minibatch (and particle) average
+        value = samples.log_likelihood.mean() - weight * kl_per_dim.clamp(min=self.free_bits).sum()
         return -value, value.detach()
 
 
@@ -255,8 +297,8 @@ class IWAEObjective(Objective):
     r"""The importance-weighted bound :math:`\mathcal{L}_K` per datapoint (Burda et al., 2015):
     for each datapoint separately, :math:`\log\frac1K\sum_k w_k` with
     :math:`w_k = p(x, z_k)/q(z_k|x)`, :math:`z_k \sim q(z|x)` reparametrized, averaged over the
-    batch. The log-weights come from :meth:`pvae.model.VAE.log_joint` and the guide's
-    distribution — the same function as :func:`pvae.estimators.log_importance_weights`, so the
+    batch. The log-weights come from :func:`pvae.engine.log_weights` — the same function as
+    :func:`pvae.estimators.log_importance_weights`, so the
     logged value equals the estimator's :math:`\mathcal{L}_K` on the same samples.
 
     Why not :class:`pyro.infer.RenyiELBO` (α = 0)? Its log-mean-exp is per datapoint only for
@@ -284,24 +326,28 @@ class IWAEObjective(Objective):
     def check(self, vae, x):
         if self.dreg:
             with torch.no_grad():
-                _stop_gradient(vae.posterior(x))
+                for d in engine.log_weights(vae, x, 1).guide_dists.values():
+                    _stop_gradient(d)
 
     def options(self) -> dict:
         return {"dreg": True} if self.dreg else {}
 
-    def loss_and_value(self, vae, x, index=None):
+    def loss_and_value(self, vae, x, index=None, kl_weight=None):
         k = self.num_particles
-        q = vae.posterior(x, index)
-        z = q.rsample((k,))
+        samples = engine.log_weights(vae, x, k, index)
         if not self.dreg:
-            log_w = vae.log_joint(x, z) - q.log_prob(z)  # (K, B)
-            value = torch.logsumexp(log_w, 0) - math.log(k)
+            value = engine.log_mean_exp(samples.log_weight, 0)  # (B,)
             return -value.mean(), value.mean().detach()
-        log_w = vae.log_joint(x, z) - _stop_gradient(q).log_prob(z)
-        value = torch.logsumexp(log_w.detach(), 0) - math.log(k)
+        shape = samples.log_joint.shape
+        log_q_stopped = sum(_stop_gradient(samples.guide_dists[name]).log_prob(z).expand(shape)
+                            for name, z in samples.latents.items())
+        log_w = samples.log_joint - log_q_stopped
+        value = engine.log_mean_exp(log_w.detach(), 0)
         normalized = torch.softmax(log_w.detach(), 0)  # (K, B)
-        if z.requires_grad:
-            z.register_hook(lambda grad: grad * normalized.unsqueeze(-1))
+        for z in samples.latents.values():
+            if z.requires_grad:
+                extra = z.dim() - normalized.dim()
+                z.register_hook(lambda grad, w=normalized.reshape(normalized.shape + (1,) * extra): grad * w)
         loss = -(normalized * log_w).sum(0).mean()
         return loss, value.mean()
 
@@ -363,18 +409,24 @@ class InfoVAEObjective(Objective):
     def options(self) -> dict:
         return {**super().options(), "info_alpha": self.alpha, "mmd_lambda": self.lam}
 
-    def loss_and_value(self, vae, x, index=None):
-        q = vae.posterior(x, index)
-        z = q.rsample((self.num_particles,))  # (P, B, L)
-        expected_loglik = vae.log_likelihood(x, z).mean(0)
-        kl = (q.log_prob(z) - vae.log_prior(z)).mean(0)
+    def loss_and_value(self, vae, x, index=None, kl_weight=None):
+        weight = self.kl_weight if kl_weight is None else kl_weight
         if x.shape[0] < 2:
             raise ValueError("the InfoVAE objective estimates MMD over the minibatch and needs at least 2 "
                              f"datapoints per batch, got {x.shape[0]}")
-        prior = vae.prior()
-        draw = prior.rsample if prior.has_rsample else prior.sample  # mixtures: no pathwise gradient
-        mmd = torch.stack([mmd_squared(zp, draw((x.shape[0],))) for zp in z]).mean()
-        value = (expected_loglik - (1 - self.alpha) * self.kl_weight * kl).mean() - (self.alpha + self.lam - 1) * mmd
+        samples = engine.log_weights(vae, x, self.num_particles, index)
+        expected_loglik = samples.log_likelihood.mean(0)
+        kl = (-samples.log_ratio).mean(0)
+        # the aggregate posterior's samples against as many draws from the model's prior site(s)
+        z_q, z_p = [], []
+        for name, z in samples.latents.items():
+            prior = samples.prior_dists[name]  # batch (P, B), as the plates expanded it
+            draw = prior.rsample() if prior.has_rsample else prior.sample()  # mixtures: no pathwise gradient
+            z_q.append(z.reshape(z.shape[0], z.shape[1], -1))
+            z_p.append(draw.reshape(z.shape[0], z.shape[1], -1))
+        z_q, z_p = torch.cat(z_q, -1), torch.cat(z_p, -1)  # (P, B, L)
+        mmd = torch.stack([mmd_squared(a, b) for a, b in zip(z_q, z_p)]).mean()
+        value = (expected_loglik - (1 - self.alpha) * weight * kl).mean() - (self.alpha + self.lam - 1) * mmd
         return -value, value.detach()
 
 
@@ -400,7 +452,7 @@ def mean_field_elbo(num_particles: int = 1, beta: float = 1.0, kl_warmup: float 
     if free_bits:
         return FreeBitsObjective(num_particles, free_bits, KLSchedule(beta, kl_warmup, kl_schedule))
     return ElboObjective(_vectorized(pyro.infer.TraceMeanField_ELBO, num_particles), "elbo-analytic-kl",
-                         KLSchedule(beta, kl_warmup, kl_schedule))
+                         KLSchedule(beta, kl_warmup, kl_schedule), analytic_kl=True)
 
 
 @OBJECTIVES.register("reconstruction")

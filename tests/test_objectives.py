@@ -209,7 +209,7 @@ def test_infovae_value_is_its_formula_on_the_same_draws_and_trains_every_part():
     with pvae._rng.seeded(4), torch.no_grad():
         q = vae.posterior(x)
         z = q.rsample((2,))
-        prior_draws = [vae.prior().rsample((6,)) for _ in range(2)]
+        prior_draws = vae.prior().expand((2, 6)).rsample()  # (particles, batch, L), drawn after z
         loglik = vae.log_likelihood(x, z).mean(0)
         kl = (q.log_prob(z) - vae.log_prior(z)).mean(0)
         mmd = torch.stack([mmd_squared(z[i], prior_draws[i]) for i in range(2)]).mean()
