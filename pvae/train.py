@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Union
 
+import pyro
 import torch
 
 from ._rng import seeded
@@ -92,6 +93,132 @@ def _validate(vae, valid_data, num_samples, seed):
     return "val_reconstruction", reconstruction_error(vae, valid_data)["reconstruction"]
 
 
+STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
+
+
+class TrainStep:
+    """One training step — surrogate loss, backward, Adam update — with no host synchronisation.
+
+    The update is never applied with a non-finite loss or gradient: after ``backward`` a
+    device-side flag ``found_inf`` (``torch._amp_foreach_non_finite_check_and_unscale_`` over the
+    gradients, or-ed with a non-finite loss) is handed to fused Adam, whose kernel skips the
+    update (parameters, moments and step count) when it is set — the mechanism
+    :class:`torch.amp.GradScaler` uses, without a ``.item()``. The step returns the objective's
+    value and the flag as device tensors; :func:`fit` accumulates them on the device and reads
+    them back once per epoch (or every ``check_every`` steps).
+
+    Modes: ``"eager"``; ``"compile"`` (:func:`torch.compile` of the loss-and-backward);
+    ``"cuda-graph"`` (CUDA only: the whole step for minibatches of one size captured in a CUDA
+    graph after three warm-up steps whose effects are undone; other sizes, such as an epoch's
+    last partial minibatch, run eagerly on the same optimizer); ``"auto"`` is ``"cuda-graph"`` on
+    CUDA for pvae's own programs and ``"eager"`` elsewhere. Every mode computes the same
+    objective (tests check the eager step against Pyro's ``Trace_ELBO`` on the same noise).
+    """
+
+    def __init__(self, vae, objective, optimizer, mode: str = "auto", index_arg: bool = False):
+        if mode not in STEP_MODES:
+            raise ValueError(f"unknown step mode {mode!r}; valid choices: {', '.join(STEP_MODES)}")
+        device = vae.device
+        if mode == "auto":
+            mode = "cuda-graph" if (device.type == "cuda" and vae.programs_are_builtin()) else "eager"
+        if mode == "cuda-graph" and device.type != "cuda":
+            raise ValueError("step mode 'cuda-graph' needs the model on a CUDA device; use 'eager' or 'compile'")
+        self.vae, self.objective, self.optimizer, self.mode = vae, objective, optimizer, mode
+        self.params = [p for p in vae.parameters() if p.requires_grad]
+        self.one = torch.ones((), device=device)
+        self._loss_backward = self._eager_loss_backward
+        if mode == "compile":
+            self._loss_backward = torch.compile(self._eager_loss_backward)
+        self._graph = None  # (batch_size, graph, static tensors)
+
+    def _eager_loss_backward(self, x, index, kl_weight):
+        loss, value = self.objective.loss_and_value(self.vae, x, index, kl_weight=kl_weight)
+        loss.backward()
+        return loss.detach(), value.detach()
+
+    def _eager(self, x, index, kl_weight):
+        for p in self.params:  # zeros rather than None: the same gradient buffers every step
+            if p.grad is not None:
+                p.grad.zero_()
+        loss, value = self._loss_backward(x, index, kl_weight)
+        found_inf = (~torch.isfinite(loss)).float().reshape(())
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if grads:
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.one)
+        _guarded_step(self.optimizer, found_inf)
+        return value, found_inf
+
+    def __call__(self, x, index=None, kl_weight=1.0):
+        """Run one step on minibatch ``x``; returns ``(value, found_inf)``, 0-d device tensors."""
+        if self.mode != "cuda-graph" or index is not None:
+            return self._eager(x, index, kl_weight)
+        if self._graph is None:
+            self._capture(x)
+        batch, graph, static_x, static_w, static_out = self._graph
+        if x.shape[0] != batch:
+            return self._eager(x, None, kl_weight)
+        static_x.copy_(x)
+        static_w.fill_(float(kl_weight))
+        graph.replay()
+        return static_out[0].clone(), static_out[1].clone()
+
+    def _capture(self, x):
+        """Warm up on a side stream, undo the warm-up's updates in place, capture the step."""
+        static_x, static_w = x.clone(), torch.ones((), device=x.device)
+        saved_params = [p.detach().clone() for p in self.params]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self._eager(static_x, None, static_w)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.no_grad():  # back to the state before the warm-up, in the same storage
+            for p, saved in zip(self.params, saved_params):
+                p.copy_(saved)
+            for state in self.optimizer.state.values():
+                for value in state.values():
+                    if torch.is_tensor(value):
+                        value.zero_()  # a fresh Adam: zero moments and step count
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = self._eager(static_x, None, static_w)
+        self._graph = (x.shape[0], graph, static_x, static_w, static_out)
+
+
+def _optimizer(vae, lr: float):
+    """Fused Adam (on the device, skipping updates flagged non-finite without a sync)."""
+    params = list(vae.parameters())
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True, capturable=vae.device.type == "cuda")
+    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
+def _guarded_step(optimizer, found_inf):
+    """Apply the update unless ``found_inf``: on the device for fused Adam; with one host read
+    for an optimizer without the fused kernel (correctness over speed)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf, optimizer.grad_scale = found_inf, None
+        optimizer.step()
+    elif not bool(found_inf):
+        optimizer.step()
+
+
+def _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path) -> None:
+    """Read the device-side counters (one host synchronisation) and raise if asked to."""
+    if nonfinite != "raise":
+        return
+    n = int(skipped)
+    if n:
+        raise FloatingPointError(
+            f"the training loss or gradient was NaN/inf at epoch {epoch}, step {int(first_bad)} "
+            f"({n} of the first {steps} steps of the epoch); those updates were skipped, so the "
+            "parameters never held a non-finite value"
+            + (f", and {ckpt_path} still holds epoch {epoch - 1}" if ckpt_path else "")
+            + "; try a lower learning rate, or fit(..., nonfinite='skip') to skip such steps and go on"
+        )
+
+
 def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int) -> None:
     """Raise a clear error, before anything is trained or written, when ``objective`` cannot
     train ``vae`` on ``train_data`` in minibatches of ``batch_size`` (e.g. the DReG gradient
@@ -126,6 +253,9 @@ def fit(
     val_num_samples: int = 1,
     restore_best: bool = True,
     progress: bool = True,
+    step: str = "auto",
+    nonfinite: str = "raise",
+    check_every: Optional[int] = None,
 ) -> History:
     """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
 
@@ -149,9 +279,18 @@ def fit(
         so epochs are compared on common random numbers; training draws are unaffected).
     :param bool restore_best: at the end, load the parameters of the best validation epoch.
     :param bool progress: show a tqdm progress bar.
+    :param str step: :class:`TrainStep` mode: ``"auto"`` (a CUDA graph on CUDA, eager
+        elsewhere), ``"eager"``, ``"compile"``, ``"cuda-graph"``.
+    :param str nonfinite: what to do when a step's loss or gradient is NaN/inf. Such an update
+        is never applied (it is skipped on the device). ``"raise"``: at the next check, raise
+        :class:`FloatingPointError` naming the epoch and the first bad step, before that epoch
+        is checkpointed; ``"skip"``: count the skipped steps in the epoch's record
+        (``nonfinite_steps``, ``first_nonfinite_step``) and go on.
+    :param check_every: read the device-side counters every this many steps (each read is a
+        host synchronisation); default once per epoch.
     :returns: :class:`History`.
-    :raises FloatingPointError: when the loss becomes NaN/inf (the parameters and the last
-        checkpoint are left as they were before the bad step).
+    :raises FloatingPointError: with ``nonfinite="raise"`` (the parameters never hold a
+        non-finite update and the last checkpoint is the previous epoch's).
     """
     if isinstance(objective, str):
         objective = make_objective(objective, num_particles)
@@ -162,6 +301,10 @@ def fit(
         raise ValueError(f"lr must be positive and finite, got {lr!r}")
     if patience is not None and patience < 1:
         raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    if nonfinite not in ("raise", "skip"):
+        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+    if check_every is not None and (isinstance(check_every, bool) or int(check_every) != check_every or check_every < 1):
+        raise ValueError(f"check_every must be a positive integer or None, got {check_every!r}")
     device = torch.device(device) if device is not None else vae.device
     vae.to(device)
     vae.check_data(train_data, "training data")
@@ -183,7 +326,7 @@ def fit(
     valid_data = valid_data.to(device) if valid_data is not None else None
     check_objective(objective, vae, train_data, batch_size)
 
-    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    optimizer = _optimizer(vae, lr)
     generator = torch.Generator().manual_seed(int(seed))
     history = History()
     best_state = None
@@ -222,6 +365,7 @@ def fit(
         resumed_rng = ckpt["rng"]
 
     steps_per_epoch = math.ceil(train_data.shape[0] / batch_size)
+    train_step = TrainStep(vae, objective, optimizer, step)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -242,29 +386,36 @@ def fit(
                     break
                 t0 = time.perf_counter()
                 order = torch.randperm(train_data.shape[0], generator=generator).to(device)
-                total = 0.0
-                for step, idx in enumerate(order.split(batch_size)):
-                    xb = train_data[idx]
-                    if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
-                        objective.set_progress(epoch - 1 + step / steps_per_epoch)
-                    # a non-amortized guide is addressed by the datapoints' positions
-                    loss, value = objective.loss_and_value(vae, xb, *((idx,) if indexed else ()))
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"the training loss became {loss.item()} at epoch {epoch}, step "
-                            f"{step + 1}; the parameters were not updated with it"
-                            + (f" and {ckpt_path} still holds epoch {epoch - 1}" if ckpt_path else "")
-                            + "; try a lower learning rate"
-                        )
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    total += float(value) * xb.shape[0]
-                    if bar is not None:
-                        bar.update(1)
+                total = torch.zeros((), dtype=torch.float64, device=device)
+                skipped = torch.zeros((), device=device)
+                first_bad = torch.full((), -1.0, device=device)
+                step_no = torch.zeros((), device=device)
+                applied = torch.zeros((), dtype=torch.float64, device=device)
+                with pyro.validation_enabled(False):  # data were checked once above
+                    for step, idx in enumerate(order.split(batch_size)):
+                        xb = train_data[idx]
+                        weight = 1.0
+                        if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
+                            objective.set_progress(epoch - 1 + step / steps_per_epoch)
+                            weight = objective.kl_weight
+                        # a non-amortized guide is addressed by the datapoints' positions
+                        value, found_inf = train_step(xb, idx if indexed else None, weight)
+                        step_no += 1
+                        first_bad = torch.where((first_bad < 0) & (found_inf > 0), step_no, first_bad)
+                        skipped += found_inf
+                        total += torch.where(found_inf > 0, 0.0, value.double()) * xb.shape[0]
+                        applied += (1 - found_inf.double()) * xb.shape[0]
+                        if bar is not None:
+                            bar.update(1)
+                        if check_every is not None and (step + 1) % check_every == 0:
+                            _check_finite(nonfinite, skipped, first_bad, epoch, step + 1, ckpt_path)
+                _check_finite(nonfinite, skipped, first_bad, epoch, steps_per_epoch, ckpt_path)
+                num_skipped = int(skipped)
                 record = {
                     "epoch": epoch,
-                    "train_objective": total / train_data.shape[0],
+                    # mean over the applied steps' datapoints (skipped steps excluded)
+                    "train_objective": float(total / applied) if num_skipped < steps_per_epoch else math.nan,
+                    **({"nonfinite_steps": num_skipped, "first_nonfinite_step": int(first_bad)} if num_skipped else {}),
                     "objective": objective.name,
                     "num_particles": objective.num_particles,
                     # the KL weight at the epoch's last step

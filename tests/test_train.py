@@ -1,3 +1,4 @@
+import math
 """The training loop: learning, resume, isolation, checkpoints, failures that lose nothing."""
 
 import hashlib
@@ -107,11 +108,24 @@ class _NaNAtStep:
         self.inner, self.bad_call, self.calls = inner, bad_call, 0
         self.name, self.num_particles = inner.name, inner.num_particles
 
-    def loss_and_value(self, vae, x):
+    def loss_and_value(self, vae, x, index=None, kl_weight=None):
         self.calls += 1
         loss, value = self.inner.loss_and_value(vae, x)
         if self.calls == self.bad_call:
             return loss * float("nan"), value * float("nan")
+        return loss, value
+
+
+class _NaNGradientAtStep(_NaNAtStep):
+    """Finite loss, but a NaN gradient reaches one parameter at a given call."""
+
+    def loss_and_value(self, vae, x, index=None, kl_weight=None):
+        self.calls += 1
+        loss, value = self.inner.loss_and_value(vae, x)
+        if self.calls == self.bad_call:
+            p = next(vae.decoder.parameters())
+            loss = loss + torch.sqrt((p.sum() * 0).abs())  # adds 0; d sqrt at 0 = inf, times 0: NaN
+            assert torch.isfinite(loss)
         return loss, value
 
 
@@ -154,3 +168,21 @@ def test_fit_rejects_bad_arguments(digits):
         pvae.fit(vae, grey.train, epochs=1, progress=False)
     with pytest.raises(ValueError, match="validation data .*shape"):
         pvae.fit(vae, digits.train, digits.valid[:, :10], epochs=1, progress=False)
+
+
+def test_a_nan_gradient_is_never_applied_and_is_reported_with_its_step(digits, tmp_path):
+    """A finite loss with a NaN gradient: the update is skipped on the device (fused Adam's
+    found_inf), the parameters stay finite, and fit names the step; with nonfinite='skip'
+    the run goes on and the epoch's record counts the skipped step."""
+    vae = small_vae(digits)
+    objective = _NaNGradientAtStep(pvae.make_objective("elbo"), bad_call=3)
+    with pytest.raises(FloatingPointError, match="epoch 1, step 3"):
+        pvae.fit(vae, digits.train, epochs=1, objective=objective, progress=False)
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    vae = small_vae(digits)
+    objective = _NaNGradientAtStep(pvae.make_objective("elbo"), bad_call=12 + 3)
+    history = pvae.fit(vae, digits.train, epochs=2, objective=objective, progress=False, nonfinite="skip")
+    assert "nonfinite_steps" not in history.records[0]
+    assert history.records[1]["nonfinite_steps"] == 1 and history.records[1]["first_nonfinite_step"] == 3
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    assert all(math.isfinite(r["train_objective"]) for r in history.records)
