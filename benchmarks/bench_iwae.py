@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance  # noqa: E402
 from handwritten_vae import HandwrittenVAE  # noqa: E402
 
 import pvae  # noqa: E402
@@ -74,6 +75,8 @@ def main(argv=None):
     parser.add_argument("--ais-start", default="guide", choices=["guide", "prior"])
     parser.add_argument("--ais-schedule", default="sigmoid", choices=["sigmoid", "linear"])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=100,
+                        help="samples per chunk, the same for both sides (pvae's default would pick it from memory)")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_iwae.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,6 +101,7 @@ def main(argv=None):
     vae.eval()
     hand.eval()
 
+    start_provenance = provenance(torch.device("cpu"))
     seconds = {"pvae": 0.0, "handwritten": 0.0}
     values = {"pvae": {"elbo": [], "iwae": []}, "handwritten": {"elbo": [], "iwae": []}}
     blocks = list(test.split(args.block))
@@ -106,11 +110,12 @@ def main(argv=None):
         for name in order:
             t0 = time.perf_counter()
             if name == "pvae":
-                bounds = pvae.evaluate_bounds(vae, xb, args.K, seed=i)
+                # independent draws: pvae block i uses seed 2i, the hand-written side 2i + 1
+                bounds = pvae.evaluate_bounds(vae, xb, args.K, seed=2 * i, chunk_size=args.chunk_size)
                 elbo, iwae = bounds["elbo"].values, bounds["iwae"].values
             else:
-                torch.manual_seed(10_000 + i)
-                elbo, iwae = hand.bounds(xb, args.K)
+                torch.manual_seed(2 * i + 1)
+                elbo, iwae = hand.bounds(xb, args.K, chunk_size=args.chunk_size)
             seconds[name] += time.perf_counter() - t0
             values[name]["elbo"].append(elbo)
             values[name]["iwae"].append(iwae)
@@ -121,7 +126,7 @@ def main(argv=None):
         "K": args.K,
         "images": int(test.shape[0]),
         "batch_size": 100,
-        "chunk_size": 100,
+        "chunk_size": args.chunk_size,
         "pvae_seconds": seconds["pvae"],
         "handwritten_seconds": seconds["handwritten"],
         "ratio": seconds["pvae"] / seconds["handwritten"],
@@ -129,6 +134,18 @@ def main(argv=None):
     for name in values:
         for est in ("elbo", "iwae"):
             iwae_part[f"{name}_{est}"] = summary(torch.cat(values[name][est]))
+    # the two sides draw independently: their per-image difference must look like MC noise
+    diff = torch.cat(values["pvae"]["elbo"]).double() - torch.cat(values["handwritten"]["elbo"]).double()
+    iwae_part["elbo_difference_per_image"] = {"mean": float(diff.mean()), "std": float(diff.std()),
+                                              "max_abs": float(diff.abs().max())}
+    per_image = args.out.with_name(args.out.stem + "_per_image.csv")
+    per_image.parent.mkdir(parents=True, exist_ok=True)
+    with per_image.open("w") as f:
+        f.write("image,pvae_elbo,pvae_iwae,handwritten_elbo,handwritten_iwae\n")
+        cols = [torch.cat(values[n][e]).double() for n in ("pvae", "handwritten") for e in ("elbo", "iwae")]
+        for j in range(cols[0].numel()):
+            f.write(f"{j}," + ",".join(f"{c[j].item():.6f}" for c in cols) + "\n")
+    iwae_part["per_image_file"] = per_image.name
 
     x_ais = test[: args.ais_images]
     t0 = time.perf_counter()
@@ -163,6 +180,8 @@ def main(argv=None):
         "processor": platform.processor() or platform.machine(),
         "iwae": iwae_part,
         "ais": ais_part,
+        "provenance_start": start_provenance,
+        "provenance_end": provenance(torch.device("cpu")),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

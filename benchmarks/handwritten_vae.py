@@ -71,3 +71,25 @@ class HandwrittenVAE(nn.Module):
             elbos.append(lw.mean(0))
             iwaes.append(torch.logsumexp(lw, 0) - math.log(num_samples))
         return torch.cat(elbos), torch.cat(iwaes)
+
+
+class PyTorchExampleVAE(nn.Module):
+    """The VAE a PyTorch user writes (after pytorch/examples' ``vae/main.py``): the encoder gives
+    ``mu`` and ``logvar``, ``z = mu + exp(logvar / 2) * eps``, the loss is the summed binary
+    cross-entropy plus the closed-form KL. Same widths and activation as pvae's model, so the
+    comparison prices pvae's choices (Pyro distributions, Monte Carlo KL by default, softplus
+    scale), not a different network."""
+
+    def __init__(self, data_dim=784, latent_dim=50, hidden=(500, 500)):
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.encoder = _mlp((data_dim, *hidden, 2 * latent_dim))
+        self.decoder = _mlp((latent_dim, *hidden[::-1], data_dim))
+
+    def loss(self, x):
+        """Minus the ELBO (closed-form KL), averaged over the batch (nats per datapoint)."""
+        mu, logvar = self.encoder(x).split(self.latent_dim, -1)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        bce = F.binary_cross_entropy_with_logits(self.decoder(z), x, reduction="sum")
+        kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+        return (bce + kld) / x.shape[0]

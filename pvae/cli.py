@@ -51,6 +51,7 @@ _TRAIN_FLAGS = {
     "seed": "seed",
     "device": "device",
     "val_samples": "val_num_samples",
+    "step": "step",
 }
 
 
@@ -120,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--device", help="cpu, cuda or cuda:N")
     train.add_argument("--val-samples", type=int, help="samples per datapoint for the validation ELBO")
+    train.add_argument("--step", choices=["auto", "eager", "compile", "cuda-graph"],
+                       help="training step: auto (a CUDA graph on CUDA, eager elsewhere), eager, compile "
+                            "(torch.compile), cuda-graph")
+    train.add_argument("--compile", dest="step", action="store_const", const="compile",
+                       help="same as --step compile")
     train.add_argument("--run-dir", type=Path, help="default: runs/<dataset>-<time>")
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")

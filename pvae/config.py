@@ -76,7 +76,8 @@ class RunConfig:
     ``kl_warmup`` (epochs), ``kl_schedule``, ``dreg``, ``info_alpha``, ``mmd_lambda``, ``free_bits`` (see
     :func:`pvae.objectives.make_objective`; an option the objective does not take must keep
     its default), ``epochs``, ``batch_size``, ``lr``, ``patience``,
-    ``seed``, ``device``, ``val_num_samples``.
+    ``seed``, ``device``, ``val_num_samples``, ``step`` (the training step's mode, see
+    :class:`pvae.train.TrainStep`).
     """
 
     dataset: str = "digits"
@@ -110,6 +111,7 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     val_num_samples: int = 1
+    step: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -144,6 +146,8 @@ class RunConfig:
             raise ValueError(f"patience must be a positive integer or null, got {self.patience!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.step not in ("auto", "eager", "compile", "cuda-graph"):
+            raise ValueError(f"unknown step mode {self.step!r}; valid choices: auto, eager, compile, cuda-graph")
         if self.net == "conv" and image_shape_of(self.dataset) is None:
             raise ValueError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
 

@@ -104,12 +104,12 @@ def train_run(
                 "new --run-dir (nothing was overwritten)"
             )
         saved = RunConfig.load(config_path)
-        if saved.replace(epochs=config.epochs) != config:
+        if saved.replace(epochs=config.epochs, step=config.step) != config:  # how a step runs may change
             raise ValueError(
                 f"cannot resume {run_dir}: its config.json differs from this config in "
                 + ", ".join(
                     k for k in config.field_names()
-                    if k != "epochs" and getattr(saved, k) != getattr(config, k)
+                    if k not in ("epochs", "step") and getattr(saved, k) != getattr(config, k)
                 )
             )
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +130,7 @@ def train_run(
         resume=resume,
         val_num_samples=config.val_num_samples,
         progress=progress,
+        step=config.step,
     )
     write_figures(vae, data, history, run_dir)
     return vae, history

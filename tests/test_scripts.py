@@ -26,6 +26,7 @@ SCRIPTS = {
         "--run-dir", "{tmp}/none", "--K", "7", "--images", "30", "--block", "10", "--ais-images", "4",
         "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json",
     ],
+    "benchmarks/gpu_suite.py": ["--smoke", "--device", "cpu", "--out", "{tmp}/gpu_suite.json"],
     "paper/build.py": ["--out", "{tmp}/tables.md"],
     "experiments/inference_gaps_mnist.py": [
         "--run-dir", "{tmp}/run", "--train-missing", "digits", "--images", "3", "--K", "5", "--refine-steps", "2", "--particles", "2",
@@ -43,7 +44,7 @@ SCRIPTS = {
 }
 NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py"}
 NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10", "PVAE_NOTEBOOK_AIS_STEPS": "3"}
-HELPERS = {"benchmarks/handwritten_vae.py"}  # imported by scripts, not run on their own
+HELPERS = {"benchmarks/handwritten_vae.py", "benchmarks/_provenance.py"}  # imported by scripts, not run on their own
 
 
 def discovered_scripts():
