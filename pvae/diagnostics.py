@@ -55,11 +55,21 @@ def importance_diagnostics(
     return {"khat": psis_khat(lw), "ess": importance_ess(lw).cpu()}
 
 
+def _code(vae, x) -> torch.Tensor:
+    means = engine.guide_mean(vae, x)
+    if len(means) != 1:
+        raise ValueError(f"active units need one latent site; the guide has {sorted(means)}")
+    (mean,) = means.values()
+    return mean.reshape(x.shape[0], -1).double()
+
+
 def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> Dict[str, torch.Tensor]:
     """Burda et al.'s activity :math:`A_u = \\operatorname{Var}_x(E_q[z_u|x])` per latent unit,
     over the datapoints ``x``; ``"active"`` is the boolean mask :math:`A_u > ` ``threshold``
-    and ``"count"`` its sum."""
-    means = vae.encode(x).double()
+    and ``"count"`` its sum. :math:`E_q[z|x]` comes from the guide program
+    (:func:`pvae.engine.guide_mean`; one latent site)."""
+    with torch.no_grad():
+        means = _code(vae, x)
     activity = means.var(0, unbiased=True).cpu()
     active = activity > threshold
     return {"activity": activity, "active": active, "count": active.sum()}
@@ -118,7 +128,7 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
     at most ``threshold`` carry (almost) no information about x. Returns plain Python values
     (JSON-ready) and issues a :class:`UserWarning` when some units are inactive."""
     with torch.no_grad():
-        means = torch.cat([vae.encode(xb) for xb in x.split(batch_size)]).double()
+        means = torch.cat([_code(vae, xb) for xb in x.split(batch_size)])
     activity = means.var(0, unbiased=True).cpu()
     active = activity > threshold
     try:

@@ -289,6 +289,16 @@ def log_weights(pair, x: torch.Tensor, num_samples: int, index: Optional[torch.T
     return _trace_log_weights(pair, x, num_samples, index, proposal)
 
 
+def _conditioned_trace(pair, x, latents, index):
+    nesting = int(getattr(pair, "max_plate_nesting", 1))
+    particle_dim = -1 - nesting
+    num = next(iter(latents.values())).shape[0]
+    model = _particles(poutine.condition(pair.model, data=latents), num, particle_dim)
+    with quiet_params():
+        trace = poutine.trace(model).get_trace(x, index)
+    return trace, particle_dim, (num, x.shape[0])
+
+
 def log_density(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], index: Optional[torch.Tensor] = None,
                 path: str = "auto"):
     r"""The model's :math:`(\log p(x|z), \log p(z))` per datapoint at given latent values
@@ -298,14 +308,8 @@ def log_density(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], index: 
     if use_fast_path(pair, path):
         (z,) = latents.values()
         return pair.log_likelihood(x, z), pair.log_prior(z)
-    nesting = int(getattr(pair, "max_plate_nesting", 1))
+    trace, particle_dim, shape = _conditioned_trace(pair, x, latents, index)
     data_plate = getattr(pair, "data_plate", "data")
-    particle_dim = -1 - nesting
-    num = next(iter(latents.values())).shape[0]
-    shape = (num, x.shape[0])
-    model = _particles(poutine.condition(pair.model, data=latents), num, particle_dim)
-    with quiet_params():
-        trace = poutine.trace(model).get_trace(x, index)
     log_likelihood = torch.zeros(shape, dtype=x.dtype, device=x.device)
     log_prior = log_likelihood
     seen = set()
@@ -322,6 +326,42 @@ def log_density(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], index: 
     if missing:
         raise ValueError(f"the model has no latent site(s) {sorted(missing)}")
     return log_likelihood, log_prior
+
+
+def guide_mean(pair, x: torch.Tensor, index: Optional[torch.Tensor] = None, num_samples: int = 256,
+               path: str = "auto") -> Dict[str, torch.Tensor]:
+    """:math:`E_q[z|x]` per latent site, ``(B, ...)``: the guide site's distribution's mean
+    where it has one in closed form, else the average of ``num_samples`` draws (flows); the
+    fast path reads the guide network's mean (:meth:`pvae.model.VAE.encode`)."""
+    if use_fast_path(pair, path):
+        return {"z": pair.encode(x, index)}
+    samples = log_weights(pair, x, 1, index, path="trace")
+    means = {}
+    for name, d in samples.guide_dists.items():
+        try:
+            means[name] = d.mean[0]
+        except NotImplementedError:
+            means[name] = log_weights(pair, x, num_samples, index, path="trace").latents[name].mean(0)
+    return means
+
+
+def reconstruction(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], index: Optional[torch.Tensor] = None,
+                   path: str = "auto"):
+    r"""At the codes ``latents`` (site -> ``(B, ...)``): :math:`\log p(x|\hat z)` per datapoint and
+    the mean :math:`E[x|\hat z]` of the observed site (one observed site), from the model program
+    conditioned on the codes (or the fast path). Returns ``(log_lik (B,), mean (B, D))``."""
+    if use_fast_path(pair, path):
+        (z,) = latents.values()
+        params = pair.decoder(z)
+        return pair.likelihood(params).log_prob(x), pair.likelihood.mean(params)
+    trace, particle_dim, shape = _conditioned_trace(pair, x, {k: v[None] for k, v in latents.items()}, index)
+    data_plate = getattr(pair, "data_plate", "data")
+    observed = [s for s in _sample_sites(trace) if s["is_observed"] and s["name"] not in latents]
+    if len(observed) != 1:
+        raise ValueError(f"reconstruction needs one observed site; the model has {[s['name'] for s in observed]}")
+    (site,) = observed
+    log_lik = per_datapoint(_site_log_prob(site), site, data_plate, particle_dim, shape)[0]
+    return log_lik, site["fn"].mean.reshape(x.shape)
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -278,8 +278,9 @@ def evaluate_bounds(
       importance-sampling effective sample size
       :math:`\mathrm{ESS} = (\sum w)^2 / \sum w^2` reported in ``extra["ess"]``.
 
-    Cost: one encoder pass per datapoint and K decoder passes, in chunks of ``chunk_size``
-    samples over data batches of ``batch_size`` (memory bounded by both). Parameters are not
+    Cost: one encoder pass per chunk and K decoder passes per datapoint, in chunks of
+    ``chunk_size`` samples (default: from the memory budget, :func:`auto_chunk_size`) over data
+    batches of ``batch_size`` (memory bounded by both). Parameters are not
     changed and no gradients are kept. ``seed`` fixes the samples without touching the global
     RNG (``None`` draws from it). ``index``: positions of ``x`` in the data set of a
     non-amortized guide.
@@ -357,17 +358,19 @@ def reconstruction_error(
       binary cross-entropy under a Bernoulli likelihood),
     * ``"squared-error"``: :math:`\|x - E[x|\hat z]\|^2` per datapoint (data units squared).
 
-    No sampling (``num_samples`` is reported as 1 and the Monte Carlo errors are 0).
+    No sampling (``num_samples`` is reported as 1 and the Monte Carlo errors are 0). The code
+    and the density come from the guide and model programs (:func:`pvae.engine.guide_mean`,
+    :func:`pvae.engine.reconstruction`).
     """
     batch_size = _check_positive_int("batch_size", batch_size)
-    vae.check_data(x)
+    check_data(vae, x)
     loglik, sq = [], []
     with _evaluating(vae):
         for start, xb in _batches(x, batch_size):
             ib = None if index is None else index[start : start + xb.shape[0]]
-            params = vae.decoder(vae.encode(xb, ib))
-            loglik.append(vae.likelihood(params).log_prob(xb).double())
-            sq.append((xb - vae.likelihood.mean(params)).pow(2).sum(-1).double())
+            log_lik, mean = engine.reconstruction(vae, xb, engine.guide_mean(vae, xb, ib), ib)
+            loglik.append(log_lik.double())
+            sq.append((xb - mean).pow(2).sum(-1).double())
     loglik, sq = torch.cat(loglik).cpu(), torch.cat(sq).cpu()
     return {
         "reconstruction": Estimate("reconstruction-log-likelihood", 1, loglik, torch.zeros_like(loglik)),

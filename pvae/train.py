@@ -1,12 +1,14 @@
-"""The training loop: minibatch stochastic variational inference with a Pyro ELBO.
+"""The training loop: minibatch stochastic variational inference on a Pyro model/guide pair.
 
-:func:`fit` follows the gradient of an :class:`~pvae.objectives.Objective` (by default
-:class:`pyro.infer.Trace_ELBO`) with :class:`torch.optim.Adam` over ``vae.parameters()`` —
-the module form of Pyro's ELBOs, which keeps parameters inside the model instead of Pyro's
-global parameter store. Each epoch it computes the validation ELBO, logs a JSON line,
-and writes an atomic checkpoint with model, optimizer and RNG states, so that
-``fit(..., resume=True)`` continues the same trajectory. No printing and no plotting here;
-the progress bar (tqdm) can be switched off.
+:class:`TrainStep` is one step — the objective's surrogate loss (by default the ELBO of
+``vae.model``/``vae.guide``, equal to Pyro's ``Trace_ELBO`` on the same noise), backward, and
+a fused Adam update over ``vae.parameters()`` (the module form of Pyro's ELBOs: parameters stay
+in the model, not in Pyro's global parameter store) — with no host synchronisation, so it can
+be compiled or captured in a CUDA graph. :func:`fit` is the epoch loop around it: data order,
+KL schedules, device-side accumulation read back once per epoch, validation ELBO, early
+stopping, and an atomic checkpoint with model, optimizer and RNG states each epoch, so that
+``fit(..., resume=True)`` continues the same trajectory. No printing and no plotting here; the
+progress bar (tqdm) can be switched off.
 """
 
 from __future__ import annotations
@@ -136,10 +138,14 @@ class TrainStep:
         loss.backward()
         return loss.detach(), value.detach()
 
-    def _eager(self, x, index, kl_weight):
-        for p in self.params:  # zeros rather than None: the same gradient buffers every step
-            if p.grad is not None:
-                p.grad.zero_()
+    def _eager(self, x, index, kl_weight, static_grads=False):
+        if static_grads:  # a CUDA graph replays into the same gradient buffers every step
+            grads = [p.grad for p in self.params if p.grad is not None]
+            if grads:
+                torch._foreach_zero_(grads)
+        else:
+            for p in self.params:
+                p.grad = None
         loss, value = self._loss_backward(x, index, kl_weight)
         found_inf = (~torch.isfinite(loss)).float().reshape(())
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -170,7 +176,7 @@ class TrainStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):
-                self._eager(static_x, None, static_w)
+                self._eager(static_x, None, static_w, static_grads=True)
         torch.cuda.current_stream().wait_stream(stream)
         with torch.no_grad():  # back to the state before the warm-up, in the same storage
             for p, saved in zip(self.params, saved_params):
@@ -181,7 +187,7 @@ class TrainStep:
                         value.zero_()  # a fresh Adam: zero moments and step count
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self._eager(static_x, None, static_w)
+            static_out = self._eager(static_x, None, static_w, static_grads=True)
         self._graph = (x.shape[0], graph, static_x, static_w, static_out)
 
 
@@ -351,21 +357,10 @@ def fit(
                 f"{ckpt_path} already exists; pass resume=True to continue that run or "
                 "choose a new run directory (nothing was overwritten)"
             )
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("fit") != fit_args:
-            raise ValueError(
-                f"cannot resume {ckpt_path}: it was trained with {ckpt.get('fit')}, "
-                f"but this call uses {fit_args}"
-            )
-        vae.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        history = History(ckpt["history"], ckpt["best_epoch"], ckpt["stopped_early"])
-        best_state = ckpt["best_model"]
-        start_epoch = int(ckpt["epoch"])
-        resumed_rng = ckpt["rng"]
+        history, best_state, start_epoch, resumed_rng = _resume(ckpt_path, fit_args, vae, optimizer)
 
     steps_per_epoch = math.ceil(train_data.shape[0] / batch_size)
-    train_step = TrainStep(vae, objective, optimizer, step)
+    train_step = TrainStep(vae, objective, optimizer, step)  # the one step; the rest is bookkeeping
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -386,36 +381,11 @@ def fit(
                     break
                 t0 = time.perf_counter()
                 order = torch.randperm(train_data.shape[0], generator=generator).to(device)
-                total = torch.zeros((), dtype=torch.float64, device=device)
-                skipped = torch.zeros((), device=device)
-                first_bad = torch.full((), -1.0, device=device)
-                step_no = torch.zeros((), device=device)
-                applied = torch.zeros((), dtype=torch.float64, device=device)
-                with pyro.validation_enabled(False):  # data were checked once above
-                    for step, idx in enumerate(order.split(batch_size)):
-                        xb = train_data[idx]
-                        weight = 1.0
-                        if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
-                            objective.set_progress(epoch - 1 + step / steps_per_epoch)
-                            weight = objective.kl_weight
-                        # a non-amortized guide is addressed by the datapoints' positions
-                        value, found_inf = train_step(xb, idx if indexed else None, weight)
-                        step_no += 1
-                        first_bad = torch.where((first_bad < 0) & (found_inf > 0), step_no, first_bad)
-                        skipped += found_inf
-                        total += torch.where(found_inf > 0, 0.0, value.double()) * xb.shape[0]
-                        applied += (1 - found_inf.double()) * xb.shape[0]
-                        if bar is not None:
-                            bar.update(1)
-                        if check_every is not None and (step + 1) % check_every == 0:
-                            _check_finite(nonfinite, skipped, first_bad, epoch, step + 1, ckpt_path)
-                _check_finite(nonfinite, skipped, first_bad, epoch, steps_per_epoch, ckpt_path)
-                num_skipped = int(skipped)
+                stats = train_epoch(train_step, objective, train_data, order, batch_size, epoch, indexed, bar,
+                                    nonfinite, check_every, ckpt_path)
                 record = {
                     "epoch": epoch,
-                    # mean over the applied steps' datapoints (skipped steps excluded)
-                    "train_objective": float(total / applied) if num_skipped < steps_per_epoch else math.nan,
-                    **({"nonfinite_steps": num_skipped, "first_nonfinite_step": int(first_bad)} if num_skipped else {}),
+                    **stats,
                     "objective": objective.name,
                     "num_particles": objective.num_particles,
                     # the KL weight at the epoch's last step
@@ -443,22 +413,7 @@ def fit(
                         postfix[record["val_metric"]] = f"{record[record['val_metric']]:.2f}"
                     bar.set_postfix(postfix)
                 if ckpt_path is not None:
-                    save_checkpoint(
-                        {
-                            "format": CHECKPOINT_FORMAT,
-                            "epoch": epoch,
-                            "model": vae.state_dict(),
-                            "optimizer": optimizer.state_dict(),
-                            "rng": _rng_state(generator, device),
-                            "history": history.records,
-                            "best_epoch": history.best_epoch,
-                            "best_model": best_state,
-                            "stopped_early": history.stopped_early,
-                            "fit": fit_args,
-                        },
-                        ckpt_path,
-                    )
-                    write_jsonl(history.records, ckpt_path.parent / METRICS_FILE)
+                    _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args)
     finally:
         if bar is not None:
             bar.close()
@@ -467,3 +422,78 @@ def fit(
     if restore_best and best_state is not None:
         vae.load_state_dict(best_state)
     return history
+
+
+def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=False, bar=None,
+                nonfinite="raise", check_every=None, ckpt_path=None) -> dict:
+    """One pass of ``train_step`` over ``data[order]`` in minibatches, with no host
+    synchronisation except the non-finite checks (once at the end, or every ``check_every``
+    steps). Returns the epoch's ``train_objective`` (mean value over the datapoints of the
+    applied steps) and, if any step was skipped, ``nonfinite_steps`` and
+    ``first_nonfinite_step`` (1-based)."""
+    device = data.device
+    steps = math.ceil(order.numel() / batch_size)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    applied = torch.zeros((), dtype=torch.float64, device=device)
+    skipped = torch.zeros((), device=device)
+    first_bad = torch.full((), -1.0, device=device)
+    step_no = torch.zeros((), device=device)
+    with pyro.validation_enabled(False):  # data are checked once by fit, not every step
+        for step, idx in enumerate(order.split(batch_size)):
+            xb = data[idx]
+            weight = 1.0
+            if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
+                objective.set_progress(epoch - 1 + step / steps)
+                weight = objective.kl_weight
+            # a non-amortized guide is addressed by the datapoints' positions
+            value, found_inf = train_step(xb, idx if indexed else None, weight)
+            step_no += 1
+            first_bad = torch.where((first_bad < 0) & (found_inf > 0), step_no, first_bad)
+            skipped += found_inf
+            total += torch.where(found_inf > 0, 0.0, value.double()) * xb.shape[0]
+            applied += (1 - found_inf.double()) * xb.shape[0]
+            if bar is not None:
+                bar.update(1)
+            if check_every is not None and (step + 1) % check_every == 0:
+                _check_finite(nonfinite, skipped, first_bad, epoch, step + 1, ckpt_path)
+    _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path)
+    num_skipped = int(skipped)
+    stats = {"train_objective": float(total / applied) if num_skipped < steps else math.nan}
+    if num_skipped:
+        stats.update(nonfinite_steps=num_skipped, first_nonfinite_step=int(first_bad))
+    return stats
+
+
+def _resume(ckpt_path, fit_args, vae, optimizer):
+    """Load a run's checkpoint into ``vae`` and ``optimizer`` after checking it was trained
+    with the same settings; returns ``(history, best_state, epoch, rng_state)``."""
+    ckpt = load_checkpoint(ckpt_path)
+    if ckpt.get("fit") != fit_args:
+        raise ValueError(
+            f"cannot resume {ckpt_path}: it was trained with {ckpt.get('fit')}, "
+            f"but this call uses {fit_args}"
+        )
+    vae.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    history = History(ckpt["history"], ckpt["best_epoch"], ckpt["stopped_early"])
+    return history, ckpt["best_model"], int(ckpt["epoch"]), ckpt["rng"]
+
+
+def _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args) -> None:
+    """Atomically write the epoch's checkpoint (model, optimizer, RNG, history) and the log."""
+    save_checkpoint(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": vae.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": _rng_state(generator, device),
+            "history": history.records,
+            "best_epoch": history.best_epoch,
+            "best_model": best_state,
+            "stopped_early": history.stopped_early,
+            "fit": fit_args,
+        },
+        ckpt_path,
+    )
+    write_jsonl(history.records, ckpt_path.parent / METRICS_FILE)

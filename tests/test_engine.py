@@ -359,3 +359,25 @@ def test_train_step_equals_a_pyro_trace_elbo_step(digits):
             opt_b.step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+class ShiftedGuideVAE(pvae.VAE):
+    """The user's edit of the guide: q(z|x) shifted by +1 in every latent dimension."""
+
+    def guide(self, x, index=None, **kwargs):
+        q = self.posterior(x)
+        with pyro.plate("data", x.shape[0], dim=-1):
+            return pyro.sample("z", dist.Normal(q.mean + 1.0, q.stddev).to_event(1))
+
+
+def test_reconstruction_and_active_units_follow_an_overridden_guide(digits):
+    base = digits_vae(digits)
+    vae = ShiftedGuideVAE(base.prior, base.decoder, base.likelihood, base.guide_net)
+    x = digits.test[:40]
+    with torch.no_grad():
+        code = base.encode(x) + 1.0
+        expected = base.likelihood(base.decoder(code)).log_prob(x).double()
+    rec = pvae.reconstruction_error(vae, x)["reconstruction"].values
+    torch.testing.assert_close(rec, expected, atol=1e-4, rtol=0)
+    assert (pvae.reconstruction_error(base, x)["reconstruction"].values - expected).abs().max() > 1e-2
+    torch.testing.assert_close(engine.guide_mean(vae, x)["z"], code, atol=1e-5, rtol=0)
