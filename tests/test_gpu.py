@@ -39,3 +39,37 @@ def test_resume_on_cuda_continues_the_same_trajectory(tmp_path, digits):
     pvae.fit(c, digits.train, digits.valid, epochs=3, run_dir=tmp_path / "b", resume=True, **kw)
     for k, v in a.state_dict().items():
         torch.testing.assert_close(v, c.state_dict()[k], rtol=1e-4, atol=1e-5)  # cuBLAS may reorder sums
+
+
+@requires_cuda
+def test_train_steps_never_synchronise_with_the_host(digits):
+    """The eager and the CUDA-graph TrainStep run under torch's sync debug mode 'error'."""
+    from pvae.train import TrainStep, _optimizer
+
+    x = digits.train[:100].cuda()
+    for mode in ("eager", "cuda-graph"):
+        vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(32,)), digits.data_dim).cuda()
+        step = TrainStep(vae, pvae.make_objective("elbo"), _optimizer(vae, 1e-3), mode)
+        step(x)  # first call: capture (allowed to synchronise)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(5):
+                value, found_inf = step(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert float(found_inf) == 0 and torch.isfinite(value)
+
+
+@requires_cuda
+def test_cuda_graph_fit_trains_like_eager_and_handles_the_last_partial_batch(digits):
+    histories = {}
+    for mode in ("eager", "cuda-graph"):
+        torch.manual_seed(0)
+        vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(32,)), digits.data_dim)
+        # 1197 training images in batches of 100: the 12th minibatch has 97 (runs eagerly)
+        histories[mode] = pvae.fit(vae, digits.train, epochs=5, batch_size=100, device="cuda", step=mode,
+                                   progress=False)
+    eager, graph = histories["eager"].train_objective, histories["cuda-graph"].train_objective
+    assert graph[-1] > graph[0] + 1.0, "the graphed step did not train"
+    assert abs(graph[-1] - eager[-1]) < 1.0
