@@ -1,6 +1,7 @@
 """pvae: auto-encoding variational Bayes as Pyro model/guide pairs.
 
-Compose a model from parts, train it with a Pyro ELBO, evaluate it honestly::
+Compose a model from parts, train it with a Pyro ELBO, evaluate it honestly (every number is
+derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
 
     from pvae import VAE, MLP, StandardNormalPrior, BernoulliLikelihood, DiagonalGaussianGuide
     from pvae import fit, load_dataset, evaluate_bounds
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 from .config import RunConfig, autoencoder_config, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
+from .engine import ModelGuidePair, WeightedSamples, log_weights
 from .diagnostics import (
     active_units,
     importance_diagnostics,
@@ -42,7 +44,7 @@ from .nets import ACTIVATIONS, MLP
 from .objectives import OBJECTIVES, ElboObjective, FreeBitsObjective, InfoVAEObjective, IWAEObjective, KLSchedule, Objective, make_objective
 from .priors import PRIORS, Prior, StandardNormalPrior
 from .runs import evaluate_run, load_run, train_run
-from .train import History, fit
+from .train import History, TrainStep, fit
 
 __all__ = [
     "ACTIVATIONS", "BernoulliLikelihood", "DATASETS", "DATA_PLATE", "Dataset",
@@ -53,5 +55,5 @@ __all__ = [
     "load_dataset", "load_run", "log_importance_weights", "make_objective", "naive_prior_estimate",
     "train_run", "autoencoder_config", "reconstruction_error", "active_units",
     "importance_diagnostics", "kl_per_dimension", "psis_khat", "to_inference_data", "inference_gaps",
-    "latent_diagnostics",
+    "latent_diagnostics", "ModelGuidePair", "WeightedSamples", "log_weights", "TrainStep",
 ]

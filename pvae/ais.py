@@ -138,7 +138,7 @@ def _start(vae, xb, start, num_chains):
     ((site, z),) = samples.latents.items()
     r = samples.guide_dists[site]
     support = r.support
-    while isinstance(support, constraints.independent):
+    while hasattr(support, "base_constraint"):  # independent(...), mixtures of real components
         support = support.base_constraint
     if support is not constraints.real:
         raise ValueError(f"AIS's HMC moves real-valued latents; site {site!r} has support {r.support}")

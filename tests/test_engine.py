@@ -381,3 +381,15 @@ def test_reconstruction_and_active_units_follow_an_overridden_guide(digits):
     torch.testing.assert_close(rec, expected, atol=1e-4, rtol=0)
     assert (pvae.reconstruction_error(base, x)["reconstruction"].values - expected).abs().max() > 1e-2
     torch.testing.assert_close(engine.guide_mean(vae, x)["z"], code, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prior", PRIORS.names())
+def test_naive_estimate_and_ais_run_for_every_prior(prior, digits):
+    """The naive estimator draws from the model's prior site as the program does (a mixture
+    has no rsample and needs none there); AIS starts from the prior or the guide."""
+    config = RunConfig(prior=prior, latent_dim=2, hidden=(16,), mog_components=3, vamp_pseudo_inputs=4)
+    vae = build_vae(config, digits.data_dim)
+    x = digits.test[:6]
+    assert math.isfinite(pvae.naive_prior_estimate(vae, x, 20).mean)
+    for start in ("prior", "guide"):
+        assert math.isfinite(pvae.ais.ais(vae, x, num_chains=3, num_steps=4, start=start).mean)
