@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--K", type=int, default=1000, help="importance samples per datapoint")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--batch-size", type=int, default=100, help="datapoints per batch")
-    ev.add_argument("--chunk-size", type=int, default=100, help="samples per chunk (memory bound)")
+    ev.add_argument("--chunk-size", type=int, default=None,
+                    help="samples per chunk (default: from a memory budget on the device)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--estimators", default="elbo,iwae",

@@ -42,7 +42,7 @@ def psis_khat(log_weights: torch.Tensor) -> torch.Tensor:
 
 
 def importance_diagnostics(
-    vae, x: torch.Tensor, num_samples: int = 1000, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    vae, x: torch.Tensor, num_samples: int = 1000, chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     seed: Optional[int] = 0,
 ) -> Dict[str, torch.Tensor]:
     """PSIS :math:`\\hat k` and the importance-sampling ESS per datapoint for the guide as

@@ -25,7 +25,7 @@ from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
 from .ais import ais
 from .diagnostics import importance_diagnostics, latent_diagnostics
-from .estimators import DEFAULT_CHUNK_SIZE, evaluate_bounds, naive_prior_estimate, reconstruction_error
+from .estimators import DEFAULT_CHUNK_SIZE, auto_chunk_size, evaluate_bounds, naive_prior_estimate, reconstruction_error
 from .model import VAE
 from .train import CHECKPOINT_FILE, History, check_objective, fit
 
@@ -181,7 +181,7 @@ def evaluate_run(
     split: str = "test",
     num_samples: int = 1000,
     batch_size: int = 100,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     seed: int = 0,
     device: str = "cpu",
     progress: bool = True,
@@ -215,6 +215,8 @@ def evaluate_run(
     config, vae = load_run(run_dir, device)
     data = load_dataset(config.dataset)
     x = data.split(split).to(vae.device)
+    if chunk_size is None:  # resolved here so that the report names the chunk size that ran
+        chunk_size = auto_chunk_size(vae, batch_size, num_samples, vae.device)
     estimates = reconstruction_error(vae, x)
     report = {
         "run_dir": str(run_dir),
@@ -223,6 +225,8 @@ def evaluate_run(
         "split": split,
         "num_datapoints": int(x.shape[0]),
         "seed": seed,
+        "batch_size": batch_size,
+        "chunk_size": chunk_size,
         "skipped": {},
     }
     wanted_bounds = [e for e in ("elbo", "iwae") if e in estimators]

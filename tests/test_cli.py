@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import pvae
 from pvae.checkpoint import load_checkpoint
 from pvae.cli import main
 from pvae.runs import FIGURES
@@ -36,6 +37,7 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
     assert "iwae (K=7)" in out and "elbo (K=7)" in out
     report = json.loads((run / "evaluation-test-K7.json").read_text())
     assert report["num_datapoints"] == 300
+    assert report["chunk_size"] == 3
     assert report["estimates"]["iwae"]["num_samples"] == 7
     assert report["estimates"]["iwae"]["mean"] >= report["estimates"]["elbo"]["mean"]
     assert (run / "checkpoint.pt").read_bytes() == checkpoint_bytes  # evaluation changes nothing
@@ -129,6 +131,8 @@ def test_plain_autoencoder_from_the_command_line(tmp_path, capsys):
     assert config["latent_dim"] == 4 and config["hidden"] == [32]
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K1000.json").read_text())
+    _, vae = pvae.load_run(run)
+    assert report["chunk_size"] == pvae.estimators.auto_chunk_size(vae, 100, 1000)  # the default: from memory
     assert set(report["estimates"]) == {"reconstruction", "squared-error"}  # no bounds for a point mass
     assert set(report["skipped"]) == {"elbo", "iwae"}
     assert report["estimates"]["squared-error"]["mean"] > 0
