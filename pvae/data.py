@@ -76,6 +76,15 @@ class Dataset:
             raise ValueError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}")
         return getattr(self, name)
 
+    def fingerprint(self) -> str:
+        """SHA-256 over the three splits' shapes and float32 values: which data a run saw."""
+        h = hashlib.sha256()
+        for name in SPLITS:
+            t = self.split(name).detach().to("cpu", torch.float32).contiguous()
+            h.update(f"{name}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()
+
     def split_labels(self, name: str) -> Optional[torch.Tensor]:
         self.split(name)
         return None if self.labels is None else self.labels.get(name)

@@ -9,7 +9,7 @@ and RNG state; best-validation weights) and PNG figures. Evaluation reports are 
 
 from __future__ import annotations
 
-import os
+import json
 import platform
 import sys
 import time
@@ -31,6 +31,8 @@ from .train import CHECKPOINT_FILE, History, check_objective, fit
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
+#: which data a run was trained on: the registry name or "passed in Python", and a fingerprint
+DATA_FILE = "data.json"
 FIGURES = ("elbo_curves.png", "reconstructions.png", "samples.png", "latent.png")
 
 
@@ -115,6 +117,8 @@ def train_run(
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
     write_json(environment(config, device), run_dir / ENV_FILE)
+    write_json({"name": data.name, "source": "registry" if dataset is None else "python",
+                "fingerprint": data.fingerprint()}, run_dir / DATA_FILE)
     history = fit(
         vae,
         data.train,
@@ -170,6 +174,26 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig
     return config, vae
 
 
+def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset]):
+    """The data to evaluate on and a note for the report (see :func:`evaluate_run`)."""
+    record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else None
+    if dataset is None:
+        if record is not None and record.get("source") == "python":
+            raise ValueError(
+                f"{run_dir} was trained on data passed in Python (data set {record['name']!r}), not on the "
+                f"registry data set {config.dataset!r}; pass the same data: evaluate_run(..., dataset=...)"
+            )
+        dataset = load_dataset(config.dataset)
+    fingerprint = dataset.fingerprint()
+    same = None if record is None else fingerprint == record["fingerprint"]
+    if same is False and record.get("source") == "registry" and dataset.name == record["name"]:
+        raise ValueError(
+            f"the registry data set {dataset.name!r} differs from the data {run_dir} was trained on "
+            f"(fingerprint {fingerprint[:12]} vs {record['fingerprint'][:12]}); the cache holds other files"
+        )
+    return dataset, {"name": dataset.name, "fingerprint": fingerprint, "training_data": same}
+
+
 ESTIMATORS = ("elbo", "iwae", "naive", "ais")
 #: fewest draws per datapoint for which evaluate_run fits PSIS k-hat (the Pareto tail then has
 #: min(K/5, 3 sqrt(K)) >= 20 draws)
@@ -192,8 +216,14 @@ def evaluate_run(
     ais_start: str = "prior",
     ais_schedule: str = "sigmoid",
     psis_datapoints: int = 500,
+    dataset: Optional[Dataset] = None,
 ) -> dict:
     """Evaluate a run on a split of its data set; the run's files are only read.
+
+    The data: ``dataset`` if given (the report records whether it is the data the run was
+    trained on), else the registry data set named in the config — which must be the data the
+    run saw: a run trained on data passed in Python (``train_run(dataset=...)``) is refused
+    without ``dataset``, and registry data that changed since training is an error.
 
     ``estimators`` (any of :data:`ESTIMATORS`): ``"elbo"`` and ``"iwae"`` (the ELBO and the
     importance-weighted bound :math:`\\mathcal{L}_K` from the same K = ``num_samples`` draws
@@ -213,7 +243,7 @@ def evaluate_run(
     if unknown:
         raise ValueError(f"unknown estimator(s) {unknown}; valid choices: {', '.join(ESTIMATORS)}")
     config, vae = load_run(run_dir, device)
-    data = load_dataset(config.dataset)
+    data, data_note = _evaluation_data(Path(run_dir), config, dataset)
     x = data.split(split).to(vae.device)
     if chunk_size is None:  # resolved here so that the report names the chunk size that ran
         chunk_size = auto_chunk_size(vae, batch_size, num_samples, vae.device)
@@ -223,6 +253,7 @@ def evaluate_run(
         "dataset": config.dataset,
         "model": config.model,
         "split": split,
+        "data": data_note,
         "num_datapoints": int(x.shape[0]),
         "seed": seed,
         "batch_size": batch_size,

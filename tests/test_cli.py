@@ -211,3 +211,21 @@ def test_config_of_an_earlier_version_loads_with_its_legacy_key_translated():
     assert RunConfig.from_dict({"learn_scale": True}).gaussian_scale == "global"
     with pytest.raises(ValueError, match="legacy key 'learn_scale'"):
         RunConfig.from_dict({"learn_scale": True, "gaussian_scale": "per-dim"})
+
+
+def test_a_run_on_data_passed_in_python_is_never_evaluated_on_the_registry_data(tmp_path, digits):
+    """train_run(dataset=...) with the registry's name but other data: evaluate_run refuses to
+    load the registry data set, evaluates the data it is given, and says whether they are the
+    training data."""
+    import dataclasses
+
+    mine = dataclasses.replace(digits, train=digits.train[:300], valid=digits.valid[:50], test=digits.test[:40],
+                               labels=None)
+    config = pvae.RunConfig(latent_dim=2, hidden=(16,), epochs=1)
+    pvae.train_run(config, tmp_path / "run", progress=False, dataset=mine)
+    with pytest.raises(ValueError, match="passed in Python"):
+        pvae.evaluate_run(tmp_path / "run", num_samples=3, progress=False, write=False)
+    report = pvae.evaluate_run(tmp_path / "run", num_samples=3, progress=False, write=False, dataset=mine)
+    assert report["num_datapoints"] == 40 and report["data"]["training_data"] is True
+    report = pvae.evaluate_run(tmp_path / "run", num_samples=3, progress=False, write=False, dataset=digits)
+    assert report["num_datapoints"] == digits.test.shape[0] and report["data"]["training_data"] is False
