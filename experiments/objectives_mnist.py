@@ -7,11 +7,11 @@ Every objective trains the same architecture for the same number of epochs:
 
 and is then evaluated with
 
-    pvae evaluate OUT/NAME --K K --split test
+    pvae evaluate OUT/NAME --num-samples K --split test
 
 (the ELBO and L_K from the same K draws per test image, active units, KL). Objectives
 (``--runs`` picks a subset): ``elbo``; ``elbo-5`` (the ELBO with 5 particles: IWAE-5's sample
-budget without its tighter bound); ``iwae-5`` / ``iwae-50`` (``--objective iwae --K 5|50``);
+budget without its tighter bound); ``iwae-5`` / ``iwae-50`` (``--objective iwae --particles 5|50``);
 ``iwae-5-dreg`` (the doubly reparametrized guide gradient); ``beta-4`` (``--beta 4``);
 ``warmup-5`` (linear KL warm-up over 5 epochs); ``infovae`` (α = 0, λ = 1000) and ``mmd-vae``
 (α = 1, λ = 1000). Interrupted runs resume from their checkpoints; finished evaluations are
@@ -36,9 +36,9 @@ from pvae.cli import main as pvae_main  # noqa: E402
 OBJECTIVES = {
     "elbo": [],
     "elbo-5": ["--particles", "5"],
-    "iwae-5": ["--objective", "iwae", "--K", "5"],
-    "iwae-50": ["--objective", "iwae", "--K", "50"],
-    "iwae-5-dreg": ["--objective", "iwae", "--K", "5", "--dreg"],
+    "iwae-5": ["--objective", "iwae", "--particles", "5"],
+    "iwae-50": ["--objective", "iwae", "--particles", "50"],
+    "iwae-5-dreg": ["--objective", "iwae", "--particles", "5", "--dreg"],
     "beta-4": ["--beta", "4"],
     "warmup-5": ["--kl-warmup", "5"],
     "infovae": ["--objective", "infovae", "--info-alpha", "0", "--mmd-lambda", "1000"],
@@ -85,7 +85,7 @@ def main(argv=None):
         train_call = time.perf_counter() - t0
         report_path = run_dir / f"evaluation-test-K{args.K}.json"
         if not report_path.exists():
-            if pvae_main(["evaluate", str(run_dir), "--K", str(args.K), "--no-progress"]) != 0:
+            if pvae_main(["evaluate", str(run_dir), "--num-samples", str(args.K), "--no-progress"]) != 0:
                 raise SystemExit(f"pvae evaluate failed for {name}")
         report = json.loads(report_path.read_text())
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -18,6 +18,24 @@ from .objectives import OBJECTIVES
 from .priors import PRIORS
 from .registry import UnknownNameError
 
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of a flag, kept for one release: it sets the new flag's value and
+    prints a deprecation line on stderr."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"pvae: {option_string} is deprecated and will be removed after pvae 0.2; use {self.new_flag}",
+              file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _alias(parser, old: str, new: str, dest: str, type=int) -> None:
+    parser.add_argument(old, dest=dest, type=type, action=_DeprecatedAlias, new_flag=new, help=argparse.SUPPRESS)
+
+
 # command-line flag -> RunConfig field (flags left unset keep the config's value)
 _TRAIN_FLAGS = {
     "dataset": "dataset",
@@ -103,8 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--mog-components", type=int, help="components of the 'mog' prior")
     train.add_argument("--pseudo-inputs", type=int, help="pseudo-inputs of the 'vamp' prior")
     train.add_argument("--objective", help=f"one of {OBJECTIVES.names()}")
-    train.add_argument("--particles", "--K", dest="particles", type=int,
-                       help="samples per datapoint in the objective (K of --objective iwae)")
+    train.add_argument("--particles", dest="particles", type=int,
+                       help="num_particles: samples per datapoint in the objective (K of --objective iwae)")
+    _alias(train, "--K", "--particles", "particles")
     train.add_argument("--beta", type=float, help="weight of the KL term (beta-VAE; 1 = ELBO)")
     train.add_argument("--kl-warmup", type=float, help="KL warm-up length (or cycle length) in epochs; 0 = none")
     train.add_argument("--kl-schedule", choices=["linear", "cyclical"], help="KL weight schedule over --kl-warmup")
@@ -138,7 +157,9 @@ def _parser() -> argparse.ArgumentParser:
         "split; write evaluation-<split>-K<K>.json and .png in RUN_DIR.",
     )
     ev.add_argument("run_dir", type=Path)
-    ev.add_argument("--K", type=int, default=1000, help="importance samples per datapoint")
+    ev.add_argument("--num-samples", dest="num_samples", type=int, default=1000,
+                    help="num_samples: importance samples per datapoint (K of L_K)")
+    _alias(ev, "--K", "--num-samples", "num_samples")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ev.add_argument("--batch-size", type=int, default=100, help="datapoints per batch")
     ev.add_argument("--chunk-size", type=int, default=None,
@@ -147,7 +168,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--estimators", default="elbo,iwae",
                     help="comma-separated, any of elbo,iwae,naive,ais (default elbo,iwae)")
-    ev.add_argument("--ais-chains", type=int, default=16, help="AIS chains per datapoint")
+    ev.add_argument("--chains", dest="num_chains", type=int, default=16, help="num_chains: AIS chains per datapoint")
+    _alias(ev, "--ais-chains", "--chains", "num_chains")
     ev.add_argument("--ais-steps", type=int, default=100, help="AIS annealing steps")
     ev.add_argument("--ais-start", default="prior", choices=["prior", "guide"], help="AIS initial distribution")
     ev.add_argument("--ais-schedule", default="sigmoid", choices=["sigmoid", "linear"], help="AIS temperature schedule")
@@ -205,14 +227,14 @@ def _evaluate(args) -> int:
     report = evaluate_run(
         args.run_dir,
         split=args.split,
-        num_samples=args.K,
+        num_samples=args.num_samples,
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
         estimators=[e.strip() for e in args.estimators.split(",") if e.strip()],
-        ais_chains=args.ais_chains,
+        num_chains=args.num_chains,
         ais_steps=args.ais_steps,
         ais_start=args.ais_start,
         ais_schedule=args.ais_schedule,
@@ -243,7 +265,7 @@ def _evaluate(args) -> int:
     for name, why in report["skipped"].items():
         print(f"  {name}: skipped ({why})")
     if "nll_iwae" in report:
-        print(f"  -log p(x) ≈ {report['nll_iwae']:.3f} nats (from L_{args.K}), "
+        print(f"  -log p(x) ≈ {report['nll_iwae']:.3f} nats (from L_{args.num_samples}), "
               f"{report['bits_per_dim_iwae']:.4f} bits/dim")
     return 0
 

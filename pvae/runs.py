@@ -211,7 +211,7 @@ def evaluate_run(
     progress: bool = True,
     write: bool = True,
     estimators: Sequence[str] = ("elbo", "iwae"),
-    ais_chains: int = 16,
+    num_chains: int = 16,
     ais_steps: int = 100,
     ais_start: str = "prior",
     ais_schedule: str = "sigmoid",
@@ -229,7 +229,7 @@ def evaluate_run(
     importance-weighted bound :math:`\\mathcal{L}_K` from the same K = ``num_samples`` draws
     of the guide), ``"naive"`` (the prior Monte Carlo estimate with K draws), ``"ais"``
     (annealed importance sampling from ``ais_start`` — the prior or the guide — with
-    ``ais_chains`` chains and ``ais_steps`` HMC steps on the ``ais_schedule`` schedule). For a
+    ``num_chains`` chains and ``ais_steps`` HMC steps on the ``ais_schedule`` schedule). For a
     guide with a density, PSIS k-hat of the guide as proposal is computed on the first
     ``psis_datapoints`` datapoints from K draws each (0 turns it off) and summarized in
     ``report["psis"]``. The reconstruction error at the encoder's code and the latent
@@ -281,9 +281,9 @@ def evaluate_run(
         report["skipped"]["ais"] = "AIS from the guide needs a guide with a density; use --ais-start prior"
     elif "ais" in estimators:
         settings = {"num_leapfrog": 10, "target_accept": 0.65}
-        estimates["ais"] = ais(vae, x, num_chains=ais_chains, num_steps=ais_steps, betas=ais_schedule,
+        estimates["ais"] = ais(vae, x, num_chains=num_chains, num_steps=ais_steps, betas=ais_schedule,
                                start=ais_start, batch_size=batch_size, seed=seed, progress=progress, **settings)
-        report["ais_settings"] = {"chains": ais_chains, "steps": ais_steps, "schedule": ais_schedule,
+        report["ais_settings"] = {"num_chains": num_chains, "num_steps": ais_steps, "schedule": ais_schedule,
                                   "start": ais_start, "leapfrog_steps": settings["num_leapfrog"],
                                   "target_accept": settings["target_accept"]}
     report["estimates"] = {name: est.to_dict() for name, est in estimates.items()}

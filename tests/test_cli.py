@@ -32,7 +32,7 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
     checkpoint_bytes = (run / "checkpoint.pt").read_bytes()
-    assert main(["evaluate", str(run), "--K", "7", "--chunk-size", "3", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--num-samples", "7", "--chunk-size", "3", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "iwae (K=7)" in out and "elbo (K=7)" in out
     report = json.loads((run / "evaluation-test-K7.json").read_text())
@@ -70,7 +70,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
         (["--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: binarized-mnist"),
         (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
         (["--latent-dim", "0"], "latent_dim must be a positive integer"),
-        (["--objective", "iwae", "--K", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes dreg"),
+        (["--objective", "iwae", "--particles", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes dreg"),
         (["--dreg"], "objective 'elbo' does not take dreg"),
         (["--objective", "infovae", "--info-alpha", "3"], "alpha must be <= 1"),
     ],
@@ -136,7 +136,7 @@ def test_plain_autoencoder_from_the_command_line(tmp_path, capsys):
     assert set(report["estimates"]) == {"reconstruction", "squared-error"}  # no bounds for a point mass
     assert set(report["skipped"]) == {"elbo", "iwae"}
     assert report["estimates"]["squared-error"]["mean"] > 0
-    assert main(["evaluate", str(run), "--K", "5", "--estimators", "ais", "--ais-start", "guide", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--num-samples", "5", "--estimators", "ais", "--ais-start", "guide", "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K5.json").read_text())
     assert "needs a guide with a density" in report["skipped"]["ais"]
     for name in FIGURES:
@@ -161,14 +161,15 @@ def test_autoencoder_flags_are_checked(tmp_path, capsys):
 def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST, *extra]) == 0
-    assert main(["evaluate", str(run), "--K", "4", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--num-samples", "4", "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K4.json").read_text())
     assert report["estimates"]["iwae"]["num_samples"] == 4
 
 
 @pytest.mark.parametrize("extra, options", [
-    (["--objective", "iwae", "--K", "5"], {"objective": "iwae", "num_particles": 5}),
-    (["--objective", "iwae", "--K", "3", "--dreg"], {"objective": "iwae", "dreg": True}),
+    (["--objective", "iwae", "--particles", "5"], {"objective": "iwae", "num_particles": 5}),
+    (["--objective", "iwae", "--K", "5"], {"objective": "iwae", "num_particles": 5}),  # deprecated alias
+    (["--objective", "iwae", "--particles", "3", "--dreg"], {"objective": "iwae", "dreg": True}),
     (["--beta", "4", "--kl-warmup", "1", "--kl-schedule", "cyclical"], {"beta": 4.0, "kl_schedule": "cyclical"}),
     (["--objective", "infovae", "--info-alpha", "1", "--mmd-lambda", "100"],
      {"objective": "infovae", "info_alpha": 1.0, "mmd_lambda": 100.0}),
@@ -181,21 +182,21 @@ def test_objectives_from_the_command_line(tmp_path, capsys, extra, options):
     assert {k: saved[k] for k in options} == options
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["objective"] == options.get("objective", "elbo")
-    assert main(["evaluate", str(run), "--K", "4", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--num-samples", "4", "--no-progress"]) == 0
 
 
 def test_evaluate_with_every_estimator(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST]) == 0
-    args = ["evaluate", str(run), "--K", "100", "--estimators", "elbo,iwae,naive,ais",
-            "--ais-chains", "3", "--ais-steps", "4", "--ais-start", "guide", "--ais-schedule", "linear",
+    args = ["evaluate", str(run), "--num-samples", "100", "--estimators", "elbo,iwae,naive,ais",
+            "--chains", "3", "--ais-steps", "4", "--ais-start", "guide", "--ais-schedule", "linear",
             "--psis-datapoints", "40", "--no-progress"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "ais (chains=3)" in out and "naive-prior-mc (K=100)" in out and "active units:" in out
     report = json.loads((run / "evaluation-test-K100.json").read_text())
     assert set(report["estimates"]) == {"elbo", "iwae", "naive", "ais", "reconstruction", "squared-error"}
-    assert report["ais_settings"] == {"chains": 3, "steps": 4, "schedule": "linear", "start": "guide",
+    assert report["ais_settings"] == {"num_chains": 3, "num_steps": 4, "schedule": "linear", "start": "guide",
                                       "leapfrog_steps": 10, "target_accept": 0.65}
     assert report["psis"]["datapoints"] == 40 and 0 <= report["psis"]["fraction_above_0.7"] <= 1
     assert report["latent"]["latent_dim"] == 2
@@ -229,3 +230,17 @@ def test_a_run_on_data_passed_in_python_is_never_evaluated_on_the_registry_data(
     assert report["num_datapoints"] == 40 and report["data"]["training_data"] is True
     report = pvae.evaluate_run(tmp_path / "run", num_samples=3, progress=False, write=False, dataset=digits)
     assert report["num_datapoints"] == digits.test.shape[0] and report["data"]["training_data"] is False
+
+
+def test_old_flag_spellings_still_work_and_say_they_are_deprecated(tmp_path, capsys, digits):
+    run = tmp_path / "run"
+    assert main(["train", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--objective", "iwae",
+                 "--K", "2", "--run-dir", str(run), "--no-progress"]) == 0
+    assert "--K is deprecated" in capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["num_particles"] == 2
+    assert main(["evaluate", str(run), "--K", "3", "--estimators", "ais", "--ais-chains", "2", "--ais-steps", "3",
+                 "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "--K is deprecated" in err and "use --num-samples" in err and "--ais-chains is deprecated" in err
+    report = json.loads((run / "evaluation-test-K3.json").read_text())
+    assert report["ais_settings"]["num_chains"] == 2 and report["estimates"]["ais"]["num_samples"] == 2
