@@ -18,7 +18,6 @@ __version__ = "0.1.0"
 
 from .config import RunConfig, autoencoder_config, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
-from .engine import ModelGuidePair, WeightedSamples, log_weights
 from .diagnostics import (
     active_units,
     importance_diagnostics,
@@ -28,6 +27,8 @@ from .diagnostics import (
     psis_khat,
     to_inference_data,
 )
+from .engine import ModelGuidePair, WeightedSamples, log_weights
+from .errors import DivergenceError, NotARunError, RunExistsError, UsageError, UsageTypeError
 from .estimators import (
     Estimate,
     elbo,
@@ -38,10 +39,24 @@ from .estimators import (
     reconstruction_error,
 )
 from .guides import GUIDES, DiagonalGaussianGuide, Guide, NonAmortizedGuide
-from .likelihoods import LIKELIHOODS, BernoulliLikelihood, GaussianLikelihood, Likelihood
+from .likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+)
 from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
 from .nets import ACTIVATIONS, MLP
-from .objectives import OBJECTIVES, ElboObjective, FreeBitsObjective, InfoVAEObjective, IWAEObjective, KLSchedule, Objective, make_objective
+from .objectives import (
+    OBJECTIVES,
+    ElboObjective,
+    FreeBitsObjective,
+    InfoVAEObjective,
+    IWAEObjective,
+    KLSchedule,
+    Objective,
+    make_objective,
+)
 from .priors import PRIORS, Prior, StandardNormalPrior
 from .runs import evaluate_run, load_run, train_run
 from .train import History, TrainStep, fit
@@ -56,4 +71,5 @@ __all__ = [
     "train_run", "autoencoder_config", "reconstruction_error", "active_units",
     "importance_diagnostics", "kl_per_dimension", "psis_khat", "to_inference_data", "inference_gaps",
     "latent_diagnostics", "ModelGuidePair", "WeightedSamples", "log_weights", "TrainStep",
+    "UsageError", "UsageTypeError", "DivergenceError", "RunExistsError", "NotARunError",
 ]

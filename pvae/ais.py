@@ -31,13 +31,20 @@ import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
-
 from pyro.distributions import constraints
 
 from . import engine
 from ._rng import seeded
-from .estimators import (Estimate, _batches, _check_positive_int, _evaluating, _importance_estimate, check_data,
-                         importance_ess)
+from .errors import UsageError, UsageTypeError
+from .estimators import (
+    Estimate,
+    _batches,
+    _check_positive_int,
+    _evaluating,
+    _importance_estimate,
+    check_data,
+    importance_ess,
+)
 
 
 def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:
@@ -50,7 +57,7 @@ def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> t
     if kind == "sigmoid":
         s = torch.sigmoid(sharpness * (2 * t - 1))
         return (s - s[0]) / (s[-1] - s[0])
-    raise ValueError(f"unknown schedule {kind!r}; valid choices: linear, sigmoid")
+    raise UsageError(f"unknown schedule {kind!r}; valid choices: linear, sigmoid")
 
 
 def hmc_step(
@@ -123,7 +130,7 @@ def _betas(betas, num_steps) -> torch.Tensor:
         betas = schedule(num_steps, betas)
     betas = torch.as_tensor(betas, dtype=torch.float64)
     if betas.dim() != 1 or betas.numel() < 2 or betas[0] != 0 or betas[-1] != 1 or bool((betas.diff() <= 0).any()):
-        raise ValueError("betas must increase strictly from 0 to 1")
+        raise UsageError("betas must increase strictly from 0 to 1")
     return betas
 
 
@@ -131,17 +138,17 @@ def _start(vae, xb, start, num_chains):
     """The start distribution r (batch ``(C, B)``) from the programs, initial states
     ``(C, B, L)`` drawn from it, and the latent site's name."""
     if start not in ("prior", "guide"):
-        raise ValueError(f"unknown start {start!r}; valid choices: prior, guide")
+        raise UsageError(f"unknown start {start!r}; valid choices: prior, guide")
     samples = engine.log_weights(vae, xb, num_chains, proposal="guide" if start == "guide" else "prior")
     if len(samples.latents) != 1:
-        raise ValueError(f"AIS moves one latent site; this program has {sorted(samples.latents)}")
+        raise UsageError(f"AIS moves one latent site; this program has {sorted(samples.latents)}")
     ((site, z),) = samples.latents.items()
     r = samples.guide_dists[site]
     support = r.support
     while hasattr(support, "base_constraint"):  # independent(...), mixtures of real components
         support = support.base_constraint
     if support is not constraints.real:
-        raise ValueError(f"AIS's HMC moves real-valued latents; site {site!r} has support {r.support}")
+        raise UsageError(f"AIS's HMC moves real-valued latents; site {site!r} has support {r.support}")
     return r, z.detach(), site
 
 
@@ -235,17 +242,17 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
     :returns: ``{"lower": Estimate, "upper": Estimate, "gap": (B,) tensor}``.
     """
     if z_exact.dim() != 2 or z_exact.shape[0] != x.shape[0]:
-        raise ValueError(f"z_exact must have shape ({x.shape[0]}, latent_dim), got {tuple(z_exact.shape)}")
+        raise UsageError(f"z_exact must have shape ({x.shape[0]}, latent_dim), got {tuple(z_exact.shape)}")
     unknown = sorted(set(ais_options) - set(_ANNEALING_DEFAULTS))
     if unknown:
-        raise TypeError(f"bdmc got unknown option(s) {unknown}; valid: {', '.join(_ANNEALING_DEFAULTS)}")
+        raise UsageTypeError(f"bdmc got unknown option(s) {unknown}; valid: {', '.join(_ANNEALING_DEFAULTS)}")
     o = {**_ANNEALING_DEFAULTS, **ais_options}
     lower = ais(vae, x, batch_size=x.shape[0], seed=seed, **o)
     forward = _betas(o["betas"], o["num_steps"])
     with _evaluating(vae), seeded(None if seed is None else seed + 1, x.device):
         r, z0, site = _start(vae, x, o["start"], o["num_chains"])
         if z0.shape[1:] != z_exact.shape:
-            raise ValueError(f"z_exact must have shape {tuple(z0.shape[1:])}, got {tuple(z_exact.shape)}")
+            raise UsageError(f"z_exact must have shape {tuple(z0.shape[1:])}, got {tuple(z_exact.shape)}")
         z = z_exact.expand(o["num_chains"], *z_exact.shape).clone()
         lw, acc = _anneal(vae, x, r, z, forward.flip(0), o["num_leapfrog"], o["step_size"], o["target_accept"],
                           o["adapt_step_size"], site=site)

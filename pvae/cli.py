@@ -6,17 +6,19 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
 from .config import AUTOENCODER_LOSSES, MODELS, NETS, RunConfig, autoencoder_settings
-from .data import DATASETS, ChecksumError, DataUnavailableError
+from .data import DATASETS
+from .errors import UsageError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .nets import ACTIVATIONS
 from .objectives import OBJECTIVES
 from .priors import PRIORS
-from .registry import UnknownNameError
+
 
 class _DeprecatedAlias(argparse.Action):
     """An old spelling of a flag, kept for one release: it sets the new flag's value and
@@ -189,23 +191,23 @@ def _train(args) -> int:
         if getattr(args, flag) is not None
     }
     if (args.layers is None) != (args.units is None):
-        raise ValueError("--layers and --units go together (or give --hidden)")
+        raise UsageError("--layers and --units go together (or give --hidden)")
     if args.layers is not None:
         if args.hidden is not None:
-            raise ValueError("give either --hidden or --layers/--units, not both")
+            raise UsageError("give either --hidden or --layers/--units, not both")
         changes["hidden"] = (args.units,) * args.layers
     if args.model == "autoencoder":
         preset = autoencoder_settings(args.loss or "bce")
         clash = [f"--{k.replace('_', '-')} {changes[k]}" for k in preset
                  if k in changes and changes[k] != preset[k]]
         if clash:
-            raise ValueError(
+            raise UsageError(
                 f"--model autoencoder sets {', '.join(f'{k}={v!r}' for k, v in preset.items())}; "
                 f"it conflicts with {', '.join(clash)} (choose the loss with --loss bce|mse)"
             )
         changes.update(preset)
     elif args.loss is not None:
-        raise ValueError("--loss sets the autoencoder's reconstruction loss; add --model autoencoder")
+        raise UsageError("--loss sets the autoencoder's reconstruction loss; add --model autoencoder")
     config = base.replace(**changes)
     run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     vae, history = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress)
@@ -277,13 +279,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "train":
             return _train(args)
         return _evaluate(args)
-    except (UnknownNameError, ValueError, TypeError, FileExistsError, FileNotFoundError,
-            DataUnavailableError, ChecksumError, FloatingPointError) as exc:
+    except UsageError as exc:  # the user can fix it: one line, exit 2
         print(f"pvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pvae: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130
+    except Exception:  # anything else is a bug: keep the traceback, ask for a report, exit 1
+        traceback.print_exc()
+        print(f"pvae {args.command}: internal error (a bug in pvae, not in your input): please report it "
+              "with the traceback above and the command you ran", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from .data import DATASETS, image_shape_of
+from .errors import UsageError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .model import VAE
@@ -128,9 +129,9 @@ class RunConfig:
             registry.get(value)  # raises with the valid choices
         make_objective(self.objective, self.num_particles, **self.objective_options())  # validates
         if self.model not in MODELS:
-            raise ValueError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
+            raise UsageError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
         if self.model == "autoencoder" and (self.guide, self.objective) != ("delta", "reconstruction"):
-            raise ValueError(
+            raise UsageError(
                 "model 'autoencoder' is the deterministic autoencoder: guide 'delta' with objective "
                 f"'reconstruction' (got guide {self.guide!r}, objective {self.objective!r}); "
                 "build it with pvae.autoencoder_config(...) or `pvae train --model autoencoder`"
@@ -139,17 +140,17 @@ class RunConfig:
                      "num_flows", "mog_components", "vamp_pseudo_inputs"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels) or not self.channels:
-            raise ValueError(f"hidden widths and channels must be positive, got {self.hidden}, {self.channels}")
+            raise UsageError(f"hidden widths and channels must be positive, got {self.hidden}, {self.channels}")
         if self.patience is not None and self.patience < 1:
-            raise ValueError(f"patience must be a positive integer or null, got {self.patience!r}")
+            raise UsageError(f"patience must be a positive integer or null, got {self.patience!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            raise UsageError(f"lr must be positive, got {self.lr!r}")
         if self.step not in ("auto", "eager", "compile", "cuda-graph"):
-            raise ValueError(f"unknown step mode {self.step!r}; valid choices: auto, eager, compile, cuda-graph")
+            raise UsageError(f"unknown step mode {self.step!r}; valid choices: auto, eager, compile, cuda-graph")
         if self.net == "conv" and image_shape_of(self.dataset) is None:
-            raise ValueError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
+            raise UsageError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
 
     def objective_options(self) -> dict:
         return {name: getattr(self, name) for name in OBJECTIVE_OPTIONS}
@@ -171,19 +172,28 @@ class RunConfig:
             if old in values:
                 new, value = translate(values.pop(old))
                 if new in values and values[new] != value:
-                    raise ValueError(f"config has both legacy key {old!r} and {new!r}, and they disagree")
+                    raise UsageError(f"config has both legacy key {old!r} and {new!r}, and they disagree")
                 values[new] = value
         unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise ValueError(
+            raise UsageError(
                 f"unknown config key(s) {unknown}; valid keys: {', '.join(cls.field_names())}"
             )
         return cls(**values)
 
     @classmethod
     def load(cls, path) -> "RunConfig":
-        with open(path) as fh:
-            return cls.from_dict(json.load(fh))
+        """Read a config file; a missing, unreadable or malformed file is a :class:`UsageError`."""
+        try:
+            with open(path) as fh:
+                values = json.load(fh)
+        except OSError as exc:
+            raise UsageError(f"cannot read the config file {path}: {exc.strerror or exc}") from exc
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path} is not valid JSON ({exc}); fix the file or write it anew") from exc
+        if not isinstance(values, dict):
+            raise UsageError(f"{path} must hold a JSON object of config keys, got {type(values).__name__}")
+        return cls.from_dict(values)
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -206,7 +216,7 @@ AUTOENCODER_LOSSES = {
 def autoencoder_settings(loss: str = "bce") -> dict:
     """The config fields that make a run the plain deterministic autoencoder."""
     if loss not in AUTOENCODER_LOSSES:
-        raise ValueError(f"unknown autoencoder loss {loss!r}; valid choices: {', '.join(AUTOENCODER_LOSSES)}")
+        raise UsageError(f"unknown autoencoder loss {loss!r}; valid choices: {', '.join(AUTOENCODER_LOSSES)}")
     return {"model": "autoencoder", "guide": "delta", "objective": "reconstruction", **AUTOENCODER_LOSSES[loss]}
 
 

@@ -33,6 +33,7 @@ from typing import Callable, Optional, Tuple
 import numpy as np
 import torch
 
+from .errors import UsageError
 from .registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -40,11 +41,11 @@ SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "PVAE_DATA_DIR"
 
 
-class DataUnavailableError(FileNotFoundError):
+class DataUnavailableError(UsageError, FileNotFoundError):
     """A data file is missing from the cache and could not be downloaded."""
 
 
-class ChecksumError(ValueError):
+class ChecksumError(UsageError):
     """A data file's contents do not match the published checksum."""
 
 
@@ -73,7 +74,7 @@ class Dataset:
 
     def split(self, name: str) -> torch.Tensor:
         if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}")
+            raise UsageError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}")
         return getattr(self, name)
 
     def fingerprint(self) -> str:
@@ -203,7 +204,7 @@ def _parse_amat(text: bytes, rows: int, path: Path) -> np.ndarray:
             return values
     values = np.loadtxt(text.decode("ascii").splitlines(), dtype=np.float32)
     if values.shape != (rows, 784):
-        raise ValueError(f"{path}: expected {rows} rows of 784 values, got {values.shape}")
+        raise UsageError(f"{path}: expected {rows} rows of 784 values, got {values.shape}")
     return values.astype(np.uint8)
 
 

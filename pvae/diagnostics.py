@@ -20,9 +20,15 @@ from typing import Dict, Optional
 import pyro.distributions as dist
 import torch
 
-from ._rng import seeded
 from . import engine
-from .estimators import DEFAULT_CHUNK_SIZE, check_data, importance_ess, log_importance_weights
+from ._rng import seeded
+from .errors import DivergenceError, UsageError
+from .estimators import (
+    DEFAULT_CHUNK_SIZE,
+    check_data,
+    importance_ess,
+    log_importance_weights,
+)
 
 
 def psis_khat(log_weights: torch.Tensor) -> torch.Tensor:
@@ -36,7 +42,7 @@ def psis_khat(log_weights: torch.Tensor) -> torch.Tensor:
     except ImportError as exc:  # arviz >= 1 moved it; pvae pins arviz < 1
         raise ImportError("pvae.diagnostics needs arviz 0.x (arviz.psislw); pip install 'arviz<1'") from exc
     if log_weights.dim() != 2:
-        raise ValueError(f"log_weights must have shape (K, B), got {tuple(log_weights.shape)}")
+        raise UsageError(f"log_weights must have shape (K, B), got {tuple(log_weights.shape)}")
     _, khat = psislw(log_weights.detach().T.double().cpu().numpy())
     return torch.as_tensor(khat, dtype=torch.float64).reshape(-1)
 
@@ -49,7 +55,14 @@ def importance_diagnostics(
     proposal, from ``num_samples`` draws (memory ``num_samples * B``; batch ``x`` yourself).
 
     :returns: ``{"khat": (B,), "ess": (B,)}``.
+    :raises UsageError: for a point-mass guide, which has no density: its "weights" would read
+        as a perfect proposal (k-hat = -inf, ESS = K) while measuring nothing.
     """
+    if not getattr(getattr(vae, "guide_net", None), "has_density", True):
+        raise UsageError(
+            f"the guide {type(vae.guide_net).__name__} is a point mass without a density: importance "
+            "diagnostics (k-hat, ESS) are undefined for it; use pvae.reconstruction_error"
+        )
     with torch.no_grad(), seeded(seed, x.device):
         lw = torch.cat(list(log_importance_weights(vae, x, num_samples, chunk_size))).double()
     return {"khat": psis_khat(lw), "ess": importance_ess(lw).cpu()}
@@ -58,7 +71,7 @@ def importance_diagnostics(
 def _code(vae, x) -> torch.Tensor:
     means = engine.guide_mean(vae, x)
     if len(means) != 1:
-        raise ValueError(f"active units need one latent site; the guide has {sorted(means)}")
+        raise UsageError(f"active units need one latent site; the guide has {sorted(means)}")
     (mean,) = means.values()
     return mean.reshape(x.shape[0], -1).double()
 
@@ -80,20 +93,32 @@ def kl_per_dimension(vae, x: torch.Tensor) -> torch.Tensor:
     closed form; needs a diagonal Gaussian guide and a diagonal Gaussian prior (otherwise the
     KL does not split over dimensions)."""
     with torch.no_grad():
-        samples = engine.log_weights(vae, x, 1)  # the guide's and prior's site distributions
-        if len(samples.latents) != 1:
-            raise ValueError(f"kl_per_dimension needs one latent site; the program has {sorted(samples.latents)}")
-        (site,) = samples.latents
+        qb, pb, reason = _diagonal_gaussians(vae, x)
+        if reason is not None:
+            raise UsageError(reason)
+        kl = torch.distributions.kl_divergence(qb, pb).double()
+        return kl.reshape(-1, kl.shape[-1]).mean(0).cpu()
+
+
+def _diagonal_gaussians(vae, x):
+    """The guide's and prior's diagonal-Gaussian site distributions, or a reason why the KL
+    does not split over latent dimensions: ``(q, p, None)`` or ``(None, None, reason)``."""
+    samples = engine.log_weights(vae, x[:2], 1)  # the guide's and prior's site distributions
+    if len(samples.latents) != 1:
+        return None, None, f"kl_per_dimension needs one latent site; the program has {sorted(samples.latents)}"
+    (site,) = samples.latents
+    q, p = samples.guide_dists[site], samples.prior_dists[site]
+    qb = q.base_dist if isinstance(q, dist.Independent) else q
+    pb = p.base_dist if isinstance(p, dist.Independent) else p
+    if not (isinstance(qb, dist.Normal) and isinstance(pb, dist.Normal)):
+        return None, None, ("kl_per_dimension needs a diagonal Gaussian guide and prior; got "
+                            f"{type(qb).__name__} and {type(pb).__name__}")
+    if x.shape[0] > 2:
+        samples = engine.log_weights(vae, x, 1)
         q, p = samples.guide_dists[site], samples.prior_dists[site]
         qb = q.base_dist if isinstance(q, dist.Independent) else q
         pb = p.base_dist if isinstance(p, dist.Independent) else p
-        if not (isinstance(qb, dist.Normal) and isinstance(pb, dist.Normal)):
-            raise ValueError(
-                "kl_per_dimension needs a diagonal Gaussian guide and prior; got "
-                f"{type(qb).__name__} and {type(pb).__name__}"
-            )
-        kl = torch.distributions.kl_divergence(qb, pb).double()
-        return kl.reshape(-1, kl.shape[-1]).mean(0).cpu()
+    return qb, pb, None
 
 
 def to_inference_data(vae, x: torch.Tensor, num_samples: int = 100, seed: Optional[int] = 0):
@@ -111,7 +136,7 @@ def to_inference_data(vae, x: torch.Tensor, num_samples: int = 100, seed: Option
         check_data(vae, x)
         samples = engine.log_weights(vae, x, num_samples)
         if len(samples.latents) != 1:
-            raise ValueError(f"to_inference_data exports one latent site; the program has {sorted(samples.latents)}")
+            raise UsageError(f"to_inference_data exports one latent site; the program has {sorted(samples.latents)}")
         (z,) = samples.latents.values()
         log_w = samples.log_weight
     return arviz.from_dict(
@@ -129,13 +154,20 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
     (JSON-ready) and issues a :class:`UserWarning` when some units are inactive."""
     with torch.no_grad():
         means = torch.cat([_code(vae, xb) for xb in x.split(batch_size)])
+        bad = ~torch.isfinite(means).all(-1)
+        if bool(bad.any()):
+            raise DivergenceError(
+                f"the guide's mean E_q[z|x] is NaN or infinite for {int(bad.sum())} of {x.shape[0]} datapoints "
+                f"(first: {bad.nonzero().flatten()[:5].tolist()}); the model's parameters or these inputs are "
+                "broken, so no latent diagnostic can be measured"
+            )
+        splits = _diagonal_gaussians(vae, x[:2])[2] is None  # the KL splits over dimensions
     activity = means.var(0, unbiased=True).cpu()
     active = activity > threshold
-    try:
+    kl_list = None
+    if splits:
         kl = torch.cat([kl_per_dimension(vae, xb)[None] * xb.shape[0] for xb in x.split(batch_size)]).sum(0) / x.shape[0]
         kl_list = kl.tolist()
-    except ValueError:
-        kl_list = None
     count, latent = int(active.sum()), int(activity.numel())
     collapse = None
     if count < latent:
@@ -196,7 +228,7 @@ def inference_gaps(
     from .objectives import make_objective
 
     if not isinstance(vae.guide_net, DiagonalGaussianGuide):
-        raise ValueError(
+        raise UsageError(
             "inference_gaps refines within the diagonal Gaussian family, so it needs a "
             f"DiagonalGaussianGuide; this VAE has {type(vae.guide_net).__name__}"
         )
@@ -205,7 +237,7 @@ def inference_gaps(
         _check_positive_int(name, value)
     vae.check_data(x)
     if log_marginal is not None and log_marginal.shape != x.shape[:1]:
-        raise ValueError(f"log_marginal must have shape ({x.shape[0]},), got {tuple(log_marginal.shape)}")
+        raise UsageError(f"log_marginal must have shape ({x.shape[0]},), got {tuple(log_marginal.shape)}")
     amortized = evaluate_bounds(vae, x, num_samples, seed=seed)
     objective = make_objective("elbo-analytic-kl", num_particles)  # Monte Carlo KL where none is known
     modes = {module: module.training for module in vae.modules()}

@@ -34,9 +34,11 @@ from typing import Callable, Dict, Optional
 import pyro
 import torch
 from pyro import poutine
-from pyro.poutine.runtime import _PYRO_STACK
 from pyro.distributions.util import scale_and_mask
+from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
+
+from .errors import UsageError
 
 _QUIET = [0]  # > 0 while the engine runs programs for densities (no param sites needed there)
 
@@ -150,12 +152,12 @@ def use_fast_path(pair, path: str = "auto") -> bool:
     in a subclass or on the instance) and no Pyro handler active. ``"trace"`` never takes it;
     ``"fast"`` insists (an error where it does not apply)."""
     if path not in ("auto", "trace", "fast"):
-        raise ValueError(f"unknown path {path!r}; valid choices: auto, trace, fast")
+        raise UsageError(f"unknown path {path!r}; valid choices: auto, trace, fast")
     if path == "trace":
         return False
     ok = bool(getattr(pair, "programs_are_builtin", lambda: False)()) and not handlers_active()
     if path == "fast" and not ok:
-        raise ValueError(
+        raise UsageError(
             "the fast path computes pvae's built-in model and guide; this pair's programs are "
             "overridden or run under a Pyro handler, so only path='trace' computes them"
         )
@@ -166,7 +168,7 @@ def _data_dim(site, data_plate: str) -> int:
     for frame in site["cond_indep_stack"]:
         if frame.name == data_plate:
             return frame.dim
-    raise ValueError(
+    raise UsageError(
         f"sample site {site['name']!r} is outside the data plate {data_plate!r}: per-datapoint "
         "log-weights need every sample site inside the plate over datapoints (a site outside it "
         "couples all datapoints of a batch)"
@@ -242,7 +244,7 @@ def _trace_log_weights_quiet(pair, x, num_samples, index, proposal) -> WeightedS
             log_likelihood = log_likelihood + term
             continue
         if proposal == "guide" and site["name"] not in guide_names:
-            raise ValueError(
+            raise UsageError(
                 f"the model's latent site {site['name']!r} is not sampled by the guide; every latent "
                 "site needs a guide site of the same name for importance weights"
             )
@@ -252,7 +254,7 @@ def _trace_log_weights_quiet(pair, x, num_samples, index, proposal) -> WeightedS
         site_terms[site["name"]] = (term, guide_terms.get(site["name"], term))
     extra = guide_names - set(latents)
     if extra:
-        raise ValueError(f"the guide samples site(s) {sorted(extra)} that the model does not have")
+        raise UsageError(f"the guide samples site(s) {sorted(extra)} that the model does not have")
     if proposal == "prior":
         log_guide, guide_dists = log_prior, dict(prior_dists)
     return WeightedSamples(log_likelihood, log_prior, log_guide, latents, guide_dists, prior_dists, "trace",
@@ -261,7 +263,7 @@ def _trace_log_weights_quiet(pair, x, num_samples, index, proposal) -> WeightedS
 
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -283,7 +285,7 @@ def log_weights(pair, x: torch.Tensor, num_samples: int, index: Optional[torch.T
     """
     num_samples = _check_positive_int("num_samples", num_samples)
     if proposal not in ("guide", "prior"):
-        raise ValueError(f"unknown proposal {proposal!r}; valid choices: guide, prior")
+        raise UsageError(f"unknown proposal {proposal!r}; valid choices: guide, prior")
     if use_fast_path(pair, path):
         return pair._fast_log_weights(x, num_samples, index, proposal)
     return _trace_log_weights(pair, x, num_samples, index, proposal)
@@ -321,10 +323,10 @@ def log_density(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], index: 
         elif site["is_observed"]:
             log_likelihood = log_likelihood + term
         else:
-            raise ValueError(f"latent site {site['name']!r} of the model has no value; pass it in latents")
+            raise UsageError(f"latent site {site['name']!r} of the model has no value; pass it in latents")
     missing = set(latents) - seen
     if missing:
-        raise ValueError(f"the model has no latent site(s) {sorted(missing)}")
+        raise UsageError(f"the model has no latent site(s) {sorted(missing)}")
     return log_likelihood, log_prior
 
 
@@ -358,7 +360,7 @@ def reconstruction(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], inde
     data_plate = getattr(pair, "data_plate", "data")
     observed = [s for s in _sample_sites(trace) if s["is_observed"] and s["name"] not in latents]
     if len(observed) != 1:
-        raise ValueError(f"reconstruction needs one observed site; the model has {[s['name'] for s in observed]}")
+        raise UsageError(f"reconstruction needs one observed site; the model has {[s['name'] for s in observed]}")
     (site,) = observed
     log_lik = per_datapoint(_site_log_prob(site), site, data_plate, particle_dim, shape)[0]
     return log_lik, site["fn"].mean.reshape(x.shape)

@@ -25,6 +25,7 @@ import torch
 
 from . import engine
 from ._rng import seeded
+from .errors import UsageError
 
 #: ``chunk_size=None`` (the default) picks the samples per chunk from this memory budget:
 #: a quarter of the free memory on a CUDA device, this many bytes on a CPU
@@ -182,9 +183,9 @@ def check_data(vae, x: torch.Tensor, what: str = "data") -> None:
         check(x, what)
         return
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1 or x.shape[0] < 1:
-        raise ValueError(f"{what} must be a non-empty floating-point tensor (batch first)")
+        raise UsageError(f"{what} must be a non-empty floating-point tensor (batch first)")
     if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{what} contain NaN or infinite values; clean or drop those rows")
+        raise UsageError(f"{what} contain NaN or infinite values; clean or drop those rows")
 
 
 def _batches(x: torch.Tensor, batch_size: int):
@@ -204,7 +205,7 @@ def _weight_statistics(
     batch_size = _check_positive_int("batch_size", batch_size)
     check_data(vae, x)
     if proposal == "guide" and not getattr(getattr(vae, "guide_net", None), "has_density", True):
-        raise ValueError(
+        raise UsageError(
             f"the guide {type(vae.guide_net).__name__} is a point mass without a density, so the "
             "ELBO and importance-weighted bounds are undefined for it; use "
             "pvae.reconstruction_error (or the naive prior estimate, which needs no guide)"
@@ -306,7 +307,7 @@ def bounds_by_k(vae, x: torch.Tensor, ks, seed: Optional[int] = 0, **kwargs) -> 
     for i, k in enumerate(ks):
         k = _check_positive_int("K", k)
         if k in out:
-            raise ValueError(f"K={k} appears twice in ks")
+            raise UsageError(f"K={k} appears twice in ks")
         out[k] = evaluate_bounds(vae, x, k, seed=None if seed is None else seed + i, **kwargs)
     return out
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import UsageError
 from .nets import MLP
 from .registry import Registry
 
@@ -63,7 +64,7 @@ class Guide(nn.Module):
         elif not isinstance(encoder, nn.Module):  # a factory: out_features -> module
             encoder = encoder(n_out)
         if getattr(encoder, "out_features", n_out) != n_out:
-            raise ValueError(
+            raise UsageError(
                 f"{type(self).__name__} needs an encoder with {n_out} outputs, "
                 f"got {encoder.out_features}"
             )
@@ -174,7 +175,7 @@ class FlowGuide(Guide):
         self.context_dim = int(context_dim or 2 * latent_dim)
         super().__init__(data_dim, latent_dim, hidden, activation, encoder)
         if num_flows < 1:
-            raise ValueError(f"num_flows must be positive, got {num_flows}")
+            raise UsageError(f"num_flows must be positive, got {num_flows}")
         self.num_flows = int(num_flows)
         self.flows = nn.ModuleList(self.make_flow(step) for step in range(self.num_flows))
 
@@ -357,14 +358,14 @@ class NonAmortizedGuide(Guide):
 
     def _select(self, x, index):
         if index is None:
-            raise ValueError(
+            raise UsageError(
                 "a non-amortized guide needs the datapoints' indices (index=...) in the data "
                 f"set it was built for ({self.num_datapoints} datapoints)"
             )
         if index.shape != x.shape[:1]:
-            raise ValueError(f"index has shape {tuple(index.shape)}, expected ({x.shape[0]},)")
+            raise UsageError(f"index has shape {tuple(index.shape)}, expected ({x.shape[0]},)")
         if int(index.max()) >= self.num_datapoints or int(index.min()) < 0:
-            raise ValueError(f"index out of range for a guide of {self.num_datapoints} datapoints")
+            raise UsageError(f"index out of range for a guide of {self.num_datapoints} datapoints")
         return self.loc[index], _positive(self.pre_scale[index], self.min_scale)
 
     def forward(self, x: torch.Tensor, index: Optional[torch.Tensor] = None) -> dist.Distribution:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions.utils import broadcast_all
 
+from .errors import UsageError
 from .registry import Registry
 
 LIKELIHOODS: Registry = Registry("likelihood")
@@ -78,7 +79,7 @@ class BernoulliLikelihood(Likelihood):
     def check_data(self, x: torch.Tensor) -> None:
         if not bool(((x == 0) | (x == 1)).all()):
             bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
-            raise ValueError(
+            raise UsageError(
                 "the Bernoulli likelihood needs binary data (every value 0 or 1), but the data "
                 f"contain other values (e.g. {bad}); binarize the data, or choose a likelihood "
                 "for real-valued data such as 'gaussian'"
@@ -107,10 +108,10 @@ class GaussianLikelihood(Likelihood):
                  scale_mode: Optional[str] = None):
         super().__init__(data_dim)
         if not scale > 0 or not math.isfinite(scale):
-            raise ValueError(f"Gaussian likelihood scale must be positive and finite, got {scale}")
+            raise UsageError(f"Gaussian likelihood scale must be positive and finite, got {scale}")
         mode = scale_mode or ("global" if learn_scale else "fixed")
         if mode not in self.SCALE_MODES:
-            raise ValueError(f"unknown scale_mode {mode!r}; valid choices: {', '.join(self.SCALE_MODES)}")
+            raise UsageError(f"unknown scale_mode {mode!r}; valid choices: {', '.join(self.SCALE_MODES)}")
         self.scale_mode = mode
         log_scale = torch.full((self.data_dim,) if mode == "per-dim" else (), math.log(scale))
         if mode == "fixed":
@@ -139,7 +140,7 @@ class GaussianLikelihood(Likelihood):
 
 def _check_unit_interval(x: torch.Tensor, name: str) -> None:
     if not bool(((x >= 0) & (x <= 1)).all()):
-        raise ValueError(
+        raise UsageError(
             f"the {name} likelihood needs data in [0, 1], but the data range over "
             f"[{float(x.min())}, {float(x.max())}]; rescale the data or choose 'gaussian'"
         )
@@ -173,7 +174,7 @@ class PoissonLikelihood(Likelihood):
 
     def check_data(self, x: torch.Tensor) -> None:
         if not bool(((x >= 0) & (x == x.round())).all()):
-            raise ValueError(
+            raise UsageError(
                 "the Poisson likelihood needs counts (non-negative integers), but the data "
                 "contain negative or fractional values; use 'gaussian' or "
                 "'continuous-bernoulli' for real values"

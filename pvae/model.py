@@ -37,6 +37,7 @@ from torch import nn
 
 from ._rng import seeded
 from .engine import WeightedSamples, params_quiet
+from .errors import UsageError, UsageTypeError
 from .guides import Guide
 from .likelihoods import Likelihood
 from .priors import Prior
@@ -117,16 +118,16 @@ class VAE(nn.Module):
     def __init__(self, prior: Prior, decoder: nn.Module, likelihood: Likelihood, guide: Guide):
         super().__init__()
         if prior.latent_dim != guide.latent_dim:
-            raise ValueError(
+            raise UsageError(
                 f"prior latent_dim {prior.latent_dim} != guide latent_dim {guide.latent_dim}"
             )
         if guide.data_dim != likelihood.data_dim:
-            raise ValueError(
+            raise UsageError(
                 f"guide data_dim {guide.data_dim} != likelihood data_dim {likelihood.data_dim}"
             )
         out = getattr(decoder, "out_features", None)
         if out is not None and out != likelihood.param_dim:
-            raise ValueError(
+            raise UsageError(
                 f"decoder outputs {out} numbers but the likelihood needs {likelihood.param_dim}"
             )
         self.prior = prior
@@ -158,18 +159,18 @@ class VAE(nn.Module):
         the likelihood's support.
         """
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+            raise UsageTypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
-            raise TypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+            raise UsageTypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() != 2 or x.shape[-1] != self.data_dim:
-            raise ValueError(
+            raise UsageError(
                 f"{what} must have shape (batch, {self.data_dim}), got {tuple(x.shape)}; "
                 "flatten images to vectors of the model's data_dim"
             )
         finite = torch.isfinite(x)
         if not bool(finite.all()):
             rows = (~finite).any(-1).nonzero().flatten()
-            raise ValueError(
+            raise UsageError(
                 f"{what} contain NaN or infinite values in {rows.numel()} row(s) "
                 f"(first: {rows[:5].tolist()}); clean or drop those rows"
             )
@@ -207,7 +208,7 @@ class VAE(nn.Module):
         :meth:`guide` and not used."""
         size = x.shape[0] if x is not None else num_datapoints
         if size is None:
-            raise ValueError("model(None) generates data: pass num_datapoints=")
+            raise UsageError("model(None) generates data: pass num_datapoints=")
         with pyro.plate(DATA_PLATE, size, dim=-1):
             z = pyro.sample(LATENT_SITE, self.prior())
             pyro.sample(OBSERVED_SITE, self.likelihood(self.decoder(z)), obs=x)

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .registry import Registry
 
 ACTIVATIONS: Registry = Registry("activation")
@@ -44,7 +45,7 @@ class MLP(nn.Sequential):
     ):
         hidden = tuple(int(h) for h in hidden)
         if in_features < 1 or out_features < 1 or any(h < 1 for h in hidden):
-            raise ValueError(
+            raise UsageError(
                 f"MLP sizes must be positive, got in={in_features}, hidden={hidden}, "
                 f"out={out_features}"
             )
@@ -62,7 +63,7 @@ class MLP(nn.Sequential):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(
+            raise UsageError(
                 f"MLP expects inputs of shape (..., {self.in_features}), got {tuple(x.shape)}"
             )
         return super().forward(x)
@@ -106,7 +107,7 @@ class ConvEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
-            raise ValueError(
+            raise UsageError(
                 f"ConvEncoder expects inputs of shape (..., {self.in_features}) "
                 f"(images {self.image_shape} flattened), got {tuple(x.shape)}"
             )

@@ -43,6 +43,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from . import engine
+from .errors import UsageError
 from .model import LATENT_SITE
 from .registry import Registry
 
@@ -81,11 +82,11 @@ class KLSchedule:
     def __init__(self, beta: float = 1.0, warmup: float = 0.0, kind: str = "linear"):
         beta, warmup = float(beta), float(warmup)
         if not (math.isfinite(beta) and beta >= 0):
-            raise ValueError(f"beta must be finite and >= 0, got {beta!r}")
+            raise UsageError(f"beta must be finite and >= 0, got {beta!r}")
         if not (math.isfinite(warmup) and warmup >= 0):
-            raise ValueError(f"kl warm-up must be a number of epochs >= 0, got {warmup!r}")
+            raise UsageError(f"kl warm-up must be a number of epochs >= 0, got {warmup!r}")
         if kind not in KL_SCHEDULES:
-            raise ValueError(f"unknown KL schedule {kind!r}; valid choices: {', '.join(KL_SCHEDULES)}")
+            raise UsageError(f"unknown KL schedule {kind!r}; valid choices: {', '.join(KL_SCHEDULES)}")
         self.beta, self.warmup = beta, warmup
         self.kind = "constant" if warmup == 0 else kind
 
@@ -222,7 +223,7 @@ class ElboObjective(Objective):
 def _factorized_normal(d: dist.Distribution, what: str) -> dist.Normal:
     base = d.base_dist if isinstance(d, dist.Independent) else d
     if not isinstance(base, dist.Normal):
-        raise ValueError(
+        raise UsageError(
             f"free bits need the KL per latent dimension, which exists in closed form for a diagonal "
             f"Gaussian {what}; got {type(base).__name__}. Use a diagonal guide and a standard-normal or "
             "learned-diagonal prior, or free_bits=0"
@@ -250,7 +251,7 @@ class FreeBitsObjective(Objective):
         super().__init__("elbo-analytic-kl", num_particles, kl_schedule)
         free_bits = float(free_bits)
         if not (math.isfinite(free_bits) and free_bits >= 0):
-            raise ValueError(f"free_bits must be a number of nats >= 0, got {free_bits!r}")
+            raise UsageError(f"free_bits must be a number of nats >= 0, got {free_bits!r}")
         self.free_bits = free_bits
 
     def options(self) -> dict:
@@ -263,7 +264,7 @@ class FreeBitsObjective(Objective):
     @staticmethod
     def _kl_per_dim(samples) -> torch.Tensor:
         if len(samples.latents) != 1:
-            raise ValueError(f"free bits need one latent site, the program has {sorted(samples.latents)}")
+            raise UsageError(f"free bits need one latent site, the program has {sorted(samples.latents)}")
         (name,) = samples.latents
         q = _factorized_normal(samples.guide_dists[name], "guide")
         p = _factorized_normal(samples.prior_dists[name], "prior")
@@ -286,7 +287,7 @@ def _stop_gradient(q: dist.Distribution) -> dist.Distribution:
         return dist.Normal(q.loc.detach(), q.scale.detach())
     if isinstance(q, dist.MultivariateNormal):
         return dist.MultivariateNormal(q.loc.detach(), scale_tril=q.scale_tril.detach())
-    raise ValueError(
+    raise UsageError(
         f"the DReG gradient needs log q(z|x) with the guide's parameters held fixed, which pvae "
         f"provides for Gaussian guides (diagonal, full-rank), not for {type(q).__name__}; "
         "train this guide with dreg=False"
@@ -324,6 +325,11 @@ class IWAEObjective(Objective):
         self.dreg = bool(dreg)
 
     def check(self, vae, x):
+        if not getattr(getattr(vae, "guide_net", None), "has_density", True):
+            raise UsageError(
+                f"the IWAE bound needs importance weights p(x, z) / q(z|x), and the guide "
+                f"{type(vae.guide_net).__name__} is a point mass without a density; use a guide with a density"
+            )
         if self.dreg:
             with torch.no_grad():
                 for d in engine.log_weights(vae, x, 1).guide_dists.values():
@@ -367,7 +373,7 @@ def mmd_squared(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     - \frac{2}{nm}\sum_{i,j}k(a_i,b_j)`. Needs n, m >= 2."""
     n, m = a.shape[0], b.shape[0]
     if n < 2 or m < 2:
-        raise ValueError(f"the MMD estimate needs at least 2 samples on each side, got {n} and {m}")
+        raise UsageError(f"the MMD estimate needs at least 2 samples on each side, got {n} and {m}")
     k_aa, k_bb, k_ab = gaussian_kernel(a, a), gaussian_kernel(b, b), gaussian_kernel(a, b)
     return ((k_aa.sum() - k_aa.diagonal().sum()) / (n * (n - 1))
             + (k_bb.sum() - k_bb.diagonal().sum()) / (m * (m - 1))
@@ -398,9 +404,9 @@ class InfoVAEObjective(Objective):
         super().__init__("infovae", num_particles, kl_schedule)
         alpha, lam = float(alpha), float(lam)
         if not (math.isfinite(alpha) and alpha <= 1):
-            raise ValueError(f"InfoVAE alpha must be <= 1 (1 - alpha weights the KL), got {alpha!r}")
+            raise UsageError(f"InfoVAE alpha must be <= 1 (1 - alpha weights the KL), got {alpha!r}")
         if not (math.isfinite(lam) and alpha + lam - 1 >= 0):
-            raise ValueError(
+            raise UsageError(
                 f"InfoVAE needs alpha + lambda - 1 >= 0 (the weight of the MMD term), got alpha={alpha}, "
                 f"lambda={lam}"
             )
@@ -412,7 +418,7 @@ class InfoVAEObjective(Objective):
     def loss_and_value(self, vae, x, index=None, kl_weight=None):
         weight = self.kl_weight if kl_weight is None else kl_weight
         if x.shape[0] < 2:
-            raise ValueError("the InfoVAE objective estimates MMD over the minibatch and needs at least 2 "
+            raise UsageError("the InfoVAE objective estimates MMD over the minibatch and needs at least 2 "
                              f"datapoints per batch, got {x.shape[0]}")
         samples = engine.log_weights(vae, x, self.num_particles, index)
         expected_loglik = samples.log_likelihood.mean(0)
@@ -486,15 +492,15 @@ def make_objective(name: str = "elbo", num_particles: int = 1, **options) -> Obj
     ``elbo-analytic-kl``; ``dreg`` for IWAE; ``info_alpha``, ``mmd_lambda`` for InfoVAE). An option the objective does not take is an
     error unless it has its default value (so one config can carry all of them)."""
     if isinstance(num_particles, bool) or int(num_particles) != num_particles or num_particles < 1:
-        raise ValueError(f"num_particles must be a positive integer, got {num_particles}")
+        raise UsageError(f"num_particles must be a positive integer, got {num_particles}")
     factory = OBJECTIVES.get(name)
     accepted = set(inspect.signature(factory).parameters) - {"num_particles"}
     unknown = sorted(set(options) - set(OBJECTIVE_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown objective option(s) {unknown}; valid: {', '.join(OBJECTIVE_OPTIONS)}")
+        raise UsageError(f"unknown objective option(s) {unknown}; valid: {', '.join(OBJECTIVE_OPTIONS)}")
     ignored = sorted(k for k, v in options.items() if k not in accepted and v != OBJECTIVE_OPTIONS[k])
     if ignored:
-        raise ValueError(
+        raise UsageError(
             f"objective {name!r} does not take {', '.join(ignored)}"
             + (f"; it takes {', '.join(sorted(accepted))}" if accepted else "; it takes no options")
         )

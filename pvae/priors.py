@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .registry import Registry
 
 PRIORS: Registry = Registry("prior")
@@ -23,7 +24,7 @@ class Prior(nn.Module):
     def __init__(self, latent_dim: int):
         super().__init__()
         if latent_dim < 1:
-            raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+            raise UsageError(f"latent_dim must be positive, got {latent_dim}")
         self.latent_dim = int(latent_dim)
 
     @classmethod
@@ -73,7 +74,7 @@ class MixtureOfGaussiansPrior(Prior):
     def __init__(self, latent_dim: int, num_components: int = 10):
         super().__init__(latent_dim)
         if num_components < 1:
-            raise ValueError(f"num_components must be positive, got {num_components}")
+            raise UsageError(f"num_components must be positive, got {num_components}")
         self.num_components = int(num_components)
         self.logits = nn.Parameter(torch.zeros(self.num_components))
         self.locs = nn.Parameter(torch.randn(self.num_components, self.latent_dim))
@@ -102,7 +103,7 @@ class VampPrior(Prior):
     def __init__(self, latent_dim: int, guide: nn.Module, num_components: int = 50):
         super().__init__(latent_dim)
         if not getattr(guide, "has_density", True):
-            raise ValueError("the VampPrior needs a guide with a density (not 'delta')")
+            raise UsageError("the VampPrior needs a guide with a density (not 'delta')")
         self.num_components = int(num_components)
         object.__setattr__(self, "_guide", guide)  # reference, not a submodule
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(self.num_components, guide.data_dim))

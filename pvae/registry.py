@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Generic, Iterator, TypeVar
 
+from .errors import UsageError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
+class UnknownNameError(UsageError, KeyError):
     """Raised when a registry is asked for a name it does not hold."""
 
     def __str__(self) -> str:  # KeyError quotes its argument; show the message as written
@@ -44,7 +46,7 @@ class Registry(Generic[T]):
 
         def decorator(obj: T) -> T:
             if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
+                raise UsageError(f"{self.kind} {name!r} is already registered")
             self._entries[name] = obj
             return obj
 

@@ -20,12 +20,19 @@ from typing import Optional, Sequence, Tuple
 import torch
 
 from ._rng import seeded
+from .ais import ais
 from .checkpoint import load_checkpoint, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
-from .ais import ais
 from .diagnostics import importance_diagnostics, latent_diagnostics
-from .estimators import DEFAULT_CHUNK_SIZE, auto_chunk_size, evaluate_bounds, naive_prior_estimate, reconstruction_error
+from .errors import NotARunError, RunExistsError, UsageError
+from .estimators import (
+    DEFAULT_CHUNK_SIZE,
+    auto_chunk_size,
+    evaluate_bounds,
+    naive_prior_estimate,
+    reconstruction_error,
+)
 from .model import VAE
 from .train import CHECKPOINT_FILE, History, check_objective, fit
 
@@ -41,9 +48,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
+        raise UsageError(f"unknown device {name!r}; use 'cpu', 'cuda' or 'cuda:N'") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
+        raise UsageError(
             f"device {name!r} was requested but CUDA is not available on this machine "
             "(torch.cuda.is_available() is False); use --device cpu"
         )
@@ -101,13 +108,13 @@ def train_run(
     config_path = run_dir / CONFIG_FILE
     if config_path.exists():
         if not resume:
-            raise FileExistsError(
+            raise RunExistsError(
                 f"{run_dir} already holds a run; pass --resume to continue it or choose a "
                 "new --run-dir (nothing was overwritten)"
             )
         saved = RunConfig.load(config_path)
         if saved.replace(epochs=config.epochs, step=config.step) != config:  # how a step runs may change
-            raise ValueError(
+            raise UsageError(
                 f"cannot resume {run_dir}: its config.json differs from this config in "
                 + ", ".join(
                     k for k in config.field_names()
@@ -163,7 +170,7 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig
     run_dir = Path(run_dir)
     for name in (CONFIG_FILE, CHECKPOINT_FILE):
         if not (run_dir / name).exists():
-            raise FileNotFoundError(f"{run_dir} is not a pvae run directory: {name} is missing")
+            raise NotARunError(f"{run_dir} is not a pvae run directory: {name} is missing")
     config = RunConfig.load(run_dir / CONFIG_FILE)
     ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
     state = ckpt["best_model"] if best and ckpt.get("best_model") is not None else ckpt["model"]
@@ -181,11 +188,11 @@ def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset
         dataset = load_dataset(config.dataset)
         if record is not None and dataset.fingerprint() != record["fingerprint"]:
             if record.get("source") == "python":
-                raise ValueError(
+                raise UsageError(
                     f"{run_dir} was trained on data passed in Python (data set {record['name']!r}) that differ from "
                     f"the registry data set {config.dataset!r}; pass the same data: evaluate_run(..., dataset=...)"
                 )
-            raise ValueError(
+            raise UsageError(
                 f"the registry data set {dataset.name!r} differs from the data {run_dir} was trained on "
                 f"(fingerprint {dataset.fingerprint()[:12]} vs {record['fingerprint'][:12]}); the cache holds "
                 "other files"
@@ -242,7 +249,7 @@ def evaluate_run(
     """
     unknown = sorted(set(estimators) - set(ESTIMATORS))
     if unknown:
-        raise ValueError(f"unknown estimator(s) {unknown}; valid choices: {', '.join(ESTIMATORS)}")
+        raise UsageError(f"unknown estimator(s) {unknown}; valid choices: {', '.join(ESTIMATORS)}")
     config, vae = load_run(run_dir, device)
     data, data_note = _evaluation_data(Path(run_dir), config, dataset)
     x = data.split(split).to(vae.device)
@@ -293,17 +300,22 @@ def evaluate_run(
         report["skipped"]["psis"] = (f"K={num_samples} is too few draws to fit the Pareto tail "
                                      f"(PSIS k-hat needs K >= {PSIS_MIN_SAMPLES} here)")
     elif psis_datapoints and vae.guide_net.has_density:
-        sub = x[:psis_datapoints]
+        # a seeded random subset: splits such as static MNIST's test set are ordered in blocks
+        chosen = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:psis_datapoints]
+        chosen = chosen.sort().values
+        sub = x[chosen.to(x.device)]
         khat = torch.cat([importance_diagnostics(vae, xb, num_samples, chunk_size, seed=seed + 1000 + i)["khat"]
                           for i, xb in enumerate(sub.split(batch_size))])
-        finite = khat[torch.isfinite(khat)]
+        finite = torch.isfinite(khat)
         report["psis"] = {
             "datapoints": int(sub.shape[0]), "num_samples": int(num_samples),
-            "nonfinite_khat": int(khat.numel() - finite.numel()),
-            "khat_mean": float(finite.mean()) if finite.numel() else None,
-            "khat_max": float(finite.max()) if finite.numel() else None,
-            "fraction_above_0.5": float((khat > 0.5).double().mean()),
-            "fraction_above_0.7": float((khat > 0.7).double().mean()),
+            "subset": f"random, torch.randperm with seed {seed}", "indices_first": chosen[:10].tolist(),
+            # a non-finite k-hat (a failed tail fit) is counted and excluded from every summary
+            "nonfinite_khat": int((~finite).sum()),
+            "khat_mean": float(khat[finite].mean()) if finite.any() else None,
+            "khat_max": float(khat[finite].max()) if finite.any() else None,
+            "fraction_above_0.5": float((khat[finite] > 0.5).double().mean()) if finite.any() else None,
+            "fraction_above_0.7": float((khat[finite] > 0.7).double().mean()) if finite.any() else None,
         }
     with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
         warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)

@@ -24,6 +24,7 @@ import torch
 
 from ._rng import seeded
 from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
+from .errors import DivergenceError, RunExistsError, UsageError
 from .estimators import evaluate_bounds, reconstruction_error
 from .objectives import Objective, make_objective
 
@@ -119,12 +120,12 @@ class TrainStep:
 
     def __init__(self, vae, objective, optimizer, mode: str = "auto", index_arg: bool = False):
         if mode not in STEP_MODES:
-            raise ValueError(f"unknown step mode {mode!r}; valid choices: {', '.join(STEP_MODES)}")
+            raise UsageError(f"unknown step mode {mode!r}; valid choices: {', '.join(STEP_MODES)}")
         device = vae.device
         if mode == "auto":
             mode = "cuda-graph" if (device.type == "cuda" and vae.programs_are_builtin()) else "eager"
         if mode == "cuda-graph" and device.type != "cuda":
-            raise ValueError("step mode 'cuda-graph' needs the model on a CUDA device; use 'eager' or 'compile'")
+            raise UsageError("step mode 'cuda-graph' needs the model on a CUDA device; use 'eager' or 'compile'")
         self.vae, self.objective, self.optimizer, self.mode = vae, objective, optimizer, mode
         self.params = [p for p in vae.parameters() if p.requires_grad]
         self.one = torch.ones((), device=device)
@@ -216,7 +217,7 @@ def _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path) -> Non
         return
     n = int(skipped)
     if n:
-        raise FloatingPointError(
+        raise DivergenceError(
             f"the training loss or gradient was NaN/inf at epoch {epoch}, step {int(first_bad)} "
             f"({n} of the first {steps} steps of the epoch); those updates were skipped, so the "
             "parameters never held a non-finite value"
@@ -232,7 +233,7 @@ def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int) -
     min_batch = getattr(objective, "min_batch_size", 1)
     last_batch = train_data.shape[0] % batch_size or batch_size
     if min(last_batch, batch_size) < min_batch:
-        raise ValueError(
+        raise UsageError(
             f"objective {objective.name!r} needs minibatches of at least {min_batch} datapoints, but "
             f"{train_data.shape[0]} training datapoints in batches of {batch_size} leave a last batch of "
             f"{last_batch}; choose another batch size"
@@ -302,15 +303,15 @@ def fit(
         objective = make_objective(objective, num_particles)
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if isinstance(value, bool) or int(value) != value or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise UsageError(f"{name} must be a positive integer, got {value!r}")
     if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be positive and finite, got {lr!r}")
+        raise UsageError(f"lr must be positive and finite, got {lr!r}")
     if patience is not None and patience < 1:
-        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+        raise UsageError(f"patience must be a positive integer or None, got {patience!r}")
     if nonfinite not in ("raise", "skip"):
-        raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        raise UsageError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if check_every is not None and (isinstance(check_every, bool) or int(check_every) != check_every or check_every < 1):
-        raise ValueError(f"check_every must be a positive integer or None, got {check_every!r}")
+        raise UsageError(f"check_every must be a positive integer or None, got {check_every!r}")
     device = torch.device(device) if device is not None else vae.device
     vae.to(device)
     vae.check_data(train_data, "training data")
@@ -318,13 +319,13 @@ def fit(
     if valid_data is not None:
         vae.check_data(valid_data, "validation data")
         if indexed:
-            raise ValueError(
+            raise UsageError(
                 "a non-amortized guide has parameters only for the training datapoints, so it "
                 "cannot score validation data; pass valid_data=None (or refine a guide on the "
                 "validation data separately)"
             )
     if indexed and vae.guide_net.num_datapoints != train_data.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"the non-amortized guide was built for {vae.guide_net.num_datapoints} datapoints, "
             f"but the training data have {train_data.shape[0]}"
         )
@@ -353,7 +354,7 @@ def fit(
     resumed_rng = None
     if ckpt_path is not None and ckpt_path.exists():
         if not resume:
-            raise FileExistsError(
+            raise RunExistsError(
                 f"{ckpt_path} already exists; pass resume=True to continue that run or "
                 "choose a new run directory (nothing was overwritten)"
             )
@@ -469,7 +470,7 @@ def _resume(ckpt_path, fit_args, vae, optimizer):
     with the same settings; returns ``(history, best_state, epoch, rng_state)``."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("fit") != fit_args:
-        raise ValueError(
+        raise UsageError(
             f"cannot resume {ckpt_path}: it was trained with {ckpt.get('fit')}, "
             f"but this call uses {fit_args}"
         )

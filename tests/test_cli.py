@@ -244,3 +244,22 @@ def test_old_flag_spellings_still_work_and_say_they_are_deprecated(tmp_path, cap
     assert "--K is deprecated" in err and "use --num-samples" in err and "--ais-chains is deprecated" in err
     report = json.loads((run / "evaluation-test-K3.json").read_text())
     assert report["ais_settings"]["num_chains"] == 2 and report["estimates"]["ais"]["num_samples"] == 2
+
+
+def test_a_bug_is_not_reported_as_a_usage_error(tmp_path, capsys, monkeypatch):
+    """A UsageError: one line, exit 2. Anything else: the traceback, a request for a report, exit 1."""
+    import pvae.runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("an internal invariant failed")
+
+    monkeypatch.setattr(pvae.runs, "train_run", broken)
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "an internal invariant failed" in err and "please report it" in err
+    assert main(["train", "--config", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot read the config file" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.json").write_text("{not json")
+    assert main(["train", "--config", str(tmp_path / "bad.json")]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err

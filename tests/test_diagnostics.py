@@ -138,3 +138,20 @@ def test_inference_gaps_need_a_diagonal_gaussian_guide():
     vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,), guide="iaf"), 6)
     with pytest.raises(ValueError, match="needs a DiagonalGaussianGuide"):
         pvae.diagnostics.inference_gaps(vae, (torch.rand(3, 6) < 0.5).float())
+
+
+def test_diagnostics_refuse_what_they_cannot_measure(digits):
+    """A NaN in the encoder is an error, not 'posterior collapse'; a point-mass guide gets no
+    k-hat/ESS (it would read as a perfect proposal) and cannot be trained with the IWAE bound."""
+    import pvae
+
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(16,)), digits.data_dim)
+    with torch.no_grad():
+        next(vae.guide_net.parameters()).fill_(float("nan"))
+    with pytest.raises(pvae.DivergenceError, match="NaN or infinite"):
+        pvae.latent_diagnostics(vae, digits.test[:20])
+    ae = pvae.build_vae(pvae.autoencoder_config(code_size=2, layers=1, units=16), digits.data_dim)
+    with pytest.raises(pvae.UsageError, match="point mass"):
+        pvae.importance_diagnostics(ae, digits.test[:5], num_samples=10)
+    with pytest.raises(pvae.UsageError, match="point mass"):
+        pvae.fit(ae, digits.train[:100], epochs=1, objective="iwae", num_particles=3, progress=False)

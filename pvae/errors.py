@@ -1,0 +1,34 @@
+"""What a user can fix vs what is a bug in pvae.
+
+Every error pvae raises for something the *user* can fix — a bad argument, data of the wrong
+shape or support, an unknown component name, a run directory that exists, a training run that
+diverged — is a :class:`UsageError` whose message names the problem and the fix. The command
+line prints a :class:`UsageError` in one line and exits with status 2; any other exception is a
+bug in pvae (or in a library below it): the command line prints the traceback, asks for a
+report, and exits with status 1. :class:`UsageError` subclasses :class:`ValueError`, and each
+specific kind also subclasses the built-in exception it refines (``TypeError``,
+``FileExistsError`` ...), so existing ``except`` clauses keep working.
+"""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """Something the user can fix; the message says what and how."""
+
+
+class UsageTypeError(UsageError, TypeError):
+    """An argument of the wrong type (e.g. an integer tensor where data must be floating point)."""
+
+
+class DivergenceError(UsageError, FloatingPointError):
+    """Training met a NaN/inf loss or gradient (the update was never applied); lower the
+    learning rate or let fit skip such steps."""
+
+
+class RunExistsError(UsageError, FileExistsError):
+    """The run directory already holds a run (nothing was overwritten)."""
+
+
+class NotARunError(UsageError, FileNotFoundError):
+    """The folder is not a pvae run directory."""
