@@ -58,6 +58,11 @@ def _announce(module: nn.Module, prefix: str) -> None:
         param(lambda *_, _v=value, **__: _v)(full, value, constraint=constraints.real, event_dim=None, name=full)
 
 
+def _draw(d):
+    """What ``pyro.sample`` draws from ``d``: reparametrized where it can be."""
+    return d.rsample() if d.has_rsample else d.sample()
+
+
 class Program(nn.Module):
     """A VAE's Pyro program (``vae.model`` or ``vae.guide``) as a :class:`torch.nn.Module`.
 
@@ -252,11 +257,11 @@ class VAE(nn.Module):
         prior = self.prior().expand(shape)
         if proposal == "guide":
             q = self.posterior(x, index).expand(shape)
-            z = q()
+            z = _draw(q)
             log_q = q.log_prob(z)
         else:
             q = prior
-            z = prior()
+            z = _draw(prior)
         log_p = prior.log_prob(z)
         if proposal == "prior":
             log_q = log_p
