@@ -103,3 +103,25 @@ def test_progress_bar_changes_no_number(model, capsys):
     shown = ais(vae, x, num_chains=3, num_steps=5, batch_size=2, progress=True)
     assert torch.equal(quiet.values, shown.values)
     assert "AIS 3 chains" in capsys.readouterr().err
+
+
+def test_hmc_with_large_steps_keeps_the_target_only_through_the_accept_step():
+    """Leapfrog with eps * omega = 1.57 on the stiff direction of a correlated Gaussian (stable
+    but with a large energy error): without the Metropolis correction the chain's variance along
+    that direction grows by about 1 / (1 - 1.57^2 / 4) = 2.6, so checking the second moments
+    after 20 transitions from exact draws fails for a kernel that skips the accept step."""
+    torch.manual_seed(1)
+    cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]], dtype=torch.float64)  # eigenvalues 1.8 and 0.2
+    target = dist.MultivariateNormal(torch.zeros(2, dtype=torch.float64), cov)
+    n = 20000
+    z = target.sample((n,))
+    eps = torch.tensor(0.7, dtype=torch.float64)  # omega = 1 / sqrt(0.2) = 2.24
+    accept = []
+    for _ in range(20):
+        z, acc = hmc_step(z, target.log_prob, eps, num_leapfrog=3)
+        accept.append(acc.mean())
+    assert 0.05 < float(torch.stack(accept).mean()) < 0.95  # the correction is doing work
+    tol = mc_tolerance(1.0, 1e-6 / 3)
+    stiff = (z[:, 0] - z[:, 1]) / math.sqrt(2)  # the eigenvector of eigenvalue 0.2
+    for f, expected in ((z[:, 0] ** 2, 1.0), (z[:, 1] ** 2, 1.0), (stiff ** 2, 0.2)):
+        assert abs(f.mean() - expected) < tol * f.std() / math.sqrt(n)
