@@ -125,3 +125,19 @@ def test_hmc_with_large_steps_keeps_the_target_only_through_the_accept_step():
     stiff = (z[:, 0] - z[:, 1]) / math.sqrt(2)  # the eigenvector of eigenvalue 0.2
     for f, expected in ((z[:, 0] ** 2, 1.0), (z[:, 1] ** 2, 1.0), (stiff ** 2, 0.2)):
         assert abs(f.mean() - expected) < tol * f.std() / math.sqrt(n)
+
+
+def test_ais_accuracy_grows_with_the_number_of_steps():
+    """AIS from the prior: with 300 transitions the 20 per-datapoint estimates sit at the exact
+    log p(x) (mean error within its Monte Carlo tolerance, mean absolute error below 0.3 nats,
+    against 0.84 for a kernel that never moves, whose estimate stays importance sampling from
+    the prior however many steps it takes), and far closer than with 3 transitions."""
+    model = linear_gaussian_vae(data_dim=5, latent_dim=2, noise_scale=0.5)
+    x = model.sample(20, seed=5, mean=False).detach()
+    exact = exact_log_marginal(model, x).detach()
+    few = ais(model, x, num_chains=32, num_steps=3, start="prior", seed=1)
+    many = ais(model, x, num_chains=32, num_steps=300, start="prior", seed=1)
+    err_few, err_many = (few.values - exact), (many.values - exact)
+    assert abs(err_many.mean()) < mc_tolerance(many.mc_stderr_of_mean, 1e-6)
+    assert err_many.abs().mean() < 0.3
+    assert err_many.abs().mean() < 0.5 * err_few.abs().mean()
