@@ -115,7 +115,7 @@ class ModelGuidePair:
     :param int max_plate_nesting: the number of plates the programs nest (pvae's: 1);
         samples are vectorized in a plate just outside them.
     :param str data_plate: the name of the plate over datapoints.
-    :param parameters: optional, the ``torch.nn.Module`` whose parameters the programs use
+    :param module: optional, the ``torch.nn.Module`` whose parameters the programs use
         (for training and for eval-mode switching).
     """
 
