@@ -9,6 +9,9 @@ saved on a GPU loads on a machine without one).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
 import os
 import tempfile
@@ -16,6 +19,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from .errors import UsageError
+
+SEALED_FORMAT = "pvae-sealed-1"
+
+
+class CorruptCheckpointError(UsageError):
+    """A checkpoint file is truncated, unreadable or fails its checksum."""
 
 
 def _umask() -> int:
@@ -43,13 +54,76 @@ def atomic_write(path: os.PathLike, write: Callable[[Any], None], mode: str = "w
 
 
 def save_checkpoint(state: dict, path: os.PathLike) -> None:
-    """Atomically ``torch.save`` a checkpoint dict."""
-    atomic_write(path, lambda fh: torch.save(state, fh))
+    """Atomically ``torch.save`` a checkpoint dict, sealed with its SHA-256: the file holds
+    ``{"format": "pvae-sealed-1", "sha256": ..., "payload": bytes}`` where ``payload`` is
+    ``torch.save(state)``, so a truncated or altered file is detected on load."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    sealed = {"format": SEALED_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    atomic_write(path, lambda fh: torch.save(sealed, fh))
 
 
 def load_checkpoint(path: os.PathLike) -> dict:
-    """Load a checkpoint with ``weights_only=True``, mapping every tensor to the CPU."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Load a checkpoint with ``weights_only=True``, mapping every tensor to the CPU, after
+    checking its SHA-256 (checkpoints written before sealing load unchecked).
+
+    :raises CorruptCheckpointError: when the file is truncated, unreadable or altered."""
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated zip, garbage bytes, ...
+        raise CorruptCheckpointError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it is truncated or "
+            "corrupted: restore it from a copy or start the run anew"
+        ) from exc
+    if not (isinstance(outer, dict) and outer.get("format") == SEALED_FORMAT):
+        return outer
+    payload = outer["payload"]
+    if hashlib.sha256(payload).hexdigest() != outer["sha256"]:
+        raise CorruptCheckpointError(
+            f"{path} fails its SHA-256 check: the file was altered or damaged after it was written; "
+            "restore it from a copy or start the run anew"
+        )
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: os.PathLike):
+    """Hold an exclusive lock on ``run_dir`` (``run_dir/.lock``, ``fcntl.flock``) while training
+    writes there; a second process is refused with a :class:`RunLockedError`. The operating
+    system releases the lock when the process ends, however it ends (a killed run leaves no
+    stale lock)."""
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / ".lock"
+    fh = open(lock, "a+")
+    try:
+        try:
+            import fcntl
+
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # no flock (Windows): no protection, as before
+            pass
+        except OSError as exc:
+            fh.seek(0)
+            owner = fh.read().strip() or "unknown"
+            raise RunLockedError(
+                f"{path} is in use by another pvae process (pid {owner}); wait for it to finish or "
+                "choose another --run-dir"
+            ) from exc
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        yield
+    finally:
+        fh.close()
+
+
+class RunLockedError(UsageError):
+    """Another process is training into the same run directory."""
 
 
 def write_json(obj: Any, path: os.PathLike) -> None:

@@ -21,7 +21,7 @@ import torch
 
 from ._rng import seeded
 from .ais import ais
-from .checkpoint import load_checkpoint, write_json
+from .checkpoint import load_checkpoint, run_lock, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
 from .diagnostics import importance_diagnostics, latent_diagnostics
@@ -105,45 +105,46 @@ def train_run(
     vae.check_data(data.valid, f"{config.dataset} validation data")
     objective = config.build_objective()
     check_objective(objective, vae, data.train, config.batch_size)
-    config_path = run_dir / CONFIG_FILE
-    if config_path.exists():
-        if not resume:
-            raise RunExistsError(
-                f"{run_dir} already holds a run; pass --resume to continue it or choose a "
-                "new --run-dir (nothing was overwritten)"
-            )
-        saved = RunConfig.load(config_path)
-        if saved.replace(epochs=config.epochs, step=config.step) != config:  # how a step runs may change
-            raise UsageError(
-                f"cannot resume {run_dir}: its config.json differs from this config in "
-                + ", ".join(
-                    k for k in config.field_names()
-                    if k not in ("epochs", "step") and getattr(saved, k) != getattr(config, k)
+    with run_lock(run_dir):  # a second process training into run_dir is refused
+        config_path = run_dir / CONFIG_FILE
+        if config_path.exists():
+            if not resume:
+                raise RunExistsError(
+                    f"{run_dir} already holds a run; pass --resume to continue it or choose a "
+                    "new --run-dir (nothing was overwritten)"
                 )
-            )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir)
-    write_json(environment(config, device), run_dir / ENV_FILE)
-    write_json({"name": data.name, "source": "registry" if dataset is None else "python",
-                "fingerprint": data.fingerprint()}, run_dir / DATA_FILE)
-    history = fit(
-        vae,
-        data.train,
-        data.valid,
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        lr=config.lr,
-        objective=objective,
-        patience=config.patience,
-        seed=config.seed,
-        device=device,
-        run_dir=run_dir,
-        resume=resume,
-        val_num_samples=config.val_num_samples,
-        progress=progress,
-        step=config.step,
-    )
-    write_figures(vae, data, history, run_dir)
+            saved = RunConfig.load(config_path)
+            if saved.replace(epochs=config.epochs, step=config.step) != config:  # how a step runs may change
+                raise UsageError(
+                    f"cannot resume {run_dir}: its config.json differs from this config in "
+                    + ", ".join(
+                        k for k in config.field_names()
+                        if k not in ("epochs", "step") and getattr(saved, k) != getattr(config, k)
+                    )
+                )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir)
+        write_json(environment(config, device), run_dir / ENV_FILE)
+        write_json({"name": data.name, "source": "registry" if dataset is None else "python",
+                    "fingerprint": data.fingerprint()}, run_dir / DATA_FILE)
+        history = fit(
+            vae,
+            data.train,
+            data.valid,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            objective=objective,
+            patience=config.patience,
+            seed=config.seed,
+            device=device,
+            run_dir=run_dir,
+            resume=resume,
+            val_num_samples=config.val_num_samples,
+            progress=progress,
+            step=config.step,
+        )
+        write_figures(vae, data, history, run_dir)
     return vae, history
 
 
