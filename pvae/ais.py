@@ -139,6 +139,13 @@ def _start(vae, xb, start, num_chains):
     ``(C, B, L)`` drawn from it, and the latent site's name."""
     if start not in ("prior", "guide"):
         raise UsageError(f"unknown start {start!r}; valid choices: prior, guide")
+    guide_net = getattr(vae, "guide_net", None)
+    if start == "guide" and not getattr(guide_net, "scores_any_point", True):
+        raise UsageError(
+            f"AIS from the guide evaluates q(z|x) at the chains' moved states, and the "
+            f"{type(guide_net).__name__} can only score its own samples (a flow without an analytic "
+            "inverse); use start='prior' (--ais-start prior)"
+        )
     samples = engine.log_weights(vae, xb, num_chains, proposal="guide" if start == "guide" else "prior")
     if len(samples.latents) != 1:
         raise UsageError(f"AIS moves one latent site; this program has {sorted(samples.latents)}")

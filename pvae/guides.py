@@ -44,6 +44,9 @@ class Guide(nn.Module):
 
     #: whether q(z|x) has a density (False for a point mass)
     has_density: bool = True
+    #: whether q(z|x) can be evaluated at any z (False: only at the guide's own samples, through
+    #: the transforms' caches, as for flows without an analytic inverse); AIS from the guide needs it
+    scores_any_point: bool = True
     #: whether the guide is indexed by datapoint (non-amortized) instead of reading x
     needs_index: bool = False
 
@@ -230,6 +233,8 @@ class PlanarGuide(FlowGuide):
     """Planar flow guide (Rezende & Mohamed, 2015): conditional planar steps
     (:func:`pyro.distributions.transforms.conditional_planar`)."""
 
+    scores_any_point = False  # no analytic inverse
+
     def make_flow(self, step):
         return T.conditional_planar(self.latent_dim, self.context_dim, hidden_dims=[max(2 * self.latent_dim, 32)])
 
@@ -297,6 +302,8 @@ class SylvesterGuide(FlowGuide):
     R, S and b come from the encoder's context; steps alternate the identity and the
     reversal permutation for Q. Log-determinants are exact
     (:math:`\\sum_i \\log|1 + \\tanh'(\\cdot)_i R_{ii} S_{ii}|`)."""
+
+    scores_any_point = False  # only cached samples can be scored
 
     def make_flow(self, step):
         return _ConditionalSylvester(self.latent_dim, self.context_dim, reverse=step % 2 == 1)

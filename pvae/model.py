@@ -172,6 +172,8 @@ class VAE(nn.Module):
                 f"{what} must have shape (batch, {self.data_dim}), got {tuple(x.shape)}; "
                 "flatten images to vectors of the model's data_dim"
             )
+        if x.shape[0] == 0:
+            raise UsageError(f"{what} hold no datapoints (shape {tuple(x.shape)}); pass at least one row")
         finite = torch.isfinite(x)
         if not bool(finite.all()):
             rows = (~finite).any(-1).nonzero().flatten()

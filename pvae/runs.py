@@ -288,6 +288,9 @@ def evaluate_run(
         )
     if "ais" in estimators and ais_start == "guide" and not vae.guide_net.has_density:
         report["skipped"]["ais"] = "AIS from the guide needs a guide with a density; use --ais-start prior"
+    elif "ais" in estimators and ais_start == "guide" and not vae.guide_net.scores_any_point:
+        report["skipped"]["ais"] = (f"AIS from the guide needs q(z|x) at any z; the {type(vae.guide_net).__name__} "
+                                    "scores only its own samples; use --ais-start prior")
     elif "ais" in estimators:
         settings = {"num_leapfrog": 10, "target_accept": 0.65}
         estimates["ais"] = ais(vae, x, num_chains=num_chains, num_steps=ais_steps, betas=ais_schedule,

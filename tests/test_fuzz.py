@@ -1,0 +1,130 @@
+"""Fuzz the surface: every combination the registries accept either trains and evaluates to
+finite numbers or is refused with a UsageError that names the problem; bad inputs get a
+UsageError, never a bare traceback or a silent number. Hypothesis draws the combinations
+(derandomized, so CI sees the same ones every run); PVAE_FUZZ_EXAMPLES raises the count for a
+longer profile on demand."""
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import pvae
+from pvae.config import NETS, RunConfig, build_vae
+from pvae.guides import GUIDES
+from pvae.likelihoods import LIKELIHOODS
+from pvae.objectives import OBJECTIVES
+from pvae.priors import PRIORS
+
+EXAMPLES = int(os.environ.get("PVAE_FUZZ_EXAMPLES", "30"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+amortized_guides = [g for g in GUIDES.names() if not GUIDES.get(g).needs_index]
+
+
+def _data(digits, likelihood):
+    split = {"train": digits.train[:120], "valid": digits.valid[:40], "test": digits.test[:20]}
+    if likelihood == "poisson":
+        split = {k: v * 3 for k, v in split.items()}  # counts
+    return split
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+@FUZZ
+@given(prior=st.sampled_from(PRIORS.names()), guide=st.sampled_from(amortized_guides),
+       likelihood=st.sampled_from(LIKELIHOODS.names()), net=st.sampled_from(NETS.names()),
+       objective=st.sampled_from(OBJECTIVES.names()), particles=st.integers(1, 3),
+       latent=st.integers(1, 3))
+def test_every_accepted_combination_trains_and_evaluates_or_is_refused_clearly(
+        digits, prior, guide, likelihood, net, objective, particles, latent):
+    data = _data(digits, likelihood)
+    try:
+        config = RunConfig(prior=prior, guide=guide, likelihood=likelihood, net=net, objective=objective,
+                           num_particles=particles, latent_dim=latent, hidden=(16,), channels=(4, 8),
+                           mog_components=2, vamp_pseudo_inputs=3, num_flows=1, gaussian_scale="per-dim")
+        vae = build_vae(config, digits.data_dim)
+        history = pvae.fit(vae, data["train"], data["valid"], epochs=1, batch_size=40,
+                           objective=config.build_objective(), progress=False)
+    except pvae.UsageError as exc:
+        assert len(str(exc)) > 20, f"a refusal must say why: {exc!r}"
+        event("refused with a UsageError")
+        return
+    event("trained")
+    assert all(_finite(v) for v in history.train_objective)
+    assert all(torch.isfinite(p).all() for p in vae.parameters())
+    x = data["test"]
+    rec = pvae.reconstruction_error(vae, x)
+    assert _finite(rec["reconstruction"].mean) and _finite(rec["squared-error"].mean)
+    if vae.guide_net.has_density:
+        bounds = pvae.evaluate_bounds(vae, x, 5)
+        assert _finite(bounds["elbo"].mean) and _finite(bounds["iwae"].mean)
+        assert bool((bounds["iwae"].values >= bounds["elbo"].values - 1e-4).all())  # same draws: Jensen
+        if vae.guide_net.scores_any_point:
+            assert _finite(pvae.ais.ais(vae, x, num_chains=2, num_steps=3, start="guide").mean)
+        else:
+            with pytest.raises(pvae.UsageError, match="only score its own samples"):
+                pvae.ais.ais(vae, x, num_chains=2, num_steps=3, start="guide")
+    else:
+        with pytest.raises(pvae.UsageError, match="point mass"):
+            pvae.evaluate_bounds(vae, x, 5)
+    assert _finite(pvae.ais.ais(vae, x, num_chains=2, num_steps=3, start="prior").mean)
+    assert _finite(pvae.naive_prior_estimate(vae, x, 5).mean)
+    pvae.latent_diagnostics(vae, x)
+
+
+BAD_DATA = {
+    "integer dtype": lambda d: d.train[:10].long(),
+    "wrong width": lambda d: d.train[:10, :-1],
+    "one dimension": lambda d: d.train[0],
+    "a NaN": lambda d: torch.where(torch.arange(d.train[:10].numel()).reshape(10, -1) == 7, float("nan"), d.train[:10]),
+    "an inf": lambda d: torch.where(torch.arange(d.train[:10].numel()).reshape(10, -1) == 3, float("inf"), d.train[:10]),
+    "grey levels under a Bernoulli likelihood": lambda d: d.train[:10] * 0.5,
+    "huge values": lambda d: d.train[:10] * 1e30,
+    "empty": lambda d: d.train[:0],
+    "not a tensor": lambda d: d.train[:10].numpy(),
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_DATA))
+def test_bad_data_gets_a_usage_error_everywhere(digits, what):
+    vae = build_vae(RunConfig(latent_dim=2, hidden=(8,)), digits.data_dim)
+    bad = BAD_DATA[what](digits)
+    for call in (lambda: pvae.fit(vae, bad, epochs=1, progress=False),
+                 lambda: pvae.evaluate_bounds(vae, bad, 3),
+                 lambda: pvae.naive_prior_estimate(vae, bad, 3),
+                 lambda: pvae.ais.ais(vae, bad, num_chains=2, num_steps=2),
+                 lambda: pvae.reconstruction_error(vae, bad)):
+        with pytest.raises(pvae.UsageError):
+            call()
+
+
+@FUZZ
+@given(name=st.text(min_size=1, max_size=12).filter(lambda s: s not in PRIORS.names()))
+def test_unknown_names_are_usage_errors_that_list_the_choices(name):
+    with pytest.raises(pvae.UsageError, match="standard-normal"):
+        RunConfig(prior=name)
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--prior", "nope"],
+    ["train", "--latent-dim", "0"],
+    ["train", "--objective", "iwae", "--beta", "4"],
+    ["train", "--model", "autoencoder", "--guide", "diagonal"],
+    ["train", "--device", "cuda:9"] if not torch.cuda.is_available() else ["train", "--device", "tpu"],
+    ["evaluate", "/nonexistent/run"],
+])
+def test_bad_command_lines_are_one_line_usage_errors(argv, capsys, tmp_path):
+    from pvae.cli import main
+
+    if argv[0] == "train":
+        argv = argv + ["--run-dir", str(tmp_path / "r"), "--epochs", "1", "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("pvae ") and len(err.strip().splitlines()) == 1
