@@ -284,8 +284,14 @@ def test_fit_follows_the_warmup_and_refuses_to_resume_with_other_options(tmp_pat
 
 
 def test_free_bits_zero_is_the_analytic_kl_elbo_and_its_formula_otherwise():
+    """FreeBitsObjective itself at lambda = 0 (make_objective returns the plain analytic-KL ELBO
+    for free_bits=0, so the class is built directly) equals the analytic-KL ELBO, a separate
+    code path, in value and gradient on the same draws."""
+    from pvae.objectives import FreeBitsObjective
+
     vae, x = linear_gaussian_vae(), lg_data(5)
-    assert_same(value_and_grads(pvae.make_objective("elbo-analytic-kl", 2, free_bits=0.0), vae, x, 6),
+    assert type(pvae.make_objective("elbo-analytic-kl", 2, free_bits=0.0)).__name__ == "ElboObjective"
+    assert_same(value_and_grads(FreeBitsObjective(2, 0.0), vae, x, 6),
                 value_and_grads(pvae.make_objective("elbo-analytic-kl", 2), vae, x, 6))
     objective = pvae.make_objective("elbo-analytic-kl", 2, free_bits=0.3, beta=2.0)
     with pvae._rng.seeded(7):
