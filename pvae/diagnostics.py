@@ -101,9 +101,9 @@ def kl_per_dimension(vae, x: torch.Tensor) -> torch.Tensor:
 
 
 def _diagonal_gaussians(vae, x):
-    """The guide's and prior's diagonal-Gaussian site distributions, or a reason why the KL
-    does not split over latent dimensions: ``(q, p, None)`` or ``(None, None, reason)``."""
-    samples = engine.log_weights(vae, x[:2], 1)  # the guide's and prior's site distributions
+    """The guide's and prior's diagonal-Gaussian site distributions at ``x``, or a reason why
+    the KL does not split over latent dimensions: ``(q, p, None)`` or ``(None, None, reason)``."""
+    samples = engine.log_weights(vae, x, 1)  # the guide's and prior's site distributions
     if len(samples.latents) != 1:
         return None, None, f"kl_per_dimension needs one latent site; the program has {sorted(samples.latents)}"
     (site,) = samples.latents
@@ -113,11 +113,6 @@ def _diagonal_gaussians(vae, x):
     if not (isinstance(qb, dist.Normal) and isinstance(pb, dist.Normal)):
         return None, None, ("kl_per_dimension needs a diagonal Gaussian guide and prior; got "
                             f"{type(qb).__name__} and {type(pb).__name__}")
-    if x.shape[0] > 2:
-        samples = engine.log_weights(vae, x, 1)
-        q, p = samples.guide_dists[site], samples.prior_dists[site]
-        qb = q.base_dist if isinstance(q, dist.Independent) else q
-        pb = p.base_dist if isinstance(p, dist.Independent) else p
     return qb, pb, None
 
 
