@@ -205,15 +205,14 @@ def _particles(fn: Callable, num_samples: int, dim: int) -> Callable:
     return vectorized
 
 
+def _plates(pair):
+    """The pair's data-plate name and the dimension of the particle plate just outside its plates."""
+    return getattr(pair, "data_plate", "data"), -1 - int(getattr(pair, "max_plate_nesting", 1))
+
+
+@quiet_params()
 def _trace_log_weights(pair, x, num_samples, index, proposal) -> WeightedSamples:
-    with quiet_params():
-        return _trace_log_weights_quiet(pair, x, num_samples, index, proposal)
-
-
-def _trace_log_weights_quiet(pair, x, num_samples, index, proposal) -> WeightedSamples:
-    nesting = int(getattr(pair, "max_plate_nesting", 1))
-    data_plate = getattr(pair, "data_plate", "data")
-    particle_dim = -1 - nesting
+    data_plate, particle_dim = _plates(pair)
     shape = (num_samples, x.shape[0])
     model = _particles(pair.model, num_samples, particle_dim)
     zero = torch.zeros(shape, dtype=x.dtype, device=x.device)
@@ -292,8 +291,7 @@ def log_weights(pair, x: torch.Tensor, num_samples: int, index: Optional[torch.T
 
 
 def _conditioned_trace(pair, x, latents, index):
-    nesting = int(getattr(pair, "max_plate_nesting", 1))
-    particle_dim = -1 - nesting
+    _, particle_dim = _plates(pair)
     num = next(iter(latents.values())).shape[0]
     model = _particles(poutine.condition(pair.model, data=latents), num, particle_dim)
     with quiet_params():
@@ -311,7 +309,7 @@ def log_density(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], index: 
         (z,) = latents.values()
         return pair.log_likelihood(x, z), pair.log_prior(z)
     trace, particle_dim, shape = _conditioned_trace(pair, x, latents, index)
-    data_plate = getattr(pair, "data_plate", "data")
+    data_plate, _ = _plates(pair)
     log_likelihood = torch.zeros(shape, dtype=x.dtype, device=x.device)
     log_prior = log_likelihood
     seen = set()
@@ -357,7 +355,7 @@ def reconstruction(pair, x: torch.Tensor, latents: Dict[str, torch.Tensor], inde
         params = pair.decoder(z)
         return pair.likelihood(params).log_prob(x), pair.likelihood.mean(params)
     trace, particle_dim, shape = _conditioned_trace(pair, x, {k: v[None] for k, v in latents.items()}, index)
-    data_plate = getattr(pair, "data_plate", "data")
+    data_plate, _ = _plates(pair)
     observed = [s for s in _sample_sites(trace) if s["is_observed"] and s["name"] not in latents]
     if len(observed) != 1:
         raise UsageError(f"reconstruction needs one observed site; the model has {[s['name'] for s in observed]}")

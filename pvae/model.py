@@ -267,7 +267,7 @@ class VAE(nn.Module):
         log_p = prior.log_prob(z)
         if proposal == "prior":
             log_q = log_p
-        log_lik = self.likelihood(self.decoder(z)).log_prob(x)
+        log_lik = self.log_likelihood(x, z)
         return WeightedSamples(log_lik, log_p, log_q, {LATENT_SITE: z}, {LATENT_SITE: q},
                                {LATENT_SITE: prior}, "fast", {LATENT_SITE: (log_p, log_q)})
 

@@ -185,20 +185,20 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig
 def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset]):
     """The data to evaluate on and a note for the report (see :func:`evaluate_run`)."""
     record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else None
-    if dataset is None:
+    from_registry = dataset is None
+    if from_registry:
         dataset = load_dataset(config.dataset)
-        if record is not None and dataset.fingerprint() != record["fingerprint"]:
-            if record.get("source") == "python":
-                raise UsageError(
-                    f"{run_dir} was trained on data passed in Python (data set {record['name']!r}) that differ from "
-                    f"the registry data set {config.dataset!r}; pass the same data: evaluate_run(..., dataset=...)"
-                )
-            raise UsageError(
-                f"the registry data set {dataset.name!r} differs from the data {run_dir} was trained on "
-                f"(fingerprint {dataset.fingerprint()[:12]} vs {record['fingerprint'][:12]}); the cache holds "
-                "other files"
-            )
     fingerprint = dataset.fingerprint()
+    if from_registry and record is not None and fingerprint != record["fingerprint"]:
+        if record.get("source") == "python":
+            raise UsageError(
+                f"{run_dir} was trained on data passed in Python (data set {record['name']!r}) that differ from "
+                f"the registry data set {config.dataset!r}; pass the same data: evaluate_run(..., dataset=...)"
+            )
+        raise UsageError(
+            f"the registry data set {dataset.name!r} differs from the data {run_dir} was trained on "
+            f"(fingerprint {fingerprint[:12]} vs {record['fingerprint'][:12]}); the cache holds other files"
+        )
     same = None if record is None else fingerprint == record["fingerprint"]
     return dataset, {"name": dataset.name, "fingerprint": fingerprint, "training_data": same}
 
