@@ -55,12 +55,15 @@ def atomic_write(path: os.PathLike, write: Callable[[Any], None], mode: str = "w
 
 def save_checkpoint(state: dict, path: os.PathLike) -> None:
     """Atomically ``torch.save`` a checkpoint dict, sealed with its SHA-256: the file holds
-    ``{"format": "pvae-sealed-1", "sha256": ..., "payload": bytes}`` where ``payload`` is
-    ``torch.save(state)``, so a truncated or altered file is detected on load."""
+    ``{"format": "pvae-sealed-1", "sha256": ..., "payload": uint8 tensor}`` where ``payload``
+    holds the bytes of ``torch.save(state)``, so a truncated or altered file is detected on load.
+    (A uint8 tensor is stored as raw bytes; Python ``bytes`` inside ``torch.save`` are pickled
+    as latin-1 text, which made files half as large again.)"""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    sealed = {"format": SEALED_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(), "payload": payload}
+    sealed = {"format": SEALED_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+              "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
     atomic_write(path, lambda fh: torch.save(sealed, fh))
 
 
@@ -81,6 +84,8 @@ def load_checkpoint(path: os.PathLike) -> dict:
     if not (isinstance(outer, dict) and outer.get("format") == SEALED_FORMAT):
         return outer
     payload = outer["payload"]
+    if isinstance(payload, torch.Tensor):
+        payload = payload.numpy().tobytes()
     if hashlib.sha256(payload).hexdigest() != outer["sha256"]:
         raise CorruptCheckpointError(
             f"{path} fails its SHA-256 check: the file was altered or damaged after it was written; "

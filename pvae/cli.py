@@ -72,6 +72,8 @@ _TRAIN_FLAGS = {
     "device": "device",
     "val_samples": "val_num_samples",
     "step": "step",
+    "max_time": "max_time",
+    "checkpoint_every": "checkpoint_every",
 }
 
 
@@ -147,6 +149,10 @@ def _parser() -> argparse.ArgumentParser:
                             "(torch.compile), cuda-graph")
     train.add_argument("--compile", dest="step", action="store_const", const="compile",
                        help="same as --step compile")
+    train.add_argument("--max-time", type=float,
+                       help="stop after the epoch in which this many seconds have passed; continue later with --resume")
+    train.add_argument("--checkpoint-every", type=int,
+                       help="write the checkpoint every N epochs (default 1; always after the last)")
     train.add_argument("--run-dir", type=Path, help="default: runs/<dataset>-<time>")
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -218,6 +224,7 @@ def _train(args) -> int:
         "validation_metric": history.val_metric,
         "best_val": history.best_val,
         "stopped_early": history.stopped_early,
+        "time_limit_reached": history.time_limit_reached,
     }
     print(json.dumps(summary, indent=2))
     return 0

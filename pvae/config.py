@@ -78,7 +78,10 @@ class RunConfig:
     :func:`pvae.objectives.make_objective`; an option the objective does not take must keep
     its default), ``epochs``, ``batch_size``, ``lr``, ``patience``,
     ``seed``, ``device``, ``val_num_samples``, ``step`` (the training step's mode, see
-    :class:`pvae.train.TrainStep`).
+    :class:`pvae.train.TrainStep`), ``max_time`` (seconds for one ``pvae train`` call; the run
+    resumes with ``--resume``), ``checkpoint_every`` (epochs). ``epochs``, ``step``, ``max_time``,
+    ``checkpoint_every`` and ``device`` may change when
+    a run is resumed (on another device the random draws differ from an uninterrupted run).
     """
 
     dataset: str = "digits"
@@ -113,6 +116,8 @@ class RunConfig:
     device: str = "cpu"
     val_num_samples: int = 1
     step: str = "auto"
+    max_time: Optional[float] = None
+    checkpoint_every: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -137,7 +142,7 @@ class RunConfig:
                 "build it with pvae.autoencoder_config(...) or `pvae train --model autoencoder`"
             )
         for name in ("latent_dim", "num_particles", "epochs", "batch_size", "val_num_samples",
-                     "num_flows", "mog_components", "vamp_pseudo_inputs"):
+                     "num_flows", "mog_components", "vamp_pseudo_inputs", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise UsageError(f"{name} must be a positive integer, got {value!r}")
@@ -149,6 +154,11 @@ class RunConfig:
             raise UsageError(f"lr must be positive, got {self.lr!r}")
         if self.step not in ("auto", "eager", "compile", "cuda-graph"):
             raise UsageError(f"unknown step mode {self.step!r}; valid choices: auto, eager, compile, cuda-graph")
+        if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
+            raise UsageError(f"max_time must be a positive number of seconds or null, got {self.max_time!r}")
+        if self.net == "conv" and self.activation == "gated":
+            raise UsageError("activation 'gated' (a gated dense layer) is for net 'mlp'; pick an elementwise "
+                             "activation for net 'conv'")
         if self.net == "conv" and image_shape_of(self.dataset) is None:
             raise UsageError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
 

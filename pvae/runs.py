@@ -114,12 +114,13 @@ def train_run(
                     "new --run-dir (nothing was overwritten)"
                 )
             saved = RunConfig.load(config_path)
-            if saved.replace(epochs=config.epochs, step=config.step) != config:  # how a step runs may change
+            # how long and where the steps run may change; what is trained may not
+            if saved.replace(**{k: getattr(config, k) for k in RESUMABLE_CHANGES}) != config:
                 raise UsageError(
                     f"cannot resume {run_dir}: its config.json differs from this config in "
                     + ", ".join(
                         k for k in config.field_names()
-                        if k not in ("epochs", "step") and getattr(saved, k) != getattr(config, k)
+                        if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(config, k)
                     )
                 )
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,9 +144,15 @@ def train_run(
             val_num_samples=config.val_num_samples,
             progress=progress,
             step=config.step,
+            max_time=config.max_time,
+            checkpoint_every=config.checkpoint_every,
         )
         write_figures(vae, data, history, run_dir)
     return vae, history
+
+
+#: config fields a resumed run may change
+RESUMABLE_CHANGES = ("epochs", "step", "max_time", "checkpoint_every", "device")
 
 
 def write_figures(vae: VAE, data: Dataset, history: History, run_dir) -> None:

@@ -48,6 +48,9 @@ class History:
     records: List[dict] = field(default_factory=list)
     best_epoch: Optional[int] = None
     stopped_early: bool = False
+    #: True when this call of :func:`fit` stopped at its ``max_time``; the run is not finished
+    #: (``fit(..., resume=True)`` continues it), unlike ``stopped_early``.
+    time_limit_reached: bool = False
 
     @property
     def train_objective(self) -> List[float]:
@@ -156,7 +159,13 @@ class TrainStep:
         return value, found_inf
 
     def __call__(self, x, index=None, kl_weight=1.0):
-        """Run one step on minibatch ``x``; returns ``(value, found_inf)``, 0-d device tensors."""
+        """Run one step on minibatch ``x``; returns ``(value, found_inf)``, 0-d device tensors.
+        Distribution argument validation is off inside the step (it reads tensors back to the
+        host); :func:`fit` checks the data once before training."""
+        with pyro.validation_enabled(False):
+            return self._step(x, index, kl_weight)
+
+    def _step(self, x, index, kl_weight):
         if self.mode != "cuda-graph" or index is not None:
             return self._eager(x, index, kl_weight)
         if self._graph is None:
@@ -170,9 +179,14 @@ class TrainStep:
         return static_out[0].clone(), static_out[1].clone()
 
     def _capture(self, x):
-        """Warm up on a side stream, undo the warm-up's updates in place, capture the step."""
-        static_x, static_w = x.clone(), torch.ones((), device=x.device)
+        """Warm up on a side stream, undo the warm-up in place (parameters, optimizer state and
+        the CUDA random state, so that a resumed run continues its trajectory), capture the step."""
+        device = x.device
+        static_x, static_w = x.clone(), torch.ones((), device=device)
         saved_params = [p.detach().clone() for p in self.params]
+        saved_state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+                       for p, state in self.optimizer.state.items()}
+        saved_rng = torch.cuda.get_rng_state(device)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -182,10 +196,15 @@ class TrainStep:
         with torch.no_grad():  # back to the state before the warm-up, in the same storage
             for p, saved in zip(self.params, saved_params):
                 p.copy_(saved)
-            for state in self.optimizer.state.values():
-                for value in state.values():
-                    if torch.is_tensor(value):
-                        value.zero_()  # a fresh Adam: zero moments and step count
+            for p, state in self.optimizer.state.items():
+                for key, value in state.items():
+                    if not torch.is_tensor(value):
+                        continue
+                    if p in saved_state:  # a resumed optimizer: its moments and step count
+                        value.copy_(saved_state[p][key])
+                    else:  # created by the warm-up: a fresh Adam has zero moments and steps
+                        value.zero_()
+        torch.cuda.set_rng_state(saved_rng, device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_out = self._eager(static_x, None, static_w, static_grads=True)
@@ -263,6 +282,8 @@ def fit(
     step: str = "auto",
     nonfinite: str = "raise",
     check_every: Optional[int] = None,
+    max_time: Optional[float] = None,
+    checkpoint_every: int = 1,
 ) -> History:
     """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
 
@@ -295,6 +316,13 @@ def fit(
         (``nonfinite_steps``, ``first_nonfinite_step``) and go on.
     :param check_every: read the device-side counters every this many steps (each read is a
         host synchronisation); default once per epoch.
+    :param max_time: wall-clock seconds for this call: after the epoch in which they run out,
+        stop (that epoch is checkpointed; ``History.time_limit_reached`` is set) so that a
+        later ``resume=True`` call continues the same trajectory. Default: no limit.
+    :param int checkpoint_every: with ``run_dir``, write the checkpoint every this many epochs
+        (and always after the last epoch of the call); ``metrics.jsonl`` is written with it.
+        A resumed run restarts from the last checkpoint, so a crash loses at most this many
+        epochs. Raise it when an epoch takes less time than writing the checkpoint (a GPU).
     :returns: :class:`History`.
     :raises FloatingPointError: with ``nonfinite="raise"`` (the parameters never hold a
         non-finite update and the last checkpoint is the previous epoch's).
@@ -312,6 +340,11 @@ def fit(
         raise UsageError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if check_every is not None and (isinstance(check_every, bool) or int(check_every) != check_every or check_every < 1):
         raise UsageError(f"check_every must be a positive integer or None, got {check_every!r}")
+    if max_time is not None and not (isinstance(max_time, (int, float)) and max_time > 0):
+        raise UsageError(f"max_time must be a positive number of seconds or None, got {max_time!r}")
+    if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
+        raise UsageError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    t_start = time.perf_counter()
     device = torch.device(device) if device is not None else vae.device
     vae.to(device)
     vae.check_data(train_data, "training data")
@@ -405,6 +438,7 @@ def fit(
                         history.best_epoch = epoch
                         best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
                 record["seconds"] = time.perf_counter() - t0
+                record["device"] = str(device)  # a resumed run may continue elsewhere
                 history.records.append(record)
                 if patience is not None and history.best_epoch is not None:
                     history.stopped_early = epoch - history.best_epoch >= patience
@@ -413,8 +447,13 @@ def fit(
                     if record["val_metric"] is not None:
                         postfix[record["val_metric"]] = f"{record[record['val_metric']]:.2f}"
                     bar.set_postfix(postfix)
-                if ckpt_path is not None:
+                out_of_time = max_time is not None and time.perf_counter() - t_start >= max_time and epoch < epochs
+                last = out_of_time or history.stopped_early or epoch == epochs
+                if ckpt_path is not None and (last or epoch % checkpoint_every == 0):
                     _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args)
+                if out_of_time:
+                    history.time_limit_reached = True
+                    break
     finally:
         if bar is not None:
             bar.close()

@@ -214,3 +214,22 @@ def test_compiled_step_equals_the_eager_step_on_the_same_noise(digits):
         inductor_config.fallback_random = old
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_max_time_stops_after_an_epoch_and_resume_finishes_the_same_run(digits, tmp_path):
+    kwargs = dict(epochs=3, batch_size=100, progress=False, restore_best=False, seed=5)
+    torch.manual_seed(0)
+    straight = small_vae(digits)
+    torch.manual_seed(0)
+    limited = small_vae(digits)
+    pvae.fit(straight, digits.train, digits.valid, run_dir=tmp_path / "a", **kwargs)
+    # a time limit that has run out after the first epoch: the call stops there, checkpointed
+    first = pvae.fit(limited, digits.train, digits.valid, run_dir=tmp_path / "b", max_time=1e-9, **kwargs)
+    assert len(first.records) == 1 and first.time_limit_reached and not first.stopped_early
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT_FILE)["epoch"] == 1
+    rest = pvae.fit(limited, digits.train, digits.valid, run_dir=tmp_path / "b", resume=True, **kwargs)
+    assert len(rest.records) == 3 and not rest.time_limit_reached
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, limited.state_dict()[k]), k
+    with pytest.raises(pvae.UsageError, match="max_time"):
+        pvae.fit(limited, digits.train, epochs=1, max_time=0, progress=False)
