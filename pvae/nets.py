@@ -22,6 +22,36 @@ ACTIVATIONS.register("elu")(nn.ELU)
 ACTIVATIONS.register("gelu")(nn.GELU)
 ACTIVATIONS.register("leaky-relu")(nn.LeakyReLU)
 ACTIVATIONS.register("silu")(nn.SiLU)
+class GatedLinear(nn.Module):
+    """``h = (W x + b) * sigmoid(V x + c)``: a gated dense layer (Dauphin et al. 2017), the
+    hidden layer of the VampPrior paper's MLPs (Tomczak & Welling 2018, their ``GatedDense``).
+    Both maps are one :class:`~torch.nn.Linear` of twice the width (one matrix product).
+
+    Shapes: ``(..., in_features) -> (..., out_features)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.linear = nn.Linear(in_features, 2 * out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, gate = self.linear(x).chunk(2, dim=-1)
+        return h * torch.sigmoid(gate)
+
+
+# Not an elementwise activation: "gated" makes every hidden layer of an MLP a GatedLinear (the
+# gated MLP of Tomczak & Welling 2018's VampPrior code); conv nets refuse it.
+ACTIVATIONS.register("gated")(GatedLinear)
+
+
+def _elementwise(activation: str):
+    act = ACTIVATIONS.get(activation)
+    if act is GatedLinear:
+        raise UsageError("activation 'gated' is a gated dense layer, for MLPs only; pick an "
+                         f"elementwise one for conv nets: {', '.join(n for n in ACTIVATIONS.names() if n != 'gated')}")
+    return act
 
 
 class MLP(nn.Sequential):
@@ -31,7 +61,8 @@ class MLP(nn.Sequential):
     :param int out_features: output size (no activation on the output layer).
     :param hidden: widths of the hidden layers; its length is the depth. ``()`` gives a
         single linear map.
-    :param str activation: a name in :data:`ACTIVATIONS`.
+    :param str activation: a name in :data:`ACTIVATIONS`, or ``"gated"``: every hidden layer
+        is a :class:`GatedLinear` (no further activation).
 
     Shapes: ``(..., in_features) -> (..., out_features)``.
     """
@@ -53,7 +84,7 @@ class MLP(nn.Sequential):
         layers = []
         widths = (in_features,) + hidden
         for w_in, w_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(w_in, w_out), act()]
+            layers += [GatedLinear(w_in, w_out)] if act is GatedLinear else [nn.Linear(w_in, w_out), act()]
         layers.append(nn.Linear(widths[-1], out_features))
         super().__init__(*layers)
         self.in_features = in_features
@@ -97,7 +128,7 @@ class ConvEncoder(nn.Module):
         c, h, w = self.image_shape
         self.in_features = c * h * w
         self.out_features = int(out_features)
-        act = ACTIVATIONS.get(activation)
+        act = _elementwise(activation)
         layers, c_in = [], c
         for c_out in channels:
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), act()]
@@ -143,7 +174,7 @@ class ConvDecoder(nn.Module):
         for _ in channels:
             h, w = _conv_out(h), _conv_out(w)
         self.start = (channels[0], h, w)
-        act = ACTIVATIONS.get(activation)
+        act = _elementwise(activation)
         self.linear = nn.Sequential(nn.Linear(self.in_features, channels[0] * h * w), act())
         layers = []
         widths = list(channels) + [c * self.params_per_pixel]

@@ -325,3 +325,22 @@ def test_independent_bernoulli_equals_pyros_bernoulli_in_value_and_gradient():
     torch.testing.assert_close(g_ours, g_ref)
     expanded = ours.expand((2, 4, 6))
     assert isinstance(expanded, IndependentBernoulli) and expanded.log_prob(x).shape == (2, 4, 6)
+
+
+def test_gated_mlp_is_the_vampprior_papers_gated_dense_layer():
+    from pvae.nets import MLP, GatedLinear
+
+    torch.manual_seed(0)
+    net = MLP(6, 3, hidden=(5, 4), activation="gated")
+    assert [type(m) for m in net] == [GatedLinear, GatedLinear, torch.nn.Linear]
+    x = torch.randn(2, 7, 6)
+    layer = net[0]
+    w, b = layer.linear.weight, layer.linear.bias
+    expected = (x @ w[:5].T + b[:5]) * torch.sigmoid(x @ w[5:].T + b[5:])  # h(x) * sigmoid(g(x))
+    torch.testing.assert_close(layer(x), expected)
+    assert net(x).shape == (2, 7, 3)
+    with pytest.raises(pvae.UsageError, match="gated.*mlp"):
+        pvae.RunConfig(dataset="binarized-mnist", net="conv", activation="gated")
+    config = pvae.RunConfig(dataset="binarized-mnist", latent_dim=40, hidden=(300, 300), activation="gated")
+    vae = pvae.build_vae(config, 784)
+    assert sum(isinstance(m, GatedLinear) for m in vae.modules()) == 4  # two in the encoder, two in the decoder
