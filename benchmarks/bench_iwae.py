@@ -12,7 +12,7 @@ Monte Carlo error. The test set is processed in alternating blocks (pvae first o
 blocks, hand-written first on odd ones) so that drifting machine load hits both; the reported
 ratio is total pvae time / total hand-written time.
 
-Part 2 — AIS. :func:`pvae.ais.ais` on the first ``--ais-images`` test images with the stated
+Part 2 — AIS. :func:`pvae.ais` on the first ``--ais-images`` test images with the stated
 schedule, timed; its cost per datapoint in seconds and in gradient evaluations, and L_K on the
 same images for comparison.
 
@@ -40,7 +40,7 @@ from _provenance import provenance  # noqa: E402
 from handwritten_vae import HandwrittenVAE  # noqa: E402
 
 import pvae  # noqa: E402
-from pvae.ais import ais  # noqa: E402
+from pvae.annealing import ais  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -91,14 +91,15 @@ def main(argv=None):
         source = "random binary 10000x784"
     test = test[: args.images]
     if (args.run_dir / "checkpoint.pt").exists():
-        config, vae = pvae.load_run(args.run_dir)
-        model = f"trained run {args.run_dir} ({config.epochs} epochs)"
+        run = pvae.load_run(args.run_dir)
+        config, vae = run.config, run.vae
+        model = f"trained run {args.run_dir} ({len(run.history.records)} epochs)"
     else:
-        config = pvae.RunConfig(dataset="binarized-mnist", latent_dim=50, hidden=(500, 500))
+        config = pvae.RunConfig(dataset='binarized-mnist', latent_dim=50, net={'hidden': (500, 500)})
         torch.manual_seed(0)
         vae = pvae.build_vae(config, 784)
         model = "untrained 784-500-500-50 (no run directory found)"
-    hand = HandwrittenVAE(784, config.latent_dim, config.hidden)
+    hand = HandwrittenVAE(784, config.latent_dim, config.net["hidden"])
     copy_weights(vae, hand)
     vae.eval()
     hand.eval()

@@ -75,7 +75,7 @@ def graphed(step, example):
 
 
 def make_sides(device, compile_step=False):
-    config = RunConfig(dataset="binarized-mnist", latent_dim=50, hidden=(500, 500))
+    config = RunConfig(dataset='binarized-mnist', latent_dim=50, net={'hidden': (500, 500)})
     sides = {}
 
     vae = build_vae(config, 784).to(device)

@@ -54,7 +54,7 @@ def copy_weights(vae, hand):
 
 
 def epoch_times(device, train, batch_size):
-    config = pvae.RunConfig(dataset="binarized-mnist", latent_dim=50, hidden=(500, 500))
+    config = pvae.RunConfig(dataset='binarized-mnist', latent_dim=50, net={'hidden': (500, 500)})
     vae = pvae.build_vae(config, 784).to(device)
     hand = HandwrittenVAE().to(device)
     opt = torch.optim.Adam(hand.parameters(), lr=1e-3)
@@ -78,7 +78,7 @@ def epoch_times(device, train, batch_size):
 
 
 def iwae_times(device, test, k):
-    config = pvae.RunConfig(dataset="binarized-mnist", latent_dim=50, hidden=(500, 500))
+    config = pvae.RunConfig(dataset='binarized-mnist', latent_dim=50, net={'hidden': (500, 500)})
     torch.manual_seed(0)
     vae = pvae.build_vae(config, 784).to(device).eval()
     hand = HandwrittenVAE().to(device).eval()
@@ -146,11 +146,11 @@ def main(argv=None):
             result["sections"][name] = {"error": repr(e)}
         save()
     try:
-        vae = pvae.build_vae(pvae.RunConfig(dataset="binarized-mnist", latent_dim=50, hidden=(500, 500)), 784).to(device)
+        vae = pvae.build_vae(pvae.RunConfig(dataset='binarized-mnist', latent_dim=50, net={'hidden': (500, 500)}), 784).to(device)
         x = test[: 10 if smoke else 100]
         _sync(device)
         t0 = time.perf_counter()
-        est = pvae.ais.ais(vae, x, num_chains=16, num_steps=10 if smoke else 100, start="guide")
+        est = pvae.ais(vae, x, num_chains=16, num_steps=10 if smoke else 100, start="guide")
         _sync(device)
         result["sections"]["ais_100_images"] = {"seconds": time.perf_counter() - t0, "mean": est.mean,
                                                 "images": int(x.shape[0])}

@@ -39,10 +39,10 @@ from pvae.checkpoint import load_checkpoint, save_checkpoint, write_json  # noqa
 def train_handwritten(config, data, path: Path):
     """The loop of pvae.fit written out: seeded init, seeded randperm order, Adam,
     a checkpoint each epoch, resume from it."""
-    with seeded(config.seed):
-        model = HandwrittenVAE(data.data_dim, config.latent_dim, config.hidden)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    gen = torch.Generator().manual_seed(config.seed)
+    with seeded(config.training.seed):
+        model = HandwrittenVAE(data.data_dim, config.latent_dim, config.net["hidden"])
+    opt = torch.optim.Adam(model.parameters(), lr=config.training.lr)
+    gen = torch.Generator().manual_seed(config.training.seed)
     start, seconds = 0, 0.0
     rng = None
     if path.exists():
@@ -52,20 +52,20 @@ def train_handwritten(config, data, path: Path):
         gen.set_state(ckpt["data_order"])
         rng, start, seconds = ckpt["torch"], ckpt["epoch"], ckpt["seconds"]
     x = data.train
-    with seeded(config.seed):
+    with seeded(config.training.seed):
         if rng is not None:
             torch.set_rng_state(rng)
-        for epoch in range(start + 1, config.epochs + 1):
+        for epoch in range(start + 1, config.training.epochs + 1):
             t0 = time.perf_counter()
             total = 0.0
-            for idx in torch.randperm(x.shape[0], generator=gen).split(config.batch_size):
+            for idx in torch.randperm(x.shape[0], generator=gen).split(config.training.batch_size):
                 loss = model.loss(x[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 total += loss.item() * idx.numel()
             seconds += time.perf_counter() - t0
-            print(f"handwritten seed {config.seed} epoch {epoch}: train ELBO {-total / x.shape[0]:.2f}", flush=True)
+            print(f"handwritten seed {config.training.seed} epoch {epoch}: train ELBO {-total / x.shape[0]:.2f}", flush=True)
             save_checkpoint(
                 {"model": model.state_dict(), "optimizer": opt.state_dict(), "data_order": gen.get_state(),
                  "torch": torch.get_rng_state(), "epoch": epoch, "seconds": seconds},
@@ -97,7 +97,7 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     config = pvae.RunConfig.load(args.config)
     if args.epochs:
-        config = config.replace(epochs=args.epochs)
+        config = config.replace(training={"epochs": args.epochs})
     data = pvae.load_dataset(config.dataset)
     if args.train_limit:
         idx = torch.randperm(data.train.shape[0], generator=torch.Generator().manual_seed(0))
@@ -110,10 +110,10 @@ def main(argv=None):
 
     runs = []
     for i, seed in enumerate(seeds):
-        cfg = config.replace(seed=seed)
+        cfg = config.replace(training={"seed": seed})
         run_dir = args.out_dir / f"pvae-seed{seed}"
-        vae, history = pvae.train_run(cfg, run_dir, resume=(run_dir / "config.json").exists(),
-                                      progress=False, dataset=data)
+        run = pvae.train_run(cfg, run_dir, resume=(run_dir / "config.json").exists(), progress=False, dataset=data)
+        vae, history = run.vae, run.history
         hand, hand_seconds = train_handwritten(cfg, data, args.out_dir / f"handwritten-seed{seed}.pt")
         row = {
             "seed": seed,

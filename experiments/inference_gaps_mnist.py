@@ -47,9 +47,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.train_missing and not (args.run_dir / "checkpoint.pt").exists():
-        pvae.train_run(pvae.RunConfig(dataset=args.train_missing, latent_dim=2, hidden=(16,), epochs=2),
+        pvae.train_run(pvae.RunConfig(dataset=args.train_missing, latent_dim=2, net={'hidden': (16,)}, training={'epochs': 2}),
                        args.run_dir, progress=False)
-    config, vae = pvae.load_run(args.run_dir)
+    run = pvae.load_run(args.run_dir)
+    config, vae = run.config, run.vae
     x = pvae.load_dataset(config.dataset).test[: args.images]
     t0 = time.perf_counter()
     gaps = inference_gaps(vae, x, num_samples=args.K, refine_steps=args.refine_steps, lr=args.lr,

@@ -72,11 +72,11 @@ def state_of(name: str, root: Path) -> dict:
     if not metrics.exists():
         return {"status": "not started"}
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    config = json.loads((CONFIGS / f"{name}.json").read_text())
+    training = json.loads((CONFIGS / f"{name}.json").read_text())["training"]
     best = max(records, key=lambda r: r["val_elbo"])
     last = records[-1]
-    stopped = last["epoch"] - best["epoch"] >= config["patience"]
-    done = stopped or last["epoch"] >= config["epochs"]
+    stopped = last["epoch"] - best["epoch"] >= training["patience"]
+    done = stopped or last["epoch"] >= training["epochs"]
     return {
         "status": "finished (early stopping)" if stopped else "finished (max epochs)" if done else "in progress",
         "epochs_run": last["epoch"],

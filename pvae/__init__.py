@@ -1,6 +1,6 @@
 """pvae: auto-encoding variational Bayes as Pyro model/guide pairs.
 
-Compose a model from parts, train it with a Pyro ELBO, evaluate it honestly (every number is
+Compose a model from parts (:mod:`pvae.parts`), train it with a Pyro ELBO or another objective, evaluate it honestly (every number is
 derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
 
     from pvae import VAE, MLP, StandardNormalPrior, BernoulliLikelihood, DiagonalGaussianGuide
@@ -16,7 +16,9 @@ derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
 
 __version__ = "0.1.0"
 
-from .config import RunConfig, autoencoder_config, build_vae
+from . import estimators, parts, plots
+from .annealing import BDMCBounds, ais, bdmc
+from .config import CONFIG_VERSION, RunConfig, Training, autoencoder_config, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
 from .diagnostics import (
     active_units,
@@ -28,7 +30,7 @@ from .diagnostics import (
     to_inference_data,
 )
 from .engine import ModelGuidePair, WeightedSamples, log_weights
-from .errors import DivergenceError, NotARunError, RunExistsError, UsageError, UsageTypeError
+from .errors import DiskFullError, DivergenceError, NotARunError, RunExistsError, UsageError, UsageTypeError
 from .estimators import (
     Estimate,
     elbo,
@@ -38,38 +40,24 @@ from .estimators import (
     naive_prior_estimate,
     reconstruction_error,
 )
-from .guides import GUIDES, DiagonalGaussianGuide, Guide, NonAmortizedGuide
-from .likelihoods import (
-    LIKELIHOODS,
-    BernoulliLikelihood,
-    GaussianLikelihood,
-    Likelihood,
-)
 from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
-from .nets import ACTIVATIONS, MLP
-from .objectives import (
-    OBJECTIVES,
-    ElboObjective,
-    FreeBitsObjective,
-    InfoVAEObjective,
-    IWAEObjective,
-    KLSchedule,
-    Objective,
-    make_objective,
-)
-from .priors import PRIORS, Prior, StandardNormalPrior
-from .runs import evaluate_run, load_run, train_run
+from .parts import *  # noqa: F401,F403  (every registered part, its registry, Part and Option)
+from .parts import __all__ as _parts_all
+from .runs import REPORT_VERSION, EvaluationReport, Run, evaluate_run, load_run, train_run
 from .train import History, TrainStep, fit
 
-__all__ = [
-    "ACTIVATIONS", "BernoulliLikelihood", "DATASETS", "DATA_PLATE", "Dataset",
-    "DiagonalGaussianGuide", "Estimate", "NonAmortizedGuide", "GUIDES", "GaussianLikelihood", "Guide", "History",
-    "LATENT_SITE", "LIKELIHOODS", "Likelihood", "MLP", "OBJECTIVES", "OBSERVED_SITE",
-    "Objective", "ElboObjective", "FreeBitsObjective", "IWAEObjective", "InfoVAEObjective", "KLSchedule", "PRIORS", "Prior", "RunConfig", "StandardNormalPrior", "VAE", "build_vae",
-    "data_dir", "elbo", "evaluate_bounds", "evaluate_run", "fit", "iwae_bound",
-    "load_dataset", "load_run", "log_importance_weights", "make_objective", "naive_prior_estimate",
-    "train_run", "autoencoder_config", "reconstruction_error", "active_units",
-    "importance_diagnostics", "kl_per_dimension", "psis_khat", "to_inference_data", "inference_gaps",
-    "latent_diagnostics", "ModelGuidePair", "WeightedSamples", "log_weights", "TrainStep",
-    "UsageError", "UsageTypeError", "DivergenceError", "RunExistsError", "NotARunError",
-]
+__all__ = sorted(set(_parts_all) | {
+    "estimators", "parts", "plots",
+    "BDMCBounds", "ais", "bdmc",
+    "CONFIG_VERSION", "RunConfig", "Training", "autoencoder_config", "build_vae",
+    "DATASETS", "Dataset", "data_dir", "load_dataset",
+    "active_units", "importance_diagnostics", "inference_gaps", "kl_per_dimension", "latent_diagnostics",
+    "psis_khat", "to_inference_data",
+    "ModelGuidePair", "WeightedSamples", "log_weights",
+    "DiskFullError", "DivergenceError", "NotARunError", "RunExistsError", "UsageError", "UsageTypeError",
+    "Estimate", "elbo", "evaluate_bounds", "iwae_bound", "log_importance_weights", "naive_prior_estimate",
+    "reconstruction_error",
+    "DATA_PLATE", "LATENT_SITE", "OBSERVED_SITE", "VAE",
+    "REPORT_VERSION", "EvaluationReport", "Run", "evaluate_run", "load_run", "train_run",
+    "History", "TrainStep", "fit",
+} - {"REGISTRIES"})

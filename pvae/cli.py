@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import time
@@ -10,14 +11,17 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .config import AUTOENCODER_LOSSES, MODELS, NETS, RunConfig, autoencoder_settings
+from .config import (
+    AUTOENCODER_LOSSES,
+    MODELS,
+    PART_REGISTRIES,
+    RunConfig,
+    Training,
+    autoencoder_settings,
+    section_options,
+)
 from .data import DATASETS
 from .errors import UsageError
-from .guides import GUIDES
-from .likelihoods import LIKELIHOODS
-from .nets import ACTIVATIONS
-from .objectives import OBJECTIVES
-from .priors import PRIORS
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -38,57 +42,70 @@ def _alias(parser, old: str, new: str, dest: str, type=int) -> None:
     parser.add_argument(old, dest=dest, type=type, action=_DeprecatedAlias, new_flag=new, help=argparse.SUPPRESS)
 
 
-# command-line flag -> RunConfig field (flags left unset keep the config's value)
-_TRAIN_FLAGS = {
-    "dataset": "dataset",
-    "model": "model",
-    "latent_dim": "latent_dim",
-    "hidden": "hidden",
-    "activation": "activation",
-    "prior": "prior",
-    "guide": "guide",
-    "likelihood": "likelihood",
-    "likelihood_scale": "likelihood_scale",
-    "gaussian_scale": "gaussian_scale",
-    "net": "net",
-    "channels": "channels",
-    "flows": "num_flows",
-    "mog_components": "mog_components",
-    "pseudo_inputs": "vamp_pseudo_inputs",
-    "objective": "objective",
-    "particles": "num_particles",
-    "beta": "beta",
-    "kl_warmup": "kl_warmup",
-    "kl_schedule": "kl_schedule",
-    "dreg": "dreg",
-    "info_alpha": "info_alpha",
-    "mmd_lambda": "mmd_lambda",
-    "free_bits": "free_bits",
-    "epochs": "epochs",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "patience": "patience",
-    "seed": "seed",
-    "device": "device",
-    "val_samples": "val_num_samples",
-    "step": "step",
-    "max_time": "max_time",
-    "checkpoint_every": "checkpoint_every",
+class _SetOption(argparse.Action):
+    """A generated flag: records ``(section, option, raw value, flag)``; the part's declared
+    option parses the value once the part is known (:meth:`pvae.registry.Registry.part`)."""
+
+    def __init__(self, option_strings, dest, targets, deprecated_for=None, const=None, **kwargs):
+        self.targets, self.deprecated_for = targets, deprecated_for
+        super().__init__(option_strings, dest, const=const, nargs=0 if const is not None else None, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if self.deprecated_for:
+            print(f"pvae: {option_string} is deprecated and will be removed after pvae 0.2; use "
+                  f"{self.deprecated_for}", file=sys.stderr)
+        value = self.const if self.const is not None else values
+        getattr(namespace, self.dest).append((self.targets, value, option_string))
+
+
+#: sections whose options also get an unprefixed flag (``--beta``, ``--hidden``) when no other
+#: section declares an option of that name
+_UNPREFIXED_SECTIONS = ("net", "objective")
+#: spellings of pvae 0.1 that now have another name: flag -> (new flag, targets)
+_LEGACY_FLAGS = {
+    "--flows": ("--guide-num-flows / --prior-num-flows", (("guide", "num_flows"), ("prior", "num_flows"))),
+    "--mog-components": ("--prior-num-components", (("prior", "num_components"),)),
+    "--pseudo-inputs": ("--prior-pseudo-inputs", (("prior", "pseudo_inputs"),)),
+    "--gaussian-scale": ("--likelihood-scale-mode", (("likelihood", "scale_mode"),)),
+    "--val-samples": ("--val-num-samples", (("training", "val_num_samples"),)),
+    "--K": ("--particles", (("objective", "num_particles"),)),
 }
 
 
-def _widths(text: str):
-    try:
-        widths = tuple(int(w) for w in text.split(",") if w.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
-    if not widths or min(widths) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive widths such as 500,500, got {text!r}")
-    return widths
-
-
-def _patience(text: str):
-    return None if text.lower() in ("none", "off", "0") else int(text)
+def _add_option_flags(train) -> None:
+    """Generate the flags of every part option and training setting from their declarations."""
+    by_name = {}  # option name -> sections declaring it
+    declared = {}  # (section, option) -> (Option, [part names])
+    for section in PART_REGISTRIES:
+        for part, options in section_options(section).items():
+            for name, option in options.items():
+                by_name.setdefault(name, set()).add(section)
+                declared.setdefault((section, name), (option, []))[1].append(part)
+    for (section, name), (option, parts) in declared.items():
+        flags = [f"--{section}-{name.replace('_', '-')}"]
+        if section in _UNPREFIXED_SECTIONS and by_name[name] == {section}:
+            flags.insert(0, option.flag)
+        if (section, name) == ("objective", "num_particles"):
+            flags.insert(0, "--particles")  # the vocabulary's short spelling
+        which = "all" if len(parts) == len(PART_REGISTRIES[section].names()) else ", ".join(parts)
+        help_ = f"{section} option ({which}): {option.describe()}"
+        if option.type is bool:
+            train.add_argument(*flags, dest="options", action=_SetOption, targets=((section, name),), const=True,
+                               help=help_)
+            train.add_argument(*(f"--no-{f[2:]}" for f in flags), dest="options", action=_SetOption,
+                               targets=((section, name),), const=False, help=argparse.SUPPRESS)
+        else:
+            train.add_argument(*flags, dest="options", action=_SetOption, targets=((section, name),),
+                               metavar=name.upper(), help=help_)
+    for name, option in Training.options().items():
+        train.add_argument(option.flag, dest="options", action=_SetOption, targets=(("training", name),),
+                           metavar=name.upper(), help=f"training: {option.describe()}")
+    train.add_argument("--compile", dest="options", action=_SetOption, targets=(("training", "step"),),
+                       const="compile", help="same as --step compile")
+    for old, (new, targets) in _LEGACY_FLAGS.items():
+        train.add_argument(old, dest="options", action=_SetOption, targets=targets, deprecated_for=new,
+                           help=argparse.SUPPRESS)
+    train.set_defaults(options=[])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -109,50 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", choices=sorted(AUTOENCODER_LOSSES),
                        help="autoencoder reconstruction loss: bce (binary cross-entropy) or mse (squared error)")
     train.add_argument("--latent-dim", "--code-size", dest="latent_dim", type=int, help="size of z (the code layer)")
-    train.add_argument("--hidden", type=_widths, help="encoder widths, e.g. 500,500 (decoder mirrors)")
     train.add_argument("--layers", type=int, help="number of hidden layers (with --units; instead of --hidden)")
     train.add_argument("--units", type=int, help="units per hidden layer (with --layers)")
-    train.add_argument("--net", help=f"one of {NETS.names()}")
-    train.add_argument("--channels", type=_widths, help="conv channels, e.g. 32,64")
-    train.add_argument("--activation", help=f"one of {ACTIVATIONS.names()}")
-    train.add_argument("--prior", help=f"one of {PRIORS.names()}")
-    train.add_argument("--guide", help=f"one of {GUIDES.names()}")
-    train.add_argument("--likelihood", help=f"one of {LIKELIHOODS.names()}")
-    train.add_argument("--likelihood-scale", type=float, help="Gaussian likelihood std (initial value if learned)")
-    train.add_argument("--gaussian-scale", choices=["fixed", "global", "per-dim"],
-                       help="Gaussian likelihood std: fixed, one learned, or learned per dimension")
-    train.add_argument("--flows", type=int, help="flow steps for flow guides and the flow prior")
-    train.add_argument("--mog-components", type=int, help="components of the 'mog' prior")
-    train.add_argument("--pseudo-inputs", type=int, help="pseudo-inputs of the 'vamp' prior")
-    train.add_argument("--objective", help=f"one of {OBJECTIVES.names()}")
-    train.add_argument("--particles", dest="particles", type=int,
-                       help="num_particles: samples per datapoint in the objective (K of --objective iwae)")
-    _alias(train, "--K", "--particles", "particles")
-    train.add_argument("--beta", type=float, help="weight of the KL term (beta-VAE; 1 = ELBO)")
-    train.add_argument("--kl-warmup", type=float, help="KL warm-up length (or cycle length) in epochs; 0 = none")
-    train.add_argument("--kl-schedule", choices=["linear", "cyclical"], help="KL weight schedule over --kl-warmup")
-    train.add_argument("--dreg", action="store_const", const=True,
-                       help="doubly reparametrized guide gradient for --objective iwae")
-    train.add_argument("--info-alpha", type=float, help="InfoVAE alpha (KL weight 1 - alpha)")
-    train.add_argument("--mmd-lambda", type=float, help="InfoVAE lambda (MMD weight alpha + lambda - 1)")
-    train.add_argument("--free-bits", type=float,
-                       help="nats per latent dimension below which the KL is not penalized (--objective elbo-analytic-kl)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--patience", type=_patience, help="early-stopping patience in epochs, or 'none'")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--device", help="cpu, cuda or cuda:N")
-    train.add_argument("--val-samples", type=int, help="samples per datapoint for the validation ELBO")
-    train.add_argument("--step", choices=["auto", "eager", "compile", "cuda-graph"],
-                       help="training step: auto (a CUDA graph on CUDA, eager elsewhere), eager, compile "
-                            "(torch.compile), cuda-graph")
-    train.add_argument("--compile", dest="step", action="store_const", const="compile",
-                       help="same as --step compile")
-    train.add_argument("--max-time", type=float,
-                       help="stop after the epoch in which this many seconds have passed; continue later with --resume")
-    train.add_argument("--checkpoint-every", type=int,
-                       help="write the checkpoint every N epochs (default 1; always after the last)")
+    for section, registry in PART_REGISTRIES.items():
+        train.add_argument(f"--{section}", help=f"one of {registry.names()} (its options: --{section}-...)")
+    _add_option_flags(train)
     train.add_argument("--run-dir", type=Path, help="default: runs/<dataset>-<time>")
     train.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -187,36 +165,60 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> int:
-    from .runs import train_run
-
+def _config_from_args(args) -> RunConfig:
+    """The run config: ``--config`` (or the defaults) changed by the flags given."""
     base = RunConfig.load(args.config) if args.config else RunConfig()
-    changes = {
-        field: getattr(args, flag)
-        for flag, field in _TRAIN_FLAGS.items()
-        if getattr(args, flag) is not None
-    }
+    changes = {k: getattr(args, k) for k in ("dataset", "model", "latent_dim") if getattr(args, k) is not None}
+    names = {s: getattr(args, s) or getattr(base, s).name for s in PART_REGISTRIES}
+    if args.model == "autoencoder":
+        preset = autoencoder_settings(args.loss or "bce")
+        clash = [f"--{k} {getattr(args, k)}" for k in ("guide", "objective", "likelihood")
+                 if getattr(args, k) is not None and getattr(args, k) != preset[k].name]
+        if clash:
+            raise UsageError(
+                f"--model autoencoder uses guide 'delta', objective 'reconstruction' and the likelihood of --loss; "
+                f"it conflicts with {', '.join(clash)} (choose the loss with --loss bce|mse)"
+            )
+        for k in ("guide", "objective", "likelihood"):
+            names[k] = preset[k].name
+            changes[k] = preset[k].to_dict()
+    elif args.loss is not None:
+        raise UsageError("--loss sets the autoencoder's reconstruction loss; add --model autoencoder")
+    sections = {s: {"name": names[s]} for s in PART_REGISTRIES if getattr(args, s) is not None}
+    for k in ("guide", "objective", "likelihood"):
+        if k in changes:
+            sections[k] = changes.pop(k)
+    training = {}
+    for targets, value, flag in args.options:
+        applied = False
+        for section, option in targets:
+            if section == "training":
+                training[option] = value
+                applied = True
+            elif len(targets) == 1 or option in PART_REGISTRIES[section].options(names[section]):
+                sections.setdefault(section, {"name": names[section]})[option] = value
+                applied = True
+        if not applied:
+            raise UsageError(f"{flag}: neither the {' nor the '.join(f'{s} {names[s]!r}' for s, _ in targets)} "
+                             f"takes {targets[0][1]}")
     if (args.layers is None) != (args.units is None):
         raise UsageError("--layers and --units go together (or give --hidden)")
     if args.layers is not None:
-        if args.hidden is not None:
+        if "hidden" in sections.get("net", {}):
             raise UsageError("give either --hidden or --layers/--units, not both")
-        changes["hidden"] = (args.units,) * args.layers
-    if args.model == "autoencoder":
-        preset = autoencoder_settings(args.loss or "bce")
-        clash = [f"--{k.replace('_', '-')} {changes[k]}" for k in preset
-                 if k in changes and changes[k] != preset[k]]
-        if clash:
-            raise UsageError(
-                f"--model autoencoder sets {', '.join(f'{k}={v!r}' for k, v in preset.items())}; "
-                f"it conflicts with {', '.join(clash)} (choose the loss with --loss bce|mse)"
-            )
-        changes.update(preset)
-    elif args.loss is not None:
-        raise UsageError("--loss sets the autoencoder's reconstruction loss; add --model autoencoder")
-    config = base.replace(**changes)
+        sections.setdefault("net", {"name": names["net"]})["hidden"] = (args.units,) * args.layers
+    if training:
+        changes["training"] = training
+    return base.replace(**changes, **sections)
+
+
+def _train(args) -> int:
+    from .runs import train_run
+
+    config = _config_from_args(args)
     run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    vae, history = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress)
+    run = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress, command=sys.argv)
+    history = run.history
     summary = {
         "run_dir": str(run_dir),
         "epochs": len(history.records),
@@ -249,33 +251,7 @@ def _evaluate(args) -> int:
         ais_schedule=args.ais_schedule,
         psis_datapoints=args.psis_datapoints,
     )
-    print(f"{report['dataset']} {args.split} split, {report['num_datapoints']} datapoints, seed {args.seed}")
-    for name, est in report["estimates"].items():
-        if name in ("reconstruction", "squared-error"):
-            unit = "nats" if name == "reconstruction" else "(squared data units)"
-            print(f"  {est['estimator']} at the code E_q[z|x]: {est['mean']:.3f} ± {est['stderr']:.3f} {unit}")
-            continue
-        print(
-            f"  {est['estimator']:>5} ({'chains' if name == 'ais' else 'K'}={est['num_samples']}): {est['mean']:.3f} "
-            f"± {est['stderr']:.3f} nats (± is the std. error over datapoints; "
-            f"Monte Carlo part ± {est['mc_stderr_of_mean']:.3f})"
-        )
-    latent = report["latent"]
-    kl = "" if latent["kl_total"] is None else f", KL(q(z|x)||p(z)) {latent['kl_total']:.2f} nats"
-    print(f"  active units: {latent['active_units']} of {latent['latent_dim']}{kl}")
-    if latent["posterior_collapse"]:
-        print(f"  warning: {latent['posterior_collapse']}")
-    if "psis" in report:
-        p = report["psis"]
-        print(f"  PSIS k-hat of q(z|x) (first {p['datapoints']} datapoints, K={p['num_samples']}): mean "
-              f"{p['khat_mean']:.2f}, {p['fraction_above_0.7']:.1%} above 0.7")
-    if "figure" in report:
-        print(f"  figure: {Path(args.run_dir) / report['figure']}")
-    for name, why in report["skipped"].items():
-        print(f"  {name}: skipped ({why})")
-    if "nll_iwae" in report:
-        print(f"  -log p(x) ≈ {report['nll_iwae']:.3f} nats (from L_{args.num_samples}), "
-              f"{report['bits_per_dim_iwae']:.4f} bits/dim")
+    print(report.summary())
     return 0
 
 
@@ -292,7 +268,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("pvae: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
         return 130
-    except Exception:  # anything else is a bug: keep the traceback, ask for a report, exit 1
+    except Exception as exc:  # anything else is a bug: keep the traceback, ask for a report, exit 1
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bug: a full disk
+            print(f"pvae {args.command}: error: no space left on the device ({exc.filename or exc}); "
+                  "free some space and run again", file=sys.stderr)
+            return 2
         traceback.print_exc()
         print(f"pvae {args.command}: internal error (a bug in pvae, not in your input): please report it "
               "with the traceback above and the command you ran", file=sys.stderr)

@@ -1,8 +1,20 @@
-"""Frozen run configurations and the model builder.
+"""Run configurations (nested, one section per part) and the model builder.
 
-A :class:`RunConfig` holds everything needed to rebuild a model and repeat its training; it
-is saved as ``config.json`` in each run directory. :meth:`RunConfig.from_dict` rejects
-unknown keys and unknown component names with the list of valid choices.
+A :class:`RunConfig` holds everything needed to rebuild a model and repeat its training; it is
+saved as ``config.json`` (format :data:`CONFIG_VERSION`) in each run directory::
+
+    {"version": 2, "dataset": "binarized-mnist", "model": "vae", "latent_dim": 40,
+     "net": {"name": "mlp", "hidden": [300, 300], "activation": "gated"},
+     "prior": {"name": "vamp", "pseudo_inputs": 500},
+     "guide": {"name": "diagonal"},
+     "likelihood": {"name": "bernoulli"},
+     "objective": {"name": "elbo", "num_particles": 1, "beta": 1.0, "kl_warmup": 100.0, "kl_schedule": "linear"},
+     "training": {"epochs": 2000, "batch_size": 100, "lr": 0.0005, ...}}
+
+Each part section holds the part's ``name`` and its options — the keyword parameters of the
+part's constructor (:mod:`pvae.options`), with their defaults filled in. An unknown name or an
+option the chosen part does not take is an error naming the valid ones. The flat files of
+pvae 0.1 (version 1, no ``version`` key) are translated on load (:func:`translate_v1`).
 """
 
 from __future__ import annotations
@@ -12,102 +24,45 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Literal, Optional, Sequence
 
 from .data import DATASETS, image_shape_of
 from .errors import UsageError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
 from .model import VAE
-from .nets import ACTIVATIONS, MLP, ConvDecoder, ConvEncoder
-from .objectives import OBJECTIVE_OPTIONS, OBJECTIVES, make_objective
+from .nets import NETS
+from .objectives import OBJECTIVES
+from .options import Option, Part, declared_options
 from .priors import PRIORS
-from .registry import Registry
 
+#: version of the config.json schema written by this pvae (1: pvae 0.1's flat file)
+CONFIG_VERSION = 2
 MODELS = ("vae", "autoencoder")
-NETS: Registry = Registry("net")
-
-
-@NETS.register("mlp")
-class _MLPNets:
-    """Encoder MLP with the config's widths; the decoder mirrors them."""
-
-    @staticmethod
-    def encoder(config, data_dim, image_shape):
-        return lambda n_out: MLP(data_dim, n_out, config.hidden, config.activation)
-
-    @staticmethod
-    def decoder(config, likelihood, image_shape):
-        return MLP(config.latent_dim, likelihood.param_dim, config.hidden[::-1], config.activation)
-
-
-@NETS.register("conv")
-class _ConvNets:
-    """Two stride-2 convolutions (``channels``) and a transposed mirror; image shape from the
-    data set."""
-
-    @staticmethod
-    def encoder(config, data_dim, image_shape):
-        return lambda n_out: ConvEncoder(image_shape, n_out, config.channels, config.activation)
-
-    @staticmethod
-    def decoder(config, likelihood, image_shape):
-        return ConvDecoder(config.latent_dim, image_shape, config.channels[::-1], config.activation,
-                           params_per_pixel=likelihood.params_per_dim)
-
-
-#: config keys of earlier versions -> function giving (current key, value). ``learn_scale``
-#: (pvae 0.1's Gaussian likelihood switch) became ``gaussian_scale``.
-LEGACY_KEYS = {
-    "learn_scale": lambda learned: ("gaussian_scale", "global" if learned else "fixed"),
-}
+STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
+#: config section -> registry of its parts
+PART_REGISTRIES = {"net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS,
+                   "objective": OBJECTIVES}
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """One training run.
+class Training:
+    """How a run is trained (the ``training`` section).
 
-    Model: ``model`` (``"vae"`` or ``"autoencoder"``, see :func:`autoencoder_config`),
-    ``latent_dim`` (code size), ``net`` (``"mlp"`` or ``"conv"``), ``hidden`` (MLP encoder
-    widths; the decoder mirrors them), ``channels`` (conv channels), ``activation``,
-    ``prior``, ``guide``, ``likelihood``; part options ``likelihood_scale`` and
-    ``gaussian_scale`` (``"fixed"``, ``"global"``, ``"per-dim"``), ``num_flows`` (flow guides
-    and prior), ``mog_components``, ``vamp_pseudo_inputs``. Training: ``dataset``,
-    ``objective``, ``num_particles`` (K for ``"iwae"``), the objective's options ``beta``,
-    ``kl_warmup`` (epochs), ``kl_schedule``, ``dreg``, ``info_alpha``, ``mmd_lambda``, ``free_bits`` (see
-    :func:`pvae.objectives.make_objective`; an option the objective does not take must keep
-    its default), ``epochs``, ``batch_size``, ``lr``, ``patience``,
-    ``seed``, ``device``, ``val_num_samples``, ``step`` (the training step's mode, see
-    :class:`pvae.train.TrainStep`), ``max_time`` (seconds for one ``pvae train`` call; the run
-    resumes with ``--resume``), ``checkpoint_every`` (epochs). ``epochs``, ``step``, ``max_time``,
-    ``checkpoint_every`` and ``device`` may change when
-    a run is resumed (on another device the random draws differ from an uninterrupted run).
+    :param int epochs: total number of epochs (a resumed run continues up to this number).
+    :param int batch_size: datapoints per minibatch.
+    :param float lr: Adam learning rate.
+    :param patience: stop after this many epochs without a better validation metric (null: never).
+    :param int seed: seeds the initial weights, the data order and the sampling.
+    :param str device: cpu, cuda or cuda:N.
+    :param int val_num_samples: samples per datapoint for the validation ELBO.
+    :param str step: the training step: auto (a CUDA graph on CUDA, eager elsewhere), eager,
+        compile (torch.compile) or cuda-graph.
+    :param max_time: seconds for one training call; it stops after the epoch in which they run
+        out, and a later --resume continues.
+    :param int checkpoint_every: write the checkpoint every this many epochs (and after the last).
     """
 
-    dataset: str = "digits"
-    model: str = "vae"
-    latent_dim: int = 8
-    net: str = "mlp"
-    hidden: Tuple[int, ...] = (256, 256)
-    channels: Tuple[int, ...] = (32, 64)
-    activation: str = "softplus"
-    prior: str = "standard-normal"
-    guide: str = "diagonal"
-    likelihood: str = "bernoulli"
-    likelihood_scale: float = 1.0
-    gaussian_scale: str = "fixed"
-    num_flows: int = 2
-    mog_components: int = 10
-    vamp_pseudo_inputs: int = 50
-    objective: str = "elbo"
-    num_particles: int = 1
-    beta: float = 1.0
-    kl_warmup: float = 0.0
-    kl_schedule: str = "linear"
-    dreg: bool = False
-    info_alpha: float = 0.0
-    mmd_lambda: float = 1000.0
-    free_bits: float = 0.0
     epochs: int = 600
     batch_size: int = 100
     lr: float = 1e-3
@@ -115,80 +70,118 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     val_num_samples: int = 1
-    step: str = "auto"
+    step: Literal["auto", "eager", "compile", "cuda-graph"] = "auto"
     max_time: Optional[float] = None
     checkpoint_every: int = 1
 
     def __post_init__(self):
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
-        for registry, value in (
-            (DATASETS, self.dataset),
-            (NETS, self.net),
-            (PRIORS, self.prior),
-            (GUIDES, self.guide),
-            (LIKELIHOODS, self.likelihood),
-            (ACTIVATIONS, self.activation),
-            (OBJECTIVES, self.objective),
-        ):
-            registry.get(value)  # raises with the valid choices
-        make_objective(self.objective, self.num_particles, **self.objective_options())  # validates
+        for name, option in self.options().items():
+            object.__setattr__(self, name, option.coerce(getattr(self, name), "training"))
+        for name in ("epochs", "batch_size", "val_num_samples", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"training: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.patience is not None and self.patience < 1:
+            raise UsageError(f"training: patience must be a positive integer or null, got {self.patience!r}")
+        if not self.lr > 0:
+            raise UsageError(f"training: lr must be positive, got {self.lr!r}")
+        if self.max_time is not None and not self.max_time > 0:
+            raise UsageError(f"training: max_time must be a positive number of seconds or null, got {self.max_time!r}")
+
+    @classmethod
+    def options(cls) -> Dict[str, Option]:
+        return declared_options(cls)
+
+    @classmethod
+    def parse(cls, value) -> "Training":
+        if isinstance(value, Training):
+            return value
+        if not isinstance(value, dict):
+            raise UsageError(f"training must be a mapping of training options, got {value!r}")
+        unknown = sorted(set(value) - set(cls.options()))
+        if unknown:
+            raise UsageError(f"training does not take {', '.join(unknown)}; it takes {', '.join(cls.options())}")
+        return cls(**value)
+
+
+#: top-level options (beside the part sections and ``training``)
+TOP_LEVEL_HELP = {
+    "dataset": "a registered data set",
+    "model": "'vae', or 'autoencoder' for the plain deterministic autoencoder",
+    "latent_dim": "size of z (the code layer)",
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: ``dataset``, ``model``, ``latent_dim``, one :class:`~pvae.options.Part`
+    per section (``net``, ``prior``, ``guide``, ``likelihood``, ``objective``) and the
+    :class:`Training` settings.
+
+    A part may be given as a :class:`~pvae.options.Part`, a name (default options) or a
+    mapping; a mapping without ``"name"`` keeps the section's default part::
+
+        RunConfig(latent_dim=40, net={"hidden": (300, 300), "activation": "gated"},
+                  prior=Part("vamp", pseudo_inputs=500), training={"epochs": 2000, "lr": 5e-4})
+
+    The stored parts carry every option of the chosen part, defaults filled in.
+    """
+
+    dataset: str = "digits"
+    model: str = "vae"
+    latent_dim: int = 8
+    net: Part = Part("mlp")
+    prior: Part = Part("standard-normal")
+    guide: Part = Part("diagonal")
+    likelihood: Part = Part("bernoulli")
+    objective: Part = Part("elbo")
+    training: Training = Training()
+
+    def __post_init__(self):
+        DATASETS.get(self.dataset)  # raises with the valid choices
         if self.model not in MODELS:
             raise UsageError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
-        if self.model == "autoencoder" and (self.guide, self.objective) != ("delta", "reconstruction"):
+        if isinstance(self.latent_dim, bool) or int(self.latent_dim) != self.latent_dim or self.latent_dim < 1:
+            raise UsageError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
+        object.__setattr__(self, "latent_dim", int(self.latent_dim))
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for section, registry in PART_REGISTRIES.items():
+            value = getattr(self, section)
+            if isinstance(value, dict) and "name" not in value:
+                value = {"name": defaults[section].name, **value}
+            object.__setattr__(self, section, registry.part(value))
+        object.__setattr__(self, "training", Training.parse(self.training))
+        self.build_objective()  # validates the values (beta >= 0, ...)
+        if self.model == "autoencoder" and (self.guide.name, self.objective.name) != ("delta", "reconstruction"):
             raise UsageError(
                 "model 'autoencoder' is the deterministic autoencoder: guide 'delta' with objective "
-                f"'reconstruction' (got guide {self.guide!r}, objective {self.objective!r}); "
+                f"'reconstruction' (got guide {self.guide.name!r}, objective {self.objective.name!r}); "
                 "build it with pvae.autoencoder_config(...) or `pvae train --model autoencoder`"
             )
-        for name in ("latent_dim", "num_particles", "epochs", "batch_size", "val_num_samples",
-                     "num_flows", "mog_components", "vamp_pseudo_inputs", "checkpoint_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise UsageError(f"{name} must be a positive integer, got {value!r}")
-        if any(h < 1 for h in self.hidden) or any(c < 1 for c in self.channels) or not self.channels:
-            raise UsageError(f"hidden widths and channels must be positive, got {self.hidden}, {self.channels}")
-        if self.patience is not None and self.patience < 1:
-            raise UsageError(f"patience must be a positive integer or null, got {self.patience!r}")
-        if not self.lr > 0:
-            raise UsageError(f"lr must be positive, got {self.lr!r}")
-        if self.step not in ("auto", "eager", "compile", "cuda-graph"):
-            raise UsageError(f"unknown step mode {self.step!r}; valid choices: auto, eager, compile, cuda-graph")
-        if self.max_time is not None and not (isinstance(self.max_time, (int, float)) and self.max_time > 0):
-            raise UsageError(f"max_time must be a positive number of seconds or null, got {self.max_time!r}")
-        if self.net == "conv" and self.activation == "gated":
-            raise UsageError("activation 'gated' (a gated dense layer) is for net 'mlp'; pick an elementwise "
-                             "activation for net 'conv'")
-        if self.net == "conv" and image_shape_of(self.dataset) is None:
-            raise UsageError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
-
-    def objective_options(self) -> dict:
-        return {name: getattr(self, name) for name in OBJECTIVE_OPTIONS}
+        if self.net.name == "conv":
+            if self.net["activation"] == "gated":
+                raise UsageError("activation 'gated' (a gated dense layer) is for net 'mlp'; pick an "
+                                 "elementwise activation for net 'conv'")
+            if image_shape_of(self.dataset) is None:
+                raise UsageError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
 
     def build_objective(self):
         """The :class:`~pvae.objectives.Objective` this config trains with."""
-        return make_objective(self.objective, self.num_particles, **self.objective_options())
-
-    @classmethod
-    def field_names(cls) -> list:
-        return [f.name for f in dataclasses.fields(cls)]
+        return OBJECTIVES.build(self.objective)
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
-        """Build from a dict, rejecting unknown keys (listing the valid ones). Keys written by
-        earlier pvae versions are translated (:data:`LEGACY_KEYS`)."""
+        """Build from a config mapping (a flat pvae 0.1 one is translated, :func:`translate_v1`),
+        rejecting unknown keys with the list of valid ones."""
         values = dict(values)
-        for old, translate in LEGACY_KEYS.items():
-            if old in values:
-                new, value = translate(values.pop(old))
-                if new in values and values[new] != value:
-                    raise UsageError(f"config has both legacy key {old!r} and {new!r}, and they disagree")
-                values[new] = value
-        unknown = sorted(set(values) - set(cls.field_names()))
+        version = values.pop("version", None)
+        if version is None:
+            values = translate_v1(values)
+        elif version != CONFIG_VERSION:
+            raise UsageError(f"config version {version!r} is not known to this pvae (it reads 1 and {CONFIG_VERSION})")
+        keys = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(keys))
         if unknown:
-            raise UsageError(
-                f"unknown config key(s) {unknown}; valid keys: {', '.join(cls.field_names())}"
-            )
+            raise UsageError(f"unknown config key(s) {unknown}; valid keys: {', '.join(keys)}")
         return cls(**values)
 
     @classmethod
@@ -206,20 +199,84 @@ class RunConfig:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["hidden"] = list(self.hidden)
-        out["channels"] = list(self.channels)
-        return out
+        training = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.training).items()}
+        return {"version": CONFIG_VERSION, "dataset": self.dataset, "model": self.model,
+                "latent_dim": self.latent_dim,
+                **{section: getattr(self, section).to_dict() for section in PART_REGISTRIES},
+                "training": training}
 
     def replace(self, **changes) -> "RunConfig":
-        return self.from_dict({**self.to_dict(), **changes})
+        """A copy with ``changes``. A part given as a mapping without ``"name"`` (or with the
+        current name) changes options of the current part; a new name starts from that part's
+        defaults. ``training`` as a mapping changes only the settings it names."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in changes.items():
+            if key not in out:
+                raise UsageError(f"unknown config key {key!r}; valid keys: {', '.join(out)}")
+            if key in PART_REGISTRIES and isinstance(value, dict) and value.get("name", out[key].name) == out[key].name:
+                value = {**out[key].to_dict(), **value}
+            elif key == "training" and isinstance(value, dict):
+                value = {**dataclasses.asdict(self.training), **value}
+            out[key] = value
+        return RunConfig(**out)
 
 
-#: the autoencoder's reconstruction losses: loss name -> likelihood settings. Squared error is
-#: the Gaussian negative log-likelihood with sigma = 1/sqrt(2) (up to a constant).
+def section_options(section: str) -> Dict[str, Dict[str, Option]]:
+    """``{part name: {option name: Option}}`` for a part section (``"prior"``, ...)."""
+    registry = PART_REGISTRIES[section]
+    return {name: registry.options(name) for name in registry.names()}
+
+
+#: pvae 0.1's flat keys -> (section, option). A part option the chosen part does not take had
+#: no effect in 0.1 and is dropped; the rest of the keys are top-level or training settings.
+V1_PART_KEYS = {
+    "hidden": ("net", "hidden"), "channels": ("net", "channels"), "activation": ("net", "activation"),
+    "mog_components": ("prior", "num_components"), "vamp_pseudo_inputs": ("prior", "pseudo_inputs"),
+    "num_flows": (("guide", "prior"), "num_flows"),
+    "likelihood_scale": ("likelihood", "scale"), "gaussian_scale": ("likelihood", "scale_mode"),
+    "num_particles": ("objective", "num_particles"), "beta": ("objective", "beta"),
+    "kl_warmup": ("objective", "kl_warmup"), "kl_schedule": ("objective", "kl_schedule"),
+    "dreg": ("objective", "dreg"), "info_alpha": ("objective", "info_alpha"),
+    "mmd_lambda": ("objective", "mmd_lambda"), "free_bits": ("objective", "free_bits"),
+}
+
+
+def translate_v1(flat: dict) -> dict:
+    """A pvae 0.1 flat config (``{"prior": "vamp", "vamp_pseudo_inputs": 500, "beta": 1.0, ...}``)
+    as a version-2 mapping. ``learn_scale`` (before ``gaussian_scale``) is translated too."""
+    flat = dict(flat)
+    if "learn_scale" in flat:
+        mode = "global" if flat.pop("learn_scale") else "fixed"
+        if flat.get("gaussian_scale", mode) != mode:
+            raise UsageError("config has both legacy key 'learn_scale' and 'gaussian_scale', and they disagree")
+        flat["gaussian_scale"] = mode
+    defaults = RunConfig()
+    out: Dict[str, Any] = {}
+    names = {section: flat.pop(section, getattr(defaults, section).name) for section in PART_REGISTRIES}
+    for section, registry in PART_REGISTRIES.items():
+        if not isinstance(names[section], str):
+            raise UsageError(f"a version-1 config names its {section} with a string, got {names[section]!r}")
+        registry.get(names[section])
+        out[section] = {"name": names[section]}
+    for key, (sections, option) in V1_PART_KEYS.items():
+        if key not in flat:
+            continue
+        value = flat.pop(key)
+        for section in (sections,) if isinstance(sections, str) else sections:
+            if option in PART_REGISTRIES[section].options(names[section]):
+                out[section][option] = value
+    training_keys = set(Training.options())
+    training = {k: flat.pop(k) for k in list(flat) if k in training_keys}
+    out["training"] = training
+    out.update(flat)  # top-level keys (and unknown ones, which from_dict reports)
+    return out
+
+
+#: the autoencoder's reconstruction losses: loss name -> likelihood. Squared error is the
+#: Gaussian negative log-likelihood with sigma = 1/sqrt(2) (up to a constant).
 AUTOENCODER_LOSSES = {
-    "bce": {"likelihood": "bernoulli"},
-    "mse": {"likelihood": "gaussian", "likelihood_scale": 1 / math.sqrt(2), "gaussian_scale": "fixed"},
+    "bce": Part("bernoulli"),
+    "mse": Part("gaussian", scale=1 / math.sqrt(2), scale_mode="fixed"),
 }
 
 
@@ -227,7 +284,8 @@ def autoencoder_settings(loss: str = "bce") -> dict:
     """The config fields that make a run the plain deterministic autoencoder."""
     if loss not in AUTOENCODER_LOSSES:
         raise UsageError(f"unknown autoencoder loss {loss!r}; valid choices: {', '.join(AUTOENCODER_LOSSES)}")
-    return {"model": "autoencoder", "guide": "delta", "objective": "reconstruction", **AUTOENCODER_LOSSES[loss]}
+    return {"model": "autoencoder", "guide": Part("delta"), "objective": Part("reconstruction"),
+            "likelihood": AUTOENCODER_LOSSES[loss]}
 
 
 def autoencoder_config(
@@ -236,8 +294,9 @@ def autoencoder_config(
     """The plain autoencoder with its four knobs by name: size of the middle (code) layer,
     number of hidden layers (in the encoder; the decoder mirrors it), units per layer, and the
     reconstruction loss (``"bce"`` binary cross-entropy or ``"mse"`` squared error). Other
-    :class:`RunConfig` fields pass through ``kwargs``."""
-    return RunConfig(latent_dim=code_size, hidden=(units,) * layers, **autoencoder_settings(loss), **kwargs)
+    :class:`RunConfig` fields pass through ``kwargs`` (``net`` options merge with the widths)."""
+    net = {"hidden": (units,) * layers, **kwargs.pop("net", {})}
+    return RunConfig(latent_dim=code_size, net=net, **autoencoder_settings(loss), **kwargs)
 
 
 def build_vae(config: RunConfig, data_dim: int, image_shape: Optional[Sequence[int]] = None) -> VAE:
@@ -245,11 +304,12 @@ def build_vae(config: RunConfig, data_dim: int, image_shape: Optional[Sequence[i
     (``image_shape`` defaults to the registered data set's, for convolutional nets)."""
     if image_shape is None:
         image_shape = image_shape_of(config.dataset)
-    nets = NETS.get(config.net)
-    likelihood = LIKELIHOODS.get(config.likelihood).from_config(data_dim, config)
-    decoder = nets.decoder(config, likelihood, image_shape)
-    guide = GUIDES.get(config.guide).from_config(data_dim, config, nets.encoder(config, data_dim, image_shape))
-    prior = PRIORS.get(config.prior).from_config(config, guide)
+    nets = NETS.build(config.net)
+    likelihood = LIKELIHOODS.build(config.likelihood, data_dim=data_dim)
+    decoder = nets.decoder(config.latent_dim, likelihood, image_shape)
+    guide = GUIDES.build(config.guide, data_dim=data_dim, latent_dim=config.latent_dim,
+                         encoder=nets.encoder(data_dim, image_shape))
+    prior = PRIORS.build(config.prior, latent_dim=config.latent_dim, guide=guide)
     return VAE(prior, decoder, likelihood, guide)
 
 

@@ -63,15 +63,19 @@ class Estimate:
     :ivar str estimator: e.g. ``"elbo"`` or ``"iwae"``.
     :ivar int num_samples: importance samples per datapoint (K).
     :ivar torch.Tensor values: per-datapoint values, shape ``(N,)``, nats.
-    :ivar torch.Tensor mc_stderr: per-datapoint Monte Carlo standard error (see the producing
-        function for how it is computed), shape ``(N,)``.
+    :ivar torch.Tensor mc_stderr_per_datapoint: per-datapoint Monte Carlo standard error (see
+        the producing function for how it is computed), shape ``(N,)``.
+
+    Three error bars, three names: :attr:`stderr` (of the mean over the datapoints, data spread
+    included: the error bar of a data-set average), :attr:`mc_stderr_of_mean` (Monte Carlo noise
+    only, for these datapoints) and ``mc_stderr_per_datapoint`` (Monte Carlo noise, per datapoint).
     :ivar dict extra: further per-datapoint diagnostics (e.g. ``"ess"``).
     """
 
     estimator: str
     num_samples: int
     values: torch.Tensor
-    mc_stderr: torch.Tensor
+    mc_stderr_per_datapoint: torch.Tensor
     extra: Dict[str, torch.Tensor] = field(default_factory=dict)
     units: str = "nats per datapoint"
 
@@ -97,8 +101,13 @@ class Estimate:
     @property
     def mc_stderr_of_mean(self) -> float:
         """Monte Carlo standard error of :attr:`mean` for this fixed set of datapoints:
-        ``sqrt(sum(mc_stderr**2)) / N``."""
-        return float(self.mc_stderr.double().pow(2).sum().sqrt() / self.num_datapoints)
+        ``sqrt(sum(mc_stderr_per_datapoint**2)) / N``."""
+        return float(self.mc_stderr_per_datapoint.double().pow(2).sum().sqrt() / self.num_datapoints)
+
+    @property
+    def mc_stderr(self) -> torch.Tensor:
+        """Deprecated alias of :attr:`mc_stderr_per_datapoint` (pvae 0.1's name)."""
+        return self.mc_stderr_per_datapoint
 
     def bits_per_dim(self, data_dim: int) -> float:
         """:math:`-\\text{mean} / (D \\log 2)`: negative value in bits per data dimension."""

@@ -27,7 +27,7 @@ from .errors import UsageError
 from .nets import MLP
 from .registry import Registry
 
-GUIDES: Registry = Registry("guide")
+GUIDES: Registry = Registry("guide", context=("data_dim", "latent_dim", "hidden", "activation", "encoder"))
 
 
 class Guide(nn.Module):
@@ -78,10 +78,6 @@ class Guide(nn.Module):
         """How many numbers per datapoint the encoder must produce."""
         return 2 * latent_dim
 
-    @classmethod
-    def from_config(cls, data_dim: int, config, encoder) -> "Guide":
-        """Build from a :class:`~pvae.config.RunConfig` and an encoder (or encoder factory)."""
-        return cls(data_dim, config.latent_dim, encoder=encoder)
 
     def base(self, x: torch.Tensor) -> dist.Distribution:
         """The guide's Gaussian (before any flow), batch ``x.shape[:-1]``."""
@@ -161,6 +157,10 @@ class FlowGuide(Guide):
     The density is evaluated at the guide's own samples through the transforms' caches (so
     flows without an analytic inverse, such as planar flows, work for ELBO and importance
     sampling).
+
+    :param int num_flows: number of flow steps K.
+    :param context_dim: size of the context vector c(x) the encoder adds for the flows
+        (default 2 latent_dim).
     """
 
     min_scale = 1e-4
@@ -177,17 +177,14 @@ class FlowGuide(Guide):
     ):
         self.context_dim = int(context_dim or 2 * latent_dim)
         super().__init__(data_dim, latent_dim, hidden, activation, encoder)
-        if num_flows < 1:
-            raise UsageError(f"num_flows must be positive, got {num_flows}")
+        if isinstance(num_flows, bool) or int(num_flows) != num_flows or num_flows < 1:
+            raise UsageError(f"num_flows must be a positive integer, got {num_flows!r}")
         self.num_flows = int(num_flows)
         self.flows = nn.ModuleList(self.make_flow(step) for step in range(self.num_flows))
 
     def encoder_outputs(self, latent_dim: int) -> int:  # needs context_dim: an instance method
         return 2 * latent_dim + self.context_dim
 
-    @classmethod
-    def from_config(cls, data_dim: int, config, encoder) -> "FlowGuide":
-        return cls(data_dim, config.latent_dim, encoder=encoder, num_flows=config.num_flows)
 
     def make_flow(self, step: int) -> nn.Module:
         """The conditional transform of flow step ``step`` (it has ``.condition(context)``)."""

@@ -10,7 +10,7 @@ clear error instead of a silently wrong log-density.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import pyro.distributions as dist
 import torch
@@ -21,7 +21,7 @@ from torch.distributions.utils import broadcast_all
 from .errors import UsageError
 from .registry import Registry
 
-LIKELIHOODS: Registry = Registry("likelihood")
+LIKELIHOODS: Registry = Registry("likelihood", context=("data_dim",))
 
 
 class Likelihood(nn.Module):
@@ -34,10 +34,6 @@ class Likelihood(nn.Module):
         super().__init__()
         self.data_dim = int(data_dim)
 
-    @classmethod
-    def from_config(cls, data_dim: int, config) -> "Likelihood":
-        """Build from a :class:`~pvae.config.RunConfig` (subclasses read their options)."""
-        return cls(data_dim)
 
     @property
     def param_dim(self) -> int:
@@ -95,21 +91,20 @@ class GaussianLikelihood(Likelihood):
     the mean from the decoder.
 
     :param int data_dim: number of data dimensions.
-    :param float scale: the standard deviation :math:`\sigma` (its initial value when
-        learned).
-    :param str scale_mode: ``"fixed"`` (σ given), ``"global"`` (one learned σ) or
-        ``"per-dim"`` (a learned σ_d per data dimension, e.g. per pixel); learned scales are
-        parametrised by their logs. ``learn_scale=True`` is the same as ``"global"``.
+    :param float scale: the standard deviation sigma (its initial value when learned).
+    :param str scale_mode: fixed (sigma as given), global (one learned sigma) or per-dim (a
+        learned sigma per data dimension, e.g. per pixel); learned scales are parametrised by
+        their logs.
     """
 
     SCALE_MODES = ("fixed", "global", "per-dim")
 
-    def __init__(self, data_dim: int, scale: float = 1.0, learn_scale: bool = False,
-                 scale_mode: Optional[str] = None):
+    def __init__(self, data_dim: int, scale: float = 1.0,
+                 scale_mode: Literal["fixed", "global", "per-dim"] = "fixed"):
         super().__init__(data_dim)
         if not scale > 0 or not math.isfinite(scale):
             raise UsageError(f"Gaussian likelihood scale must be positive and finite, got {scale}")
-        mode = scale_mode or ("global" if learn_scale else "fixed")
+        mode = scale_mode
         if mode not in self.SCALE_MODES:
             raise UsageError(f"unknown scale_mode {mode!r}; valid choices: {', '.join(self.SCALE_MODES)}")
         self.scale_mode = mode
@@ -123,9 +118,6 @@ class GaussianLikelihood(Likelihood):
     def learn_scale(self) -> bool:
         return self.scale_mode != "fixed"
 
-    @classmethod
-    def from_config(cls, data_dim: int, config) -> "GaussianLikelihood":
-        return cls(data_dim, config.likelihood_scale, scale_mode=config.gaussian_scale)
 
     @property
     def scale(self) -> torch.Tensor:

@@ -25,6 +25,8 @@ then follows the new program.
 
 from __future__ import annotations
 
+import warnings
+
 import functools
 import weakref
 from typing import Callable, Optional
@@ -225,7 +227,7 @@ class VAE(nn.Module):
     def guide(self, x: torch.Tensor, index: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
         """Guide program: ``z ~ q(z|x)`` in plate ``"data"``."""
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            return pyro.sample(LATENT_SITE, self.posterior(x, index))
+            return pyro.sample(LATENT_SITE, self.guide_distribution(x, index))
 
     def __init_subclass__(cls, **kwargs):
         """A subclass's own ``model`` / ``guide`` become :class:`Program` s too."""
@@ -258,7 +260,7 @@ class VAE(nn.Module):
         shape = (num_samples, x.shape[0])
         prior = self.prior().expand(shape)
         if proposal == "guide":
-            q = self.posterior(x, index).expand(shape)
+            q = self.guide_distribution(x, index).expand(shape)
             z = _draw(q)
             log_q = q.log_prob(z)
         else:
@@ -271,12 +273,19 @@ class VAE(nn.Module):
         return WeightedSamples(log_lik, log_p, log_q, {LATENT_SITE: z}, {LATENT_SITE: q},
                                {LATENT_SITE: prior}, "fast", {LATENT_SITE: (log_p, log_q)})
 
-    def posterior(self, x: torch.Tensor, index: Optional[torch.Tensor] = None):
-        """The guide's distribution q(z|x), batch shape ``(B,)``. Non-amortized guides need
-        ``index``, the datapoints' positions in the data set they were built for."""
+    def guide_distribution(self, x: torch.Tensor, index: Optional[torch.Tensor] = None):
+        """The guide's distribution q(z|x) (the approximate posterior), batch shape ``(B,)``.
+        Non-amortized guides need ``index``, the datapoints' positions in the data set they
+        were built for."""
         if self.guide_net.needs_index:
             return self.guide_net(x, index)
         return self.guide_net(x)
+
+    def posterior(self, x: torch.Tensor, index: Optional[torch.Tensor] = None):
+        """Deprecated (pvae 0.1's name; it is q(z|x), not the posterior): use :meth:`guide_distribution`."""
+        warnings.warn("VAE.posterior is deprecated: it returns q(z|x); use VAE.guide_distribution",
+                      DeprecationWarning, stacklevel=2)
+        return self.guide_distribution(x, index)
 
     # ------------------------------------------------------------------ conveniences
     @torch.no_grad()

@@ -6,7 +6,7 @@ Shapes: every network maps ``(..., in_features) -> (..., out_features)``; leadin
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
@@ -192,3 +192,54 @@ class ConvDecoder(nn.Module):
         # (N, k*C, H, W) -> (N, k, C*H*W) -> flat, parameter blocks outermost
         out = out.reshape(out.shape[0], self.params_per_pixel, c * height * width)
         return out.reshape(*lead, self.out_features)
+
+
+#: Encoder/decoder pairs by name. An entry's options are its constructor's keyword parameters.
+NETS: Registry = Registry("net")
+
+
+@NETS.register("mlp")
+class MLPNets:
+    """MLP encoder and decoder; the decoder mirrors the encoder's widths.
+
+    :param hidden: widths of the encoder's hidden layers; its length is the depth.
+    :param str activation: a name in ACTIVATIONS, or "gated" (gated dense layers).
+    """
+
+    def __init__(self, hidden: Tuple[int, ...] = (256, 256), activation: str = "softplus"):
+        ACTIVATIONS.get(activation)  # an unknown name is an error now, with the choices
+        self.hidden, self.activation = tuple(hidden), activation
+
+    def encoder(self, data_dim: int, image_shape=None):
+        """A factory ``out_features -> module`` (the guide decides how many outputs it needs)."""
+        return lambda n_out: MLP(data_dim, n_out, self.hidden, self.activation)
+
+    def decoder(self, latent_dim: int, likelihood, image_shape=None) -> nn.Module:
+        return MLP(latent_dim, likelihood.param_dim, self.hidden[::-1], self.activation)
+
+
+@NETS.register("conv")
+class ConvNets:
+    """Stride-2 convolutions and a transposed mirror, for image data (the image shape comes from
+    the data set).
+
+    :param channels: channels of the encoder's convolutions (the decoder mirrors them).
+    :param str activation: a name in ACTIVATIONS, or "gated" (gated dense layers; mlp only).
+    """
+
+    def __init__(self, channels: Tuple[int, ...] = (32, 64), activation: str = "softplus"):
+        _elementwise(activation)
+        if not channels or min(channels) < 1:
+            raise UsageError(f"channels must be positive, got {channels}")
+        self.channels, self.activation = tuple(channels), activation
+
+    def encoder(self, data_dim: int, image_shape=None):
+        if image_shape is None:
+            raise UsageError("net 'conv' needs image data; this data set has no image shape")
+        return lambda n_out: ConvEncoder(image_shape, n_out, self.channels, self.activation)
+
+    def decoder(self, latent_dim: int, likelihood, image_shape=None) -> nn.Module:
+        if image_shape is None:
+            raise UsageError("net 'conv' needs image data; this data set has no image shape")
+        return ConvDecoder(latent_dim, image_shape, self.channels[::-1], self.activation,
+                           params_per_pixel=likelihood.params_per_dim)

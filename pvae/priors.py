@@ -15,7 +15,7 @@ from torch import nn
 from .errors import UsageError
 from .registry import Registry
 
-PRIORS: Registry = Registry("prior")
+PRIORS: Registry = Registry("prior", context=("latent_dim", "guide"))
 
 
 class Prior(nn.Module):
@@ -27,10 +27,6 @@ class Prior(nn.Module):
             raise UsageError(f"latent_dim must be positive, got {latent_dim}")
         self.latent_dim = int(latent_dim)
 
-    @classmethod
-    def from_config(cls, config, guide) -> "Prior":
-        """Build from a :class:`~pvae.config.RunConfig` (``guide`` is the VAE's guide)."""
-        return cls(config.latent_dim)
 
 
 @PRIORS.register("standard-normal")
@@ -65,16 +61,15 @@ class MixtureOfGaussiansPrior(Prior):
     r"""Mixture of diagonal Gaussians :math:`p(z) = \sum_k \pi_k \mathcal{N}(z; m_k,
     \operatorname{diag}s_k^2)` with learned weights (softmax of logits), means and scales.
     The log-density is exact (log-sum-exp over components); samples are not reparametrized
-    (they are only needed for generation)."""
+    (they are only needed for generation).
 
-    @classmethod
-    def from_config(cls, config, guide) -> "MixtureOfGaussiansPrior":
-        return cls(config.latent_dim, config.mog_components)
+    :param int num_components: number of mixture components.
+    """
 
     def __init__(self, latent_dim: int, num_components: int = 10):
         super().__init__(latent_dim)
-        if num_components < 1:
-            raise UsageError(f"num_components must be positive, got {num_components}")
+        if isinstance(num_components, bool) or int(num_components) != num_components or num_components < 1:
+            raise UsageError(f"num_components must be a positive integer, got {num_components!r}")
         self.num_components = int(num_components)
         self.logits = nn.Parameter(torch.zeros(self.num_components))
         self.locs = nn.Parameter(torch.randn(self.num_components, self.latent_dim))
@@ -94,17 +89,18 @@ class VampPrior(Prior):
     registered by the VAE). For flow guides the mixture uses the flow's Gaussian base
     (:meth:`pvae.guides.Guide.base`), because the density of a planar or Sylvester flow at an
     arbitrary point has no closed form. Pseudo-inputs start at :math:`0.05 + 0.01\,\epsilon`.
+
+    :param int pseudo_inputs: number of learned pseudo-inputs K (mixture components).
     """
 
-    @classmethod
-    def from_config(cls, config, guide) -> "VampPrior":
-        return cls(config.latent_dim, guide, config.vamp_pseudo_inputs)
 
-    def __init__(self, latent_dim: int, guide: nn.Module, num_components: int = 50):
+    def __init__(self, latent_dim: int, guide: nn.Module, pseudo_inputs: int = 50):
         super().__init__(latent_dim)
         if not getattr(guide, "has_density", True):
             raise UsageError("the VampPrior needs a guide with a density (not 'delta')")
-        self.num_components = int(num_components)
+        if isinstance(pseudo_inputs, bool) or int(pseudo_inputs) != pseudo_inputs or pseudo_inputs < 1:
+            raise UsageError(f"pseudo_inputs must be a positive integer, got {pseudo_inputs!r}")
+        self.num_components = int(pseudo_inputs)
         object.__setattr__(self, "_guide", guide)  # reference, not a submodule
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(self.num_components, guide.data_dim))
 
@@ -121,17 +117,22 @@ class FlowPrior(Prior):
     :math:`g^{-1}` a stack of affine autoregressive transforms (a masked autoregressive flow,
     Papamakarios et al., 2017), so that :math:`\log p(z) = \log \mathcal{N}(g^{-1}(z)) +
     \log|\det \partial g^{-1}/\partial z|` costs one network pass; drawing samples inverts it
-    (``latent_dim`` passes). Log-determinants are Pyro's."""
+    (``latent_dim`` passes). Log-determinants are Pyro's.
 
-    @classmethod
-    def from_config(cls, config, guide) -> "FlowPrior":
-        return cls(config.latent_dim, config.num_flows)
+    :param int num_flows: number of autoregressive transforms.
+    :param int hidden_width: width of each transform's two hidden layers (0: max(2 latent_dim, 32)).
+    """
 
-    def __init__(self, latent_dim: int, num_flows: int = 2, hidden: int = 0):
+
+    def __init__(self, latent_dim: int, num_flows: int = 2, hidden_width: int = 0):
         super().__init__(latent_dim)
         import pyro.distributions.transforms as T
 
-        width = hidden or max(2 * self.latent_dim, 32)
+        if isinstance(num_flows, bool) or int(num_flows) != num_flows or num_flows < 1:
+            raise UsageError(f"num_flows must be a positive integer, got {num_flows!r}")
+        if hidden_width < 0:
+            raise UsageError(f"hidden_width must be >= 0, got {hidden_width!r}")
+        width = hidden_width or max(2 * self.latent_dim, 32)
         self.register_buffer("loc", torch.zeros(self.latent_dim))
         self.register_buffer("scale", torch.ones(self.latent_dim))
         self.flows = nn.ModuleList(

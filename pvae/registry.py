@@ -8,9 +8,11 @@ choices.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import inspect
+from typing import Callable, Dict, Generic, Iterator, Tuple, TypeVar
 
 from .errors import UsageError
+from .options import Option, Part, declared_options
 
 T = TypeVar("T")
 
@@ -26,6 +28,9 @@ class Registry(Generic[T]):
     """A mapping from names to classes or factories of one kind.
 
     :param str kind: what the registry holds, used in error messages (e.g. ``"prior"``).
+    :param context: constructor parameters the model builder supplies (``latent_dim``, ...);
+        every other keyword parameter of an entry is one of its options
+        (:func:`pvae.options.declared_options`).
 
     Example::
 
@@ -37,8 +42,9 @@ class Registry(Generic[T]):
         PRIORS.get("standard-normal")
     """
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, context: Tuple[str, ...] = ()):
         self.kind = kind
+        self.context = tuple(context)
         self._entries: Dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -63,6 +69,33 @@ class Registry(Generic[T]):
             raise UnknownNameError(
                 f"unknown {self.kind} {name!r}; valid choices: {', '.join(self.names())}"
             ) from None
+
+    def options(self, name: str) -> Dict[str, Option]:
+        """The options entry ``name`` declares (its constructor's keyword parameters)."""
+        return declared_options(self.get(name), self.context)
+
+    def part(self, value) -> Part:
+        """Check a part (a :class:`~pvae.options.Part`, a name or a mapping) against the entry's
+        declared options, coerce their types and fill in the defaults."""
+        part = Part.parse(value, self.kind)
+        declared = self.options(part.name)
+        unknown = sorted(set(part.kwargs) - set(declared))
+        if unknown:
+            takes = f"it takes {', '.join(declared)}" if declared else "it takes no options"
+            raise UsageError(f"{self.kind} {part.name!r} does not take {', '.join(unknown)}; {takes}")
+        where = f"{self.kind} {part.name!r}"
+        values = {k: opt.coerce(part.kwargs[k], where) if k in part.kwargs else opt.default
+                  for k, opt in declared.items()}
+        return Part(part.name, **values)
+
+    def build(self, part, **context):
+        """Construct the entry a part names with its options and the builder's ``context``."""
+        part = self.part(part)
+        entry = self.get(part.name)
+        params = inspect.signature(entry).parameters
+        if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+            context = {k: v for k, v in context.items() if k in params}  # what this entry uses
+        return entry(**context, **part.kwargs)
 
     def names(self) -> list:
         return sorted(self._entries)

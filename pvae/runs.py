@@ -9,18 +9,20 @@ and RNG state; best-validation weights) and PNG figures. Evaluation reports are 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from ._rng import seeded
-from .ais import ais
+from .annealing import ais
 from .checkpoint import load_checkpoint, run_lock, write_json
 from .config import RunConfig, build_vae, save_config
 from .data import Dataset, load_dataset
@@ -28,6 +30,7 @@ from .diagnostics import importance_diagnostics, latent_diagnostics
 from .errors import NotARunError, RunExistsError, UsageError
 from .estimators import (
     DEFAULT_CHUNK_SIZE,
+    Estimate,
     auto_chunk_size,
     evaluate_bounds,
     naive_prior_estimate,
@@ -57,8 +60,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def environment(config: RunConfig, device: torch.device) -> dict:
-    """Versions and machine facts recorded with a run."""
+def environment(config: RunConfig, device: torch.device, command: Optional[Sequence[str]] = None) -> dict:
+    """Versions and machine facts recorded with a run (``command``: the command line, which the
+    CLI passes; pvae reads ``sys.argv`` nowhere else)."""
     import numpy
     import pyro
 
@@ -71,10 +75,10 @@ def environment(config: RunConfig, device: torch.device) -> dict:
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "numpy": numpy.__version__,
-        "seed": config.seed,
+        "seed": config.training.seed,
         "device": str(device),
         "torch_num_threads": torch.get_num_threads(),
-        "argv": sys.argv,
+        "command": list(command) if command is not None else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if device.type == "cuda":
@@ -83,28 +87,42 @@ def environment(config: RunConfig, device: torch.device) -> dict:
     return env
 
 
+@dataclass
+class Run:
+    """A run directory's contents in Python: what :func:`train_run` returns and
+    :func:`load_run` reads back (the model on the requested device, in eval mode after loading)."""
+
+    run_dir: Path
+    config: RunConfig
+    vae: VAE
+    history: History
+
+
 def train_run(
     config: RunConfig,
     run_dir,
     resume: bool = False,
     progress: bool = True,
     dataset: Optional[Dataset] = None,
-) -> Tuple[VAE, History]:
-    """Train ``config`` into ``run_dir`` and write its figures.
+    command: Optional[Sequence[str]] = None,
+) -> Run:
+    """Train ``config`` into ``run_dir`` and write its figures; returns the :class:`Run`.
 
     Everything that can be checked (data set, names, device, data vs likelihood) is checked
     before anything is written. An existing run directory is only continued with
-    ``resume=True`` and the same config.
+    ``resume=True`` and the same config (``training`` settings in :data:`RESUMABLE_CHANGES`
+    may differ). ``command`` is recorded in ``env.json``.
     """
     run_dir = Path(run_dir)
-    device = resolve_device(config.device)
+    training = config.training
+    device = resolve_device(training.device)
     data = dataset if dataset is not None else load_dataset(config.dataset)
-    with seeded(config.seed):  # initial weights are a function of the config's seed
+    with seeded(training.seed):  # initial weights are a function of the config's seed
         vae = build_vae(config, data.data_dim)
     vae.check_data(data.train, f"{config.dataset} training data")
     vae.check_data(data.valid, f"{config.dataset} validation data")
     objective = config.build_objective()
-    check_objective(objective, vae, data.train, config.batch_size)
+    check_objective(objective, vae, data.train, training.batch_size)
     with run_lock(run_dir):  # a second process training into run_dir is refused
         config_path = run_dir / CONFIG_FILE
         if config_path.exists():
@@ -115,43 +133,42 @@ def train_run(
                 )
             saved = RunConfig.load(config_path)
             # how long and where the steps run may change; what is trained may not
-            if saved.replace(**{k: getattr(config, k) for k in RESUMABLE_CHANGES}) != config:
-                raise UsageError(
-                    f"cannot resume {run_dir}: its config.json differs from this config in "
-                    + ", ".join(
-                        k for k in config.field_names()
-                        if k not in RESUMABLE_CHANGES and getattr(saved, k) != getattr(config, k)
-                    )
-                )
+            same_training = {k: getattr(training, k) for k in RESUMABLE_CHANGES}
+            if saved.replace(training=same_training) != config:
+                differ = [k for k, v in saved.to_dict().items() if k != "training" and v != config.to_dict()[k]]
+                differ += [f"training.{k}" for k, v in dataclasses.asdict(saved.training).items()
+                           if k not in RESUMABLE_CHANGES and v != getattr(training, k)]
+                raise UsageError(f"cannot resume {run_dir}: its config.json differs from this config in "
+                                 + ", ".join(differ))
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
-        write_json(environment(config, device), run_dir / ENV_FILE)
+        write_json(environment(config, device, command), run_dir / ENV_FILE)
         write_json({"name": data.name, "source": "registry" if dataset is None else "python",
                     "fingerprint": data.fingerprint()}, run_dir / DATA_FILE)
         history = fit(
             vae,
             data.train,
             data.valid,
-            epochs=config.epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
+            epochs=training.epochs,
+            batch_size=training.batch_size,
+            lr=training.lr,
             objective=objective,
-            patience=config.patience,
-            seed=config.seed,
+            patience=training.patience,
+            seed=training.seed,
             device=device,
             run_dir=run_dir,
             resume=resume,
-            val_num_samples=config.val_num_samples,
+            val_num_samples=training.val_num_samples,
             progress=progress,
-            step=config.step,
-            max_time=config.max_time,
-            checkpoint_every=config.checkpoint_every,
+            step=training.step,
+            max_time=training.max_time,
+            checkpoint_every=training.checkpoint_every,
         )
         write_figures(vae, data, history, run_dir)
-    return vae, history
+    return Run(run_dir, config, vae, history)
 
 
-#: config fields a resumed run may change
+#: training settings a resumed run may change
 RESUMABLE_CHANGES = ("epochs", "step", "max_time", "checkpoint_every", "device")
 
 
@@ -170,8 +187,9 @@ def write_figures(vae: VAE, data: Dataset, history: History, run_dir) -> None:
         fig.savefig(run_dir / name, dpi=100)
 
 
-def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig, VAE]:
-    """Rebuild the model of a run directory from ``config.json`` and ``checkpoint.pt``.
+def load_run(run_dir, device: str = "cpu", best: bool = True) -> Run:
+    """Rebuild a run directory's model (from ``config.json`` and ``checkpoint.pt``) and its
+    history. Run directories of pvae 0.1 load too (their flat config is translated).
 
     :param bool best: load the best-validation weights (else the last epoch's).
     """
@@ -186,7 +204,8 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Tuple[RunConfig
     vae.load_state_dict(state)
     vae.to(resolve_device(device))
     vae.eval()
-    return config, vae
+    history = History(ckpt["history"], ckpt.get("best_epoch"), ckpt.get("stopped_early", False))
+    return Run(run_dir, config, vae, history)
 
 
 def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset]):
@@ -233,7 +252,7 @@ def evaluate_run(
     ais_schedule: str = "sigmoid",
     psis_datapoints: int = 500,
     dataset: Optional[Dataset] = None,
-) -> dict:
+) -> "EvaluationReport":
     """Evaluate a run on a split of its data set; the run's files are only read.
 
     The data: ``dataset`` if given (the report records whether it is the data the run was
@@ -248,67 +267,56 @@ def evaluate_run(
     ``num_chains`` chains and ``ais_steps`` HMC steps on the ``ais_schedule`` schedule). For a
     guide with a density, PSIS k-hat of the guide as proposal is computed on the first
     ``psis_datapoints`` datapoints from K draws each (0 turns it off) and summarized in
-    ``report["psis"]``. The reconstruction error at the encoder's code and the latent
+    ``report.psis``. The reconstruction error at the encoder's code and the latent
     diagnostics (active units, KL per dimension, posterior-collapse message; see
-    :func:`pvae.diagnostics.latent_diagnostics`) are always reported. Guide-based bounds are skipped, with the reason in ``report["skipped"]``, for a
-    point-mass guide. Writes ``evaluation-<split>-K<K>.json`` and the figure
-    ``evaluation-<split>-K<K>.png`` (estimates with standard errors, k-hat histogram) unless
-    ``write`` is False.
+    :func:`pvae.diagnostics.latent_diagnostics`) are always reported. Guide-based bounds are skipped, with the reason in ``report.skipped``, for a
+    point-mass guide. Returns an :class:`EvaluationReport`; unless ``write`` is False it is also
+    saved in the run directory (:meth:`EvaluationReport.save`).
     """
     unknown = sorted(set(estimators) - set(ESTIMATORS))
     if unknown:
         raise UsageError(f"unknown estimator(s) {unknown}; valid choices: {', '.join(ESTIMATORS)}")
-    config, vae = load_run(run_dir, device)
+    run = load_run(run_dir, device)
+    config, vae = run.config, run.vae
     data, data_note = _evaluation_data(Path(run_dir), config, dataset)
     x = data.split(split).to(vae.device)
     if chunk_size is None:  # resolved here so that the report names the chunk size that ran
         chunk_size = auto_chunk_size(vae, batch_size, num_samples, vae.device)
     estimates = reconstruction_error(vae, x)
-    report = {
-        "run_dir": str(run_dir),
-        "dataset": config.dataset,
-        "model": config.model,
-        "split": split,
-        "data": data_note,
-        "num_datapoints": int(x.shape[0]),
-        "seed": seed,
-        "batch_size": batch_size,
-        "chunk_size": chunk_size,
-        "skipped": {},
-    }
+    report = EvaluationReport(run_dir=str(run_dir), dataset=config.dataset, model=config.model, split=split,
+                              data=data_note, num_datapoints=int(x.shape[0]), seed=seed, batch_size=batch_size,
+                              chunk_size=chunk_size, num_samples=num_samples)
     wanted_bounds = [e for e in ("elbo", "iwae") if e in estimators]
     if wanted_bounds and not vae.guide_net.has_density:
         for name in wanted_bounds:
-            report["skipped"][name] = "the guide is a point mass without a density"
+            report.skipped[name] = "the guide is a point mass without a density"
     elif wanted_bounds:
         bounds = evaluate_bounds(
             vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
             progress=progress,
         )
         estimates.update({name: bounds[name] for name in wanted_bounds})
-        if "iwae" in bounds and "iwae" in wanted_bounds:
-            report["nll_iwae"] = -bounds["iwae"].mean
-            report["bits_per_dim_iwae"] = bounds["iwae"].bits_per_dim(vae.data_dim)
     if "naive" in estimators:
         estimates["naive"] = naive_prior_estimate(
             vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed, progress=progress
         )
     if "ais" in estimators and ais_start == "guide" and not vae.guide_net.has_density:
-        report["skipped"]["ais"] = "AIS from the guide needs a guide with a density; use --ais-start prior"
+        report.skipped["ais"] = "AIS from the guide needs a guide with a density; use --ais-start prior"
     elif "ais" in estimators and ais_start == "guide" and not vae.guide_net.scores_any_point:
-        report["skipped"]["ais"] = (f"AIS from the guide needs q(z|x) at any z; the {type(vae.guide_net).__name__} "
+        report.skipped["ais"] = (f"AIS from the guide needs q(z|x) at any z; the {type(vae.guide_net).__name__} "
                                     "scores only its own samples; use --ais-start prior")
     elif "ais" in estimators:
         settings = {"num_leapfrog": 10, "target_accept": 0.65}
         estimates["ais"] = ais(vae, x, num_chains=num_chains, num_steps=ais_steps, betas=ais_schedule,
                                start=ais_start, batch_size=batch_size, seed=seed, progress=progress, **settings)
-        report["ais_settings"] = {"num_chains": num_chains, "num_steps": ais_steps, "schedule": ais_schedule,
+        report.ais_settings = {"num_chains": num_chains, "num_steps": ais_steps, "schedule": ais_schedule,
                                   "start": ais_start, "leapfrog_steps": settings["num_leapfrog"],
                                   "target_accept": settings["target_accept"]}
-    report["estimates"] = {name: est.to_dict() for name, est in estimates.items()}
+    report.estimates = dict(estimates)
+    report.data_dim = vae.data_dim
     khat = None
     if psis_datapoints and vae.guide_net.has_density and num_samples < PSIS_MIN_SAMPLES:
-        report["skipped"]["psis"] = (f"K={num_samples} is too few draws to fit the Pareto tail "
+        report.skipped["psis"] = (f"K={num_samples} is too few draws to fit the Pareto tail "
                                      f"(PSIS k-hat needs K >= {PSIS_MIN_SAMPLES} here)")
     elif psis_datapoints and vae.guide_net.has_density:
         # a seeded random subset: splits such as static MNIST's test set are ordered in blocks
@@ -318,7 +326,8 @@ def evaluate_run(
         khat = torch.cat([importance_diagnostics(vae, xb, num_samples, chunk_size, seed=seed + 1000 + i)["khat"]
                           for i, xb in enumerate(sub.split(batch_size))])
         finite = torch.isfinite(khat)
-        report["psis"] = {
+        report.khat = khat.cpu()
+        report.psis = {
             "datapoints": int(sub.shape[0]), "num_samples": int(num_samples),
             "subset": f"random, torch.randperm with seed {seed}", "indices_first": chosen[:10].tolist(),
             # a non-finite k-hat (a failed tail fit) is counted and excluded from every summary
@@ -330,15 +339,118 @@ def evaluate_run(
         }
     with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
         warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)
-        report["latent"] = latent_diagnostics(vae, x)
+        report.latent = latent_diagnostics(vae, x)
     if write:
+        report.save()
+    return report
+
+
+#: version of the evaluation-report JSON schema (1: pvae 0.1, no "version" key)
+REPORT_VERSION = 2
+
+
+@dataclass
+class EvaluationReport:
+    """What :func:`evaluate_run` measured. Estimates are :class:`~pvae.estimators.Estimate`
+    objects (each names its estimator and sample count); :meth:`to_dict` is the JSON schema
+    (version :data:`REPORT_VERSION`)::
+
+        {"version": 2, "run_dir", "dataset", "model", "split", "data": {"name", "fingerprint",
+         "training_data"}, "num_datapoints", "num_samples", "seed", "batch_size", "chunk_size",
+         "estimates": {name: Estimate.to_dict()}, "nll_iwae", "bits_per_dim_iwae",
+         "skipped": {name: reason}, "latent": {...}, "psis": {...} | null,
+         "ais_settings": {...} | null, "figure": file name | null}
+    """
+
+    run_dir: str
+    dataset: str
+    model: str
+    split: str
+    data: dict
+    num_datapoints: int
+    seed: int
+    batch_size: int
+    chunk_size: int
+    num_samples: int
+    estimates: Dict[str, Estimate] = field(default_factory=dict)
+    skipped: Dict[str, str] = field(default_factory=dict)
+    latent: dict = field(default_factory=dict)
+    psis: Optional[dict] = None
+    ais_settings: Optional[dict] = None
+    data_dim: Optional[int] = None
+    khat: Optional[torch.Tensor] = field(default=None, repr=False)  # per datapoint, for the figure
+    figure: Optional[str] = None
+
+    @property
+    def nll_iwae(self) -> Optional[float]:
+        """-L_K in nats per datapoint (an estimate of -log p(x) from above), if L_K was computed."""
+        return -self.estimates["iwae"].mean if "iwae" in self.estimates else None
+
+    @property
+    def bits_per_dim_iwae(self) -> Optional[float]:
+        if "iwae" not in self.estimates or self.data_dim is None:
+            return None
+        return self.estimates["iwae"].bits_per_dim(self.data_dim)
+
+    @property
+    def stem(self) -> str:
+        return f"evaluation-{self.split}-K{self.num_samples}"
+
+    def to_dict(self) -> dict:
+        return {
+            "version": REPORT_VERSION, "run_dir": self.run_dir, "dataset": self.dataset, "model": self.model,
+            "split": self.split, "data": self.data, "num_datapoints": self.num_datapoints,
+            "num_samples": self.num_samples, "seed": self.seed, "batch_size": self.batch_size,
+            "chunk_size": self.chunk_size, "data_dim": self.data_dim,
+            "estimates": {name: est.to_dict() for name, est in self.estimates.items()},
+            "nll_iwae": self.nll_iwae, "bits_per_dim_iwae": self.bits_per_dim_iwae,
+            "skipped": self.skipped, "latent": self.latent, "psis": self.psis,
+            "ais_settings": self.ais_settings, "figure": self.figure,
+        }
+
+    def save(self, run_dir=None) -> Path:
+        """Write ``evaluation-<split>-K<K>.json`` and its figure (estimates with standard errors,
+        k-hat histogram) into ``run_dir`` (default: the evaluated run's); returns the JSON path."""
         from . import plots
 
-        stem = Path(run_dir) / f"evaluation-{split}-K{num_samples}"
-        bounds = {k: v for k, v in estimates.items() if k not in ("reconstruction", "squared-error")}
-        if bounds or khat is not None:
-            fig = plots.evaluation_figure(bounds, khat, title=f"{config.dataset} {split}")
+        stem = Path(run_dir or self.run_dir) / self.stem
+        bounds = {k: v for k, v in self.estimates.items() if k not in ("reconstruction", "squared-error")}
+        if bounds or self.khat is not None:
+            fig = plots.evaluation_figure(bounds, self.khat, title=f"{self.dataset} {self.split}")
             fig.savefig(stem.with_suffix(".png"), dpi=100)
-            report["figure"] = stem.with_suffix(".png").name
-        write_json(report, stem.with_suffix(".json"))
-    return report
+            self.figure = stem.with_suffix(".png").name
+        write_json(self.to_dict(), stem.with_suffix(".json"))
+        return stem.with_suffix(".json")
+
+    def summary(self) -> str:
+        """The report in a few lines of text (what ``pvae evaluate`` prints)."""
+        lines = [f"{self.dataset} {self.split} split, {self.num_datapoints} datapoints, seed {self.seed}"]
+        for name, est in self.estimates.items():
+            if name in ("reconstruction", "squared-error"):
+                unit = "nats" if name == "reconstruction" else "(squared data units)"
+                lines.append(f"  {est.estimator} at the code E_q[z|x]: {est.mean:.3f} ± {est.stderr:.3f} {unit}")
+                continue
+            lines.append(
+                f"  {est.estimator:>5} ({'chains' if name == 'ais' else 'K'}={est.num_samples}): {est.mean:.3f} "
+                f"± {est.stderr:.3f} nats (± is the std. error over datapoints; "
+                f"Monte Carlo part ± {est.mc_stderr_of_mean:.3f})")
+        latent = self.latent
+        if latent:
+            kl = "" if latent.get("kl_total") is None else f", KL(q(z|x)||p(z)) {latent['kl_total']:.2f} nats"
+            lines.append(f"  active units: {latent['active_units']} of {latent['latent_dim']}{kl}")
+            if latent.get("posterior_collapse"):
+                lines.append(f"  warning: {latent['posterior_collapse']}")
+        if self.psis:
+            p = self.psis
+            mean = "n/a" if p["khat_mean"] is None else f"{p['khat_mean']:.2f}"
+            above = "n/a" if p["fraction_above_0.7"] is None else f"{p['fraction_above_0.7']:.1%}"
+            lines.append(f"  PSIS k-hat of q(z|x) ({p['datapoints']} random datapoints, K={p['num_samples']}): "
+                         f"mean {mean}, {above} above 0.7")
+        if self.figure:
+            lines.append(f"  figure: {Path(self.run_dir) / self.figure}")
+        for name, why in self.skipped.items():
+            lines.append(f"  {name}: skipped ({why})")
+        if self.nll_iwae is not None:
+            bpd = "" if self.bits_per_dim_iwae is None else f", {self.bits_per_dim_iwae:.4f} bits/dim"
+            lines.append(f"  -log p(x) ≈ {self.nll_iwae:.3f} nats (from L_{self.num_samples}){bpd}")
+        return "\n".join(lines)

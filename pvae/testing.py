@@ -102,7 +102,7 @@ def exact_elbo_terms(vae: VAE, x: torch.Tensor, index: Optional[torch.Tensor] = 
     """``(E_q[log p(x|z)], KL(q(z|x) || p(z)))`` per datapoint in closed form; see
     :func:`exact_elbo` (``index`` for a non-amortized guide)."""
     w, b, var = _parts(vae)
-    q = vae.posterior(x, index)
+    q = vae.guide_distribution(x, index)
     mu = q.mean
     base = q.base_dist if isinstance(q, dist.Independent) else q
     if isinstance(base, dist.Normal):

@@ -514,7 +514,17 @@ def _resume(ckpt_path, fit_args, vae, optimizer):
             f"but this call uses {fit_args}"
         )
     vae.load_state_dict(ckpt["model"])
+    # the moments and step counts come from the checkpoint; how the update runs (fused kernel,
+    # capturable) is this optimizer's: a checkpoint of pvae 0.1's plain Adam or from another
+    # device must not switch it
+    how = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, settings in zip(optimizer.param_groups, how):
+        group.update(settings)
+    device = next(iter(optimizer.param_groups[0]["params"])).device
+    for state in optimizer.state.values():  # fused Adam keeps its step count on the device
+        if torch.is_tensor(state.get("step")) and state["step"].device != device:
+            state["step"] = state["step"].to(device)
     history = History(ckpt["history"], ckpt["best_epoch"], ckpt["stopped_early"])
     return history, ckpt["best_model"], int(ckpt["epoch"]), ckpt["rng"]
 

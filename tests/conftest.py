@@ -5,6 +5,8 @@ import pyro
 import pytest
 import torch
 
+import pvae.config
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Data-dependent tests read the pre-downloaded files through the loader's cache setting,
@@ -46,3 +48,10 @@ def digits():
     import pvae
 
     return pvae.load_dataset("digits")
+
+
+def part(section, name, **options):
+    """A part section for a config: ``name`` with those of ``options`` the part declares (so a
+    test can give one set of small sizes to every prior, guide, ...)."""
+    declared = pvae.config.PART_REGISTRIES[section].options(name)
+    return {"name": name, **{k: v for k, v in options.items() if k in declared}}

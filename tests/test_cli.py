@@ -26,7 +26,8 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
     for name in ("config.json", "env.json", "metrics.jsonl", "checkpoint.pt", *FIGURES):
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
-    assert config["latent_dim"] == 2 and config["hidden"] == [32] and config["dataset"] == "digits"
+    assert config["version"] == pvae.CONFIG_VERSION
+    assert config["latent_dim"] == 2 and config["net"]["hidden"] == [32] and config["dataset"] == "digits"
     env = json.loads((run / "env.json").read_text())
     assert env["seed"] == 0 and env["device"] == "cpu" and "torch" in env and "pyro" in env
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
@@ -36,6 +37,7 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
     out = capsys.readouterr().out
     assert "iwae (K=7)" in out and "elbo (K=7)" in out
     report = json.loads((run / "evaluation-test-K7.json").read_text())
+    assert report["version"] == pvae.REPORT_VERSION
     assert report["num_datapoints"] == 300
     assert report["chunk_size"] == 3
     assert report["estimates"]["iwae"]["num_samples"] == 7
@@ -51,7 +53,7 @@ def test_resume_from_the_command_line(tmp_path, capsys):
     assert main(["train", "--epochs", "3", "--run-dir", run, "--resume", *FAST]) == 0
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["epoch"] == 3
     assert main(["train", "--epochs", "4", "--run-dir", run, "--resume", "--lr", "0.1", *FAST]) == 2
-    assert "differs from this config in lr" in capsys.readouterr().err
+    assert "differs from this config in training.lr" in capsys.readouterr().err
 
 
 def test_config_file_with_flag_overrides(tmp_path, capsys):
@@ -60,7 +62,8 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--seed", "5", "--run-dir", str(run), "--no-progress"]) == 0
     saved = json.loads((run / "config.json").read_text())
-    assert saved["latent_dim"] == 3 and saved["seed"] == 5 and saved["epochs"] == 1
+    assert saved["latent_dim"] == 3 and saved["training"]["seed"] == 5 and saved["training"]["epochs"] == 1
+    assert saved["net"]["hidden"] == [16]  # a flat (version 1) config file is translated
 
 
 @pytest.mark.parametrize(
@@ -70,7 +73,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
         (["--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: binarized-mnist"),
         (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
         (["--latent-dim", "0"], "latent_dim must be a positive integer"),
-        (["--objective", "iwae", "--particles", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes dreg"),
+        (["--objective", "iwae", "--particles", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes num_particles, dreg"),
         (["--dreg"], "objective 'elbo' does not take dreg"),
         (["--objective", "infovae", "--info-alpha", "3"], "alpha must be <= 1"),
     ],
@@ -126,12 +129,12 @@ def test_plain_autoencoder_from_the_command_line(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["validation_metric"] == "val_reconstruction"
     config = json.loads((run / "config.json").read_text())
-    assert (config["model"], config["guide"], config["objective"], config["likelihood"]) == (
+    assert (config["model"], config["guide"]["name"], config["objective"]["name"], config["likelihood"]["name"]) == (
         "autoencoder", "delta", "reconstruction", "gaussian")
-    assert config["latent_dim"] == 4 and config["hidden"] == [32]
+    assert config["latent_dim"] == 4 and config["net"]["hidden"] == [32]
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K1000.json").read_text())
-    _, vae = pvae.load_run(run)
+    vae = pvae.load_run(run).vae
     assert report["chunk_size"] == pvae.estimators.auto_chunk_size(vae, 100, 1000)  # the default: from memory
     assert set(report["estimates"]) == {"reconstruction", "squared-error"}  # no bounds for a point mass
     assert set(report["skipped"]) == {"elbo", "iwae"}
@@ -160,28 +163,29 @@ def test_autoencoder_flags_are_checked(tmp_path, capsys):
                                    ["--prior", "flow", "--guide", "full-rank"]])
 def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra):
     run = tmp_path / "run"
-    assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST, *extra]) == 0
+    base = ["--latent-dim", "2", "--no-progress"] if "conv" in extra else FAST  # conv nets take no --hidden
+    assert main(["train", "--epochs", "2", "--run-dir", str(run), *base, *extra]) == 0
     assert main(["evaluate", str(run), "--num-samples", "4", "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K4.json").read_text())
     assert report["estimates"]["iwae"]["num_samples"] == 4
 
 
 @pytest.mark.parametrize("extra, options", [
-    (["--objective", "iwae", "--particles", "5"], {"objective": "iwae", "num_particles": 5}),
-    (["--objective", "iwae", "--K", "5"], {"objective": "iwae", "num_particles": 5}),  # deprecated alias
-    (["--objective", "iwae", "--particles", "3", "--dreg"], {"objective": "iwae", "dreg": True}),
+    (["--objective", "iwae", "--particles", "5"], {"name": "iwae", "num_particles": 5}),
+    (["--objective", "iwae", "--K", "5"], {"name": "iwae", "num_particles": 5}),  # deprecated alias
+    (["--objective", "iwae", "--objective-num-particles", "3", "--dreg"], {"name": "iwae", "dreg": True}),
     (["--beta", "4", "--kl-warmup", "1", "--kl-schedule", "cyclical"], {"beta": 4.0, "kl_schedule": "cyclical"}),
     (["--objective", "infovae", "--info-alpha", "1", "--mmd-lambda", "100"],
-     {"objective": "infovae", "info_alpha": 1.0, "mmd_lambda": 100.0}),
-    (["--objective", "elbo-analytic-kl", "--free-bits", "0.25"], {"objective": "elbo-analytic-kl", "free_bits": 0.25}),
+     {"name": "infovae", "info_alpha": 1.0, "mmd_lambda": 100.0}),
+    (["--objective", "elbo-analytic-kl", "--free-bits", "0.25"], {"name": "elbo-analytic-kl", "free_bits": 0.25}),
 ])
 def test_objectives_from_the_command_line(tmp_path, capsys, extra, options):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--run-dir", str(run), *FAST, *extra]) == 0
     saved = json.loads((run / "config.json").read_text())
-    assert {k: saved[k] for k in options} == options
+    assert {k: saved["objective"][k] for k in options} == options
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["objective"] == options.get("objective", "elbo")
+    assert records[-1]["objective"] == options.get("name", "elbo")
     assert main(["evaluate", str(run), "--num-samples", "4", "--no-progress"]) == 0
 
 
@@ -208,10 +212,40 @@ def test_evaluate_with_every_estimator(tmp_path, capsys):
 def test_config_of_an_earlier_version_loads_with_its_legacy_key_translated():
     from pvae import RunConfig
 
-    assert RunConfig.from_dict({"learn_scale": False}).gaussian_scale == "fixed"
-    assert RunConfig.from_dict({"learn_scale": True}).gaussian_scale == "global"
+    gaussian = {"likelihood": "gaussian"}
+    assert RunConfig.from_dict({**gaussian, "learn_scale": False}).likelihood["scale_mode"] == "fixed"
+    assert RunConfig.from_dict({**gaussian, "learn_scale": True}).likelihood["scale_mode"] == "global"
     with pytest.raises(ValueError, match="legacy key 'learn_scale'"):
-        RunConfig.from_dict({"learn_scale": True, "gaussian_scale": "per-dim"})
+        RunConfig.from_dict({**gaussian, "learn_scale": True, "gaussian_scale": "per-dim"})
+    with pytest.raises(ValueError, match="config version 7 is not known"):
+        RunConfig.from_dict({"version": 7})
+
+
+def test_a_run_directory_of_pvae_0_1_loads_evaluates_and_resumes(tmp_path, digits):
+    """tests/data/run-0.1 was written by pvae 0.1 (commit 90a7d19): a flat config.json and an
+    unsealed checkpoint of a VampPrior/IAF model. It loads under the nested config with the same
+    weights in the same places (the guide mean and decoder output that 0.1 computed), evaluates,
+    and resumes training."""
+    import shutil
+
+    run_dir = tmp_path / "run-0.1"
+    shutil.copytree(Path(__file__).parent / "data" / "run-0.1", run_dir)
+    reference = json.loads((run_dir / "reference.json").read_text())
+    run = pvae.load_run(run_dir)
+    assert run.config.prior == pvae.Part("vamp", pseudo_inputs=5)
+    assert run.config.guide == pvae.Part("iaf", num_flows=1, context_dim=None)
+    assert run.config.objective["beta"] == 0.5 and run.config.net["hidden"] == (16,)
+    assert len(run.history.records) == 2
+    x = digits.test[:8]
+    with torch.no_grad():
+        mean = run.vae.guide_net.mean(x)
+        torch.testing.assert_close(mean, torch.tensor(reference["guide_mean"]), rtol=1e-5, atol=1e-6)
+        assert float(run.vae.decoder(mean).sum()) == pytest.approx(reference["decoder_out_sum"], rel=1e-5)
+    report = pvae.evaluate_run(run_dir, num_samples=5, progress=False)
+    assert report.estimates["iwae"].num_samples == 5
+    resumed = pvae.train_run(run.config.replace(training={"epochs": 3}), run_dir, resume=True, progress=False)
+    assert len(resumed.history.records) == 3
+    assert json.loads((run_dir / "config.json").read_text())["version"] == pvae.CONFIG_VERSION
 
 
 def test_a_run_on_data_passed_in_python_is_never_evaluated_on_the_registry_data(tmp_path, digits):
@@ -222,14 +256,14 @@ def test_a_run_on_data_passed_in_python_is_never_evaluated_on_the_registry_data(
 
     mine = dataclasses.replace(digits, train=digits.train[:300], valid=digits.valid[:50], test=digits.test[:40],
                                labels=None)
-    config = pvae.RunConfig(latent_dim=2, hidden=(16,), epochs=1)
+    config = pvae.RunConfig(latent_dim=2, net={'hidden': (16,)}, training={'epochs': 1})
     pvae.train_run(config, tmp_path / "run", progress=False, dataset=mine)
     with pytest.raises(ValueError, match="passed in Python .* differ from the registry"):
         pvae.evaluate_run(tmp_path / "run", num_samples=3, progress=False, write=False)
     report = pvae.evaluate_run(tmp_path / "run", num_samples=3, progress=False, write=False, dataset=mine)
-    assert report["num_datapoints"] == 40 and report["data"]["training_data"] is True
+    assert report.num_datapoints == 40 and report.data["training_data"] is True
     report = pvae.evaluate_run(tmp_path / "run", num_samples=3, progress=False, write=False, dataset=digits)
-    assert report["num_datapoints"] == digits.test.shape[0] and report["data"]["training_data"] is False
+    assert report.num_datapoints == digits.test.shape[0] and report.data["training_data"] is False
 
 
 def test_old_flag_spellings_still_work_and_say_they_are_deprecated(tmp_path, capsys, digits):
@@ -237,7 +271,7 @@ def test_old_flag_spellings_still_work_and_say_they_are_deprecated(tmp_path, cap
     assert main(["train", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--objective", "iwae",
                  "--K", "2", "--run-dir", str(run), "--no-progress"]) == 0
     assert "--K is deprecated" in capsys.readouterr().err
-    assert json.loads((run / "config.json").read_text())["num_particles"] == 2
+    assert json.loads((run / "config.json").read_text())["objective"]["num_particles"] == 2
     assert main(["evaluate", str(run), "--K", "3", "--estimators", "ais", "--ais-chains", "2", "--ais-steps", "3",
                  "--no-progress"]) == 0
     err = capsys.readouterr().err

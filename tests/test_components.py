@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import pvae
-from pvae.config import NETS, RunConfig, build_vae
+from conftest import part
+from pvae.config import RunConfig, build_vae
+from pvae.nets import NETS
 from pvae.guides import GUIDES
 from pvae.likelihoods import LIKELIHOODS
 from pvae.priors import PRIORS
@@ -26,8 +28,8 @@ def make_guide(name, data_dim=DATA, latent_dim=LATENT):
 
 
 def make_prior(name, latent_dim=LATENT):
-    config = RunConfig(latent_dim=latent_dim, mog_components=3, vamp_pseudo_inputs=4)
-    return PRIORS.get(name).from_config(config, make_guide("diagonal", latent_dim=latent_dim))
+    return PRIORS.build(part("prior", name, num_components=3, pseudo_inputs=4), latent_dim=latent_dim,
+                        guide=make_guide("diagonal", latent_dim=latent_dim))
 
 
 def importance_check(log_prob, sample, dim, n=100_000):
@@ -175,9 +177,7 @@ def test_guide_state_dict_round_trip(name):
 
 # ------------------------------------------------------------------------------- likelihoods
 def _likelihood(name, d):
-    config = RunConfig(likelihood=name, gaussian_scale="per-dim" if name == "gaussian" else "fixed",
-                       likelihood_scale=0.7)
-    return LIKELIHOODS.get(name).from_config(d, config)
+    return LIKELIHOODS.build(part("likelihood", name, scale_mode="per-dim", scale=0.7), data_dim=d)
 
 
 @pytest.mark.parametrize("name", LIKELIHOODS.names())
@@ -228,8 +228,7 @@ COMBOS = [(p, g) for p, g in itertools.product(PRIORS.names(), GUIDES.names()) i
 
 @pytest.mark.parametrize("prior, guide", COMBOS)
 def test_every_prior_guide_combination_trains_on_digits(prior, guide, digits):
-    config = RunConfig(prior=prior, guide=guide, latent_dim=3, hidden=(32,), mog_components=3,
-                       vamp_pseudo_inputs=5)
+    config = RunConfig(guide=guide, latent_dim=3, net={'hidden': (32,)}, prior=part("prior", prior, num_components=3, pseudo_inputs=5))
     vae = build_vae(config, digits.data_dim)
     history = pvae.fit(vae, digits.train[:400], digits.valid[:100], epochs=2, batch_size=50,
                        num_particles=2, progress=False)
@@ -242,7 +241,7 @@ def test_every_prior_guide_combination_trains_on_digits(prior, guide, digits):
 @pytest.mark.parametrize("net", NETS.names())
 def test_nets_build_for_digits_and_mnist_shapes(net):
     for data_dim, dataset in ((64, "digits"), (784, "binarized-mnist")):
-        vae = build_vae(RunConfig(dataset=dataset, net=net, latent_dim=3, hidden=(16,), channels=(4, 8)), data_dim)
+        vae = build_vae(RunConfig(dataset=dataset, latent_dim=3, net=part("net", net, hidden=(16,), channels=(4, 8))), data_dim)
         x = (torch.rand(5, data_dim) < 0.3).float()
         loss, _ = pvae.make_objective("elbo", 2).loss_and_value(vae, x)
         assert torch.isfinite(loss)
@@ -250,21 +249,22 @@ def test_nets_build_for_digits_and_mnist_shapes(net):
 
 
 def test_vamp_iaf_run_rebuilds_from_config_and_evaluates(tmp_path, digits):
-    config = RunConfig(prior="vamp", guide="iaf", latent_dim=3, hidden=(32,), epochs=2, vamp_pseudo_inputs=5)
-    vae, _ = pvae.train_run(config, tmp_path / "run", progress=False, dataset=digits)
-    saved, loaded = pvae.load_run(tmp_path / "run")
+    config = RunConfig(guide='iaf', latent_dim=3, net={'hidden': (32,)}, training={'epochs': 2}, prior={'name': 'vamp', 'pseudo_inputs': 5})
+    vae = pvae.train_run(config, tmp_path / "run", progress=False, dataset=digits).vae
+    run = pvae.load_run(tmp_path / "run")
+    saved, loaded = run.config, run.vae
     assert saved == config
     assert type(loaded.prior).__name__ == "VampPrior" and type(loaded.guide_net).__name__ == "IAFGuide"
     x = digits.test[:20]
     vae.eval()
     torch.testing.assert_close(loaded.log_joint(x, loaded.encode(x)), vae.log_joint(x, vae.encode(x)))
     report = pvae.evaluate_run(tmp_path / "run", num_samples=5, progress=False, write=False)
-    assert report["estimates"]["iwae"]["mean"] >= report["estimates"]["elbo"]["mean"]
+    assert report.estimates["iwae"].mean >= report.estimates["elbo"].mean
 
 
 # ------------------------------------------------------------------------------- non-amortized
 def test_non_amortized_guide_trains_per_datapoint_parameters(digits):
-    config = RunConfig(latent_dim=3, hidden=(32,))
+    config = RunConfig(latent_dim=3, net={'hidden': (32,)})
     vae = build_vae(config, digits.data_dim)
     x = digits.train[:300]
     guide = pvae.NonAmortizedGuide(digits.data_dim, 3, num_datapoints=x.shape[0])
@@ -279,7 +279,7 @@ def test_non_amortized_guide_trains_per_datapoint_parameters(digits):
 
 
 def test_non_amortized_guide_refines_an_encoder_and_needs_indices(digits):
-    vae = build_vae(RunConfig(latent_dim=3, hidden=(32,)), digits.data_dim)
+    vae = build_vae(RunConfig(latent_dim=3, net={'hidden': (32,)}), digits.data_dim)
     x = digits.test[:50]
     refined = pvae.NonAmortizedGuide.from_guide(vae.guide_net, x)
     torch.testing.assert_close(refined.mean(x, torch.arange(50)), vae.encode(x))
@@ -296,7 +296,7 @@ def test_non_amortized_guide_refines_an_encoder_and_needs_indices(digits):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("prior, guide", COMBOS)
 def test_every_combination_moves_to_cuda(prior, guide):
-    config = RunConfig(prior=prior, guide=guide, latent_dim=3, hidden=(16,), mog_components=3, vamp_pseudo_inputs=4)
+    config = RunConfig(guide=guide, latent_dim=3, net={'hidden': (16,)}, prior=part("prior", prior, num_components=3, pseudo_inputs=4))
     vae = build_vae(config, 64).cuda()
     x = (torch.rand(5, 64, device="cuda") < 0.3).float()
     loss, _ = pvae.make_objective("elbo", 2).loss_and_value(vae, x)
@@ -340,7 +340,7 @@ def test_gated_mlp_is_the_vampprior_papers_gated_dense_layer():
     torch.testing.assert_close(layer(x), expected)
     assert net(x).shape == (2, 7, 3)
     with pytest.raises(pvae.UsageError, match="gated.*mlp"):
-        pvae.RunConfig(dataset="binarized-mnist", net="conv", activation="gated")
-    config = pvae.RunConfig(dataset="binarized-mnist", latent_dim=40, hidden=(300, 300), activation="gated")
+        pvae.RunConfig(dataset='binarized-mnist', net={'name': 'conv', 'activation': 'gated'})
+    config = pvae.RunConfig(dataset='binarized-mnist', latent_dim=40, net={'hidden': (300, 300), 'activation': 'gated'})
     vae = pvae.build_vae(config, 784)
     assert sum(isinstance(m, GatedLinear) for m in vae.modules()) == 4  # two in the encoder, two in the decoder

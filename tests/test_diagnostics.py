@@ -54,7 +54,7 @@ def test_active_units_and_kl_per_dimension():
 
 
 def test_kl_per_dimension_refuses_non_factorized_parts():
-    vae = pvae.build_vae(pvae.RunConfig(guide="full-rank", latent_dim=2, hidden=(8,)), 64)
+    vae = pvae.build_vae(pvae.RunConfig(guide='full-rank', latent_dim=2, net={'hidden': (8,)}), 64)
     with pytest.raises(ValueError, match="diagonal Gaussian"):
         kl_per_dimension(vae, torch.zeros(3, 64))
 
@@ -117,11 +117,11 @@ def test_inference_gaps_against_the_closed_form_on_the_linear_gaussian_model():
     # the refined q* is optimal up to second order in its parameter error (< 1e-2)
     assert ((exact_log_marginal(vae, x).detach() - elbo_star) - optimal_gap).abs().max() < 1e-3
     # the Monte Carlo estimates agree with the closed forms within their standard errors
-    se = gaps["elbo_refined"].mc_stderr
+    se = gaps["elbo_refined"].mc_stderr_per_datapoint
     assert ((gaps["approximation_gap"] - (exact_log_marginal(vae, x).detach() - elbo_star)).abs()
             < torch.tensor([mc_tolerance(s, 1e-6 / 4) for s in se])).all()
     exact_amortization = elbo_star - exact_elbo(vae, x).detach()
-    se2 = (gaps["elbo_refined"].mc_stderr ** 2 + gaps["elbo_amortized"].mc_stderr ** 2).sqrt()
+    se2 = (gaps["elbo_refined"].mc_stderr_per_datapoint ** 2 + gaps["elbo_amortized"].mc_stderr_per_datapoint ** 2).sqrt()
     assert ((gaps["amortization_gap"] - exact_amortization).abs()
             < torch.tensor([mc_tolerance(s, 1e-6 / 4) for s in se2])).all()
     assert (gaps["amortization_gap"] > 0).all()  # the untrained encoder is far from q*
@@ -135,7 +135,7 @@ def test_inference_gaps_against_the_closed_form_on_the_linear_gaussian_model():
 
 
 def test_inference_gaps_need_a_diagonal_gaussian_guide():
-    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(8,), guide="iaf"), 6)
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, guide='iaf', net={'hidden': (8,)}), 6)
     with pytest.raises(ValueError, match="needs a DiagonalGaussianGuide"):
         pvae.diagnostics.inference_gaps(vae, (torch.rand(3, 6) < 0.5).float())
 
@@ -145,7 +145,7 @@ def test_diagnostics_refuse_what_they_cannot_measure(digits):
     k-hat/ESS (it would read as a perfect proposal) and cannot be trained with the IWAE bound."""
     import pvae
 
-    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(16,)), digits.data_dim)
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, net={'hidden': (16,)}), digits.data_dim)
     with torch.no_grad():
         next(vae.guide_net.parameters()).fill_(float("nan"))
     with pytest.raises(pvae.DivergenceError, match="NaN or infinite"):

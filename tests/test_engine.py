@@ -22,6 +22,7 @@ import torch
 from pyro.infer import SVI, Predictive, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 
 import pvae
+from conftest import part
 from pvae import engine
 from pvae._rng import seeded
 from pvae.config import RunConfig, build_vae
@@ -117,7 +118,7 @@ class LaplaceVAE(pvae.VAE):
 def direct_log_weights(vae, x, z):
     """log p(x, z) - log q(z|x) of the edited model, written out by hand."""
     log_prior = dist.Laplace(0.0, 1.0).log_prob(z).sum(-1)
-    return log_prior + vae.likelihood(vae.decoder(z)).log_prob(x) - vae.posterior(x).log_prob(z)
+    return log_prior + vae.likelihood(vae.decoder(z)).log_prob(x) - vae.guide_distribution(x).log_prob(z)
 
 
 def test_an_overridden_model_changes_every_estimate(digits):
@@ -126,7 +127,7 @@ def test_an_overridden_model_changes_every_estimate(digits):
     assert base.programs_are_builtin() and not vae.programs_are_builtin()
     x, k = digits.test[:20], 64
     with seeded(3):
-        q = vae.posterior(x)
+        q = vae.guide_distribution(x)
         z = q.rsample((k,))
     with torch.no_grad():
         lw = direct_log_weights(vae, x, z)
@@ -151,7 +152,7 @@ def test_an_overridden_model_changes_every_estimate(digits):
         _, value = pvae.make_objective("iwae", k).loss_and_value(vae, x)
     torch.testing.assert_close(value, expected_iwae.float().mean(), atol=1e-4, rtol=0)
     # AIS with the two-point schedule is importance sampling from the start distribution
-    ais = pvae.ais.ais(vae, x, num_chains=k, betas=[0.0, 1.0], start="guide", seed=3)
+    ais = pvae.ais(vae, x, num_chains=k, betas=[0.0, 1.0], start="guide", seed=3)
     torch.testing.assert_close(ais.values, expected_iwae, atol=1e-4, rtol=0)
     # diagnostics: the exported log-weights are the edited model's
     idata = pvae.to_inference_data(vae, x, num_samples=k, seed=3)
@@ -181,7 +182,7 @@ def test_ais_on_an_overridden_model_is_unbiased_for_its_exact_marginal():
     log_px = dist.MultivariateNormal(b, covariance_matrix=cov).log_prob(x).detach()
     log_px_unedited = pvae.testing.exact_log_marginal(lg, x).detach()
     assert (log_px - log_px_unedited).abs().min() > 0.3
-    reps = torch.stack([pvae.ais.ais(vae, x, num_chains=4, num_steps=30, seed=s).values for s in range(40)])
+    reps = torch.stack([pvae.ais(vae, x, num_chains=4, num_steps=30, seed=s).values for s in range(40)])
     for target, should_hold in ((log_px, True), (log_px_unedited, False)):
         ratio = (reps - target).exp()
         se = ratio.std(0) / math.sqrt(reps.shape[0])
@@ -205,7 +206,7 @@ def test_a_handler_wrapped_program_is_followed_and_never_takes_the_fast_path(dig
     torch.testing.assert_close(scaled, expected.double(), atol=1e-4, rtol=0)
     # scale 2 doubles log p(x, z): the estimate is 2 log p - log q, not the built-in value
     with seeded(0), torch.no_grad():
-        q = vae.posterior(x)
+        q = vae.guide_distribution(x)
         z = q.rsample((32,))
         manual = (2 * vae.log_joint(x, z) - q.log_prob(z)).mean(0).double()
     torch.testing.assert_close(scaled, manual, atol=1e-3, rtol=0)
@@ -240,7 +241,7 @@ def test_a_model_guide_pair_of_the_users_own(digits):
 
     def guide(x, index=None):
         with pyro.plate("data", x.shape[0], dim=-1):
-            pyro.sample("z", exact_guide.posterior(x))
+            pyro.sample("z", exact_guide.guide_distribution(x))
 
     pair = engine.ModelGuidePair(model, guide, module=lg)
     with torch.no_grad():
@@ -254,11 +255,9 @@ def _conformance_vaes():
     for prior, guide in itertools.product(PRIORS.names(), GUIDES.names()):
         if (prior, guide) == ("vamp", "delta") or GUIDES.get(guide).needs_index:
             continue
-        yield f"{prior}-{guide}-bernoulli", RunConfig(prior=prior, guide=guide, latent_dim=3, hidden=(8,),
-                                                      mog_components=3, vamp_pseudo_inputs=4)
+        yield f"{prior}-{guide}-bernoulli", RunConfig(guide=guide, latent_dim=3, net={'hidden': (8,)}, prior=part("prior", prior, num_components=3, pseudo_inputs=4))
     for likelihood in LIKELIHOODS.names():
-        yield f"standard-normal-diagonal-{likelihood}", RunConfig(likelihood=likelihood, latent_dim=3, hidden=(8,),
-                                                                  gaussian_scale="per-dim")
+        yield f"standard-normal-diagonal-{likelihood}", RunConfig(latent_dim=3, net={'hidden': (8,)}, likelihood=part("likelihood", likelihood, scale_mode="per-dim"))
 
 
 CONFORMANCE = dict(_conformance_vaes())
@@ -311,7 +310,7 @@ def test_conformance_covers_every_registered_part():
 
 
 def test_density_fast_path_equals_the_conditioned_program():
-    vae = build_vae(RunConfig(prior="mog", latent_dim=3, hidden=(8,), mog_components=3), 10)
+    vae = build_vae(RunConfig(latent_dim=3, net={'hidden': (8,)}, prior={'name': 'mog', 'num_components': 3}), 10)
     x, z = _data_for(vae), torch.randn(4, 6, 3)
     fast = engine.log_density(vae, x, {"z": z}, path="fast")
     trace = engine.log_density(vae, x, {"z": z}, path="trace")
@@ -365,7 +364,7 @@ class ShiftedGuideVAE(pvae.VAE):
     """The user's edit of the guide: q(z|x) shifted by +1 in every latent dimension."""
 
     def guide(self, x, index=None, **kwargs):
-        q = self.posterior(x)
+        q = self.guide_distribution(x)
         with pyro.plate("data", x.shape[0], dim=-1):
             return pyro.sample("z", dist.Normal(q.mean + 1.0, q.stddev).to_event(1))
 
@@ -387,9 +386,9 @@ def test_reconstruction_and_active_units_follow_an_overridden_guide(digits):
 def test_naive_estimate_and_ais_run_for_every_prior(prior, digits):
     """The naive estimator draws from the model's prior site as the program does (a mixture
     has no rsample and needs none there); AIS starts from the prior or the guide."""
-    config = RunConfig(prior=prior, latent_dim=2, hidden=(16,), mog_components=3, vamp_pseudo_inputs=4)
+    config = RunConfig(latent_dim=2, net={'hidden': (16,)}, prior=part("prior", prior, num_components=3, pseudo_inputs=4))
     vae = build_vae(config, digits.data_dim)
     x = digits.test[:6]
     assert math.isfinite(pvae.naive_prior_estimate(vae, x, 20).mean)
     for start in ("prior", "guide"):
-        assert math.isfinite(pvae.ais.ais(vae, x, num_chains=3, num_steps=4, start=start).mean)
+        assert math.isfinite(pvae.ais(vae, x, num_chains=3, num_steps=4, start=start).mean)

@@ -10,25 +10,25 @@ from conftest import requires_cuda
 
 @requires_cuda
 def test_training_on_cuda_and_loading_the_run_on_cpu(tmp_path, digits):
-    config = pvae.RunConfig(latent_dim=2, hidden=(32,), epochs=2, device="cuda")
-    vae, history = pvae.train_run(config, tmp_path / "run", progress=False, dataset=digits)
+    config = pvae.RunConfig(latent_dim=2, net={'hidden': (32,)}, training={'epochs': 2, 'device': 'cuda'})
+    vae = pvae.train_run(config, tmp_path / "run", progress=False, dataset=digits).vae
     assert all(p.device.type == "cuda" for p in vae.parameters())
     assert all(b.device.type == "cuda" for b in vae.buffers())
     assert vae.sample(4, seed=0).device.type == "cuda"
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert all(v.device.type == "cpu" for v in ckpt["model"].values())
-    _, on_cpu = pvae.load_run(tmp_path / "run", device="cpu")
+    on_cpu = pvae.load_run(tmp_path / "run", device="cpu").vae
     x = digits.test[:16]
     torch.testing.assert_close(on_cpu.encode(x), vae.encode(x.cuda()).cpu(), rtol=1e-4, atol=1e-5)
     report = pvae.evaluate_run(tmp_path / "run", num_samples=5, device="cuda", progress=False, write=False)
-    assert report["estimates"]["iwae"]["num_samples"] == 5
+    assert report.estimates["iwae"].num_samples == 5
 
 
 @requires_cuda
 def test_resume_on_cuda_continues_the_same_trajectory(tmp_path, digits):
     def build():
         torch.manual_seed(0)
-        return pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(32,)), digits.data_dim)
+        return pvae.build_vae(pvae.RunConfig(latent_dim=2, net={'hidden': (32,)}), digits.data_dim)
 
     kw = dict(batch_size=100, progress=False, restore_best=False, device="cuda")
     a = build()
@@ -48,7 +48,7 @@ def test_train_steps_never_synchronise_with_the_host(digits):
 
     x = digits.train[:100].cuda()
     for mode in ("eager", "cuda-graph"):
-        vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(32,)), digits.data_dim).cuda()
+        vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, net={'hidden': (32,)}), digits.data_dim).cuda()
         step = TrainStep(vae, pvae.make_objective("elbo"), _optimizer(vae, 1e-3), mode)
         step(x)  # first call: capture (allowed to synchronise)
         torch.cuda.synchronize()
@@ -66,7 +66,7 @@ def test_cuda_graph_fit_trains_like_eager_and_handles_the_last_partial_batch(dig
     histories = {}
     for mode in ("eager", "cuda-graph"):
         torch.manual_seed(0)
-        vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, hidden=(32,)), digits.data_dim)
+        vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, net={'hidden': (32,)}), digits.data_dim)
         # 1197 training images in batches of 100: the 12th minibatch has 97 (runs eagerly)
         histories[mode] = pvae.fit(vae, digits.train, epochs=5, batch_size=100, device="cuda", step=mode,
                                    progress=False)

@@ -11,7 +11,7 @@ from pvae.testing import exact_elbo, linear_gaussian_vae, mc_tolerance
 
 
 def small_vae(data_dim=64, latent_dim=3):
-    config = pvae.RunConfig(latent_dim=latent_dim, hidden=(16,))
+    config = pvae.RunConfig(latent_dim=latent_dim, net={'hidden': (16,)})
     return pvae.build_vae(config, data_dim)
 
 
@@ -79,7 +79,7 @@ def test_objectives_run_with_vectorized_particles_and_reach_parameters(name, par
     objective = pvae.make_objective(name, particles)
     loss, value = objective.loss_and_value(vae, binary_batch())
     loss.backward()
-    assert torch.isfinite(loss) and value == -loss.detach()
+    assert torch.isfinite(loss) and torch.isfinite(value)
     grads = [p.grad for p in vae.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert all(g.abs().sum() > 0 for g in grads)
@@ -141,7 +141,7 @@ def test_bad_data_gets_a_clear_error(bad, message):
 
 
 def test_gaussian_learned_scale_is_trained():
-    lik = pvae.GaussianLikelihood(4, scale=0.3, learn_scale=True)  # = scale_mode="global"
+    lik = pvae.GaussianLikelihood(4, scale=0.3, scale_mode="global")
     assert any(p is lik.log_scale for p in lik.parameters())
     torch.testing.assert_close(lik.scale, torch.tensor(0.3))
     fixed = pvae.GaussianLikelihood(4, scale=0.3)

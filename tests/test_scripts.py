@@ -36,9 +36,13 @@ SCRIPTS = {
         "--dataset", "digits", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--K", "3",
         "--runs", "elbo,iwae-5-dreg,warmup-5,mmd-vae", "--out-dir", "{tmp}/out", "--summary", "{tmp}/summary.json",
     ],
+    "experiments/reproduce.py": [
+        "vae-standard-analytic", "--root", "{tmp}/reproduce", "--max-time", "1", "--no-evaluate",
+        "--out", "{tmp}/reproduce.json",
+    ],
     "experiments/components_grid.py": [
         "--dataset", "digits", "--priors", "standard-normal,vamp", "--guides", "diagonal,planar",
-        "--epochs", "1", "--latent-dim", "2", "--hidden", "16", "--extra", "--pseudo-inputs 3",
+        "--epochs", "1", "--latent-dim", "2", "--hidden", "16", "--extra", "--lr 0.002",
         "--out-dir", "{tmp}/grid", "--summary", "{tmp}/grid.json",
     ],
 }

@@ -11,7 +11,7 @@ import pvae
 from pvae.checkpoint import load_checkpoint
 from pvae.train import CHECKPOINT_FILE, METRICS_FILE
 
-SMALL = pvae.RunConfig(latent_dim=4, hidden=(32,))
+SMALL = pvae.RunConfig(latent_dim=4, net={'hidden': (32,)})
 
 
 def small_vae(data):
@@ -31,7 +31,7 @@ def test_loss_decreases_on_digits(digits):
 def test_default_digits_run_reaches_stated_validation_elbo(digits, tmp_path):
     """README states: `pvae train` (defaults) reaches a validation ELBO above -20 nats."""
     config = pvae.RunConfig()
-    vae, history = pvae.train_run(config, tmp_path / "run", progress=False, dataset=digits)
+    history = pvae.train_run(config, tmp_path / "run", progress=False, dataset=digits).history
     assert history.best_val_elbo > -20.0
 
 

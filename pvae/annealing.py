@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -232,7 +233,21 @@ _ANNEALING_DEFAULTS = {
 }
 
 
-def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, **ais_options) -> dict:
+@dataclass(frozen=True)
+class BDMCBounds:
+    """The sandwich of :func:`bdmc`: ``lower`` (forward AIS) and ``upper`` (reverse AIS)
+    estimates of log p(x), each an :class:`~pvae.estimators.Estimate`."""
+
+    lower: Estimate
+    upper: Estimate
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """Per datapoint upper minus lower bound (nats): it bounds the error of both."""
+        return self.upper.values - self.lower.values
+
+
+def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, **ais_options) -> BDMCBounds:
     r"""Bidirectional Monte Carlo (Grosse et al., 2015) on data simulated from the model.
 
     For :math:`z^* \sim p(z)`, :math:`x \sim p(x|z^*)`, :math:`z^*` is an exact posterior
@@ -246,7 +261,7 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
     :param ais_options: the annealing settings of :func:`ais` (``num_chains``, ``num_steps``,
         ``betas``, ``start``, ``num_leapfrog``, ``step_size``, ``target_accept``,
         ``adapt_step_size``; its defaults), used by both directions.
-    :returns: ``{"lower": Estimate, "upper": Estimate, "gap": (B,) tensor}``.
+    :returns: :class:`BDMCBounds` (``lower``, ``upper``, ``gap``).
     """
     if z_exact.dim() != 2 or z_exact.shape[0] != x.shape[0]:
         raise UsageError(f"z_exact must have shape ({x.shape[0]}, latent_dim), got {tuple(z_exact.shape)}")
@@ -264,4 +279,4 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
         lw, acc = _anneal(vae, x, r, z, forward.flip(0), o["num_leapfrog"], o["step_size"], o["target_accept"],
                           o["adapt_step_size"], site=site)
     upper = _estimate("reverse-ais", [lw], [acc], o["num_chains"], reciprocal=True)
-    return {"lower": lower, "upper": upper, "gap": upper.values - lower.values}
+    return BDMCBounds(lower, upper)

@@ -1,0 +1,67 @@
+"""Every swappable part in one place: priors, guides, likelihoods, nets, objectives.
+
+Each family has a registry (name -> class or factory) whose entries declare their options in
+their constructors (:mod:`pvae.options`); a config names a part and its options::
+
+    from pvae.parts import PRIORS, VampPrior
+    PRIORS.options("vamp")      # {'pseudo_inputs': Option(name='pseudo_inputs', type=int, default=50, ...)}
+    VampPrior(latent_dim=40, guide=vae.guide_net, pseudo_inputs=500)
+"""
+
+from .guides import (
+    GUIDES,
+    DeltaGuide,
+    DiagonalGaussianGuide,
+    FlowGuide,
+    FullRankGaussianGuide,
+    Guide,
+    IAFGuide,
+    NonAmortizedGuide,
+    PlanarGuide,
+    SylvesterGuide,
+)
+from .likelihoods import (
+    LIKELIHOODS,
+    BernoulliLikelihood,
+    ContinuousBernoulliLikelihood,
+    GaussianLikelihood,
+    Likelihood,
+    PoissonLikelihood,
+)
+from .nets import ACTIVATIONS, NETS, MLP, ConvDecoder, ConvEncoder, ConvNets, GatedLinear, MLPNets
+from .objectives import (
+    OBJECTIVES,
+    ElboObjective,
+    FreeBitsObjective,
+    InfoVAEObjective,
+    IWAEObjective,
+    KLSchedule,
+    Objective,
+    make_objective,
+)
+from .options import Option, Part
+from .priors import (
+    PRIORS,
+    FlowPrior,
+    LearnedDiagonalPrior,
+    MixtureOfGaussiansPrior,
+    Prior,
+    StandardNormalPrior,
+    VampPrior,
+)
+
+#: config section -> registry
+REGISTRIES = {"net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS, "objective": OBJECTIVES}
+
+__all__ = [
+    "GUIDES", "DeltaGuide", "DiagonalGaussianGuide", "FlowGuide", "FullRankGaussianGuide", "Guide", "IAFGuide",
+    "NonAmortizedGuide", "PlanarGuide", "SylvesterGuide",
+    "LIKELIHOODS", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "GaussianLikelihood", "Likelihood",
+    "PoissonLikelihood",
+    "ACTIVATIONS", "NETS", "MLP", "ConvDecoder", "ConvEncoder", "ConvNets", "GatedLinear", "MLPNets",
+    "OBJECTIVES", "ElboObjective", "FreeBitsObjective", "InfoVAEObjective", "IWAEObjective", "KLSchedule",
+    "Objective", "make_objective",
+    "Option", "Part",
+    "PRIORS", "FlowPrior", "LearnedDiagonalPrior", "MixtureOfGaussiansPrior", "Prior", "StandardNormalPrior",
+    "VampPrior", "REGISTRIES",
+]
