@@ -10,6 +10,7 @@ saved on a GPU loads on a machine without one).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -20,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import UsageError
+from .errors import DiskFullError, UsageError
 
 SEALED_FORMAT = "pvae-sealed-1"
 
@@ -47,9 +48,15 @@ def atomic_write(path: os.PathLike, write: Callable[[Any], None], mode: str = "w
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(
+                f"no space left on the device holding {path} while writing it ({exc.strerror}); "
+                f"{'the previous ' + path.name + ' is intact' if path.exists() else 'nothing was written'}: "
+                "free some space and run again (pvae train --resume continues a run)"
+            ) from exc
         raise
 
 
@@ -64,7 +71,10 @@ def save_checkpoint(state: dict, path: os.PathLike) -> None:
     payload = buffer.getvalue()
     sealed = {"format": SEALED_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
               "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
-    atomic_write(path, lambda fh: torch.save(sealed, fh))
+    buffer = io.BytesIO()
+    torch.save(sealed, buffer)  # in memory: a full disk then fails a plain write (an OSError), not
+    # torch's zip writer half-way (a RuntimeError that says nothing of the disk)
+    atomic_write(path, lambda fh: fh.write(buffer.getbuffer()))
 
 
 def load_checkpoint(path: os.PathLike) -> dict:

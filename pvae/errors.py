@@ -32,3 +32,7 @@ class RunExistsError(UsageError, FileExistsError):
 
 class NotARunError(UsageError, FileNotFoundError):
     """The folder is not a pvae run directory."""
+
+
+class DiskFullError(UsageError, OSError):
+    """No space left where a file was being written; the previous file is intact."""

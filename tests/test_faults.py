@@ -101,9 +101,69 @@ def test_a_damaged_checkpoint_is_detected(tmp_path, capsys, digits):
 
 
 def test_a_second_process_cannot_train_into_a_locked_run_directory(tmp_path):
-    config = pvae.RunConfig(latent_dim=2, hidden=(16,), epochs=1)
+    config = pvae.RunConfig(latent_dim=2, net={'hidden': (16,)}, training={'epochs': 1})
     with run_lock(tmp_path / "run"):
         with pytest.raises(RunLockedError, match="in use by another pvae process"):
             pvae.train_run(config, tmp_path / "run", progress=False)
     pvae.train_run(config, tmp_path / "run", progress=False)  # released: trains
     assert (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def _small_run(digits, run_dir, epochs):
+    config = pvae.RunConfig(latent_dim=2, net={"hidden": (16,)}, training={"epochs": epochs, "patience": None})
+    return pvae.train_run(config, run_dir, progress=False, dataset=digits, resume=(run_dir / "config.json").exists())
+
+
+def test_a_full_disk_during_a_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, digits, monkeypatch):
+    """The write fails with ENOSPC after part of the file is out: the previous checkpoint is byte
+    for byte what it was, no temporary file is left, the error says what happened and what to do,
+    and the run resumes once there is space again."""
+    import errno
+    import os
+
+    run_dir = tmp_path / "run"
+    _small_run(digits, run_dir, 1)
+    before = (run_dir / "checkpoint.pt").read_bytes()
+    real_fsync = os.fsync
+
+    def full(fd):  # only the checkpoint's temporary file meets a full disk
+        if ".checkpoint.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", full)  # the bytes went to the page cache; the flush fails
+    with pytest.raises(pvae.DiskFullError, match="no space left.*previous checkpoint.pt is intact.*--resume"):
+        _small_run(digits, run_dir, 2)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert (run_dir / "checkpoint.pt").read_bytes() == before
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+    assert len(_small_run(digits, run_dir, 2).history.records) == 2
+
+
+def test_a_real_full_file_system_keeps_the_previous_checkpoint(tmp_path, digits):
+    """The same on a real 2 MiB tmpfs (needs root and mount; skipped where unavailable), filled
+    with ballast after the first epoch so that half a checkpoint fits."""
+    import shutil
+
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        run_dir = mount_point / "run"
+        config = pvae.RunConfig(latent_dim=2, net={"hidden": (64,)}, training={"epochs": 1, "patience": None})
+        pvae.train_run(config, run_dir, progress=False, dataset=digits)
+        before = (run_dir / "checkpoint.pt").read_bytes()
+        ballast = mount_point / "ballast"
+        free = shutil.disk_usage(mount_point).free
+        ballast.write_bytes(b"\0" * max(free - len(before) // 2, 0))  # room for half a checkpoint
+        with pytest.raises(pvae.DiskFullError, match="previous checkpoint.pt is intact"):
+            pvae.train_run(config.replace(training={"epochs": 2}), run_dir, resume=True, progress=False,
+                           dataset=digits)
+        assert (run_dir / "checkpoint.pt").read_bytes() == before
+        ballast.unlink()
+        assert len(pvae.train_run(config.replace(training={"epochs": 2}), run_dir, resume=True,
+                                  progress=False, dataset=digits).history.records) == 2
+    finally:
+        subprocess.run(["umount", str(mount_point)], capture_output=True)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import pvae
+from conftest import part
 from pvae.config import NETS, RunConfig, build_vae
 from pvae.guides import GUIDES
 from pvae.likelihoods import LIKELIHOODS
@@ -46,9 +47,11 @@ def test_every_accepted_combination_trains_and_evaluates_or_is_refused_clearly(
         digits, prior, guide, likelihood, net, objective, particles, latent):
     data = _data(digits, likelihood)
     try:
-        config = RunConfig(prior=prior, guide=guide, likelihood=likelihood, net=net, objective=objective,
-                           num_particles=particles, latent_dim=latent, hidden=(16,), channels=(4, 8),
-                           mog_components=2, vamp_pseudo_inputs=3, num_flows=1, gaussian_scale="per-dim")
+        config = RunConfig(latent_dim=latent, net=part("net", net, hidden=(16,), channels=(4, 8)),
+                           objective={"name": objective, "num_particles": particles},
+                           prior=part("prior", prior, num_components=2, pseudo_inputs=3),
+                           likelihood=part("likelihood", likelihood, scale_mode="per-dim"),
+                           guide=part("guide", guide, num_flows=1))
         vae = build_vae(config, digits.data_dim)
         history = pvae.fit(vae, data["train"], data["valid"], epochs=1, batch_size=40,
                            objective=config.build_objective(), progress=False)
@@ -67,14 +70,14 @@ def test_every_accepted_combination_trains_and_evaluates_or_is_refused_clearly(
         assert _finite(bounds["elbo"].mean) and _finite(bounds["iwae"].mean)
         assert bool((bounds["iwae"].values >= bounds["elbo"].values - 1e-4).all())  # same draws: Jensen
         if vae.guide_net.scores_any_point:
-            assert _finite(pvae.ais.ais(vae, x, num_chains=2, num_steps=3, start="guide").mean)
+            assert _finite(pvae.ais(vae, x, num_chains=2, num_steps=3, start="guide").mean)
         else:
             with pytest.raises(pvae.UsageError, match="only score its own samples"):
-                pvae.ais.ais(vae, x, num_chains=2, num_steps=3, start="guide")
+                pvae.ais(vae, x, num_chains=2, num_steps=3, start="guide")
     else:
         with pytest.raises(pvae.UsageError, match="point mass"):
             pvae.evaluate_bounds(vae, x, 5)
-    assert _finite(pvae.ais.ais(vae, x, num_chains=2, num_steps=3, start="prior").mean)
+    assert _finite(pvae.ais(vae, x, num_chains=2, num_steps=3, start="prior").mean)
     assert _finite(pvae.naive_prior_estimate(vae, x, 5).mean)
     pvae.latent_diagnostics(vae, x)
 
@@ -94,12 +97,12 @@ BAD_DATA = {
 
 @pytest.mark.parametrize("what", sorted(BAD_DATA))
 def test_bad_data_gets_a_usage_error_everywhere(digits, what):
-    vae = build_vae(RunConfig(latent_dim=2, hidden=(8,)), digits.data_dim)
+    vae = build_vae(RunConfig(latent_dim=2, net={'hidden': (8,)}), digits.data_dim)
     bad = BAD_DATA[what](digits)
     for call in (lambda: pvae.fit(vae, bad, epochs=1, progress=False),
                  lambda: pvae.evaluate_bounds(vae, bad, 3),
                  lambda: pvae.naive_prior_estimate(vae, bad, 3),
-                 lambda: pvae.ais.ais(vae, bad, num_chains=2, num_steps=2),
+                 lambda: pvae.ais(vae, bad, num_chains=2, num_steps=2),
                  lambda: pvae.reconstruction_error(vae, bad)):
         with pytest.raises(pvae.UsageError):
             call()
@@ -128,3 +131,55 @@ def test_bad_command_lines_are_one_line_usage_errors(argv, capsys, tmp_path):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.startswith("pvae ") and len(err.strip().splitlines()) == 1
+
+
+def _train_flags():
+    from pvae.cli import _parser
+
+    train = _parser()._subparsers._group_actions[0].choices["train"]
+    skip = {"-h", "--help", "--config", "--run-dir", "--resume", "--no-progress", "--device", "--epochs",
+            "--dataset", "--max-time", "--checkpoint-every", "--batch-size", "--compile", "--step"}
+    return sorted(s for a in train._actions for s in a.option_strings if s not in skip and not s.startswith("--no-"))
+
+
+_NAMES = sorted(set(PRIORS.names()) | set(GUIDES.names()) | set(LIKELIHOODS.names()) | set(NETS.names())
+                | set(OBJECTIVES.names()) | {"gated", "relu", "global", "cyclical", "bce", "mse", "autoencoder"})
+_VALUES = st.one_of(st.sampled_from(_NAMES), st.integers(-2, 4).map(str), st.sampled_from(
+    ["0.5", "1e9", "nan", "-inf", "none", "8,8", "", "x", "4,0"]))
+
+
+@settings(max_examples=max(EXAMPLES // 2, 10), deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(flags=st.lists(st.tuples(st.sampled_from(_train_flags()), _VALUES), max_size=4))
+def test_any_command_line_trains_or_is_refused_in_one_line_and_writes_nothing(flags):
+    """Drawn `pvae train` command lines (every generated flag, valid and invalid values): the run
+    trains (exit 0, a checkpoint) or is refused (exit 2: one line, or argparse's usage message for
+    an unparsable value) and nothing is written; never exit 1 (a bug) or a traceback."""
+    import contextlib
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from pvae.cli import main
+
+    argv = ["train", "--dataset", "digits", "--latent-dim", "2", "--hidden", "8", "--epochs", "1",
+            "--no-progress"]
+    for flag, value in flags:
+        argv += [flag] if flag in ("--dreg",) else [flag, value]
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv + ["--run-dir", str(run)])
+            except SystemExit as exc:  # argparse: a value of the wrong type or an unknown choice
+                code = exc.code
+        message = err.getvalue()
+        assert code in (0, 2), f"exit {code} for {argv}:\n{message}"
+        assert "Traceback" not in message, argv
+        if code == 0:
+            event("trained")
+            assert (run / "checkpoint.pt").exists()
+        else:
+            event("refused")
+            assert not (run / "checkpoint.pt").exists() and not (run / "config.json").exists(), argv
