@@ -73,7 +73,8 @@ def state_of(name: str, root: Path) -> dict:
         return {"status": "not started"}
     records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     training = json.loads((CONFIGS / f"{name}.json").read_text())["training"]
-    best = max(records, key=lambda r: r["val_elbo"])
+    metric = records[0]["val_metric"]
+    best = max(records, key=lambda r: r[metric])
     last = records[-1]
     stopped = last["epoch"] - best["epoch"] >= training["patience"]
     done = stopped or last["epoch"] >= training["epochs"]
@@ -81,7 +82,8 @@ def state_of(name: str, root: Path) -> dict:
         "status": "finished (early stopping)" if stopped else "finished (max epochs)" if done else "in progress",
         "epochs_run": last["epoch"],
         "best_epoch": best["epoch"],
-        "best_val_elbo": best["val_elbo"],
+        "validation_metric": metric,
+        "best_val": best[metric],
         "train_seconds": sum(r["seconds"] for r in records),
         "devices": sorted({r.get("device", "unrecorded") for r in records}),
         "done": done,
@@ -160,7 +162,7 @@ def main(argv=None):
     result = summary(names, args.root, args.num_samples, args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({n: {k: r.get(k) for k in ("status", "epochs_run", "best_val_elbo")}
+    print(json.dumps({n: {k: r.get(k) for k in ("status", "epochs_run", "validation_metric", "best_val")}
                       for n, r in result["runs"].items()}, indent=1))
 
 

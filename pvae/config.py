@@ -55,7 +55,9 @@ class Training:
     :param patience: stop after this many epochs without a better validation metric (null: never).
     :param int seed: seeds the initial weights, the data order and the sampling.
     :param str device: cpu, cuda or cuda:N.
-    :param int val_num_samples: samples per datapoint for the validation ELBO.
+    :param int val_num_samples: samples per datapoint for the validation bound.
+    :param str val_bound: the validation metric (early stopping, best model): elbo, or iwae (L_K
+        with K = val_num_samples, for models trained on L_K).
     :param str step: the training step: auto (a CUDA graph on CUDA, eager elsewhere), eager,
         compile (torch.compile) or cuda-graph.
     :param max_time: seconds for one training call; it stops after the epoch in which they run
@@ -70,6 +72,7 @@ class Training:
     seed: int = 0
     device: str = "cpu"
     val_num_samples: int = 1
+    val_bound: Literal["elbo", "iwae"] = "elbo"
     step: Literal["auto", "eager", "compile", "cuda-graph"] = "auto"
     max_time: Optional[float] = None
     checkpoint_every: int = 1

@@ -28,7 +28,7 @@ def elbo_curves(records: Sequence[dict]) -> Figure:
            if r.get(metric) is not None]
     if val:
         e, v, s = (torch.tensor(c, dtype=torch.float64) for c in zip(*val))
-        label = {"val_elbo": "validation ELBO", "val_reconstruction": "validation log p(x|code)"}.get(metric, metric)
+        label = {"val_elbo": "validation ELBO", "val_iwae": "validation L_K", "val_reconstruction": "validation log p(x|code)"}.get(metric, metric)
         (line,) = ax.plot(e, v, label=f"{label} (± s.e.)")
         ax.fill_between(e, v - s, v + s, alpha=0.3, color=line.get_color())
     ax.set_xlabel("epoch")

@@ -163,6 +163,7 @@ def train_run(
             step=training.step,
             max_time=training.max_time,
             checkpoint_every=training.checkpoint_every,
+            val_bound=training.val_bound,
         )
         write_figures(vae, data, history, run_dir)
     return Run(run_dir, config, vae, history)

@@ -41,8 +41,8 @@ class History:
     epoch's minibatches, nats per datapoint, as the parameters moved), ``val_metric`` (the
     name of the validation metric), its value and ``<name>_stderr``, and ``seconds``. The
     validation metric is ``val_elbo`` (ELBO on the validation data at the end of the epoch,
-    ``val_num_samples`` samples per datapoint, nats per datapoint) when the guide has a
-    density, else ``val_reconstruction`` (:math:`\\log p(x|\\hat z)` at the encoder's code).
+    ``val_num_samples`` samples per datapoint, nats per datapoint; ``val_iwae``, L_K with
+    K = ``val_num_samples``, when fit's ``val_bound="iwae"``) when the guide has a density, else ``val_reconstruction`` (:math:`\\log p(x|\\hat z)` at the encoder's code).
     """
 
     records: List[dict] = field(default_factory=list)
@@ -91,11 +91,12 @@ def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _validate(vae, valid_data, num_samples, seed):
-    """The validation metric: the ELBO if the guide has a density, else the reconstruction
-    log-likelihood at the encoder's code. Runs under its own seed (training draws unchanged)."""
+def _validate(vae, valid_data, num_samples, seed, bound="elbo"):
+    """The validation metric: the ELBO (or, with ``bound="iwae"``, L_K with K = ``num_samples``)
+    if the guide has a density, else the reconstruction log-likelihood at the encoder's code.
+    Runs under its own seed (training draws unchanged)."""
     if vae.guide_net.has_density:
-        return "val_elbo", evaluate_bounds(vae, valid_data, num_samples, seed=seed)["elbo"]
+        return f"val_{bound}", evaluate_bounds(vae, valid_data, num_samples, seed=seed)[bound]
     return "val_reconstruction", reconstruction_error(vae, valid_data)["reconstruction"]
 
 
@@ -284,6 +285,7 @@ def fit(
     check_every: Optional[int] = None,
     max_time: Optional[float] = None,
     checkpoint_every: int = 1,
+    val_bound: str = "elbo",
 ) -> History:
     """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
 
@@ -323,6 +325,9 @@ def fit(
         (and always after the last epoch of the call); ``metrics.jsonl`` is written with it.
         A resumed run restarts from the last checkpoint, so a crash loses at most this many
         epochs. Raise it when an epoch takes less time than writing the checkpoint (a GPU).
+    :param str val_bound: the validation metric for early stopping and best-model selection:
+        ``"elbo"`` or ``"iwae"`` (L_K with K = ``val_num_samples``: for models trained on L_K,
+        whose ELBO falls while their bound still rises).
     :returns: :class:`History`.
     :raises FloatingPointError: with ``nonfinite="raise"`` (the parameters never hold a
         non-finite update and the last checkpoint is the previous epoch's).
@@ -340,6 +345,8 @@ def fit(
         raise UsageError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
     if check_every is not None and (isinstance(check_every, bool) or int(check_every) != check_every or check_every < 1):
         raise UsageError(f"check_every must be a positive integer or None, got {check_every!r}")
+    if val_bound not in ("elbo", "iwae"):
+        raise UsageError(f"val_bound must be 'elbo' or 'iwae', got {val_bound!r}")
     if max_time is not None and not (isinstance(max_time, (int, float)) and max_time > 0):
         raise UsageError(f"max_time must be a positive number of seconds or None, got {max_time!r}")
     if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
@@ -384,6 +391,8 @@ def fit(
     options = objective.options() if hasattr(objective, "options") else {}
     if options:  # beta, warm-up, DReG, InfoVAE weights: resuming with others is an error
         fit_args["objective_options"] = options
+    if val_bound != "elbo":  # early stopping on another metric is another run
+        fit_args["val_bound"] = val_bound
     resumed_rng = None
     if ckpt_path is not None and ckpt_path.exists():
         if not resume:
@@ -427,7 +436,7 @@ def fit(
                     "val_metric": None,
                 }
                 if valid_data is not None:
-                    metric, est = _validate(vae, valid_data, val_num_samples, seed)
+                    metric, est = _validate(vae, valid_data, val_num_samples, seed, val_bound)
                     record.update({
                         "val_metric": metric,
                         metric: est.mean,

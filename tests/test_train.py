@@ -233,3 +233,21 @@ def test_max_time_stops_after_an_epoch_and_resume_finishes_the_same_run(digits, 
         assert torch.equal(v, limited.state_dict()[k]), k
     with pytest.raises(pvae.UsageError, match="max_time"):
         pvae.fit(limited, digits.train, epochs=1, max_time=0, progress=False)
+
+
+def test_validation_on_the_importance_weighted_bound(digits, tmp_path):
+    """val_bound="iwae": the validation metric is L_K with K = val_num_samples (at least the ELBO
+    of the same draws, and what early stopping and the best model follow); a run resumes only
+    with the same metric."""
+    vae = small_vae(digits)
+    history = pvae.fit(vae, digits.train, digits.valid, epochs=2, val_num_samples=8, val_bound="iwae",
+                       run_dir=tmp_path, progress=False)
+    assert history.val_metric == "val_iwae" and history.best_val == max(r["val_iwae"] for r in history.records)
+    last = pvae.evaluate_bounds(vae, digits.valid, 8, seed=0)
+    assert history.records[-1]["val_iwae"] == pytest.approx(last["iwae"].mean) or history.best_epoch != 2
+    assert last["iwae"].mean > last["elbo"].mean
+    with pytest.raises(pvae.UsageError, match="cannot resume"):
+        pvae.fit(vae, digits.train, digits.valid, epochs=3, val_num_samples=8, run_dir=tmp_path, resume=True,
+                 progress=False)
+    with pytest.raises(pvae.UsageError, match="val_bound"):
+        pvae.fit(vae, digits.train, epochs=1, val_bound="naive", progress=False)
