@@ -60,7 +60,9 @@ class _SetOption(argparse.Action):
 
 #: sections whose options also get an unprefixed flag (``--beta``, ``--hidden``) when no other
 #: section declares an option of that name
-_UNPREFIXED_SECTIONS = ("net", "objective")
+_UNPREFIXED_SECTIONS = ("dataset", "net", "objective")
+#: options that keep their prefix even when unique (a bare --path would say nothing)
+_PREFIXED_ONLY = ("path",)
 #: spellings of pvae 0.1 that now have another name: flag -> (new flag, targets)
 _LEGACY_FLAGS = {
     "--flows": ("--guide-num-flows / --prior-num-flows", (("guide", "num_flows"), ("prior", "num_flows"))),
@@ -83,7 +85,7 @@ def _add_option_flags(train) -> None:
                 declared.setdefault((section, name), (option, []))[1].append(part)
     for (section, name), (option, parts) in declared.items():
         flags = [f"--{section}-{name.replace('_', '-')}"]
-        if section in _UNPREFIXED_SECTIONS and by_name[name] == {section}:
+        if section in _UNPREFIXED_SECTIONS and by_name[name] == {section} and name not in _PREFIXED_ONLY:
             flags.insert(0, option.flag)
         if (section, name) == ("objective", "num_particles"):
             flags.insert(0, "--particles")  # the vocabulary's short spelling
@@ -120,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Train a VAE. Without arguments: the 8x8 digits data set, about a minute on 2 CPU cores.",
     )
     train.add_argument("--config", type=Path, help="JSON run config; flags override its values")
-    train.add_argument("--dataset", help=f"one of {DATASETS.names()}")
+    train.add_argument("--data", type=Path, help="your own data: a .npy, .npz, .pt, .csv or .tsv file or a folder "
+                       "of images (same as --dataset file --dataset-path PATH; see --split, --image-size)")
     train.add_argument("--model", choices=MODELS,
                        help="'autoencoder': the plain deterministic autoencoder (delta guide, reconstruction loss)")
     train.add_argument("--loss", choices=sorted(AUTOENCODER_LOSSES),
@@ -147,6 +150,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="num_samples: importance samples per datapoint (K of L_K)")
     _alias(ev, "--K", "--num-samples", "num_samples")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--data", type=Path, help="score other data (a file or image folder, read with the run's own "
+                    "file options); its dimension must match the model's")
     ev.add_argument("--batch-size", type=int, default=100, help="datapoints per batch")
     ev.add_argument("--chunk-size", type=int, default=None,
                     help="samples per chunk (default: from a memory budget on the device)")
@@ -168,7 +173,12 @@ def _parser() -> argparse.ArgumentParser:
 def _config_from_args(args) -> RunConfig:
     """The run config: ``--config`` (or the defaults) changed by the flags given."""
     base = RunConfig.load(args.config) if args.config else RunConfig()
-    changes = {k: getattr(args, k) for k in ("dataset", "model", "latent_dim") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in ("model", "latent_dim") if getattr(args, k) is not None}
+    if args.data is not None:
+        if args.dataset not in (None, "file"):
+            raise UsageError(f"--data reads your own file; it conflicts with --dataset {args.dataset}")
+        args.dataset = "file"
+        args.options.insert(0, ((("dataset", "path"),), str(args.data.expanduser().resolve()), "--data"))
     names = {s: getattr(args, s) or getattr(base, s).name for s in PART_REGISTRIES}
     if args.model == "autoencoder":
         preset = autoencoder_settings(args.loss or "bce")
@@ -216,7 +226,8 @@ def _train(args) -> int:
     from .runs import train_run
 
     config = _config_from_args(args)
-    run_dir = args.run_dir or Path("runs") / f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    data_name = Path(config.dataset["path"]).stem if config.dataset.name == "file" else config.dataset.name
+    run_dir = args.run_dir or Path("runs") / f"{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress, command=sys.argv)
     history = run.history
     summary = {
@@ -235,6 +246,16 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from .runs import evaluate_run
 
+    dataset = None
+    if args.data is not None:  # other data, read with the run's own file options where it has them
+        from .data import load_dataset
+        from .runs import CONFIG_FILE
+
+        if not (args.run_dir / CONFIG_FILE).exists():
+            raise UsageError(f"{args.run_dir} is not a pvae run directory: {CONFIG_FILE} is missing")
+        trained_on = RunConfig.load(args.run_dir / CONFIG_FILE).dataset
+        options = {k: v for k, v in trained_on.kwargs.items() if k != "path"} if trained_on.name == "file" else {}
+        dataset = load_dataset({"name": "file", **options, "path": str(args.data.expanduser().resolve())})
     report = evaluate_run(
         args.run_dir,
         split=args.split,
@@ -250,6 +271,7 @@ def _evaluate(args) -> int:
         ais_start=args.ais_start,
         ais_schedule=args.ais_schedule,
         psis_datapoints=args.psis_datapoints,
+        dataset=dataset,
     )
     print(report.summary())
     return 0

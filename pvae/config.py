@@ -3,7 +3,7 @@
 A :class:`RunConfig` holds everything needed to rebuild a model and repeat its training; it is
 saved as ``config.json`` (format :data:`CONFIG_VERSION`) in each run directory::
 
-    {"version": 2, "dataset": "binarized-mnist", "model": "vae", "latent_dim": 40,
+    {"version": 2, "dataset": {"name": "binarized-mnist"}, "model": "vae", "latent_dim": 40,
      "net": {"name": "mlp", "hidden": [300, 300], "activation": "gated"},
      "prior": {"name": "vamp", "pseudo_inputs": 500},
      "guide": {"name": "diagonal"},
@@ -41,7 +41,7 @@ CONFIG_VERSION = 2
 MODELS = ("vae", "autoencoder")
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
 #: config section -> registry of its parts
-PART_REGISTRIES = {"net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS,
+PART_REGISTRIES = {"dataset": DATASETS, "net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS,
                    "objective": OBJECTIVES}
 
 
@@ -106,19 +106,13 @@ class Training:
         return cls(**value)
 
 
-#: top-level options (beside the part sections and ``training``)
-TOP_LEVEL_HELP = {
-    "dataset": "a registered data set",
-    "model": "'vae', or 'autoencoder' for the plain deterministic autoencoder",
-    "latent_dim": "size of z (the code layer)",
-}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One training run: ``dataset``, ``model``, ``latent_dim``, one :class:`~pvae.options.Part`
-    per section (``net``, ``prior``, ``guide``, ``likelihood``, ``objective``) and the
-    :class:`Training` settings.
+    """One training run: ``model``, ``latent_dim``, one :class:`~pvae.options.Part` per section
+    (``dataset`` — a registered name or ``Part("file", path=...)`` —, ``net``, ``prior``,
+    ``guide``, ``likelihood``, ``objective``) and the :class:`Training` settings.
 
     A part may be given as a :class:`~pvae.options.Part`, a name (default options) or a
     mapping; a mapping without ``"name"`` keeps the section's default part::
@@ -129,7 +123,7 @@ class RunConfig:
     The stored parts carry every option of the chosen part, defaults filled in.
     """
 
-    dataset: str = "digits"
+    dataset: Part = Part("digits")
     model: str = "vae"
     latent_dim: int = 8
     net: Part = Part("mlp")
@@ -140,7 +134,6 @@ class RunConfig:
     training: Training = Training()
 
     def __post_init__(self):
-        DATASETS.get(self.dataset)  # raises with the valid choices
         if self.model not in MODELS:
             raise UsageError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
         if isinstance(self.latent_dim, bool) or int(self.latent_dim) != self.latent_dim or self.latent_dim < 1:
@@ -164,8 +157,8 @@ class RunConfig:
             if self.net["activation"] == "gated":
                 raise UsageError("activation 'gated' (a gated dense layer) is for net 'mlp'; pick an "
                                  "elementwise activation for net 'conv'")
-            if image_shape_of(self.dataset) is None:
-                raise UsageError(f"net 'conv' needs image data; data set {self.dataset!r} has no image shape")
+            if self.dataset.name != "file" and image_shape_of(self.dataset) is None:  # a file's is known once read
+                raise UsageError(f"net 'conv' needs image data; data set {self.dataset.name!r} has no image shape")
 
     def build_objective(self):
         """The :class:`~pvae.objectives.Objective` this config trains with."""
@@ -203,8 +196,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         training = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.training).items()}
-        return {"version": CONFIG_VERSION, "dataset": self.dataset, "model": self.model,
-                "latent_dim": self.latent_dim,
+        return {"version": CONFIG_VERSION, "model": self.model, "latent_dim": self.latent_dim,
                 **{section: getattr(self, section).to_dict() for section in PART_REGISTRIES},
                 "training": training}
 
@@ -305,7 +297,7 @@ def autoencoder_config(
 def build_vae(config: RunConfig, data_dim: int, image_shape: Optional[Sequence[int]] = None) -> VAE:
     """Compose the VAE described by ``config`` for data of ``data_dim`` dimensions
     (``image_shape`` defaults to the registered data set's, for convolutional nets)."""
-    if image_shape is None:
+    if image_shape is None and config.dataset.name != "file":
         image_shape = image_shape_of(config.dataset)
     nets = NETS.build(config.net)
     likelihood = LIKELIHOODS.build(config.likelihood, data_dim=data_dim)

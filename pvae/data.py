@@ -36,7 +36,7 @@ import torch
 from .errors import UsageError
 from .registry import Registry
 
-DATASETS: Registry = Registry("dataset")
+DATASETS: Registry = Registry("dataset", context=("cache_dir",))
 SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "PVAE_DATA_DIR"
 
@@ -58,6 +58,7 @@ class Dataset:
     :ivar labels: dict split -> int64 tensor ``(N,)``, or None when unlabelled.
     :ivar image_shape: ``(H, W)`` for image data (for plots), else None.
     :ivar bool binary: all values are 0 or 1.
+    :ivar source: where the data came from, for a user's file (path, size, SHA-256, split), else None.
     """
 
     name: str
@@ -65,8 +66,9 @@ class Dataset:
     valid: torch.Tensor
     test: torch.Tensor
     labels: Optional[dict] = None
-    image_shape: Optional[Tuple[int, int]] = None
+    image_shape: Optional[Tuple[int, ...]] = None
     binary: bool = False
+    source: Optional[dict] = None
 
     @property
     def data_dim(self) -> int:
@@ -102,8 +104,10 @@ def _image_shape(shape):
     return decorate
 
 
-def image_shape_of(name: str) -> Optional[Tuple[int, int]]:
-    """The image shape ``(H, W)`` of a registered data set, or None for non-image data."""
+def image_shape_of(name) -> Optional[Tuple[int, ...]]:
+    """The image shape ``(H, W)`` of a registered data set (a name or a part), or None for
+    non-image data and for files (whose shape is known once they are read)."""
+    name = getattr(name, "name", name)
     return getattr(DATASETS.get(name), "image_shape", None)
 
 
@@ -115,10 +119,39 @@ def data_dir() -> Path:
     return Path.home() / ".cache" / "pvae"
 
 
-def load_dataset(name: str, cache_dir: Optional[os.PathLike] = None) -> Dataset:
-    """Load a registered data set by name (downloading into the cache if needed)."""
-    loader: Callable[..., Dataset] = DATASETS.get(name)
-    return loader(Path(cache_dir) if cache_dir is not None else data_dir())
+def load_dataset(name, cache_dir: Optional[os.PathLike] = None) -> Dataset:
+    """Load a data set: a registered name (downloading into the cache if needed), a
+    :class:`~pvae.options.Part` such as ``Part("file", path="my.npy", split=(0.8, 0.1, 0.1))``,
+    or a mapping ``{"name": "file", "path": ...}``."""
+    return DATASETS.build(name, cache_dir=Path(cache_dir) if cache_dir is not None else data_dir())
+
+
+@DATASETS.register("file")
+def _load_user_file(
+    cache_dir: Path,
+    path: str = "",
+    split: Tuple[float, ...] = (0.8, 0.1, 0.1),
+    split_seed: int = 0,
+    image_size: Optional[Tuple[int, ...]] = None,
+    image_shape: Optional[Tuple[int, ...]] = None,
+    label_column: Optional[str] = None,
+    binarize: bool = False,
+) -> Dataset:
+    """Your own data (:func:`pvae.files.load_file`).
+
+    :param str path: a .npy, .npz, .pt, .csv or .tsv file, or a folder of images.
+    :param split: train,valid,test fractions for data without splits in the file.
+    :param int split_seed: seed of that random split.
+    :param image_size: resize a folder's images to H,W (default: they must be the same size).
+    :param image_shape: the image shape of flat rows (e.g. 28,28), for conv nets and figures.
+    :param label_column: the CSV column (name or index) that holds labels, not data.
+    :param bool binarize: threshold the values at 0.5 (for a Bernoulli likelihood).
+    """
+    from .files import load_file
+
+    if not path:
+        raise UsageError("data set 'file' needs a path (pvae train --data PATH)")
+    return load_file(path, split, split_seed, image_size, image_shape, label_column, binarize)
 
 
 # ---------------------------------------------------------------------------- digits

@@ -77,8 +77,8 @@ class BernoulliLikelihood(Likelihood):
             bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
             raise UsageError(
                 "the Bernoulli likelihood needs binary data (every value 0 or 1), but the data "
-                f"contain other values (e.g. {bad}); binarize the data, or choose a likelihood "
-                "for real-valued data such as 'gaussian'"
+                f"contain other values (e.g. {bad}); binarize the data (--binarize), or choose a "
+                "likelihood for them: 'continuous-bernoulli' (values in [0, 1]) or 'gaussian' (any reals)"
             )
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:

@@ -85,9 +85,12 @@ def latent_scatter(
     z: torch.Tensor, labels: Optional[torch.Tensor] = None, title: str = "latent means E_q[z|x]"
 ) -> Figure:
     """Scatter of 2-D latent codes, coloured by label; higher-dimensional codes are projected
-    on their first two principal components (the axis labels say which)."""
+    on their first two principal components (the axis labels say which); a 1-D code is drawn
+    against the datapoint's position."""
     z = z.detach().cpu().double()
-    if z.shape[-1] == 2:
+    if z.shape[-1] == 1:
+        xy, axis = torch.stack([z[:, 0], torch.arange(z.shape[0], dtype=z.dtype)], 1), ("z1", "datapoint")
+    elif z.shape[-1] == 2:
         xy, axis = z, ("z1", "z2")
     else:
         centred = z - z.mean(0)

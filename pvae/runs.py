@@ -118,9 +118,9 @@ def train_run(
     device = resolve_device(training.device)
     data = dataset if dataset is not None else load_dataset(config.dataset)
     with seeded(training.seed):  # initial weights are a function of the config's seed
-        vae = build_vae(config, data.data_dim)
-    vae.check_data(data.train, f"{config.dataset} training data")
-    vae.check_data(data.valid, f"{config.dataset} validation data")
+        vae = build_vae(config, data.data_dim, data.image_shape)
+    vae.check_data(data.train, f"{data.name} training data")
+    vae.check_data(data.valid, f"{data.name} validation data")
     objective = config.build_objective()
     check_objective(objective, vae, data.train, training.batch_size)
     with run_lock(run_dir):  # a second process training into run_dir is refused
@@ -143,7 +143,9 @@ def train_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
         write_json(environment(config, device, command), run_dir / ENV_FILE)
-        write_json({"name": data.name, "source": "registry" if dataset is None else "python",
+        write_json({"name": data.name, "source": "python" if dataset is not None else
+                    ("file" if data.source is not None else "registry"), "file": data.source,
+                    "image_shape": list(data.image_shape) if data.image_shape else None,
                     "fingerprint": data.fingerprint()}, run_dir / DATA_FILE)
         history = fit(
             vae,
@@ -201,7 +203,9 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Run:
     config = RunConfig.load(run_dir / CONFIG_FILE)
     ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
     state = ckpt["best_model"] if best and ckpt.get("best_model") is not None else ckpt["model"]
-    vae = build_vae(config, ckpt["fit"]["data_dim"])
+    record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else {}
+    image_shape = tuple(record["image_shape"]) if record.get("image_shape") else None
+    vae = build_vae(config, ckpt["fit"]["data_dim"], image_shape)
     vae.load_state_dict(state)
     vae.to(resolve_device(device))
     vae.eval()
@@ -209,18 +213,35 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Run:
     return Run(run_dir, config, vae, history)
 
 
+def _check_file_unchanged(source: dict, run_dir) -> None:
+    """A run trained on a user's file is evaluated on that file only while it is unchanged."""
+    from .files import file_sha256
+
+    path = Path(source["path"])
+    if not path.exists():
+        raise UsageError(f"{run_dir} was trained on {path}, which no longer exists; restore it, or "
+                         "evaluate other data explicitly (pvae evaluate RUN --data OTHER)")
+    digest = file_sha256(path)
+    if digest != source["sha256"]:
+        raise UsageError(f"{path} changed since {run_dir} was trained on it (SHA-256 {digest[:12]} now, "
+                         f"{source['sha256'][:12]} then); restore it, or evaluate it as other data "
+                         "(pvae evaluate RUN --data PATH)")
+
+
 def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset]):
     """The data to evaluate on and a note for the report (see :func:`evaluate_run`)."""
     record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else None
     from_registry = dataset is None
     if from_registry:
+        if record is not None and record.get("source") == "file":
+            _check_file_unchanged(record["file"], run_dir)
         dataset = load_dataset(config.dataset)
     fingerprint = dataset.fingerprint()
     if from_registry and record is not None and fingerprint != record["fingerprint"]:
         if record.get("source") == "python":
             raise UsageError(
                 f"{run_dir} was trained on data passed in Python (data set {record['name']!r}) that differ from "
-                f"the registry data set {config.dataset!r}; pass the same data: evaluate_run(..., dataset=...)"
+                f"the registry data set {config.dataset.name!r}; pass the same data: evaluate_run(..., dataset=...)"
             )
         raise UsageError(
             f"the registry data set {dataset.name!r} differs from the data {run_dir} was trained on "
@@ -280,11 +301,14 @@ def evaluate_run(
     run = load_run(run_dir, device)
     config, vae = run.config, run.vae
     data, data_note = _evaluation_data(Path(run_dir), config, dataset)
+    if data.data_dim != vae.data_dim:
+        raise UsageError(f"data set {data.name!r} has {data.data_dim} values per datapoint but the model of "
+                         f"{run_dir} takes {vae.data_dim}; evaluate data of the same kind")
     x = data.split(split).to(vae.device)
     if chunk_size is None:  # resolved here so that the report names the chunk size that ran
         chunk_size = auto_chunk_size(vae, batch_size, num_samples, vae.device)
     estimates = reconstruction_error(vae, x)
-    report = EvaluationReport(run_dir=str(run_dir), dataset=config.dataset, model=config.model, split=split,
+    report = EvaluationReport(run_dir=str(run_dir), dataset=data.name, model=config.model, split=split,
                               data=data_note, num_datapoints=int(x.shape[0]), seed=seed, batch_size=batch_size,
                               chunk_size=chunk_size, num_samples=num_samples)
     wanted_bounds = [e for e in ("elbo", "iwae") if e in estimators]

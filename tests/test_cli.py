@@ -27,7 +27,7 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
         assert (run / name).is_file(), name
     config = json.loads((run / "config.json").read_text())
     assert config["version"] == pvae.CONFIG_VERSION
-    assert config["latent_dim"] == 2 and config["net"]["hidden"] == [32] and config["dataset"] == "digits"
+    assert config["latent_dim"] == 2 and config["net"]["hidden"] == [32] and config["dataset"] == {"name": "digits"}
     env = json.loads((run / "env.json").read_text())
     assert env["seed"] == 0 and env["device"] == "cpu" and "torch" in env and "pyro" in env
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3

@@ -1,0 +1,345 @@
+"""A user's own data: one file or a folder of images, as a :class:`~pvae.data.Dataset`.
+
+Formats (by suffix): ``.npy`` (one array), ``.npz`` (arrays ``train``/``valid``/``test``, or one
+array; labels as ``<split>_labels`` or ``labels``), ``.pt`` (a tensor, or a dict like ``.npz``),
+``.csv``/``.tsv`` (numeric columns, an optional header row, an optional label column), and a
+folder of PNG/JPEG/BMP images (greyscale or colour; in class subfolders, the folder names are
+the labels). Arrays of shape ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` are images: their
+shape is inferred and kept for conv nets and image figures; 8-bit images are scaled to [0, 1].
+Without splits in the file, a seeded random split (``split`` fractions, ``split_seed``) is made.
+
+The data set records its source (path, size, SHA-256 of the file or of the folder's files, how
+it was split), so that a run is evaluated on exactly the data it was trained on and a file that
+changed since is refused. Bad data are refused before anything is written, naming the rows or
+files at fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .errors import UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
+ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".csv", ".tsv")
+_SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
+
+
+class DataFileError(UsageError):
+    """A data file that cannot be used as it is; the message names the file and the fix."""
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a folder's files (relative names and bytes, sorted)."""
+    h = hashlib.sha256()
+    if path.is_dir():
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            h.update(hashlib.sha256(p.read_bytes()).digest())
+    else:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(q.stat().st_size for q in path.rglob("*") if q.is_file())
+    return path.stat().st_size
+
+
+# ------------------------------------------------------------------------------ readers
+def _named_arrays(mapping, path) -> Dict[str, np.ndarray]:
+    """train/valid/test (+ labels) from a mapping of arrays, or {"all": the one array}."""
+    keys = list(mapping.keys())
+    out = {}
+    for split, aliases in _SPLIT_ALIASES.items():
+        for alias in aliases:
+            if alias in mapping:
+                out[split] = np.asarray(mapping[alias])
+                for label_key in (f"{alias}_labels", f"{alias}_y", f"y_{alias}"):
+                    if label_key in mapping:
+                        out[f"{split}_labels"] = np.asarray(mapping[label_key])
+                break
+    if out:
+        missing = [s for s in _SPLIT_ALIASES if s not in out]
+        if missing:
+            raise DataFileError(f"{path} names the splits {sorted(k for k in out if '_' not in k)} but not "
+                                f"{missing}; give all of train, valid and test, or one array to be split")
+        return out
+    arrays = [k for k in keys if k not in ("labels", "y")]
+    if len(arrays) != 1:
+        raise DataFileError(f"{path} holds arrays {keys}; name them train/valid/test (with optional "
+                            "<split>_labels), or store one array (and optionally 'labels')")
+    out = {"all": np.asarray(mapping[arrays[0]])}
+    for label_key in ("labels", "y"):
+        if label_key in mapping:
+            out["all_labels"] = np.asarray(mapping[label_key])
+    return out
+
+
+def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
+    delimiter = "\t" if path.suffix == ".tsv" else ","
+    with open(path, newline="") as fh:
+        rows = [row for row in csv.reader(fh, delimiter=delimiter) if row and any(c.strip() for c in row)]
+    if not rows:
+        raise DataFileError(f"{path} holds no rows")
+
+    def numeric(cell):
+        try:
+            float(cell)
+            return True
+        except ValueError:
+            return False
+
+    header = None
+    if not all(numeric(c) for c in rows[0]):
+        header, rows = [c.strip() for c in rows[0]], rows[1:]
+    width = len(header) if header else len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            line = i + (2 if header else 1)
+            raise DataFileError(f"{path}: line {line} has {len(row)} columns, expected {width} "
+                                "(ragged rows); fix the file so that every row has the same columns")
+    label_index = None
+    if label_column is not None:
+        if header and label_column in header:
+            label_index = header.index(label_column)
+        elif label_column.lstrip("-").isdigit() and -width <= int(label_column) < width:
+            label_index = int(label_column) % width
+        else:
+            raise DataFileError(f"{path}: no label column {label_column!r}"
+                                + (f"; columns: {', '.join(header)}" if header else " (the file has no header; give a column index)"))
+    values, labels = [], []
+    for i, row in enumerate(rows):
+        line = i + (2 if header else 1)
+        try:
+            numbers = [float(c) for j, c in enumerate(row) if j != label_index]
+        except ValueError:
+            bad = next(c for j, c in enumerate(row) if j != label_index and not numeric(c))
+            raise DataFileError(f"{path}: line {line} has a non-numeric value {bad!r}; only numeric columns "
+                                "(and one --label-column) can be modelled") from None
+        values.append(numbers)
+        if label_index is not None:
+            labels.append(row[label_index].strip())
+    out = {"all": np.asarray(values, dtype=np.float64)}
+    if labels:
+        names = sorted(set(labels))
+        out["all_labels"] = np.asarray([names.index(v) for v in labels])
+    return out
+
+
+def _read_images(folder: Path, image_size: Optional[Tuple[int, ...]]) -> Dict[str, np.ndarray]:
+    from PIL import Image
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataFileError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    images = []
+    for p in files:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                images.append(im.copy())
+        except Exception as exc:  # PIL raises several kinds for a damaged or foreign file
+            raise DataFileError(f"{p} is not a readable image ({type(exc).__name__}: {exc}); "
+                                "remove or replace it") from None
+    colour = any(im.mode not in ("1", "L", "LA", "I", "I;16", "F") for im in images)
+    mode = "RGB" if colour else "L"
+    if image_size is not None:
+        if len(image_size) != 2:
+            raise DataFileError(f"image_size must be height,width, got {image_size}")
+        size = (int(image_size[1]), int(image_size[0]))  # PIL takes (width, height)
+        images = [im.convert(mode).resize(size, Image.BILINEAR) for im in images]
+    else:
+        images = [im.convert(mode) for im in images]
+        first = images[0].size
+        for p, im in zip(files, images):
+            if im.size != first:
+                raise DataFileError(f"{p} is {im.size[0]}x{im.size[1]} but {files[0].name} is {first[0]}x{first[1]}; "
+                                    "give --image-size H,W to resize them all")
+    array = np.stack([np.asarray(im) for im in images])  # (N, H, W) or (N, H, W, 3), uint8
+    out = {"all": array}
+    classes = sorted({p.parent.relative_to(folder).parts[0] for p in files if p.parent != folder})
+    if classes and all(p.parent != folder for p in files):
+        out["all_labels"] = np.asarray([classes.index(p.relative_to(folder).parts[0]) for p in files])
+    return out
+
+
+def _read(path: Path, label_column: Optional[str], image_size) -> Dict[str, np.ndarray]:
+    if path.is_dir():
+        return _read_images(path, image_size)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            return {"all": np.load(path, allow_pickle=False)}
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return _named_arrays({k: npz[k] for k in npz.files}, path)
+        if suffix == ".pt":
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(obj, torch.Tensor):
+                return {"all": obj.numpy()}
+            if isinstance(obj, dict):
+                return _named_arrays({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}, path)
+            raise DataFileError(f"{path} holds a {type(obj).__name__}; store a tensor or a dict of tensors")
+        if suffix in (".csv", ".tsv"):
+            return _read_csv(path, label_column)
+    except DataFileError:
+        raise
+    except Exception as exc:
+        raise DataFileError(f"{path} could not be read as {suffix} ({type(exc).__name__}: {exc})") from None
+    raise DataFileError(f"{path}: unknown data format {suffix!r}; use one of {', '.join(ARRAY_SUFFIXES)} "
+                        "or a folder of images")
+
+
+# ------------------------------------------------------------------------------ shaping
+def _as_images(array: np.ndarray, path, image_shape) -> Tuple[np.ndarray, Optional[Tuple[int, ...]]]:
+    """Flatten to ``(N, D)``; return the image shape ``(H, W)`` or ``(C, H, W)`` when there is one."""
+    if array.ndim == 0 or array.shape[0] == 0:
+        raise DataFileError(f"{path} holds no datapoints (shape {array.shape})")
+    shape = None
+    if array.ndim == 3:
+        shape = tuple(array.shape[1:])
+    elif array.ndim == 4:
+        if array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):  # (N, H, W, C)
+            array = np.moveaxis(array, -1, 1)
+        shape = tuple(array.shape[1:])
+        if shape[0] == 1:
+            shape = shape[1:]
+    elif array.ndim != 2:
+        raise DataFileError(f"{path}: arrays of shape {array.shape} are not supported; use (N, D), "
+                            "(N, H, W), (N, H, W, C) or (N, C, H, W)")
+    flat = array.reshape(array.shape[0], -1)
+    if image_shape is not None:
+        if math.prod(image_shape) != flat.shape[1]:
+            raise DataFileError(f"image_shape {tuple(image_shape)} has {math.prod(image_shape)} pixels but "
+                                f"the data have {flat.shape[1]} values per row")
+        shape = tuple(int(s) for s in image_shape)
+    return flat, shape
+
+
+def _to_float(array: np.ndarray, is_image: bool) -> np.ndarray:
+    if array.dtype == np.bool_:
+        return array.astype(np.float32)
+    if np.issubdtype(array.dtype, np.integer) and is_image and array.size and array.max() > 1:
+        if array.min() < 0 or array.max() > 255:
+            raise DataFileError(f"integer images must hold 0..255 (8-bit), got {array.min()}..{array.max()}")
+        return array.astype(np.float32) / 255.0  # 8-bit images: [0, 1]
+    if not (np.issubdtype(array.dtype, np.number)):
+        raise DataFileError(f"data of dtype {array.dtype} are not numeric")
+    return array.astype(np.float32)
+
+
+def _check_finite(array: np.ndarray, path, split: str) -> None:
+    bad = ~np.isfinite(array).all(axis=1)
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        raise DataFileError(f"{path}: {split} has NaN or infinite values in {rows.size} row(s) "
+                            f"(first: {rows[:5].tolist()}); clean or drop those rows")
+
+
+def _split(n: int, fractions, seed: int, path) -> Dict[str, np.ndarray]:
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise DataFileError(f"split must be three fractions train,valid,test that add up to 1, got {fractions}")
+    counts = [int(round(f * n)) for f in fractions[:2]]
+    counts.append(n - sum(counts))
+    empty = [name for name, c in zip(_SPLIT_ALIASES, counts) if c < 1]
+    if empty:
+        raise DataFileError(f"{path}: {n} datapoints split {fractions} leave the {', '.join(empty)} split empty; "
+                            "give more data or other fractions")
+    order = np.random.RandomState(seed).permutation(n)
+    bounds = np.cumsum([0] + counts)
+    return {name: order[bounds[i]:bounds[i + 1]] for i, name in enumerate(_SPLIT_ALIASES)}
+
+
+def load_file(
+    path,
+    split: Tuple[float, ...] = (0.8, 0.1, 0.1),
+    split_seed: int = 0,
+    image_size: Optional[Tuple[int, ...]] = None,
+    image_shape: Optional[Tuple[int, ...]] = None,
+    label_column: Optional[str] = None,
+    binarize: bool = False,
+):
+    """Read a data file or image folder into a :class:`~pvae.data.Dataset` (see the module doc).
+
+    :param path: ``.npy``, ``.npz``, ``.pt``, ``.csv``, ``.tsv`` or a folder of images.
+    :param split: train/valid/test fractions for data without splits in the file.
+    :param int split_seed: seed of that split's random permutation.
+    :param image_size: resize a folder's images to height,width (default: they must all be the same size).
+    :param image_shape: the image shape of flat rows (e.g. 28,28 for 784 columns), for conv nets and figures.
+    :param label_column: a CSV column (name or index) holding labels rather than data.
+    :param bool binarize: threshold the values at 0.5 (a fixed binarization, for Bernoulli likelihoods).
+    """
+    from .data import Dataset
+
+    path = Path(os.path.expanduser(str(path))).resolve()
+    if not path.exists():
+        raise DataFileError(f"data file {path} does not exist")
+    arrays = _read(path, label_column, image_size)
+    labels = None
+    if "all" in arrays:
+        flat, shape = _as_images(arrays["all"], path, image_shape)
+        flat = _to_float(flat, shape is not None)
+        _check_finite(flat, path, "the data")
+        parts = _split(flat.shape[0], split, split_seed, path)
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(flat[idx])) for name, idx in parts.items()}
+        if "all_labels" in arrays:
+            lab = np.asarray(arrays["all_labels"]).reshape(-1)
+            if lab.shape[0] != flat.shape[0]:
+                raise DataFileError(f"{path}: {lab.shape[0]} labels for {flat.shape[0]} datapoints")
+            labels = {name: torch.as_tensor(lab[idx].astype(np.int64)) for name, idx in parts.items()}
+        how = {"split": list(split), "split_seed": int(split_seed)}
+    else:
+        tensors, shape, labels = {}, None, {}
+        for name in _SPLIT_ALIASES:
+            flat, shape_s = _as_images(arrays[name], f"{path} [{name}]", image_shape)
+            if shape is not None and shape_s != shape or tensors and flat.shape[1] != next(iter(tensors.values())).shape[1]:
+                raise DataFileError(f"{path}: the splits have different shapes; every split needs the same columns")
+            shape = shape_s
+            flat = _to_float(flat, shape is not None)
+            _check_finite(flat, path, f"split {name!r}")
+            tensors[name] = torch.from_numpy(np.ascontiguousarray(flat))
+            if f"{name}_labels" in arrays:
+                labels[name] = torch.as_tensor(np.asarray(arrays[f"{name}_labels"]).reshape(-1).astype(np.int64))
+        labels = labels or None
+        how = {"split": "from the file"}
+    if binarize:
+        tensors = {k: (v > 0.5).to(torch.float32) for k, v in tensors.items()}
+    binary = all(bool(((t == 0) | (t == 1)).all()) for t in tensors.values())
+    source = {"path": str(path), "bytes": _size(path), "sha256": file_sha256(path), **how,
+              "binarize": bool(binarize), "image_shape": list(shape) if shape else None}
+    return Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, **tensors)
+
+
+def write_examples(folder) -> List[Path]:
+    """Small example files in every supported format (for the README's examples and tests)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    images = (rng.rand(60, 8, 8) < 0.3).astype(np.uint8) * 255
+    np.save(folder / "images.npy", images)
+    table = io.StringIO()
+    table.write("a,b,c,kind\n")
+    for i in range(50):
+        table.write(f"{rng.randn():.4f},{rng.randn():.4f},{rng.randn():.4f},{'xy'[i % 2]}\n")
+    (folder / "table.csv").write_text(table.getvalue())
+    from PIL import Image
+
+    for i in range(30):
+        sub = folder / "pngs" / ("even" if i % 2 == 0 else "odd")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i]).save(sub / f"{i:03d}.png")
+    return [folder / "images.npy", folder / "table.csv", folder / "pngs"]
