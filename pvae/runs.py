@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -339,6 +340,9 @@ def evaluate_run(
                                   "target_accept": settings["target_accept"]}
     report.estimates = dict(estimates)
     report.data_dim = vae.data_dim
+    labels = data.split_labels(split)
+    if labels is not None and labels.shape[0] == x.shape[0]:
+        report.by_label = _by_label(estimates, labels.cpu())
     khat = None
     if psis_datapoints and vae.guide_net.has_density and num_samples < PSIS_MIN_SAMPLES:
         report.skipped["psis"] = (f"K={num_samples} is too few draws to fit the Pareto tail "
@@ -370,6 +374,20 @@ def evaluate_run(
     return report
 
 
+def _by_label(estimates: Dict[str, Estimate], labels: torch.Tensor) -> dict:
+    """Per label: the number of datapoints and each estimate's mean and standard error over them."""
+    out = {}
+    for label in labels.unique().tolist():
+        mask = labels == label
+        row = {"num_datapoints": int(mask.sum())}
+        for name, est in estimates.items():
+            values = est.values.detach().cpu().double()[mask]
+            row[name] = {"mean": float(values.mean()),
+                         "stderr": float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else None}
+        out[str(label)] = row
+    return out
+
+
 #: version of the evaluation-report JSON schema (1: pvae 0.1, no "version" key)
 REPORT_VERSION = 2
 
@@ -384,7 +402,8 @@ class EvaluationReport:
          "training_data"}, "num_datapoints", "num_samples", "seed", "batch_size", "chunk_size",
          "estimates": {name: Estimate.to_dict()}, "nll_iwae", "bits_per_dim_iwae",
          "skipped": {name: reason}, "latent": {...}, "psis": {...} | null,
-         "ais_settings": {...} | null, "figure": file name | null}
+         "ais_settings": {...} | null, "figure": file name | null,
+         "by_label": {label: {"num_datapoints", name: {"mean", "stderr"}}} | null (labelled data)}
     """
 
     run_dir: str
@@ -400,6 +419,7 @@ class EvaluationReport:
     estimates: Dict[str, Estimate] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
     latent: dict = field(default_factory=dict)
+    by_label: Optional[dict] = None
     psis: Optional[dict] = None
     ais_settings: Optional[dict] = None
     data_dim: Optional[int] = None
@@ -430,7 +450,7 @@ class EvaluationReport:
             "estimates": {name: est.to_dict() for name, est in self.estimates.items()},
             "nll_iwae": self.nll_iwae, "bits_per_dim_iwae": self.bits_per_dim_iwae,
             "skipped": self.skipped, "latent": self.latent, "psis": self.psis,
-            "ais_settings": self.ais_settings, "figure": self.figure,
+            "ais_settings": self.ais_settings, "figure": self.figure, "by_label": self.by_label,
         }
 
     def save(self, run_dir=None) -> Path:

@@ -39,6 +39,11 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
     report = json.loads((run / "evaluation-test-K7.json").read_text())
     assert report["version"] == pvae.REPORT_VERSION
     assert report["num_datapoints"] == 300
+    # digits are labelled: per-label means, which average back to the overall mean
+    by_label = report["by_label"]
+    assert sum(r["num_datapoints"] for r in by_label.values()) == 300 and len(by_label) == 10
+    overall = sum(r["num_datapoints"] * r["iwae"]["mean"] for r in by_label.values()) / 300
+    assert overall == pytest.approx(report["estimates"]["iwae"]["mean"], rel=1e-9)
     assert report["chunk_size"] == 3
     assert report["estimates"]["iwae"]["num_samples"] == 7
     assert report["estimates"]["iwae"]["mean"] >= report["estimates"]["elbo"]["mean"]
