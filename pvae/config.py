@@ -130,7 +130,7 @@ class RunConfig:
     prior: Part = Part("standard-normal")
     guide: Part = Part("diagonal")
     likelihood: Part = Part("bernoulli")
-    objective: Part = Part("elbo")
+    objective: Part = Part("elbo-analytic-kl")
     training: Training = Training()
 
     def __post_init__(self):

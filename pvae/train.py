@@ -270,7 +270,7 @@ def fit(
     epochs: int = 10,
     batch_size: int = 100,
     lr: float = 1e-3,
-    objective: Union[str, Objective] = "elbo",
+    objective: Union[str, Objective] = "elbo-analytic-kl",
     num_particles: int = 1,
     patience: Optional[int] = None,
     seed: int = 0,

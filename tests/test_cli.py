@@ -79,7 +79,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
         (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
         (["--latent-dim", "0"], "latent_dim must be a positive integer"),
         (["--objective", "iwae", "--particles", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes num_particles, dreg"),
-        (["--dreg"], "objective 'elbo' does not take dreg"),
+        (["--dreg"], "objective 'elbo-analytic-kl' does not take dreg"),
         (["--objective", "infovae", "--info-alpha", "3"], "alpha must be <= 1"),
     ],
 )
@@ -190,7 +190,7 @@ def test_objectives_from_the_command_line(tmp_path, capsys, extra, options):
     saved = json.loads((run / "config.json").read_text())
     assert {k: saved["objective"][k] for k in options} == options
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["objective"] == options.get("name", "elbo")
+    assert records[-1]["objective"] == options.get("name", "elbo-analytic-kl")  # the default
     assert main(["evaluate", str(run), "--num-samples", "4", "--no-progress"]) == 0
 
 
