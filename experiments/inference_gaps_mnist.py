@@ -59,7 +59,7 @@ def main(argv=None):
     write_json({
         "experiment": "inference-gap decomposition (Cremer et al., 2018)",
         "run_dir": str(args.run_dir),
-        "images": f"first {x.shape[0]} test images of {config.dataset}",
+        "images": f"first {x.shape[0]} test images of {config.dataset.name}",
         "settings": gaps["settings"],
         "seconds": seconds,
         "elbo_amortized": gaps["elbo_amortized"].to_dict(),

@@ -60,4 +60,4 @@ __all__ = sorted(set(_parts_all) | {
     "DATA_PLATE", "LATENT_SITE", "OBSERVED_SITE", "VAE",
     "REPORT_VERSION", "EvaluationReport", "Run", "evaluate_run", "load_run", "train_run",
     "History", "TrainStep", "fit",
-} - {"REGISTRIES"})
+})

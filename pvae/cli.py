@@ -172,7 +172,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config_from_args(args) -> RunConfig:
     """The run config: ``--config`` (or the defaults) changed by the flags given."""
-    base = RunConfig.load(args.config) if args.config else RunConfig()
+    saved = args.run_dir / "config.json" if args.run_dir is not None else None
+    if args.config:
+        base = RunConfig.load(args.config)
+    elif args.resume and saved is not None and saved.exists():  # continue the run as it was configured
+        base = RunConfig.load(saved)
+    else:
+        base = RunConfig()
     changes = {k: getattr(args, k) for k in ("model", "latent_dim") if getattr(args, k) is not None}
     if args.data is not None:
         if args.dataset not in (None, "file"):
@@ -200,6 +206,9 @@ def _config_from_args(args) -> RunConfig:
             sections[k] = changes.pop(k)
     training = {}
     for targets, value, flag in args.options:
+        if args.model == "autoencoder" and any(s in ("guide", "objective", "likelihood") for s, _ in targets):
+            raise UsageError(f"--model autoencoder sets the guide, objective and likelihood (choose the loss with "
+                             f"--loss bce|mse); it conflicts with {flag}")
         applied = False
         for section, option in targets:
             if section == "training":
@@ -246,16 +255,6 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from .runs import evaluate_run
 
-    dataset = None
-    if args.data is not None:  # other data, read with the run's own file options where it has them
-        from .data import load_dataset
-        from .runs import CONFIG_FILE
-
-        if not (args.run_dir / CONFIG_FILE).exists():
-            raise UsageError(f"{args.run_dir} is not a pvae run directory: {CONFIG_FILE} is missing")
-        trained_on = RunConfig.load(args.run_dir / CONFIG_FILE).dataset
-        options = {k: v for k, v in trained_on.kwargs.items() if k != "path"} if trained_on.name == "file" else {}
-        dataset = load_dataset({"name": "file", **options, "path": str(args.data.expanduser().resolve())})
     report = evaluate_run(
         args.run_dir,
         split=args.split,
@@ -271,7 +270,7 @@ def _evaluate(args) -> int:
         ais_start=args.ais_start,
         ais_schedule=args.ais_schedule,
         psis_datapoints=args.psis_datapoints,
-        dataset=dataset,
+        data_path=args.data,
     )
     print(report.summary())
     return 0

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Sequence
 
 from .data import DATASETS, image_shape_of
+from .engine import _check_positive_int
 from .errors import UsageError
 from .guides import GUIDES
 from .likelihoods import LIKELIHOODS
@@ -52,7 +53,7 @@ class Training:
     :param int epochs: total number of epochs (a resumed run continues up to this number).
     :param int batch_size: datapoints per minibatch.
     :param float lr: Adam learning rate.
-    :param patience: stop after this many epochs without a better validation metric (null: never).
+    :param patience: stop after this many epochs without a better validation metric (null, off or 0: never).
     :param int seed: seeds the initial weights, the data order and the sampling.
     :param str device: cpu, cuda or cuda:N.
     :param int val_num_samples: samples per datapoint for the validation bound.
@@ -78,8 +79,12 @@ class Training:
     checkpoint_every: int = 1
 
     def __post_init__(self):
+        if isinstance(self.patience, str) and self.patience.strip().lower() in ("off", "never"):
+            object.__setattr__(self, "patience", None)
         for name, option in self.options().items():
             object.__setattr__(self, name, option.coerce(getattr(self, name), "training"))
+        if self.patience == 0:  # pvae 0.1's spelling of "never stop early"
+            object.__setattr__(self, "patience", None)
         for name in ("epochs", "batch_size", "val_num_samples", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise UsageError(f"training: {name} must be a positive integer, got {getattr(self, name)!r}")
@@ -136,15 +141,16 @@ class RunConfig:
     def __post_init__(self):
         if self.model not in MODELS:
             raise UsageError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
-        if isinstance(self.latent_dim, bool) or int(self.latent_dim) != self.latent_dim or self.latent_dim < 1:
-            raise UsageError(f"latent_dim must be a positive integer, got {self.latent_dim!r}")
-        object.__setattr__(self, "latent_dim", int(self.latent_dim))
+        object.__setattr__(self, "latent_dim", _check_positive_int("latent_dim", self.latent_dim))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for section, registry in PART_REGISTRIES.items():
             value = getattr(self, section)
             if isinstance(value, dict) and "name" not in value:
                 value = {"name": defaults[section].name, **value}
             object.__setattr__(self, section, registry.part(value))
+        if self.dataset.name == "file" and self.dataset["path"]:  # a run names its file absolutely
+            path = str(Path(self.dataset["path"]).expanduser().resolve())
+            object.__setattr__(self, "dataset", Part("file", **{**self.dataset.kwargs, "path": path}))
         object.__setattr__(self, "training", Training.parse(self.training))
         self.build_objective()  # validates the values (beta >= 0, ...)
         if self.model == "autoencoder" and (self.guide.name, self.objective.name) != ("delta", "reconstruction"):
@@ -153,10 +159,8 @@ class RunConfig:
                 f"'reconstruction' (got guide {self.guide.name!r}, objective {self.objective.name!r}); "
                 "build it with pvae.autoencoder_config(...) or `pvae train --model autoencoder`"
             )
+        NETS.build(self.net)  # the net's own checks (activation names, 'gated' only for mlp, ...)
         if self.net.name == "conv":
-            if self.net["activation"] == "gated":
-                raise UsageError("activation 'gated' (a gated dense layer) is for net 'mlp'; pick an "
-                                 "elementwise activation for net 'conv'")
             if self.dataset.name != "file" and image_shape_of(self.dataset) is None:  # a file's is known once read
                 raise UsageError(f"net 'conv' needs image data; data set {self.dataset.name!r} has no image shape")
 
@@ -236,6 +240,11 @@ V1_PART_KEYS = {
 }
 
 
+#: the part names pvae 0.1 used when a key was missing (frozen: later defaults may differ)
+V1_DEFAULT_PARTS = {"dataset": "digits", "net": "mlp", "prior": "standard-normal", "guide": "diagonal",
+                    "likelihood": "bernoulli", "objective": "elbo"}
+
+
 def translate_v1(flat: dict) -> dict:
     """A pvae 0.1 flat config (``{"prior": "vamp", "vamp_pseudo_inputs": 500, "beta": 1.0, ...}``)
     as a version-2 mapping. ``learn_scale`` (before ``gaussian_scale``) is translated too."""
@@ -245,9 +254,8 @@ def translate_v1(flat: dict) -> dict:
         if flat.get("gaussian_scale", mode) != mode:
             raise UsageError("config has both legacy key 'learn_scale' and 'gaussian_scale', and they disagree")
         flat["gaussian_scale"] = mode
-    defaults = RunConfig()
     out: Dict[str, Any] = {}
-    names = {section: flat.pop(section, getattr(defaults, section).name) for section in PART_REGISTRIES}
+    names = {section: flat.pop(section, V1_DEFAULT_PARTS[section]) for section in PART_REGISTRIES}
     for section, registry in PART_REGISTRIES.items():
         if not isinstance(names[section], str):
             raise UsageError(f"a version-1 config names its {section} with a string, got {names[section]!r}")
@@ -297,7 +305,7 @@ def autoencoder_config(
 def build_vae(config: RunConfig, data_dim: int, image_shape: Optional[Sequence[int]] = None) -> VAE:
     """Compose the VAE described by ``config`` for data of ``data_dim`` dimensions
     (``image_shape`` defaults to the registered data set's, for convolutional nets)."""
-    if image_shape is None and config.dataset.name != "file":
+    if image_shape is None:
         image_shape = image_shape_of(config.dataset)
     nets = NETS.build(config.net)
     likelihood = LIKELIHOODS.build(config.likelihood, data_dim=data_dim)

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from .errors import UsageError
+from .files import load_file
 from .registry import Registry
 
 DATASETS: Registry = Registry("dataset", context=("cache_dir",))
@@ -126,32 +127,8 @@ def load_dataset(name, cache_dir: Optional[os.PathLike] = None) -> Dataset:
     return DATASETS.build(name, cache_dir=Path(cache_dir) if cache_dir is not None else data_dir())
 
 
-@DATASETS.register("file")
-def _load_user_file(
-    cache_dir: Path,
-    path: str = "",
-    split: Tuple[float, ...] = (0.8, 0.1, 0.1),
-    split_seed: int = 0,
-    image_size: Optional[Tuple[int, ...]] = None,
-    image_shape: Optional[Tuple[int, ...]] = None,
-    label_column: Optional[str] = None,
-    binarize: bool = False,
-) -> Dataset:
-    """Your own data (:func:`pvae.files.load_file`).
-
-    :param str path: a .npy, .npz, .pt, .csv or .tsv file, or a folder of images.
-    :param split: train,valid,test fractions for data without splits in the file.
-    :param int split_seed: seed of that random split.
-    :param image_size: resize a folder's images to H,W (default: they must be the same size).
-    :param image_shape: the image shape of flat rows (e.g. 28,28), for conv nets and figures.
-    :param label_column: the CSV column (name or index) that holds labels, not data.
-    :param bool binarize: threshold the values at 0.5 (for a Bernoulli likelihood).
-    """
-    from .files import load_file
-
-    if not path:
-        raise UsageError("data set 'file' needs a path (pvae train --data PATH)")
-    return load_file(path, split, split_seed, image_size, image_shape, label_column, binarize)
+# your own data: the file loader's keyword arguments are the data set's options
+DATASETS.register("file")(load_file)
 
 
 # ---------------------------------------------------------------------------- digits

@@ -265,7 +265,7 @@ def _split(n: int, fractions, seed: int, path) -> Dict[str, np.ndarray]:
 
 
 def load_file(
-    path,
+    path: str = "",
     split: Tuple[float, ...] = (0.8, 0.1, 0.1),
     split_seed: int = 0,
     image_size: Optional[Tuple[int, ...]] = None,
@@ -275,8 +275,8 @@ def load_file(
 ):
     """Read a data file or image folder into a :class:`~pvae.data.Dataset` (see the module doc).
 
-    :param path: ``.npy``, ``.npz``, ``.pt``, ``.csv``, ``.tsv`` or a folder of images.
-    :param split: train/valid/test fractions for data without splits in the file.
+    :param str path: a .npy, .npz, .pt, .csv or .tsv file, or a folder of images.
+    :param split: train,valid,test fractions for data without splits in the file.
     :param int split_seed: seed of that split's random permutation.
     :param image_size: resize a folder's images to height,width (default: they must all be the same size).
     :param image_shape: the image shape of flat rows (e.g. 28,28 for 784 columns), for conv nets and figures.
@@ -285,6 +285,8 @@ def load_file(
     """
     from .data import Dataset
 
+    if not path:
+        raise UsageError("data set 'file' needs a path (pvae train --data PATH)")
     path = Path(os.path.expanduser(str(path))).resolve()
     if not path.exists():
         raise DataFileError(f"data file {path} does not exist")
@@ -313,7 +315,10 @@ def load_file(
             _check_finite(flat, path, f"split {name!r}")
             tensors[name] = torch.from_numpy(np.ascontiguousarray(flat))
             if f"{name}_labels" in arrays:
-                labels[name] = torch.as_tensor(np.asarray(arrays[f"{name}_labels"]).reshape(-1).astype(np.int64))
+                lab = np.asarray(arrays[f"{name}_labels"]).reshape(-1)
+                if lab.shape[0] != flat.shape[0]:
+                    raise DataFileError(f"{path}: {lab.shape[0]} {name} labels for {flat.shape[0]} {name} datapoints")
+                labels[name] = torch.as_tensor(lab.astype(np.int64))
         labels = labels or None
         how = {"split": "from the file"}
     if binarize:

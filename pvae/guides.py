@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import _check_positive_int
 from .errors import UsageError
 from .nets import MLP
 from .registry import Registry
@@ -177,8 +178,7 @@ class FlowGuide(Guide):
     ):
         self.context_dim = int(context_dim or 2 * latent_dim)
         super().__init__(data_dim, latent_dim, hidden, activation, encoder)
-        if isinstance(num_flows, bool) or int(num_flows) != num_flows or num_flows < 1:
-            raise UsageError(f"num_flows must be a positive integer, got {num_flows!r}")
+        num_flows = _check_positive_int("num_flows", num_flows)
         self.num_flows = int(num_flows)
         self.flows = nn.ModuleList(self.make_flow(step) for step in range(self.num_flows))
 

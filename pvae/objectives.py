@@ -119,7 +119,7 @@ class Objective:
                  fixed_schedule: bool = False):
         self.name = name
         self._fixed_schedule = fixed_schedule  # part of the objective's definition, not an option
-        self.num_particles = int(num_particles)
+        self.num_particles = engine._check_positive_int("num_particles", num_particles)
         self.kl_schedule = kl_schedule if kl_schedule is not None else KLSchedule()
         self.progress = math.inf  # outside a training loop every schedule is at full weight
 

@@ -50,9 +50,6 @@ from .priors import (
     VampPrior,
 )
 
-#: config section -> registry
-REGISTRIES = {"net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS, "objective": OBJECTIVES}
-
 __all__ = [
     "GUIDES", "DeltaGuide", "DiagonalGaussianGuide", "FlowGuide", "FullRankGaussianGuide", "Guide", "IAFGuide",
     "NonAmortizedGuide", "PlanarGuide", "SylvesterGuide",
@@ -63,5 +60,5 @@ __all__ = [
     "Objective", "make_objective",
     "Option", "Part",
     "PRIORS", "FlowPrior", "LearnedDiagonalPrior", "MixtureOfGaussiansPrior", "Prior", "StandardNormalPrior",
-    "VampPrior", "REGISTRIES",
+    "VampPrior",
 ]

@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from .engine import _check_positive_int
 from .errors import UsageError
 from .registry import Registry
 
@@ -68,8 +69,7 @@ class MixtureOfGaussiansPrior(Prior):
 
     def __init__(self, latent_dim: int, num_components: int = 10):
         super().__init__(latent_dim)
-        if isinstance(num_components, bool) or int(num_components) != num_components or num_components < 1:
-            raise UsageError(f"num_components must be a positive integer, got {num_components!r}")
+        num_components = _check_positive_int("num_components", num_components)
         self.num_components = int(num_components)
         self.logits = nn.Parameter(torch.zeros(self.num_components))
         self.locs = nn.Parameter(torch.randn(self.num_components, self.latent_dim))
@@ -98,8 +98,7 @@ class VampPrior(Prior):
         super().__init__(latent_dim)
         if not getattr(guide, "has_density", True):
             raise UsageError("the VampPrior needs a guide with a density (not 'delta')")
-        if isinstance(pseudo_inputs, bool) or int(pseudo_inputs) != pseudo_inputs or pseudo_inputs < 1:
-            raise UsageError(f"pseudo_inputs must be a positive integer, got {pseudo_inputs!r}")
+        pseudo_inputs = _check_positive_int("pseudo_inputs", pseudo_inputs)
         self.num_components = int(pseudo_inputs)
         object.__setattr__(self, "_guide", guide)  # reference, not a submodule
         self.pseudo_inputs = nn.Parameter(0.05 + 0.01 * torch.randn(self.num_components, guide.data_dim))
@@ -128,8 +127,7 @@ class FlowPrior(Prior):
         super().__init__(latent_dim)
         import pyro.distributions.transforms as T
 
-        if isinstance(num_flows, bool) or int(num_flows) != num_flows or num_flows < 1:
-            raise UsageError(f"num_flows must be a positive integer, got {num_flows!r}")
+        num_flows = _check_positive_int("num_flows", num_flows)
         if hidden_width < 0:
             raise UsageError(f"hidden_width must be >= 0, got {hidden_width!r}")
         width = hidden_width or max(2 * self.latent_dim, 32)

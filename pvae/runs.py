@@ -214,29 +214,26 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Run:
     return Run(run_dir, config, vae, history)
 
 
-def _check_file_unchanged(source: dict, run_dir) -> None:
-    """A run trained on a user's file is evaluated on that file only while it is unchanged."""
-    from .files import file_sha256
-
-    path = Path(source["path"])
-    if not path.exists():
-        raise UsageError(f"{run_dir} was trained on {path}, which no longer exists; restore it, or "
-                         "evaluate other data explicitly (pvae evaluate RUN --data OTHER)")
-    digest = file_sha256(path)
-    if digest != source["sha256"]:
-        raise UsageError(f"{path} changed since {run_dir} was trained on it (SHA-256 {digest[:12]} now, "
-                         f"{source['sha256'][:12]} then); restore it, or evaluate it as other data "
-                         "(pvae evaluate RUN --data PATH)")
-
-
-def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset]):
+def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset], data_path=None):
     """The data to evaluate on and a note for the report (see :func:`evaluate_run`)."""
     record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else None
+    if data_path is not None:  # other data, read with the run's own file options where it has them
+        if dataset is not None:
+            raise UsageError("give either dataset or data_path, not both")
+        trained_on = config.dataset
+        options = {k: v for k, v in trained_on.kwargs.items() if k != "path"} if trained_on.name == "file" else {}
+        dataset = load_dataset({"name": "file", **options, "path": str(data_path)})
     from_registry = dataset is None
     if from_registry:
-        if record is not None and record.get("source") == "file":
-            _check_file_unchanged(record["file"], run_dir)
+        trained_file = record["file"] if record is not None and record.get("source") == "file" else None
+        if trained_file is not None and not Path(trained_file["path"]).exists():
+            raise UsageError(f"{run_dir} was trained on {trained_file['path']}, which no longer exists; restore it, "
+                             "or evaluate other data explicitly (pvae evaluate RUN --data OTHER)")
         dataset = load_dataset(config.dataset)
+        if trained_file is not None and dataset.source["sha256"] != trained_file["sha256"]:
+            raise UsageError(f"{trained_file['path']} changed since {run_dir} was trained on it (SHA-256 "
+                             f"{dataset.source['sha256'][:12]} now, {trained_file['sha256'][:12]} then); restore it, "
+                             "or evaluate it as other data (pvae evaluate RUN --data PATH)")
     fingerprint = dataset.fingerprint()
     if from_registry and record is not None and fingerprint != record["fingerprint"]:
         if record.get("source") == "python":
@@ -275,13 +272,16 @@ def evaluate_run(
     ais_schedule: str = "sigmoid",
     psis_datapoints: int = 500,
     dataset: Optional[Dataset] = None,
+    data_path=None,
 ) -> "EvaluationReport":
     """Evaluate a run on a split of its data set; the run's files are only read.
 
     The data: ``dataset`` if given (the report records whether it is the data the run was
     trained on), else the registry data set named in the config — which must be the data the
     run saw: a run trained on data passed in Python (``train_run(dataset=...)``) is refused
-    without ``dataset``, and registry data that changed since training is an error.
+    without ``dataset``, and registry data or a user's file that changed since training is an
+    error. ``data_path``: score another file instead, read with the run's own file options
+    (split, image size, binarization); its dimension must be the model's.
 
     ``estimators`` (any of :data:`ESTIMATORS`): ``"elbo"`` and ``"iwae"`` (the ELBO and the
     importance-weighted bound :math:`\\mathcal{L}_K` from the same K = ``num_samples`` draws
@@ -301,7 +301,7 @@ def evaluate_run(
         raise UsageError(f"unknown estimator(s) {unknown}; valid choices: {', '.join(ESTIMATORS)}")
     run = load_run(run_dir, device)
     config, vae = run.config, run.vae
-    data, data_note = _evaluation_data(Path(run_dir), config, dataset)
+    data, data_note = _evaluation_data(Path(run_dir), config, dataset, data_path)
     if data.data_dim != vae.data_dim:
         raise UsageError(f"data set {data.name!r} has {data.data_dim} values per datapoint but the model of "
                          f"{run_dir} takes {vae.data_dim}; evaluate data of the same kind")
@@ -341,7 +341,7 @@ def evaluate_run(
     report.estimates = dict(estimates)
     report.data_dim = vae.data_dim
     labels = data.split_labels(split)
-    if labels is not None and labels.shape[0] == x.shape[0]:
+    if labels is not None:
         report.by_label = _by_label(estimates, labels.cpu())
     khat = None
     if psis_datapoints and vae.guide_net.has_density and num_samples < PSIS_MIN_SAMPLES:

@@ -487,24 +487,24 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
     skipped = torch.zeros((), device=device)
     first_bad = torch.full((), -1.0, device=device)
     step_no = torch.zeros((), device=device)
-    with pyro.validation_enabled(False):  # data are checked once by fit, not every step
-        for step, idx in enumerate(order.split(batch_size)):
-            xb = data[idx]
-            weight = 1.0
-            if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
-                objective.set_progress(epoch - 1 + step / steps)
-                weight = objective.kl_weight
-            # a non-amortized guide is addressed by the datapoints' positions
-            value, found_inf = train_step(xb, idx if indexed else None, weight)
-            step_no += 1
-            first_bad = torch.where((first_bad < 0) & (found_inf > 0), step_no, first_bad)
-            skipped += found_inf
-            total += torch.where(found_inf > 0, 0.0, value.double()) * xb.shape[0]
-            applied += (1 - found_inf.double()) * xb.shape[0]
-            if bar is not None:
-                bar.update(1)
-            if check_every is not None and (step + 1) % check_every == 0:
-                _check_finite(nonfinite, skipped, first_bad, epoch, step + 1, ckpt_path)
+    # (the step runs without distribution validation: fit checks the data once)
+    for step, idx in enumerate(order.split(batch_size)):
+        xb = data[idx]
+        weight = 1.0
+        if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
+            objective.set_progress(epoch - 1 + step / steps)
+            weight = objective.kl_weight
+        # a non-amortized guide is addressed by the datapoints' positions
+        value, found_inf = train_step(xb, idx if indexed else None, weight)
+        step_no += 1
+        first_bad = torch.where((first_bad < 0) & (found_inf > 0), step_no, first_bad)
+        skipped += found_inf
+        total += torch.where(found_inf > 0, 0.0, value.double()) * xb.shape[0]
+        applied += (1 - found_inf.double()) * xb.shape[0]
+        if bar is not None:
+            bar.update(1)
+        if check_every is not None and (step + 1) % check_every == 0:
+            _check_finite(nonfinite, skipped, first_bad, epoch, step + 1, ckpt_path)
     _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path)
     num_skipped = int(skipped)
     stats = {"train_objective": float(total / applied) if num_skipped < steps else math.nan}

@@ -339,7 +339,7 @@ def test_gated_mlp_is_the_vampprior_papers_gated_dense_layer():
     expected = (x @ w[:5].T + b[:5]) * torch.sigmoid(x @ w[5:].T + b[5:])  # h(x) * sigmoid(g(x))
     torch.testing.assert_close(layer(x), expected)
     assert net(x).shape == (2, 7, 3)
-    with pytest.raises(pvae.UsageError, match="gated.*mlp"):
+    with pytest.raises(pvae.UsageError, match="gated dense layer, for MLPs only"):
         pvae.RunConfig(dataset='binarized-mnist', net={'name': 'conv', 'activation': 'gated'})
     config = pvae.RunConfig(dataset='binarized-mnist', latent_dim=40, net={'hidden': (300, 300), 'activation': 'gated'})
     vae = pvae.build_vae(config, 784)

@@ -154,3 +154,17 @@ def test_a_file_config_round_trips_and_loads_through_load_dataset(examples):
     assert [t.shape[0] for t in (data.train, data.valid, data.test)] == [36, 12, 12]
     with pytest.raises(pvae.UsageError, match="needs a path"):
         pvae.load_dataset("file")
+
+
+def test_labels_must_match_their_split(tmp_path):
+    np.savez(tmp_path / "x.npz", train=np.zeros((4, 2)), valid=np.zeros((2, 2)), test=np.zeros((2, 2)),
+             train_labels=np.arange(3))
+    with pytest.raises(DataFileError, match="3 train labels for 4 train datapoints"):
+        load_file(tmp_path / "x.npz")
+
+
+def test_resume_without_config_continues_the_saved_run(examples, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(examples["npy"]), "--objective", "elbo", "--run-dir", str(run), *SMALL]) == 0
+    assert main(["train", "--run-dir", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

@@ -114,3 +114,27 @@ def test_every_registered_part_is_exported_at_the_top_level():
                 assert getattr(pvae, entry.__name__) is entry, f"pvae.{entry.__name__} ({section} {name!r})"
     assert callable(pvae.ais) and callable(pvae.bdmc)
     assert not [n for n in pvae.__all__ if n.startswith("_")]
+
+
+def test_review_findings_stay_fixed(tmp_path, monkeypatch, capsys):
+    """Positive integers everywhere (num_particles, latent_dim given as text), patience 'off'/0
+    (pvae 0.1's spellings), a flat 0.1 config without 'objective' keeps 0.1's default (elbo), a
+    relative file path is stored absolutely, and --model autoencoder refuses options of the parts
+    it sets."""
+    with pytest.raises(pvae.UsageError, match="num_particles must be a positive integer"):
+        pvae.make_objective("iwae", 0)
+    with pytest.raises(pvae.UsageError, match="num_particles must be a positive integer"):
+        pvae.RunConfig(objective={"name": "iwae", "num_particles": 0})
+    with pytest.raises(pvae.UsageError, match="latent_dim must be a positive integer"):
+        pvae.RunConfig.from_dict({"version": 2, "latent_dim": "abc"})
+    assert pvae.RunConfig(training={"patience": "off"}).training.patience is None
+    assert pvae.RunConfig(training={"patience": 0}).training.patience is None
+    assert pvae.RunConfig.from_dict({"latent_dim": 3}).objective.name == "elbo"  # 0.1's default
+    monkeypatch.chdir(tmp_path)
+    config = pvae.RunConfig(dataset=Part("file", path="mine.npy"))
+    assert config.dataset["path"] == str(tmp_path / "mine.npy")
+    assert main(["train", "--model", "autoencoder", "--loss", "mse", "--likelihood-scale", "2",
+                 "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert "conflicts with --likelihood-scale" in capsys.readouterr().err
+    with pytest.raises(pvae.UsageError, match="'gated' is a gated dense layer, for MLPs only"):
+        pvae.RunConfig(dataset="binarized-mnist", net={"name": "conv", "activation": "gated"})
