@@ -100,6 +100,11 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu") -> dict:
     out = {"benchmark": "converged reproductions (issue 15)", "provenance": provenance(torch.device(device)), "runs": {}}
     for name in names:
         entry = {"config": f"experiments/reproduce/{name}.json", **state_of(name, root)}
+        env = run_dir_of(name, root) / "env.json"
+        if env.exists():  # the machine and versions the run was (last) trained with
+            values = json.loads(env.read_text())
+            entry["trained_with"] = {k: values.get(k) for k in
+                                     ("pvae", "torch", "pyro", "device", "cuda_device", "platform", "started")}
         published, note = PUBLISHED.get(name, (None, ""))
         entry["published_nll"] = published
         entry["published_note"] = note

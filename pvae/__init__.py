@@ -14,7 +14,7 @@ derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
     bounds = evaluate_bounds(vae, data.test, num_samples=1000)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 from . import estimators, parts, plots
 from .annealing import BDMCBounds, ais, bdmc
