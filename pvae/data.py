@@ -17,6 +17,11 @@ Registered data sets (:data:`DATASETS`):
 * ``"digits-grey"`` — the same images as grey levels in [0, 1].
 * ``"binarized-mnist"`` — the static binarization of MNIST of Larochelle & Murray (2011):
   50,000 / 10,000 / 10,000 images of 28x28 in {0, 1}, no labels.
+* ``"mnist"``, ``"fashion-mnist"`` — grey levels in [0, 1] from the published IDX files (checked
+  against their published MD5 and SHA-256), 50,000 / 10,000 (the last 10,000 training images) /
+  10,000, with labels. For a Bernoulli likelihood binarize them (``--binarize`` is for files;
+  use ``continuous-bernoulli`` or ``gaussian`` here).
+* ``"file"`` — your own data (:func:`pvae.files.load_file`).
 """
 
 from __future__ import annotations
@@ -260,3 +265,106 @@ def _load_binarized_mnist(cache_dir: Path) -> Dataset:
     arrays = {s: binarized_mnist_split(s, cache_dir) for s in SPLITS}
     tensors = {s: torch.from_numpy(a).to(torch.float32) for s, a in arrays.items()}
     return Dataset("binarized-mnist", image_shape=(28, 28), binary=True, **tensors)
+
+
+# ---------------------------------------------------------------------------- MNIST-format (IDX) sets
+#: IDX files: data set -> (mirrors, {file: (published MD5 of the .gz, published SHA-256 of the .gz)}).
+#: MD5s as torchvision 0.29.1 (datasets/mnist.py) and the data sets' own pages publish them;
+#: SHA-256s from TensorFlow Datasets' url_checksums.
+IDX_SOURCES = {
+    "mnist": (
+        ["https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+        {
+            "train-images-idx3-ubyte.gz": ("f68b3c2dcbeaaa9fbdd348bbdeb94873",
+                                           "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+            "train-labels-idx1-ubyte.gz": ("d53e105ee54ea40749a09fcbcd1e9432",
+                                           "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+            "t10k-images-idx3-ubyte.gz": ("9fb629c4189551a2d022fa330f9573f3",
+                                          "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+            "t10k-labels-idx1-ubyte.gz": ("ec29112dd5afa0611ce80d1b7f02629c",
+                                          "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+        },
+    ),
+    "fashion-mnist": (
+        ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+        {
+            "train-images-idx3-ubyte.gz": ("8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+                                           "3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84"),
+            "train-labels-idx1-ubyte.gz": ("25c81989df183df01b3e8a0aad5dffbe",
+                                           "a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845"),
+            "t10k-images-idx3-ubyte.gz": ("bef4ecab320f06d8554ea6380940ec79",
+                                          "346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073"),
+            "t10k-labels-idx1-ubyte.gz": ("bb300cfdad3c16e7a12a480ee83cd310",
+                                          "67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5"),
+        },
+    ),
+}
+
+
+def _parse_idx(raw: bytes, path: Path) -> np.ndarray:
+    """An IDX array (a big-endian header of magic number and sizes, then uint8 values)."""
+    if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise UsageError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    if len(raw) != offset + int(np.prod(dims)):
+        raise UsageError(f"{path}: the IDX header says {dims}, but the file has {len(raw) - offset} values")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def idx_file(name: str, file: str, cache_dir: Path, download: bool = True) -> np.ndarray:
+    """One IDX file of a registered MNIST-format data set, from ``cache_dir/<name>/`` (downloaded
+    from the published mirrors if missing), checked against its published MD5 and SHA-256."""
+    mirrors, files = IDX_SOURCES[name]
+    md5, sha256 = files[file]
+    path = Path(cache_dir) / name / file
+    downloaded = False
+    if not path.exists():
+        if not download:
+            raise DataUnavailableError(f"{path} is missing and download=False")
+        errors = []
+        for mirror in mirrors:
+            try:
+                _download(mirror + file, path)
+                downloaded = True
+                break
+            except OSError as exc:
+                errors.append(f"{mirror}: {exc}")
+        if not downloaded:
+            raise DataUnavailableError(
+                f"{name} file {file} is not in the cache ({path.parent}) and could not be downloaded "
+                f"({'; '.join(errors)}). Download it on a connected machine and place it at {path}, or "
+                f"set {DATA_DIR_ENV} to a folder that holds {name}/")
+    packed = path.read_bytes()
+    if hashlib.md5(packed).hexdigest() != md5 or hashlib.sha256(packed).hexdigest() != sha256:
+        if downloaded:
+            path.unlink()  # never leave a bad download in the cache
+        raise ChecksumError(f"{path} is corrupt or not the published file (its MD5/SHA-256 differ from "
+                            f"{md5} / {sha256[:16]}...); delete it so that it is downloaded again")
+    return _parse_idx(gzip.decompress(packed), path)
+
+
+def _idx_dataset(name: str, cache_dir: Path) -> Dataset:
+    """The 60,000 training images split as in the VAE literature (VampPrior): the first 50,000 to
+    train, the last 10,000 to validate; the 10,000 test images; grey levels in [0, 1]; labels."""
+    images = {s: idx_file(name, f"{s}-images-idx3-ubyte.gz", cache_dir) for s in ("train", "t10k")}
+    labels = {s: idx_file(name, f"{s}-labels-idx1-ubyte.gz", cache_dir) for s in ("train", "t10k")}
+    x = {s: torch.from_numpy(a.reshape(a.shape[0], -1).astype(np.float32) / 255.0) for s, a in images.items()}
+    y = {s: torch.from_numpy(a.astype(np.int64)) for s, a in labels.items()}
+    n_train = x["train"].shape[0] - 10000
+    return Dataset(name, train=x["train"][:n_train], valid=x["train"][n_train:], test=x["t10k"],
+                   labels={"train": y["train"][:n_train], "valid": y["train"][n_train:], "test": y["t10k"]},
+                   image_shape=(28, 28), binary=False)
+
+
+@DATASETS.register("mnist")
+@_image_shape((28, 28))
+def _load_mnist(cache_dir: Path) -> Dataset:
+    return _idx_dataset("mnist", cache_dir)
+
+
+@DATASETS.register("fashion-mnist")
+@_image_shape((28, 28))
+def _load_fashion_mnist(cache_dir: Path) -> Dataset:
+    return _idx_dataset("fashion-mnist", cache_dir)

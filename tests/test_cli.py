@@ -75,7 +75,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
     "args, message",
     [
         (["--prior", "vampire"], "unknown prior 'vampire'; valid choices: flow, learned-diagonal, mog, standard-normal, vamp"),
-        (["--dataset", "mnist"], "unknown dataset 'mnist'; valid choices: binarized-mnist"),
+        (["--dataset", "mnist-typo"], "unknown dataset 'mnist-typo'; valid choices: binarized-mnist"),
         (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
         (["--latent-dim", "0"], "latent_dim must be a positive integer"),
         (["--objective", "iwae", "--particles", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes num_particles, dreg"),

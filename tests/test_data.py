@@ -7,6 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,7 +35,7 @@ def test_digits_are_binary_labelled_and_split_deterministically(digits):
 
 def test_unknown_dataset_and_split_name_the_choices(digits):
     with pytest.raises(UnknownNameError, match="valid choices: binarized-mnist, digits"):
-        pvae.load_dataset("mnist")
+        pvae.load_dataset("mnist-typo")
     with pytest.raises(ValueError, match="valid choices: train, valid, test"):
         digits.split("validation")
 
@@ -123,3 +124,55 @@ def test_a_bad_download_is_not_kept(tmp_path, monkeypatch):
     with pytest.raises(ChecksumError):
         binarized_mnist_split("test", tmp_path)
     assert list((tmp_path / "binarized_mnist").iterdir()) == []
+
+
+def _write_idx(path, array):
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist"])
+def test_mnist_format_sets_load_from_a_cache_of_idx_files_checked_against_their_checksums(name, tmp_path, monkeypatch):
+    """Generated files in the canonical IDX format, with the checksum table pointed at them: the
+    loader parses, scales to [0, 1], splits 50k/10k-style (the last 10,000 training images
+    validate) and keeps labels; a damaged file is a ChecksumError; a missing one that cannot be
+    downloaded is a DataUnavailableError that says where to put it."""
+    import hashlib
+
+    import pvae.data as data_module
+
+    folder = tmp_path / name
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    train = (rng.rand(10012, 28, 28) < 0.02) * 255
+    files = {"train-images-idx3-ubyte.gz": train, "train-labels-idx1-ubyte.gz": np.arange(10012) % 10,
+             "t10k-images-idx3-ubyte.gz": (rng.rand(5, 28, 28) < 0.5) * 255, "t10k-labels-idx1-ubyte.gz": np.arange(5)}
+    table = {}
+    for file, array in files.items():
+        _write_idx(folder / file, array)
+        packed = (folder / file).read_bytes()
+        table[file] = (hashlib.md5(packed).hexdigest(), hashlib.sha256(packed).hexdigest())
+    mirrors, published = data_module.IDX_SOURCES[name]
+    assert set(published) == set(table)  # the same four files as published
+    monkeypatch.setitem(data_module.IDX_SOURCES, name, (mirrors, table))
+    data = pvae.load_dataset(name, cache_dir=tmp_path)
+    assert (data.train.shape, data.valid.shape, data.test.shape) == ((12, 784), (10000, 784), (5, 784))
+    assert data.image_shape == (28, 28) and not data.binary and float(data.train.max()) == 1.0
+    assert torch.equal(data.valid[0], torch.from_numpy(train[12].reshape(-1) / 255.0).float())
+    assert data.labels["valid"][0] == 12 % 10 and data.labels["test"].tolist() == list(range(5))
+    damaged = bytearray((folder / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    damaged[-5] ^= 0xFF
+    (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(bytes(damaged))
+    with pytest.raises(data_module.ChecksumError, match="t10k-labels"):
+        pvae.load_dataset(name, cache_dir=tmp_path)
+    (folder / "t10k-labels-idx1-ubyte.gz").unlink()
+
+    def offline(url, target):
+        raise OSError("no network")
+
+    monkeypatch.setattr(data_module, "_download", offline)
+    with pytest.raises(data_module.DataUnavailableError, match="place it at"):
+        pvae.load_dataset(name, cache_dir=tmp_path)
