@@ -16,7 +16,7 @@ derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
 
 __version__ = "0.2.0.dev0"
 
-from . import estimators, parts, plots
+from . import estimators, parts
 from .annealing import BDMCBounds, ais, bdmc
 from .config import CONFIG_VERSION, RunConfig, Training, autoencoder_config, build_vae
 from .data import DATASETS, Dataset, data_dir, load_dataset
@@ -61,3 +61,12 @@ __all__ = sorted(set(_parts_all) | {
     "REPORT_VERSION", "EvaluationReport", "Run", "evaluate_run", "load_run", "train_run",
     "History", "TrainStep", "fit",
 })
+
+
+def __getattr__(name):
+    """``pvae.plots`` is imported on first use: matplotlib adds about 0.3 s to ``import pvae``."""
+    if name == "plots":
+        import importlib
+
+        return importlib.import_module(".plots", __name__)
+    raise AttributeError(f"module 'pvae' has no attribute {name!r}")
