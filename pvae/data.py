@@ -19,21 +19,45 @@ Registered data sets (:data:`DATASETS`):
   50,000 / 10,000 / 10,000 images of 28x28 in {0, 1}, no labels.
 * ``"mnist"``, ``"fashion-mnist"`` — grey levels in [0, 1] from the published IDX files (checked
   against their published MD5 and SHA-256), 50,000 / 10,000 (the last 10,000 training images) /
-  10,000, with labels. For a Bernoulli likelihood binarize them (``--binarize`` is for files;
-  use ``continuous-bernoulli`` or ``gaussian`` here).
+  10,000, with labels. Option ``binarize`` (of these, ``omniglot`` and ``file``): ``"none"`` (grey
+  levels), ``"threshold"`` (x > 0.5), ``"static"`` (one seeded Bernoulli draw of every split) or
+  ``"dynamic"`` (see below).
+* ``"dynamic-mnist"`` — dynamically binarized MNIST (Burda et al. 2016; Tomczak & Welling 2018):
+  ``"mnist"`` with ``binarize="dynamic"``: every training minibatch is a fresh Bernoulli draw of
+  the grey levels (:attr:`Dataset.dynamic_binarization`); validation and test are one fixed seeded
+  draw (NumPy ``RandomState(0)``, stable across versions), so every run is scored on the same bits.
+* ``"omniglot"`` — the 28x28 Omniglot of Burda et al. (2016) (``chardata.mat`` of the IWAE code):
+  24,345 training images (a seeded 23,000 / 1,345 train/valid split, the VampPrior code's sizes)
+  and 8,070 test images, alphabet labels; dynamically binarized by default.
+* ``"caltech101-silhouettes"`` — Caltech-101 Silhouettes 28x28 (Marlin et al. 2010, split 1):
+  4,100 / 2,264 / 2,307 binary images with class labels, the published split.
+* ``"frey-faces"`` — Brendan Frey's 1,965 faces of 28x20 8-bit grey levels in [0, 1]; a seeded
+  1,565 / 200 / 200 split. For ``gaussian``, ``continuous-bernoulli`` or ``discretized-logistic``.
+* ``"cifar10"`` — CIFAR-10 (Krizhevsky 2009): 32x32 colour images as 8-bit values scaled to
+  [0, 1] (channels first), 40,000 / 10,000 (the fifth training batch) / 10,000, labels. Scored in
+  bits/dim under the ``discretized-logistic`` likelihood.
 * ``"file"`` — your own data (:func:`pvae.files.load_file`).
+
+The canonical addresses and published checksums are in :data:`REMOTES` (and
+:data:`IDX_SOURCES`). Omniglot's and Frey Faces' files have no published checksum: they are
+checked by their structure (keys, shapes, value range), their SHA-256 goes into the data set's
+``source`` and the run's ``data.json``, and a run is only evaluated on data with the same
+fingerprint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
+import pickle
+import tarfile
 import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,7 +88,12 @@ class Dataset:
     :ivar labels: dict split -> int64 tensor ``(N,)``, or None when unlabelled.
     :ivar image_shape: ``(H, W)`` for image data (for plots), else None.
     :ivar bool binary: all values are 0 or 1.
-    :ivar source: where the data came from, for a user's file (path, size, SHA-256, split), else None.
+    :ivar source: where the data came from: for a user's file its path, size, SHA-256 and split;
+        for a named benchmark its files and their SHA-256; else None.
+    :ivar bool dynamic_binarization: ``train`` holds probabilities in [0, 1] and training draws a
+        fresh Bernoulli sample of every minibatch (``fit(..., dynamic_binarization=True)``);
+        ``valid`` and ``test`` are fixed binary draws. ``split("train")`` is then one fixed seeded
+        draw too, so that every split evaluates as binary data.
     """
 
     name: str
@@ -75,21 +104,26 @@ class Dataset:
     image_shape: Optional[Tuple[int, ...]] = None
     binary: bool = False
     source: Optional[dict] = None
+    dynamic_binarization: bool = False
 
     @property
     def data_dim(self) -> int:
         return int(self.train.shape[-1])
 
     def split(self, name: str) -> torch.Tensor:
+        """The examples of one split as the model sees them (for dynamically binarized data, the
+        training split as one fixed seeded draw)."""
         if name not in SPLITS:
             raise UsageError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}")
+        if name == "train" and self.dynamic_binarization:
+            return fixed_binarization(self.train, seed=1)
         return getattr(self, name)
 
     def fingerprint(self) -> str:
         """SHA-256 over the three splits' shapes and float32 values: which data a run saw."""
         h = hashlib.sha256()
         for name in SPLITS:
-            t = self.split(name).detach().to("cpu", torch.float32).contiguous()
+            t = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
             h.update(f"{name}{tuple(t.shape)}".encode())
             h.update(t.numpy().tobytes())
         return h.hexdigest()
@@ -115,6 +149,51 @@ def image_shape_of(name) -> Optional[Tuple[int, ...]]:
     non-image data and for files (whose shape is known once they are read)."""
     name = getattr(name, "name", name)
     return getattr(DATASETS.get(name), "image_shape", None)
+
+
+def fixed_binarization(probabilities: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """One Bernoulli draw of ``probabilities`` from NumPy's ``RandomState(seed)`` (whose stream
+    NumPy keeps stable across versions), so that a fixed binarization is the same bits everywhere."""
+    p = probabilities.detach().cpu().numpy()
+    u = np.random.RandomState(seed).uniform(size=p.shape)
+    return torch.from_numpy((u < p).astype(np.float32)).to(probabilities.device)
+
+
+def binarized(data: "Dataset", mode: str) -> "Dataset":
+    """``data`` (values in [0, 1]) binarized: ``"none"`` (as is), ``"threshold"`` (x > 0.5),
+    ``"static"`` (every split one fixed seeded Bernoulli draw) or ``"dynamic"`` (fresh draws of the
+    training data during training; fixed draws of the others)."""
+    mode = _binarize_option(mode)
+    if mode == "none":
+        return data
+    if mode != "threshold":
+        for split in SPLITS:
+            t = getattr(data, split)
+            if not bool(((t >= 0) & (t <= 1)).all()):
+                raise UsageError(f"binarize={mode!r} draws Bernoulli(x), but the {split} data have values outside "
+                                 f"[0, 1] (range {float(t.min())} to {float(t.max())}); rescale them or use 'threshold'")
+    if mode == "threshold":
+        return dataclasses.replace(data, binary=True, **{s: (getattr(data, s) > 0.5).to(torch.float32)
+                                                         for s in SPLITS})
+    valid = fixed_binarization(data.valid, seed=2)
+    test = fixed_binarization(data.test, seed=3)
+    if mode == "static":
+        return dataclasses.replace(data, train=fixed_binarization(data.train, seed=1), valid=valid, test=test,
+                                   binary=True)
+    return dataclasses.replace(data, valid=valid, test=test, binary=True, dynamic_binarization=True)
+
+
+#: how a data set's values in [0, 1] become binary (the ``binarize`` option of data sets)
+BINARIZE_MODES = ("none", "threshold", "static", "dynamic")
+Binarize = Literal["none", "threshold", "static", "dynamic"]
+
+
+def _binarize_option(binarize) -> str:
+    if isinstance(binarize, bool):  # pvae 0.2.dev's file option was a flag: True meant threshold
+        binarize = "threshold" if binarize else "none"
+    if binarize not in BINARIZE_MODES:
+        raise UsageError(f"unknown binarize mode {binarize!r}; valid choices: {', '.join(BINARIZE_MODES)}")
+    return binarize
 
 
 def data_dir() -> Path:
@@ -360,11 +439,255 @@ def _idx_dataset(name: str, cache_dir: Path) -> Dataset:
 
 @DATASETS.register("mnist")
 @_image_shape((28, 28))
-def _load_mnist(cache_dir: Path) -> Dataset:
-    return _idx_dataset("mnist", cache_dir)
+def _load_mnist(cache_dir: Path, binarize: Binarize = "none") -> Dataset:
+    """MNIST from the published IDX files.
+
+    :param str binarize: none (grey levels in [0, 1]), threshold (x > 0.5), static (one fixed
+        seeded Bernoulli draw of every split) or dynamic (a fresh draw of every training minibatch;
+        fixed draws to validate and test).
+    """
+    return binarized(_idx_dataset("mnist", cache_dir), _binarize_option(binarize))
+
+
+@DATASETS.register("dynamic-mnist")
+@_image_shape((28, 28))
+def _load_dynamic_mnist(cache_dir: Path) -> Dataset:
+    return dataclasses.replace(binarized(_idx_dataset("mnist", cache_dir), "dynamic"), name="dynamic-mnist")
 
 
 @DATASETS.register("fashion-mnist")
 @_image_shape((28, 28))
-def _load_fashion_mnist(cache_dir: Path) -> Dataset:
-    return _idx_dataset("fashion-mnist", cache_dir)
+def _load_fashion_mnist(cache_dir: Path, binarize: Binarize = "none") -> Dataset:
+    """Fashion-MNIST from the published IDX files.
+
+    :param str binarize: none (grey levels in [0, 1]), threshold (x > 0.5), static (one fixed
+        seeded Bernoulli draw of every split) or dynamic (a fresh draw of every training minibatch;
+        fixed draws to validate and test).
+    """
+    return binarized(_idx_dataset("fashion-mnist", cache_dir), _binarize_option(binarize))
+
+
+# ---------------------------------------------------------------------------- other published files
+@dataclass(frozen=True)
+class Remote:
+    """A published data file: its name in ``cache_dir/<folder>/``, its download addresses (tried
+    in order) and its published checksums (None where the publisher gives none)."""
+
+    folder: str
+    file: str
+    urls: Tuple[str, ...]
+    md5: Optional[str] = None
+    sha256: Optional[str] = None
+
+
+#: data set -> its published file. Checksums: CIFAR-10's MD5 from its page (and torchvision), its
+#: SHA-256 as Keras pins it; Caltech-101 Silhouettes' MD5 as dataset managers pin it. Omniglot's and
+#: Frey Faces' files have none published (checked by structure; their SHA-256 is recorded per run).
+REMOTES: Dict[str, Remote] = {
+    "omniglot": Remote("omniglot", "chardata.mat", (
+        "https://github.com/yburda/iwae/raw/master/datasets/OMNIGLOT/chardata.mat",
+        "https://raw.githubusercontent.com/yburda/iwae/master/datasets/OMNIGLOT/chardata.mat")),
+    "caltech101-silhouettes": Remote("caltech101_silhouettes", "caltech101_silhouettes_28_split1.mat", (
+        "https://people.cs.umass.edu/~marlin/data/caltech101_silhouettes_28_split1.mat",),
+        md5="4483e9c14b188fd09937f9ea6f9ea777"),
+    "frey-faces": Remote("frey_faces", "frey_rawface.mat", (
+        "https://cs.nyu.edu/~roweis/data/frey_rawface.mat",)),
+    "cifar10": Remote("cifar10", "cifar-10-python.tar.gz", (
+        "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",),
+        md5="c58f30108f718f92721af3b95e74349a",
+        sha256="6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"),
+}
+
+
+def _file_digests(path: Path) -> Tuple[str, str]:
+    md5, sha = hashlib.md5(), hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            md5.update(block)
+            sha.update(block)
+    return md5.hexdigest(), sha.hexdigest()
+
+
+def fetch(name: str, cache_dir: Path, download: bool = True) -> Tuple[Path, str]:
+    """The published file of data set ``name`` (:data:`REMOTES`) from ``cache_dir/<folder>/``,
+    downloaded from its addresses if missing, checked against its published checksums. Returns the
+    path and the file's SHA-256. A bad download is deleted; a bad cached file is named."""
+    remote = REMOTES[name]
+    path = Path(cache_dir) / remote.folder / remote.file
+    downloaded = False
+    if not path.exists():
+        if not download:
+            raise DataUnavailableError(f"{path} is missing and download=False")
+        errors = []
+        for url in remote.urls:
+            try:
+                _download(url, path)
+                downloaded = True
+                break
+            except OSError as exc:
+                errors.append(f"{url}: {exc}")
+        if not downloaded:
+            raise DataUnavailableError(
+                f"{name} file {remote.file} is not in the cache ({path.parent}) and could not be downloaded "
+                f"({'; '.join(errors)}). Download it on a connected machine and place it at {path}, or set "
+                f"{DATA_DIR_ENV} to a folder that holds {remote.folder}/")
+    md5, sha256 = _file_digests(path)
+    if (remote.md5 and md5 != remote.md5) or (remote.sha256 and sha256 != remote.sha256):
+        if downloaded:
+            path.unlink()  # never leave a bad download in the cache
+        published = " / ".join(c for c in (remote.md5, remote.sha256) if c)
+        raise ChecksumError(f"{path} is corrupt or not the published file (its checksum differs from {published}); "
+                            "delete it so that it is downloaded again")
+    return path, sha256
+
+
+def _structure_error(path: Path, problem: str) -> UsageError:
+    return ChecksumError(f"{path} is not the published file: {problem}; delete it so that it is downloaded again")
+
+
+def _loadmat(path: Path, keys: Sequence[str]) -> dict:
+    from scipy.io import loadmat
+
+    try:
+        mat = loadmat(str(path))
+    except Exception as exc:  # a truncated download, an HTML page ...
+        raise _structure_error(path, f"it cannot be read as a MATLAB file ({type(exc).__name__}: {exc})") from None
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        raise _structure_error(path, f"it lacks the arrays {missing}")
+    return mat
+
+
+def _check_array(path: Path, key: str, array: np.ndarray, shape: Tuple[int, ...], low=0.0, high=1.0) -> np.ndarray:
+    if array.ndim != len(shape) or any(s is not None and a != s for a, s in zip(array.shape, shape)):
+        raise _structure_error(path, f"its array {key!r} has shape {array.shape}, expected {shape}")
+    if array.size and not (np.isfinite(array).all() and array.min() >= low and array.max() <= high):
+        raise _structure_error(path, f"its array {key!r} has values outside [{low}, {high}]")
+    return array
+
+
+def _transposed_images(columns: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Images stored as columns in Fortran order (the MATLAB files of Omniglot and Caltech-101
+    Silhouettes) as rows of row-major images: ``x.reshape(-1, h, w).reshape(-1, h*w, order='F')``
+    as the IWAE and VampPrior code read them."""
+    return np.ascontiguousarray(columns.reshape(-1, h, w).transpose(0, 2, 1).reshape(-1, h * w))
+
+
+def _tensors(**arrays) -> dict:
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for k, v in arrays.items()}
+
+
+def _source(name: str, path: Path, sha256: str) -> dict:
+    remote = REMOTES[name]
+    return {"benchmark": name, "file": remote.file, "url": remote.urls[0], "sha256": sha256,
+            "published_checksum": bool(remote.md5 or remote.sha256)}
+
+
+@DATASETS.register("omniglot")
+@_image_shape((28, 28))
+def _load_omniglot(cache_dir: Path, binarize: Binarize = "dynamic") -> Dataset:
+    """Omniglot 28x28 as in Burda et al. (2016).
+
+    :param str binarize: dynamic (the papers' protocol), static, threshold or none (grey levels).
+    """
+    binarize = _binarize_option(binarize)
+    path, sha256 = fetch("omniglot", cache_dir)
+    mat = _loadmat(path, ("data", "testdata", "target", "testtarget"))
+    train = _check_array(path, "data", mat["data"], (784, None)).T
+    test = _check_array(path, "testdata", mat["testdata"], (784, None)).T
+    train, test = _transposed_images(train, 28, 28), _transposed_images(test, 28, 28)
+    labels_train = _check_array(path, "target", mat["target"], (None, train.shape[0])).argmax(0)
+    labels_test = _check_array(path, "testtarget", mat["testtarget"], (None, test.shape[0])).argmax(0)
+    n_valid = 1345 if train.shape[0] > 2 * 1345 else max(1, train.shape[0] // 10)
+    perm = np.random.RandomState(0).permutation(train.shape[0])
+    tr, va = perm[:-n_valid], perm[-n_valid:]
+    data = Dataset("omniglot", **_tensors(train=train[tr], valid=train[va], test=test),
+                   labels={"train": torch.from_numpy(labels_train[tr].astype(np.int64)),
+                           "valid": torch.from_numpy(labels_train[va].astype(np.int64)),
+                           "test": torch.from_numpy(labels_test.astype(np.int64))},
+                   image_shape=(28, 28), source=_source("omniglot", path, sha256))
+    return binarized(data, binarize)
+
+
+@DATASETS.register("caltech101-silhouettes")
+@_image_shape((28, 28))
+def _load_caltech_silhouettes(cache_dir: Path) -> Dataset:
+    path, sha256 = fetch("caltech101-silhouettes", cache_dir)
+    keys = [f"{s}_{k}" for s in ("train", "val", "test") for k in ("data", "labels")]
+    mat = _loadmat(path, keys)
+    splits, labels = {}, {}
+    for ours, theirs in (("train", "train"), ("valid", "val"), ("test", "test")):
+        x = _check_array(path, f"{theirs}_data", mat[f"{theirs}_data"], (None, 784))
+        if not np.isin(x, (0, 1)).all():
+            raise _structure_error(path, f"its array '{theirs}_data' is not binary")
+        # as the VampPrior code reads it: Fortran-ordered images, the silhouette as ones
+        splits[ours] = 1.0 - _transposed_images(x, 28, 28)
+        y = np.asarray(mat[f"{theirs}_labels"]).reshape(-1)
+        if y.shape[0] != x.shape[0]:
+            raise _structure_error(path, f"'{theirs}_labels' has {y.shape[0]} labels for {x.shape[0]} images")
+        labels[ours] = torch.from_numpy(y.astype(np.int64) - 1)  # classes 1..101 -> 0..100
+    return Dataset("caltech101-silhouettes", **_tensors(**splits), labels=labels, image_shape=(28, 28),
+                   binary=True, source=_source("caltech101-silhouettes", path, sha256))
+
+
+@DATASETS.register("frey-faces")
+@_image_shape((28, 20))
+def _load_frey_faces(cache_dir: Path) -> Dataset:
+    path, sha256 = fetch("frey-faces", cache_dir)
+    ff = _loadmat(path, ("ff",))["ff"]
+    if ff.dtype != np.uint8:
+        raise _structure_error(path, f"its array 'ff' has dtype {ff.dtype}, expected 8-bit grey levels")
+    images = _check_array(path, "ff", ff, (560, None), high=255).T.astype(np.float32) / 255.0
+    n = images.shape[0]
+    n_hold = 200 if n > 600 else max(1, n // 10)
+    perm = np.random.RandomState(0).permutation(n)
+    parts = {"test": perm[:n_hold], "valid": perm[n_hold:2 * n_hold], "train": perm[2 * n_hold:]}
+    return Dataset("frey-faces", **_tensors(**{k: images[v] for k, v in parts.items()}), image_shape=(28, 20),
+                   source=_source("frey-faces", path, sha256))
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles NumPy arrays, lists, dicts and strings only (CIFAR-10's batches): a file that
+    passed its checksum cannot run code, and one that did not is never opened."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+        return super().find_class(module, name)
+
+
+@DATASETS.register("cifar10")
+@_image_shape((3, 32, 32))
+def _load_cifar10(cache_dir: Path) -> Dataset:
+    path, sha256 = fetch("cifar10", cache_dir)
+    batches = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar.getmembers():
+                base = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and (base.startswith("data_batch_") or base == "test_batch"):
+                    batch = _ArrayUnpickler(tar.extractfile(member), encoding="bytes").load()
+                    batches[base] = (np.asarray(batch[b"data"], dtype=np.uint8),
+                                     np.asarray(batch[b"labels"], dtype=np.int64))
+    except (tarfile.TarError, pickle.UnpicklingError, KeyError, EOFError, OSError) as exc:
+        raise _structure_error(path, f"it cannot be read as CIFAR-10's archive ({type(exc).__name__}: {exc})") from None
+    expected = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    if sorted(batches) != sorted(expected):
+        raise _structure_error(path, f"it holds the batches {sorted(batches)}, expected {expected}")
+    for key, (x, y) in batches.items():
+        if x.ndim != 2 or x.shape[1] != 3072 or y.shape[0] != x.shape[0]:
+            raise _structure_error(path, f"its batch {key} has images {x.shape} and labels {y.shape}")
+
+    def join(keys):
+        return (np.concatenate([batches[k][0] for k in keys]).astype(np.float32) / 255.0,
+                torch.from_numpy(np.concatenate([batches[k][1] for k in keys])))
+
+    (train, y_train), (valid, y_valid), (test, y_test) = (
+        join(expected[:4]), join(expected[4:5]), join(expected[5:]))
+    return Dataset("cifar10", **_tensors(train=train, valid=valid, test=test),
+                   labels={"train": y_train, "valid": y_valid, "test": y_test}, image_shape=(3, 32, 32),
+                   source=_source("cifar10", path, sha256))

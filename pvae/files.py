@@ -22,7 +22,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -271,7 +271,7 @@ def load_file(
     image_size: Optional[Tuple[int, ...]] = None,
     image_shape: Optional[Tuple[int, ...]] = None,
     label_column: Optional[str] = None,
-    binarize: bool = False,
+    binarize: Literal["none", "threshold", "static", "dynamic"] = "none",
 ):
     """Read a data file or image folder into a :class:`~pvae.data.Dataset` (see the module doc).
 
@@ -281,9 +281,10 @@ def load_file(
     :param image_size: resize a folder's images to height,width (default: they must all be the same size).
     :param image_shape: the image shape of flat rows (e.g. 28,28 for 784 columns), for conv nets and figures.
     :param label_column: a CSV column (name or index) holding labels rather than data.
-    :param bool binarize: threshold the values at 0.5 (a fixed binarization, for Bernoulli likelihoods).
+    :param str binarize: for a Bernoulli likelihood: threshold (x > 0.5), static (one seeded
+        Bernoulli draw of values in [0, 1]) or dynamic (a fresh draw of every training minibatch).
     """
-    from .data import Dataset
+    from .data import Dataset, _binarize_option, binarized
 
     if not path:
         raise UsageError("data set 'file' needs a path (pvae train --data PATH)")
@@ -321,12 +322,12 @@ def load_file(
                 labels[name] = torch.as_tensor(lab.astype(np.int64))
         labels = labels or None
         how = {"split": "from the file"}
-    if binarize:
-        tensors = {k: (v > 0.5).to(torch.float32) for k, v in tensors.items()}
+    binarize = _binarize_option(binarize)
     binary = all(bool(((t == 0) | (t == 1)).all()) for t in tensors.values())
     source = {"path": str(path), "bytes": _size(path), "sha256": file_sha256(path), **how,
-              "binarize": bool(binarize), "image_shape": list(shape) if shape else None}
-    return Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, **tensors)
+              "binarize": binarize, "image_shape": list(shape) if shape else None}
+    data = Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, **tensors)
+    return binarized(data, binarize)
 
 
 def write_examples(folder) -> List[Path]:

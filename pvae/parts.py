@@ -24,6 +24,8 @@ from .likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
+    DiscretizedLogistic,
+    DiscretizedLogisticLikelihood,
     GaussianLikelihood,
     Likelihood,
     PoissonLikelihood,
@@ -53,7 +55,7 @@ from .priors import (
 __all__ = [
     "GUIDES", "DeltaGuide", "DiagonalGaussianGuide", "FlowGuide", "FullRankGaussianGuide", "Guide", "IAFGuide",
     "NonAmortizedGuide", "PlanarGuide", "SylvesterGuide",
-    "LIKELIHOODS", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "GaussianLikelihood", "Likelihood",
+    "LIKELIHOODS", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "DiscretizedLogistic", "DiscretizedLogisticLikelihood", "GaussianLikelihood", "Likelihood",
     "PoissonLikelihood",
     "ACTIVATIONS", "NETS", "MLP", "ConvDecoder", "ConvEncoder", "ConvNets", "GatedLinear", "MLPNets",
     "OBJECTIVES", "ElboObjective", "FreeBitsObjective", "InfoVAEObjective", "IWAEObjective", "KLSchedule",

@@ -120,10 +120,11 @@ def train_run(
     data = dataset if dataset is not None else load_dataset(config.dataset)
     with seeded(training.seed):  # initial weights are a function of the config's seed
         vae = build_vae(config, data.data_dim, data.image_shape)
-    vae.check_data(data.train, f"{data.name} training data")
+    train_seen = data.split("train")  # as the model sees it (one draw of dynamically binarized data)
+    vae.check_data(train_seen, f"{data.name} training data")
     vae.check_data(data.valid, f"{data.name} validation data")
     objective = config.build_objective()
-    check_objective(objective, vae, data.train, training.batch_size)
+    check_objective(objective, vae, train_seen, training.batch_size)
     with run_lock(run_dir):  # a second process training into run_dir is refused
         config_path = run_dir / CONFIG_FILE
         if config_path.exists():
@@ -167,6 +168,7 @@ def train_run(
             max_time=training.max_time,
             checkpoint_every=training.checkpoint_every,
             val_bound=training.val_bound,
+            dynamic_binarization=data.dynamic_binarization,
         )
         write_figures(vae, data, history, run_dir)
     return Run(run_dir, config, vae, history)

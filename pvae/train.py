@@ -24,7 +24,7 @@ import torch
 
 from ._rng import seeded
 from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
-from .errors import DivergenceError, RunExistsError, UsageError
+from .errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
 from .estimators import evaluate_bounds, reconstruction_error
 from .objectives import Objective, make_objective
 
@@ -246,6 +246,22 @@ def _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path) -> Non
         )
 
 
+def check_probabilities(x: torch.Tensor, what: str) -> None:
+    """Dynamic binarization draws Bernoulli(x): ``x`` must be finite values in [0, 1]."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise UsageTypeError(f"{what} must be a floating-point tensor of probabilities")
+    bad = ~((x >= 0) & (x <= 1))  # NaN is bad too
+    if bool(bad.any()):
+        rows = bad.reshape(x.shape[0], -1).any(-1).nonzero().flatten()
+        raise UsageError(f"{what} to binarize dynamically must be probabilities in [0, 1], but {rows.numel()} "
+                         f"row(s) are not (first: {rows[:5].tolist()})")
+
+
+def binary_view(x: torch.Tensor) -> torch.Tensor:
+    """A binary tensor of ``x``'s shape (for checks of data that are binarized when used)."""
+    return (x >= 0.5).to(x.dtype)
+
+
 def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int) -> None:
     """Raise a clear error, before anything is trained or written, when ``objective`` cannot
     train ``vae`` on ``train_data`` in minibatches of ``batch_size`` (e.g. the DReG gradient
@@ -286,6 +302,7 @@ def fit(
     max_time: Optional[float] = None,
     checkpoint_every: int = 1,
     val_bound: str = "elbo",
+    dynamic_binarization: bool = False,
 ) -> History:
     """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
 
@@ -328,6 +345,9 @@ def fit(
     :param str val_bound: the validation metric for early stopping and best-model selection:
         ``"elbo"`` or ``"iwae"`` (L_K with K = ``val_num_samples``: for models trained on L_K,
         whose ELBO falls while their bound still rises).
+    :param bool dynamic_binarization: ``train_data`` are probabilities in [0, 1] and every
+        minibatch is a fresh Bernoulli draw of them (dynamically binarized MNIST and Omniglot);
+        the draws come from the seeded training stream, so a resumed run draws the same bits.
     :returns: :class:`History`.
     :raises FloatingPointError: with ``nonfinite="raise"`` (the parameters never hold a
         non-finite update and the last checkpoint is the previous epoch's).
@@ -354,7 +374,11 @@ def fit(
     t_start = time.perf_counter()
     device = torch.device(device) if device is not None else vae.device
     vae.to(device)
-    vae.check_data(train_data, "training data")
+    if dynamic_binarization:
+        check_probabilities(train_data, "training data")
+        vae.check_data(binary_view(train_data), "dynamically binarized training data")
+    else:
+        vae.check_data(train_data, "training data")
     indexed = vae.guide_net.needs_index
     if valid_data is not None:
         vae.check_data(valid_data, "validation data")
@@ -371,7 +395,7 @@ def fit(
         )
     train_data = train_data.to(device)
     valid_data = valid_data.to(device) if valid_data is not None else None
-    check_objective(objective, vae, train_data, batch_size)
+    check_objective(objective, vae, binary_view(train_data) if dynamic_binarization else train_data, batch_size)
 
     optimizer = _optimizer(vae, lr)
     generator = torch.Generator().manual_seed(int(seed))
@@ -393,6 +417,8 @@ def fit(
         fit_args["objective_options"] = options
     if val_bound != "elbo":  # early stopping on another metric is another run
         fit_args["val_bound"] = val_bound
+    if dynamic_binarization:  # other training data
+        fit_args["dynamic_binarization"] = True
     resumed_rng = None
     if ckpt_path is not None and ckpt_path.exists():
         if not resume:
@@ -425,7 +451,7 @@ def fit(
                 t0 = time.perf_counter()
                 order = torch.randperm(train_data.shape[0], generator=generator).to(device)
                 stats = train_epoch(train_step, objective, train_data, order, batch_size, epoch, indexed, bar,
-                                    nonfinite, check_every, ckpt_path)
+                                    nonfinite, check_every, ckpt_path, dynamic_binarization)
                 record = {
                     "epoch": epoch,
                     **stats,
@@ -474,7 +500,7 @@ def fit(
 
 
 def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=False, bar=None,
-                nonfinite="raise", check_every=None, ckpt_path=None) -> dict:
+                nonfinite="raise", check_every=None, ckpt_path=None, dynamic_binarization=False) -> dict:
     """One pass of ``train_step`` over ``data[order]`` in minibatches, with no host
     synchronisation except the non-finite checks (once at the end, or every ``check_every``
     steps). Returns the epoch's ``train_objective`` (mean value over the datapoints of the
@@ -490,6 +516,8 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
     # (the step runs without distribution validation: fit checks the data once)
     for step, idx in enumerate(order.split(batch_size)):
         xb = data[idx]
+        if dynamic_binarization:  # a fresh draw from the seeded training stream
+            xb = torch.bernoulli(xb)
         weight = 1.0
         if hasattr(objective, "set_progress"):  # KL schedules run on epochs done
             objective.set_progress(epoch - 1 + step / steps)

@@ -34,7 +34,7 @@ def test_digits_are_binary_labelled_and_split_deterministically(digits):
 
 
 def test_unknown_dataset_and_split_name_the_choices(digits):
-    with pytest.raises(UnknownNameError, match="valid choices: binarized-mnist, digits"):
+    with pytest.raises(UnknownNameError, match="valid choices: binarized-mnist, caltech101-silhouettes, cifar10, digits"):
         pvae.load_dataset("mnist-typo")
     with pytest.raises(ValueError, match="valid choices: train, valid, test"):
         digits.split("validation")

@@ -142,8 +142,14 @@ def test_grey_data_under_a_bernoulli_likelihood_name_the_fixes_and_write_nothing
     err = capsys.readouterr().err
     assert "--binarize" in err and "continuous-bernoulli" in err and "gaussian" in err
     assert not run.exists()
-    assert main(["train", "--data", str(tmp_path / "grey.npy"), "--binarize", "--run-dir", str(run), *SMALL]) == 0
-    assert json.loads((run / "config.json").read_text())["dataset"]["binarize"] is True
+    assert main(["train", "--data", str(tmp_path / "grey.npy"), "--binarize", "threshold", "--run-dir", str(run), *SMALL]) == 0
+    assert json.loads((run / "config.json").read_text())["dataset"]["binarize"] == "threshold"
+    # a dynamic binarization of the grey levels (scaled to [0, 1]) trains too, and is recorded
+    run2 = tmp_path / "run2"
+    assert main(["train", "--data", str(tmp_path / "grey.npy"), "--binarize", "dynamic", "--run-dir", str(run2),
+                 *SMALL]) == 0
+    assert json.loads((run2 / "data.json").read_text())["file"]["binarize"] == "dynamic"
+    assert main(["evaluate", str(run2), "--num-samples", "3", "--no-progress"]) == 0
 
 
 def test_a_file_config_round_trips_and_loads_through_load_dataset(examples):
