@@ -65,6 +65,7 @@ import torch
 from .errors import UsageError
 from .files import load_file
 from .registry import Registry
+from .streaming import is_streamed
 
 DATASETS: Registry = Registry("dataset", context=("cache_dir",))
 SPLITS = ("train", "valid", "test")
@@ -84,7 +85,8 @@ class Dataset:
     """Three splits of flattened examples.
 
     :ivar str name: registry name.
-    :ivar train, valid, test: float tensors ``(N, D)``.
+    :ivar train, valid, test: float tensors ``(N, D)``, or for data bigger than memory
+        :class:`~pvae.streaming.StreamedSplit` views read on demand (``streamed``).
     :ivar labels: dict split -> int64 tensor ``(N,)``, or None when unlabelled.
     :ivar image_shape: ``(H, W)`` for image data (for plots), else None.
     :ivar bool binary: all values are 0 or 1.
@@ -107,6 +109,11 @@ class Dataset:
     dynamic_binarization: bool = False
 
     @property
+    def streamed(self) -> bool:
+        """Whether the splits are read on demand (:mod:`pvae.streaming`)."""
+        return any(is_streamed(getattr(self, s)) for s in SPLITS)
+
+    @property
     def data_dim(self) -> int:
         return int(self.train.shape[-1])
 
@@ -123,9 +130,12 @@ class Dataset:
         """SHA-256 over the three splits' shapes and float32 values: which data a run saw."""
         h = hashlib.sha256()
         for name in SPLITS:
-            t = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
+            t = getattr(self, name)
             h.update(f"{name}{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes())
+            if is_streamed(t):  # the same bytes, read a chunk at a time
+                t.update_hash(h)
+            else:
+                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()
 
     def split_labels(self, name: str) -> Optional[torch.Tensor]:

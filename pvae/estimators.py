@@ -26,6 +26,7 @@ import torch
 from . import engine
 from ._rng import seeded
 from .errors import UsageError
+from .streaming import is_streamed
 
 #: ``chunk_size=None`` (the default) picks the samples per chunk from this memory budget:
 #: a quarter of the free memory on a CUDA device, this many bytes on a CPU
@@ -184,9 +185,24 @@ def _evaluating(vae):
             module.training = mode
 
 
+def _device_of(vae) -> torch.device:
+    """Where ``vae``'s parameters live (the CPU for a model without any)."""
+    device = getattr(vae, "device", None)
+    if device is not None:
+        return torch.device(device)
+    first = next(iter(vae.parameters()), None) if hasattr(vae, "parameters") else None
+    return first.device if first is not None else torch.device("cpu")
+
+
 def check_data(vae, x: torch.Tensor, what: str = "data") -> None:
     """The model's own data check (:meth:`pvae.model.VAE.check_data`) where it has one; for a
     user's model/guide pair, that ``x`` is a finite floating-point ``(B, ...)`` tensor."""
+    if is_streamed(x):  # read on demand: checked a chunk at a time
+        if len(x) == 0:
+            raise UsageError(f"{what} hold no datapoints")
+        for chunk in x.chunks():
+            check_data(vae, chunk, what)
+        return
     check = getattr(vae, "check_data", None)
     if check is not None:
         check(x, what)
@@ -197,10 +213,12 @@ def check_data(vae, x: torch.Tensor, what: str = "data") -> None:
         raise UsageError(f"{what} contain NaN or infinite values; clean or drop those rows")
 
 
-def _batches(x: torch.Tensor, batch_size: int):
-    """Yield ``(start, x[start:start + batch_size])``."""
+def _batches(x: torch.Tensor, batch_size: int, device=None):
+    """Yield ``(start, x[start:start + batch_size])`` (a streamed split's rows read and moved to
+    ``device``)."""
     for start in range(0, x.shape[0], batch_size):
-        yield start, x[start : start + batch_size]
+        xb = x[start : start + batch_size]
+        yield start, (xb.to(device) if device is not None else xb)
 
 
 def _weight_statistics(
@@ -226,13 +244,15 @@ def _weight_statistics(
 
         bar = tqdm(total=x.shape[0], desc=desc, unit="x", leave=False)
     k = num_samples
+    streamed = is_streamed(x)
+    device = _device_of(vae) if streamed else x.device
     try:
-        with _evaluating(vae), seeded(seed, x.device):
-            for start, xb in _batches(x, batch_size):
+        with _evaluating(vae), seeded(seed, device):
+            for start, xb in _batches(x, batch_size, device if streamed else None):
                 ib = None if index is None else index[start : start + xb.shape[0]]
-                lse = torch.full((xb.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
+                lse = torch.full((xb.shape[0],), -math.inf, dtype=xb.dtype, device=device)
                 lse2 = lse.clone()
-                total = torch.zeros(xb.shape[0], dtype=torch.float64, device=x.device)
+                total = torch.zeros(xb.shape[0], dtype=torch.float64, device=device)
                 total_sq = torch.zeros_like(total)
                 for lw in log_importance_weights(vae, xb, k, chunk_size, proposal, ib):
                     lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))

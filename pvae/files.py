@@ -204,41 +204,67 @@ def _read(path: Path, label_column: Optional[str], image_size) -> Dict[str, np.n
 
 
 # ------------------------------------------------------------------------------ shaping
-def _as_images(array: np.ndarray, path, image_shape) -> Tuple[np.ndarray, Optional[Tuple[int, ...]]]:
-    """Flatten to ``(N, D)``; return the image shape ``(H, W)`` or ``(C, H, W)`` when there is one."""
-    if array.ndim == 0 or array.shape[0] == 0:
-        raise DataFileError(f"{path} holds no datapoints (shape {array.shape})")
-    shape = None
-    if array.ndim == 3:
-        shape = tuple(array.shape[1:])
-    elif array.ndim == 4:
-        if array.shape[-1] in (1, 3, 4) and array.shape[1] not in (1, 3, 4):  # (N, H, W, C)
-            array = np.moveaxis(array, -1, 1)
-        shape = tuple(array.shape[1:])
+def _layout(array_shape, path, image_shape) -> Tuple[Optional[Tuple[int, ...]], bool, int]:
+    """For an array of ``array_shape``: its image shape ``(H, W)`` or ``(C, H, W)`` (or None),
+    whether it stores channels last (``(N, H, W, C)``), and the values per datapoint."""
+    if len(array_shape) == 0 or array_shape[0] == 0:
+        raise DataFileError(f"{path} holds no datapoints (shape {tuple(array_shape)})")
+    shape, channels_last = None, False
+    if len(array_shape) == 3:
+        shape = tuple(array_shape[1:])
+    elif len(array_shape) == 4:
+        channels_last = array_shape[-1] in (1, 3, 4) and array_shape[1] not in (1, 3, 4)  # (N, H, W, C)
+        shape = (array_shape[3], *array_shape[1:3]) if channels_last else tuple(array_shape[1:])
         if shape[0] == 1:
             shape = shape[1:]
-    elif array.ndim != 2:
-        raise DataFileError(f"{path}: arrays of shape {array.shape} are not supported; use (N, D), "
+    elif len(array_shape) != 2:
+        raise DataFileError(f"{path}: arrays of shape {tuple(array_shape)} are not supported; use (N, D), "
                             "(N, H, W), (N, H, W, C) or (N, C, H, W)")
-    flat = array.reshape(array.shape[0], -1)
+    dim = math.prod(array_shape[1:])
     if image_shape is not None:
-        if math.prod(image_shape) != flat.shape[1]:
+        if math.prod(image_shape) != dim:
             raise DataFileError(f"image_shape {tuple(image_shape)} has {math.prod(image_shape)} pixels but "
-                                f"the data have {flat.shape[1]} values per row")
+                                f"the data have {dim} values per row")
         shape = tuple(int(s) for s in image_shape)
-    return flat, shape
+    return shape, channels_last, dim
+
+
+def _rows(array: np.ndarray, channels_last: bool) -> np.ndarray:
+    """Datapoints as flat rows (channels first for images)."""
+    if channels_last:
+        array = np.moveaxis(array, -1, 1)
+    return array.reshape(array.shape[0], -1)
+
+
+def _as_images(array: np.ndarray, path, image_shape) -> Tuple[np.ndarray, Optional[Tuple[int, ...]]]:
+    """Flatten to ``(N, D)``; return the image shape ``(H, W)`` or ``(C, H, W)`` when there is one."""
+    shape, channels_last, _ = _layout(array.shape, path, image_shape)
+    return _rows(array, channels_last), shape
+
+
+def _eight_bit(dtype, is_image: bool, low, high) -> bool:
+    """Whether values of ``dtype`` ranging over ``low..high`` are 8-bit images to scale by 1/255."""
+    if dtype == np.bool_:
+        return False
+    if not np.issubdtype(dtype, np.number):
+        raise DataFileError(f"data of dtype {dtype} are not numeric")
+    if np.issubdtype(dtype, np.integer) and is_image and high is not None and high > 1:
+        if low < 0 or high > 255:
+            raise DataFileError(f"integer images must hold 0..255 (8-bit), got {low}..{high}")
+        return True
+    return False
+
+
+def _as_float(array: np.ndarray, eight_bit: bool) -> np.ndarray:
+    """The one conversion of stored values (in memory and streamed alike)."""
+    if eight_bit:
+        return array.astype(np.float32) / 255.0  # 8-bit images: [0, 1]
+    return array.astype(np.float32)
 
 
 def _to_float(array: np.ndarray, is_image: bool) -> np.ndarray:
-    if array.dtype == np.bool_:
-        return array.astype(np.float32)
-    if np.issubdtype(array.dtype, np.integer) and is_image and array.size and array.max() > 1:
-        if array.min() < 0 or array.max() > 255:
-            raise DataFileError(f"integer images must hold 0..255 (8-bit), got {array.min()}..{array.max()}")
-        return array.astype(np.float32) / 255.0  # 8-bit images: [0, 1]
-    if not (np.issubdtype(array.dtype, np.number)):
-        raise DataFileError(f"data of dtype {array.dtype} are not numeric")
-    return array.astype(np.float32)
+    low, high = (array.min(), array.max()) if array.size else (None, None)
+    return _as_float(array, _eight_bit(array.dtype, is_image, low, high))
 
 
 def _check_finite(array: np.ndarray, path, split: str) -> None:
@@ -272,6 +298,7 @@ def load_file(
     image_shape: Optional[Tuple[int, ...]] = None,
     label_column: Optional[str] = None,
     binarize: Literal["none", "threshold", "static", "dynamic"] = "none",
+    stream: Literal["auto", "never", "always"] = "auto",
 ):
     """Read a data file or image folder into a :class:`~pvae.data.Dataset` (see the module doc).
 
@@ -283,6 +310,9 @@ def load_file(
     :param label_column: a CSV column (name or index) holding labels rather than data.
     :param str binarize: for a Bernoulli likelihood: threshold (x > 0.5), static (one seeded
         Bernoulli draw of values in [0, 1]) or dynamic (a fresh draw of every training minibatch).
+    :param str stream: read a .npy file or an image folder on demand instead of into memory:
+        auto (when the data would exceed the memory budget, $PVAE_MEMORY_BUDGET_GB or a quarter of
+        the machine's memory), never, or always.
     """
     from .data import Dataset, _binarize_option, binarized
 
@@ -291,6 +321,10 @@ def load_file(
     path = Path(os.path.expanduser(str(path))).resolve()
     if not path.exists():
         raise DataFileError(f"data file {path} does not exist")
+    if stream not in ("auto", "never", "always"):
+        raise UsageError(f"unknown stream mode {stream!r}; valid choices: auto, never, always")
+    if _should_stream(path, stream, image_size):
+        return _load_streamed(path, split, split_seed, image_size, image_shape, binarize)
     arrays = _read(path, label_column, image_size)
     labels = None
     if "all" in arrays:
@@ -328,6 +362,149 @@ def load_file(
               "binarize": binarize, "image_shape": list(shape) if shape else None}
     data = Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, **tensors)
     return binarized(data, binarize)
+
+
+# ------------------------------------------------------------------------------ streaming
+def _image_files(folder: Path) -> List[Path]:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataFileError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def _folder_labels(folder: Path, files: List[Path]) -> Optional[np.ndarray]:
+    classes = sorted({p.parent.relative_to(folder).parts[0] for p in files if p.parent != folder})
+    if classes and all(p.parent != folder for p in files):
+        return np.asarray([classes.index(p.relative_to(folder).parts[0]) for p in files])
+    return None
+
+
+def _should_stream(path: Path, stream: str, image_size) -> bool:
+    from .streaming import memory_budget_bytes
+
+    streamable = path.is_dir() or path.suffix.lower() == ".npy"
+    if stream == "never":
+        return False
+    if stream == "always":
+        if not streamable:
+            raise DataFileError(f"{path}: only .npy files and folders of images can be streamed; save the "
+                                "array with numpy.save(...) to stream it")
+        return True
+    if not streamable:
+        return False
+    if path.is_dir():
+        from PIL import Image
+
+        files = _image_files(path)
+        try:
+            with Image.open(files[0]) as im:
+                w, h = im.size
+                channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+        except Exception:
+            return False  # the in-memory reader names the unreadable file
+        if image_size is not None and len(image_size) == 2:
+            h, w = int(image_size[0]), int(image_size[1])
+        values = len(files) * h * w * channels
+    else:
+        try:
+            values = math.prod(np.load(path, mmap_mode="r", allow_pickle=False).shape)
+        except Exception:
+            return False  # the in-memory reader names the problem
+    return 4 * values > memory_budget_bytes()
+
+
+def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binarize):
+    """A data set whose splits are :class:`~pvae.streaming.StreamedSplit` views of the file: one
+    pass checks every row (NaN/inf rows named, value range, unreadable images) without keeping
+    it; the rows are then read, and converted exactly as in memory, as they are used."""
+    from .data import Dataset, _binarize_option
+    from .streaming import ImageFolderSource, MemmapSource, StreamedSplit
+
+    if _binarize_option(binarize) != "none":
+        raise DataFileError(f"{path}: binarize={binarize!r} is not available for streamed data; binarize the "
+                            "file beforehand, or load it in memory (stream='never')")
+    chunk = 4096
+    labels_all = None
+    if path.is_dir():
+        from PIL import Image
+
+        files = _image_files(path)
+        modes, sizes = [], []
+        for p in files:
+            try:
+                with Image.open(p) as im:
+                    modes.append(im.mode)
+                    sizes.append(im.size)
+            except Exception as exc:
+                raise DataFileError(f"{p} is not a readable image ({type(exc).__name__}: {exc}); "
+                                    "remove or replace it") from None
+        mode = "RGB" if any(m not in ("1", "L", "LA", "I", "I;16", "F") for m in modes) else "L"
+        if image_size is not None:
+            if len(image_size) != 2:
+                raise DataFileError(f"image_size must be height,width, got {image_size}")
+            size = (int(image_size[1]), int(image_size[0]))
+        else:
+            size = None
+            for p, s in zip(files, sizes):
+                if s != sizes[0]:
+                    raise DataFileError(f"{p} is {s[0]}x{s[1]} but {files[0].name} is {sizes[0][0]}x{sizes[0][1]}; "
+                                        "give --image-size H,W to resize them all")
+        w, h = size or sizes[0]
+        array_shape = (len(files), h, w, 3) if mode == "RGB" else (len(files), h, w)
+        shape, channels_last, dim = _layout(array_shape, path, image_shape)
+        probe = ImageFolderSource(files, mode, size, lambda a: a)
+        low, high = 255, 0
+        for start in range(0, len(files), 256):  # every image decodes (a damaged one is named now)
+            for i in range(start, min(start + 256, len(files))):
+                try:
+                    img = probe.decode(i)
+                except Exception as exc:
+                    raise DataFileError(f"{files[i]} is not a readable image ({type(exc).__name__}: {exc}); "
+                                        "remove or replace it") from None
+                low, high = min(low, int(img.min())), max(high, int(img.max()))
+        eight_bit = _eight_bit(np.dtype(np.uint8), True, low, high)
+        source = ImageFolderSource(files, mode, size, lambda a: _as_float(_rows(a, channels_last), eight_bit))
+        labels_all = _folder_labels(path, files)
+    else:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        shape, channels_last, dim = _layout(array.shape, path, image_shape)
+        low = high = None
+        bad_rows = []
+        for start in range(0, array.shape[0], chunk):
+            block = _rows(np.asarray(array[start:start + chunk]), channels_last)
+            if not np.issubdtype(block.dtype, np.number) and block.dtype != np.bool_:
+                raise DataFileError(f"data of dtype {block.dtype} are not numeric")
+            if np.issubdtype(block.dtype, np.floating):
+                bad_rows.extend((start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist())
+            if block.size and block.dtype != np.bool_:
+                lo, hi = block.min(), block.max()
+                low = lo if low is None else min(low, lo)
+                high = hi if high is None else max(high, hi)
+        if bad_rows:
+            raise DataFileError(f"{path}: the data has NaN or infinite values in {len(bad_rows)} row(s) "
+                                f"(first: {bad_rows[:5]}); clean or drop those rows")
+        eight_bit = _eight_bit(array.dtype, shape is not None, low, high)
+        source = MemmapSource(path, lambda a: _as_float(_rows(a, channels_last), eight_bit))
+    n = len(source)
+    parts = _split(n, split, split_seed, path)
+    tensors = {name: StreamedSplit(source, idx, dim) for name, idx in parts.items()}
+    labels = None
+    if labels_all is not None:
+        labels = {name: torch.as_tensor(labels_all[idx].astype(np.int64)) for name, idx in parts.items()}
+    binary = _only_zeros_and_ones(source)
+    source_info = {"path": str(path), "bytes": _size(path), "sha256": file_sha256(path), "split": list(split),
+                   "split_seed": int(split_seed), "binarize": "none", "image_shape": list(shape) if shape else None,
+                   "streamed": True}
+    return Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source_info, **tensors)
+
+
+def _only_zeros_and_ones(source) -> bool:
+    n = len(source)
+    for start in range(0, n, 4096):
+        x = source.read(np.arange(start, min(start + 4096, n)))
+        if not ((x == 0) | (x == 1)).all():
+            return False
+    return True
 
 
 def write_examples(folder) -> List[Path]:

@@ -33,6 +33,7 @@ from .estimators import (
     DEFAULT_CHUNK_SIZE,
     Estimate,
     auto_chunk_size,
+    check_data,
     evaluate_bounds,
     naive_prior_estimate,
     reconstruction_error,
@@ -121,8 +122,8 @@ def train_run(
     with seeded(training.seed):  # initial weights are a function of the config's seed
         vae = build_vae(config, data.data_dim, data.image_shape)
     train_seen = data.split("train")  # as the model sees it (one draw of dynamically binarized data)
-    vae.check_data(train_seen, f"{data.name} training data")
-    vae.check_data(data.valid, f"{data.name} validation data")
+    check_data(vae, train_seen, f"{data.name} training data")  # (streamed data: a chunk at a time)
+    check_data(vae, data.valid, f"{data.name} validation data")
     objective = config.build_objective()
     check_objective(objective, vae, train_seen, training.batch_size)
     with run_lock(run_dir):  # a second process training into run_dir is refused
@@ -178,17 +179,22 @@ def train_run(
 RESUMABLE_CHANGES = ("epochs", "step", "max_time", "checkpoint_every", "device")
 
 
+#: validation datapoints drawn in a run's latent scatter and reconstructions
+FIGURE_DATAPOINTS = 10000
+
+
 def write_figures(vae: VAE, data: Dataset, history: History, run_dir) -> None:
     """ELBO curves, reconstructions, samples and a latent scatter of the validation split."""
     from . import plots
 
     run_dir = Path(run_dir)
     figures = {"elbo_curves.png": plots.elbo_curves(history.records)}
-    valid = data.valid.to(vae.device)
+    valid = data.valid[:FIGURE_DATAPOINTS].to(vae.device)  # (a streamed split reads only these)
+    labels = data.split_labels("valid")
     if data.image_shape is not None:
         figures["reconstructions.png"] = plots.reconstructions(vae, valid, data.image_shape)
         figures["samples.png"] = plots.samples(vae, data.image_shape)
-    figures["latent.png"] = plots.latent_scatter(vae.encode(valid), data.split_labels("valid"))
+    figures["latent.png"] = plots.latent_scatter(vae.encode(valid), None if labels is None else labels[:FIGURE_DATAPOINTS])
     for name, fig in figures.items():
         fig.savefig(run_dir / name, dpi=100)
 

@@ -25,8 +25,10 @@ import torch
 from ._rng import seeded
 from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
 from .errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
-from .estimators import evaluate_bounds, reconstruction_error
+from .estimators import check_data, evaluate_bounds, reconstruction_error
 from .objectives import Objective, make_objective
+from .streaming import is_streamed
+from .streaming import loader as stream_loader
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -97,6 +99,8 @@ def _validate(vae, valid_data, num_samples, seed, bound="elbo"):
     Runs under its own seed (training draws unchanged)."""
     if vae.guide_net.has_density:
         return f"val_{bound}", evaluate_bounds(vae, valid_data, num_samples, seed=seed)[bound]
+    if is_streamed(valid_data):
+        valid_data = valid_data.to(vae.device)
     return "val_reconstruction", reconstruction_error(vae, valid_data)["reconstruction"]
 
 
@@ -262,16 +266,19 @@ def binary_view(x: torch.Tensor) -> torch.Tensor:
     return (x >= 0.5).to(x.dtype)
 
 
-def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int) -> None:
+def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int,
+                    num_datapoints: Optional[int] = None) -> None:
     """Raise a clear error, before anything is trained or written, when ``objective`` cannot
-    train ``vae`` on ``train_data`` in minibatches of ``batch_size`` (e.g. the DReG gradient
-    with a flow guide, or InfoVAE with a last minibatch of one datapoint)."""
+    train ``vae`` on ``train_data`` (``num_datapoints`` of them, default all its rows) in
+    minibatches of ``batch_size`` (e.g. the DReG gradient with a flow guide, or InfoVAE with a
+    last minibatch of one datapoint)."""
     min_batch = getattr(objective, "min_batch_size", 1)
-    last_batch = train_data.shape[0] % batch_size or batch_size
+    n = train_data.shape[0] if num_datapoints is None else int(num_datapoints)
+    last_batch = n % batch_size or batch_size
     if min(last_batch, batch_size) < min_batch:
         raise UsageError(
             f"objective {objective.name!r} needs minibatches of at least {min_batch} datapoints, but "
-            f"{train_data.shape[0]} training datapoints in batches of {batch_size} leave a last batch of "
+            f"{n} training datapoints in batches of {batch_size} leave a last batch of "
             f"{last_batch}; choose another batch size"
         )
     if hasattr(objective, "check") and not vae.guide_net.needs_index:
@@ -303,11 +310,12 @@ def fit(
     checkpoint_every: int = 1,
     val_bound: str = "elbo",
     dynamic_binarization: bool = False,
+    loader_workers: Optional[int] = None,
 ) -> History:
     """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
 
     :param vae: a :class:`~pvae.model.VAE`; trained in place.
-    :param train_data: ``(N, D)`` float tensor.
+    :param train_data: ``(N, D)`` float tensor, or a :class:`~pvae.streaming.StreamedSplit`.
     :param valid_data: optional ``(M, D)`` tensor for the per-epoch validation ELBO, early
         stopping and best-model selection.
     :param int epochs: total number of epochs (a resumed run continues up to this number).
@@ -348,6 +356,9 @@ def fit(
     :param bool dynamic_binarization: ``train_data`` are probabilities in [0, 1] and every
         minibatch is a fresh Bernoulli draw of them (dynamically binarized MNIST and Omniglot);
         the draws come from the seeded training stream, so a resumed run draws the same bits.
+    :param loader_workers: for streamed data (:class:`~pvae.streaming.StreamedSplit`, data bigger
+        than memory), the DataLoader's worker processes (default: up to 4). Streamed data are read
+        in the same seeded order as in-memory data, so the run is the same.
     :returns: :class:`History`.
     :raises FloatingPointError: with ``nonfinite="raise"`` (the parameters never hold a
         non-finite update and the last checkpoint is the previous epoch's).
@@ -374,14 +385,15 @@ def fit(
     t_start = time.perf_counter()
     device = torch.device(device) if device is not None else vae.device
     vae.to(device)
-    if dynamic_binarization:
-        check_probabilities(train_data, "training data")
-        vae.check_data(binary_view(train_data), "dynamically binarized training data")
-    else:
-        vae.check_data(train_data, "training data")
+    for chunk in (train_data.chunks() if is_streamed(train_data) else [train_data]):
+        if dynamic_binarization:
+            check_probabilities(chunk, "training data")
+            vae.check_data(binary_view(chunk), "dynamically binarized training data")
+        else:
+            vae.check_data(chunk, "training data")
     indexed = vae.guide_net.needs_index
     if valid_data is not None:
-        vae.check_data(valid_data, "validation data")
+        check_data(vae, valid_data, "validation data")
         if indexed:
             raise UsageError(
                 "a non-amortized guide has parameters only for the training datapoints, so it "
@@ -393,9 +405,12 @@ def fit(
             f"the non-amortized guide was built for {vae.guide_net.num_datapoints} datapoints, "
             f"but the training data have {train_data.shape[0]}"
         )
-    train_data = train_data.to(device)
-    valid_data = valid_data.to(device) if valid_data is not None else None
-    check_objective(objective, vae, binary_view(train_data) if dynamic_binarization else train_data, batch_size)
+    # in memory: the data move to the device once; streamed splits are read as they are used
+    train_data = train_data if is_streamed(train_data) else train_data.to(device)
+    valid_data = valid_data.to(device) if valid_data is not None and not is_streamed(valid_data) else valid_data
+    head = train_data[:2].to(device)
+    check_objective(objective, vae, binary_view(head) if dynamic_binarization else head, batch_size,
+                    num_datapoints=train_data.shape[0])
 
     optimizer = _optimizer(vae, lr)
     generator = torch.Generator().manual_seed(int(seed))
@@ -451,7 +466,7 @@ def fit(
                 t0 = time.perf_counter()
                 order = torch.randperm(train_data.shape[0], generator=generator).to(device)
                 stats = train_epoch(train_step, objective, train_data, order, batch_size, epoch, indexed, bar,
-                                    nonfinite, check_every, ckpt_path, dynamic_binarization)
+                                    nonfinite, check_every, ckpt_path, dynamic_binarization, loader_workers)
                 record = {
                     "epoch": epoch,
                     **stats,
@@ -500,22 +515,26 @@ def fit(
 
 
 def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=False, bar=None,
-                nonfinite="raise", check_every=None, ckpt_path=None, dynamic_binarization=False) -> dict:
+                nonfinite="raise", check_every=None, ckpt_path=None, dynamic_binarization=False,
+                loader_workers=None) -> dict:
     """One pass of ``train_step`` over ``data[order]`` in minibatches, with no host
     synchronisation except the non-finite checks (once at the end, or every ``check_every``
     steps). Returns the epoch's ``train_objective`` (mean value over the datapoints of the
     applied steps) and, if any step was skipped, ``nonfinite_steps`` and
     ``first_nonfinite_step`` (1-based)."""
-    device = data.device
+    device = order.device
     steps = math.ceil(order.numel() / batch_size)
+    if is_streamed(data):  # the same minibatches, read by a DataLoader
+        batches = stream_loader(data, order, batch_size, device, loader_workers)
+    else:
+        batches = ((idx, data[idx]) for idx in order.split(batch_size))
     total = torch.zeros((), dtype=torch.float64, device=device)
     applied = torch.zeros((), dtype=torch.float64, device=device)
     skipped = torch.zeros((), device=device)
     first_bad = torch.full((), -1.0, device=device)
     step_no = torch.zeros((), device=device)
     # (the step runs without distribution validation: fit checks the data once)
-    for step, idx in enumerate(order.split(batch_size)):
-        xb = data[idx]
+    for step, (idx, xb) in enumerate(batches):
         if dynamic_binarization:  # a fresh draw from the seeded training stream
             xb = torch.bernoulli(xb)
         weight = 1.0

@@ -196,11 +196,13 @@ def test_likelihood_shapes_and_support(name):
 def test_likelihood_is_normalised(name):
     """Sum/integrate p(x|params) over the support of one dimension: it must be 1."""
     lik = _likelihood(name, 1)
-    params = torch.randn(4, 1).clamp(-2, 2)
+    params = torch.randn(4, lik.param_dim).clamp(-2, 2)
     if name == "bernoulli":
         grid, weight = torch.tensor([[0.0], [1.0]]), 1.0
     elif name == "poisson":
         grid, weight = torch.arange(0, 200.0)[:, None], 1.0
+    elif name == "discretized-logistic":  # a mass on each of the 256 values k / 255
+        grid, weight = (torch.arange(256.0) / 255)[:, None], 1.0
     elif name == "continuous-bernoulli":
         grid = ((torch.arange(20000) + 0.5) / 20000)[:, None]
         weight = 1 / 20000
