@@ -146,10 +146,14 @@ def train_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir)
         write_json(environment(config, device, command), run_dir / ENV_FILE)
-        write_json({"name": data.name, "source": "python" if dataset is not None else
-                    ("file" if data.source is not None else "registry"), "file": data.source,
-                    "image_shape": list(data.image_shape) if data.image_shape else None,
-                    "fingerprint": data.fingerprint()}, run_dir / DATA_FILE)
+        user_file = data.source is not None and "path" in data.source
+        record = {"name": data.name, "source": "python" if dataset is not None else
+                  ("file" if user_file else "registry"), "file": data.source if user_file else None,
+                  "image_shape": list(data.image_shape) if data.image_shape else None,
+                  "fingerprint": data.fingerprint()}
+        if data.source is not None and not user_file:  # a named benchmark's file and its SHA-256
+            record["benchmark"] = data.source
+        write_json(record, run_dir / DATA_FILE)
         history = fit(
             vae,
             data.train,

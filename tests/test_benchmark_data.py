@@ -52,7 +52,7 @@ def _damage(path):
 def _omniglot(tmp_path, n_train=40, n_test=7):
     rng = np.random.RandomState(1)
     folder = tmp_path / "omniglot"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     images = rng.rand(n_train, 28, 28)
     # stored as in chardata.mat: one Fortran-ordered image per column
     columns = images.transpose(0, 2, 1).reshape(n_train, 784).T
@@ -306,3 +306,27 @@ def test_a_vae_with_the_discretized_logistic_codes_8bit_images_in_fewer_than_8_b
     # and no code beats the data's empirical entropy (200 distinct images: log2(200) bits per image);
     # a log-density in place of the bins' log-masses would (sharp densities exceed 1)
     assert trained > math.log2(200) / 12
+
+
+def test_a_run_on_a_named_benchmark_records_its_file_and_evaluates_from_the_cache(tmp_path, monkeypatch):
+    """Omniglot from a generated chardata.mat: train from the command line, data.json names the file
+    and its SHA-256, and evaluation reloads the same data (same fingerprint) from the cache; a cache
+    whose file changed is refused."""
+    import json
+
+    from pvae.cli import main
+
+    path, _ = _omniglot(tmp_path / "cache", n_train=60)
+    monkeypatch.setenv("PVAE_DATA_DIR", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "omniglot", "--latent-dim", "2", "--hidden", "8", "--epochs", "2",
+                 "--batch-size", "20", "--no-progress", "--run-dir", str(run)]) == 0
+    record = json.loads((run / "data.json").read_text())
+    assert record["source"] == "registry" and record["file"] is None
+    assert record["benchmark"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert main(["evaluate", str(run), "--num-samples", "3", "--no-progress"]) == 0
+    report = json.loads((run / "evaluation-test-K3.json").read_text())
+    assert report["data"]["training_data"] is True and report["num_datapoints"] == 7
+    _omniglot(tmp_path / "other", n_train=60, n_test=9)
+    path.write_bytes((tmp_path / "other" / "omniglot" / "chardata.mat").read_bytes())
+    assert main(["evaluate", str(run), "--num-samples", "3", "--no-progress"]) == 2

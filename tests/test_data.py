@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import math
 import os
 import urllib.error
 import urllib.request
@@ -176,3 +177,35 @@ def test_mnist_format_sets_load_from_a_cache_of_idx_files_checked_against_their_
     monkeypatch.setattr(data_module, "_download", offline)
     with pytest.raises(data_module.DataUnavailableError, match="place it at"):
         pvae.load_dataset(name, cache_dir=tmp_path)
+
+
+def test_dynamic_mnist_is_mnist_with_fresh_training_draws_and_fixed_evaluation_draws(tmp_path, monkeypatch):
+    import hashlib
+
+    import pvae.data as data_module
+
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    rng = np.random.RandomState(0)
+    files = {"train-images-idx3-ubyte.gz": rng.randint(0, 256, (10010, 28, 28)),
+             "train-labels-idx1-ubyte.gz": np.arange(10010) % 10,
+             "t10k-images-idx3-ubyte.gz": rng.randint(0, 256, (6, 28, 28)), "t10k-labels-idx1-ubyte.gz": np.arange(6)}
+    table = {}
+    for file, array in files.items():
+        _write_idx(folder / file, array)
+        packed = (folder / file).read_bytes()
+        table[file] = (hashlib.md5(packed).hexdigest(), hashlib.sha256(packed).hexdigest())
+    monkeypatch.setitem(data_module.IDX_SOURCES, "mnist", (data_module.IDX_SOURCES["mnist"][0], table))
+    grey = pvae.load_dataset("mnist", cache_dir=tmp_path)
+    dynamic = pvae.load_dataset("dynamic-mnist", cache_dir=tmp_path)
+    assert dynamic.name == "dynamic-mnist" and dynamic.dynamic_binarization and dynamic.binary
+    assert torch.equal(dynamic.train, grey.train)  # probabilities, drawn afresh by fit
+    for split in ("valid", "test"):
+        x = dynamic.split(split)
+        assert set(x.unique().tolist()) == {0.0, 1.0}
+        # a Bernoulli draw of the grey levels: the mean within 5 standard errors
+        p = grey.split(split)
+        assert abs(float(x.mean() - p.mean())) < 5 * float((p * (1 - p)).mean().sqrt()) / math.sqrt(p.numel())
+    assert torch.equal(dynamic.test, pvae.load_dataset("dynamic-mnist", cache_dir=tmp_path).test)
+    static = pvae.load_dataset({"name": "mnist", "binarize": "static"}, cache_dir=tmp_path)
+    assert not static.dynamic_binarization and set(static.train.unique().tolist()) == {0.0, 1.0}
