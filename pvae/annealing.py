@@ -34,18 +34,20 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from pyro.distributions import constraints
 
-from . import engine
+from . import distributed, engine
 from ._rng import seeded
 from .errors import UsageError, UsageTypeError
 from .estimators import (
     Estimate,
-    _batches,
     _check_positive_int,
+    _device_of,
     _evaluating,
     _importance_estimate,
     check_data,
     importance_ess,
+    per_batch,
 )
+from .streaming import is_streamed
 
 
 def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:
@@ -205,25 +207,25 @@ def ais(
     batch_size = _check_positive_int("batch_size", batch_size)
     betas = _betas(betas, num_steps)
     check_data(vae, x)
-    log_ws, accepts = [], []
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=math.ceil(x.shape[0] / batch_size) * (betas.numel() - 2), desc=f"AIS {num_chains} chains",
-                   unit="step", leave=False)
+        mine = len(distributed.my_batches(math.ceil(x.shape[0] / batch_size)))
+        bar = tqdm(total=mine * (betas.numel() - 2), desc=f"AIS {num_chains} chains", unit="step", leave=False)
+
+    def chains(_, xb):
+        r, z0, site = _start(vae, xb, start, num_chains)
+        lw, acc = _anneal(vae, xb, r, z0, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar, site)
+        return {"log_w": lw, "accept": acc}
+
     try:
-        with _evaluating(vae), seeded(seed, x.device):
-            for _, xb in _batches(x, batch_size):
-                r, z0, site = _start(vae, xb, start, num_chains)
-                lw, acc = _anneal(vae, xb, r, z0, betas, num_leapfrog,
-                                  step_size, target_accept, adapt_step_size, bar, site)
-                log_ws.append(lw)
-                accepts.append(acc)
+        with _evaluating(vae):  # minibatch by minibatch, each under its own seed (shardable)
+            parts = per_batch(x, batch_size, seed, _device_of(vae) if is_streamed(x) else x.device, chains)
     finally:
         if bar is not None:
             bar.close()
-    return _estimate("ais", log_ws, accepts, num_chains)
+    return _estimate("ais", [p["log_w"] for p in parts], [p["accept"] for p in parts], num_chains)
 
 
 #: the annealing settings of :func:`ais` and their defaults (shared by :func:`bdmc`)

@@ -20,6 +20,7 @@ from .config import (
     autoencoder_settings,
     section_options,
 )
+from . import distributed
 from .data import DATASETS
 from .errors import UsageError
 
@@ -235,9 +236,14 @@ def _train(args) -> int:
     from .runs import train_run
 
     config = _config_from_args(args)
+    device = distributed.init_from_env(config.training.device)  # launched by torchrun: join the group
     data_name = Path(config.dataset["path"]).stem if config.dataset.name == "file" else config.dataset.name
     run_dir = args.run_dir or Path("runs") / f"{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress, command=sys.argv)
+    run_dir = distributed.broadcast(run_dir)  # rank 0's name (the clocks of the processes may differ)
+    run = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress, command=sys.argv,
+                    device=device)
+    if not distributed.is_main():
+        return 0
     history = run.history
     summary = {
         "run_dir": str(run_dir),
@@ -255,6 +261,7 @@ def _train(args) -> int:
 def _evaluate(args) -> int:
     from .runs import evaluate_run
 
+    device = distributed.init_from_env(args.device) or args.device  # launched by torchrun: join the group
     report = evaluate_run(
         args.run_dir,
         split=args.split,
@@ -262,7 +269,7 @@ def _evaluate(args) -> int:
         batch_size=args.batch_size,
         chunk_size=args.chunk_size,
         seed=args.seed,
-        device=args.device,
+        device=device,
         progress=not args.no_progress,
         estimators=[e.strip() for e in args.estimators.split(",") if e.strip()],
         num_chains=args.num_chains,
@@ -272,7 +279,8 @@ def _evaluate(args) -> int:
         psis_datapoints=args.psis_datapoints,
         data_path=args.data,
     )
-    print(report.summary())
+    if distributed.is_main():
+        print(report.summary())
     return 0
 
 
@@ -284,6 +292,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _train(args)
         return _evaluate(args)
     except UsageError as exc:  # the user can fix it: one line, exit 2
+        if not distributed.is_main():  # rank 0 says it once
+            return 2
         print(f"pvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -294,10 +304,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"pvae {args.command}: error: no space left on the device ({exc.filename or exc}); "
                   "free some space and run again", file=sys.stderr)
             return 2
-        traceback.print_exc()
+        traceback.print_exc()  # (every process: a failure may be one process's own)
         print(f"pvae {args.command}: internal error (a bug in pvae, not in your input): please report it "
               "with the traceback above and the command you ran", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown_if_ours()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -23,7 +23,7 @@ from typing import Dict, Iterator, Optional
 import pyro
 import torch
 
-from . import engine
+from . import distributed, engine
 from ._rng import seeded
 from .errors import UsageError
 from .streaming import is_streamed
@@ -237,40 +237,62 @@ def _weight_statistics(
             "ELBO and importance-weighted bounds are undefined for it; use "
             "pvae.reconstruction_error (or the naive prior estimate, which needs no guide)"
         )
-    parts: Dict[str, list] = {"log_mean_w": [], "ess": [], "mean_lw": [], "var_lw": []}
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=x.shape[0], desc=desc, unit="x", leave=False)
     k = num_samples
-    streamed = is_streamed(x)
-    device = _device_of(vae) if streamed else x.device
+    device = _device_of(vae) if is_streamed(x) else x.device
+
+    def statistics(start, xb):
+        ib = None if index is None else index[start : start + xb.shape[0]]
+        lse = torch.full((xb.shape[0],), -math.inf, dtype=xb.dtype, device=device)
+        lse2 = lse.clone()
+        total = torch.zeros(xb.shape[0], dtype=torch.float64, device=device)
+        total_sq = torch.zeros_like(total)
+        for lw in log_importance_weights(vae, xb, k, chunk_size, proposal, ib):
+            lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
+            lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
+            lw64 = lw.double()
+            total += lw64.sum(0)
+            total_sq += lw64.pow(2).sum(0)
+        mean_lw = total / k
+        if bar is not None:
+            bar.update(xb.shape[0])
+        return {"mean_lw": mean_lw,
+                "var_lw": (total_sq / k - mean_lw.pow(2)).clamp_min(0) * (k / max(k - 1, 1)),
+                "log_mean_w": lse.double() - math.log(k),
+                "ess": (2 * lse - lse2).double().exp()}
+
     try:
-        with _evaluating(vae), seeded(seed, device):
-            for start, xb in _batches(x, batch_size, device if streamed else None):
-                ib = None if index is None else index[start : start + xb.shape[0]]
-                lse = torch.full((xb.shape[0],), -math.inf, dtype=xb.dtype, device=device)
-                lse2 = lse.clone()
-                total = torch.zeros(xb.shape[0], dtype=torch.float64, device=device)
-                total_sq = torch.zeros_like(total)
-                for lw in log_importance_weights(vae, xb, k, chunk_size, proposal, ib):
-                    lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
-                    lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
-                    lw64 = lw.double()
-                    total += lw64.sum(0)
-                    total_sq += lw64.pow(2).sum(0)
-                mean_lw = total / k
-                parts["mean_lw"].append(mean_lw)
-                parts["var_lw"].append((total_sq / k - mean_lw.pow(2)).clamp_min(0) * (k / max(k - 1, 1)))
-                parts["log_mean_w"].append(lse.double() - math.log(k))
-                parts["ess"].append((2 * lse - lse2).double().exp())
-                if bar is not None:
-                    bar.update(xb.shape[0])
+        with _evaluating(vae):
+            parts = per_batch(x, batch_size, seed, device, statistics)
     finally:
         if bar is not None:
             bar.close()
-    return {name: torch.cat(p).cpu() for name, p in parts.items()}
+    return {name: torch.cat([p[name] for p in parts]).cpu() for name in ("log_mean_w", "ess", "mean_lw", "var_lw")}
+
+
+def per_batch(x, batch_size: int, seed: Optional[int], device, compute) -> list:
+    """``compute(start, xb)`` (a dict of per-datapoint tensors) for every minibatch of ``x``, in
+    order. Minibatch ``i`` runs under its own seed :func:`pvae.distributed.batch_seed` ``(seed, i)``
+    (``seed=None``: the global stream), so the values do not depend on which process computes it:
+    under :mod:`torch.distributed` the minibatches are dealt out to the processes and gathered, and
+    every process returns all of them, the same as one process would."""
+    num_batches = math.ceil(x.shape[0] / batch_size)
+    streamed = is_streamed(x)
+    local = {}
+    for i in distributed.my_batches(num_batches):
+        start = i * batch_size
+        xb = x[start : start + batch_size]
+        if streamed:
+            xb = xb.to(device)
+        with seeded(distributed.batch_seed(seed, i), device):
+            local[i] = compute(start, xb)
+    merged = distributed.gather_batches(local, num_batches)
+    return [{k: v.to(device) for k, v in merged[i].items()} if distributed.active() else merged[i]
+            for i in range(num_batches)]
 
 
 def importance_ess(log_weights: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ and RNG state; best-validation weights) and PNG figures. Evaluation reports are 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -22,6 +23,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from . import distributed
 from ._rng import seeded
 from .annealing import ais
 from .checkpoint import load_checkpoint, run_lock, write_json
@@ -82,7 +84,10 @@ def environment(config: RunConfig, device: torch.device, command: Optional[Seque
         "torch_num_threads": torch.get_num_threads(),
         "command": list(command) if command is not None else None,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "world_size": distributed.world_size(),  # processes training together (torch.distributed)
     }
+    if distributed.active():
+        env["distributed_backend"] = torch.distributed.get_backend()
     if device.type == "cuda":
         env["cuda_device"] = torch.cuda.get_device_name(device)
         env["cuda_version"] = torch.version.cuda
@@ -107,17 +112,22 @@ def train_run(
     progress: bool = True,
     dataset: Optional[Dataset] = None,
     command: Optional[Sequence[str]] = None,
+    device: Optional[str] = None,
 ) -> Run:
     """Train ``config`` into ``run_dir`` and write its figures; returns the :class:`Run`.
 
     Everything that can be checked (data set, names, device, data vs likelihood) is checked
     before anything is written. An existing run directory is only continued with
     ``resume=True`` and the same config (``training`` settings in :data:`RESUMABLE_CHANGES`
-    may differ). ``command`` is recorded in ``env.json``.
+    may differ). ``command`` is recorded in ``env.json``. ``device``: this process's device
+    instead of the config's (a data-parallel process's own GPU).
+
+    Under :mod:`torch.distributed` (``torchrun ... -m pvae train``) every process calls this:
+    all check, rank 0 writes the run's files, and all train (:func:`pvae.fit` shards the data).
     """
     run_dir = Path(run_dir)
     training = config.training
-    device = resolve_device(training.device)
+    device = resolve_device(device or training.device)
     data = dataset if dataset is not None else load_dataset(config.dataset)
     with seeded(training.seed):  # initial weights are a function of the config's seed
         vae = build_vae(config, data.data_dim, data.image_shape)
@@ -126,34 +136,17 @@ def train_run(
     check_data(vae, data.valid, f"{data.name} validation data")
     objective = config.build_objective()
     check_objective(objective, vae, train_seen, training.batch_size)
-    with run_lock(run_dir):  # a second process training into run_dir is refused
-        config_path = run_dir / CONFIG_FILE
-        if config_path.exists():
-            if not resume:
-                raise RunExistsError(
-                    f"{run_dir} already holds a run; pass --resume to continue it or choose a "
-                    "new --run-dir (nothing was overwritten)"
-                )
-            saved = RunConfig.load(config_path)
-            # how long and where the steps run may change; what is trained may not
-            same_training = {k: getattr(training, k) for k in RESUMABLE_CHANGES}
-            if saved.replace(training=same_training) != config:
-                differ = [k for k, v in saved.to_dict().items() if k != "training" and v != config.to_dict()[k]]
-                differ += [f"training.{k}" for k, v in dataclasses.asdict(saved.training).items()
-                           if k not in RESUMABLE_CHANGES and v != getattr(training, k)]
-                raise UsageError(f"cannot resume {run_dir}: its config.json differs from this config in "
-                                 + ", ".join(differ))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir)
-        write_json(environment(config, device, command), run_dir / ENV_FILE)
-        user_file = data.source is not None and "path" in data.source
-        record = {"name": data.name, "source": "python" if dataset is not None else
-                  ("file" if user_file else "registry"), "file": data.source if user_file else None,
-                  "image_shape": list(data.image_shape) if data.image_shape else None,
-                  "fingerprint": data.fingerprint()}
-        if data.source is not None and not user_file:  # a named benchmark's file and its SHA-256
-            record["benchmark"] = data.source
-        write_json(record, run_dir / DATA_FILE)
+    main = distributed.is_main()
+    with run_lock(run_dir) if main else contextlib.nullcontext():  # a second run into run_dir is refused
+        try:
+            _check_resumable(run_dir, config, training, resume)
+            error = None
+        except UsageError as exc:
+            error = exc
+        distributed.agree(error)  # every process stops, or none
+        if main:
+            _write_run_files(run_dir, config, device, command, data, dataset)
+        distributed.barrier()
         history = fit(
             vae,
             data.train,
@@ -175,8 +168,44 @@ def train_run(
             val_bound=training.val_bound,
             dynamic_binarization=data.dynamic_binarization,
         )
-        write_figures(vae, data, history, run_dir)
+        if main:
+            write_figures(vae, data, history, run_dir)
     return Run(run_dir, config, vae, history)
+
+
+def _check_resumable(run_dir: Path, config: RunConfig, training, resume: bool) -> None:
+    """Refuse to write into a run directory that holds another run (or this one without resume)."""
+    config_path = run_dir / CONFIG_FILE
+    if config_path.exists():
+        if not resume:
+            raise RunExistsError(
+                f"{run_dir} already holds a run; pass --resume to continue it or choose a "
+                "new --run-dir (nothing was overwritten)"
+            )
+        saved = RunConfig.load(config_path)
+        # how long and where the steps run may change; what is trained may not
+        same_training = {k: getattr(training, k) for k in RESUMABLE_CHANGES}
+        if saved.replace(training=same_training) != config:
+            differ = [k for k, v in saved.to_dict().items() if k != "training" and v != config.to_dict()[k]]
+            differ += [f"training.{k}" for k, v in dataclasses.asdict(saved.training).items()
+                       if k not in RESUMABLE_CHANGES and v != getattr(training, k)]
+            raise UsageError(f"cannot resume {run_dir}: its config.json differs from this config in "
+                             + ", ".join(differ))
+
+
+def _write_run_files(run_dir: Path, config: RunConfig, device, command, data: Dataset, dataset) -> None:
+    """The run's config, environment and data record (before training)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir)
+    write_json(environment(config, device, command), run_dir / ENV_FILE)
+    user_file = data.source is not None and "path" in data.source
+    record = {"name": data.name, "source": "python" if dataset is not None else
+              ("file" if user_file else "registry"), "file": data.source if user_file else None,
+              "image_shape": list(data.image_shape) if data.image_shape else None,
+              "fingerprint": data.fingerprint()}
+    if data.source is not None and not user_file:  # a named benchmark's file and its SHA-256
+        record["benchmark"] = data.source
+    write_json(record, run_dir / DATA_FILE)
 
 
 #: training settings a resumed run may change
@@ -381,7 +410,7 @@ def evaluate_run(
     with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
         warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)
         report.latent = latent_diagnostics(vae, x)
-    if write:
+    if write and distributed.is_main():  # (every process of a sharded evaluation holds the same report)
         report.save()
     return report
 

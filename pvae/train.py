@@ -22,6 +22,7 @@ from typing import List, Optional, Union
 import pyro
 import torch
 
+from . import distributed
 from ._rng import seeded
 from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
 from .errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
@@ -87,6 +88,14 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
 
 
 def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    ranks = state.get("ranks")
+    if ranks is not None:  # a data-parallel run: every process's own streams
+        if len(ranks) != distributed.world_size():
+            raise UsageError(f"this checkpoint was written by {len(ranks)} processes; resume it with as many "
+                             f"(this launch has {distributed.world_size()})")
+        state = ranks[distributed.rank()]
+    elif distributed.active():
+        raise UsageError("this checkpoint was written by one process; resume it with one process")
     torch.set_rng_state(state["torch"])
     generator.set_state(state["data_order"])
     if device.type == "cuda" and "cuda" in state:
@@ -130,6 +139,13 @@ class TrainStep:
         if mode not in STEP_MODES:
             raise UsageError(f"unknown step mode {mode!r}; valid choices: {', '.join(STEP_MODES)}")
         device = vae.device
+        self.ddp = None
+        if distributed.active():  # data-parallel: the objective as a DDP module, eager steps
+            if mode not in ("auto", "eager"):
+                raise UsageError(f"step mode {mode!r} is not available under torch.distributed; use 'eager' "
+                                 "(the default there)")
+            mode = "eager"
+            self.ddp = False  # wrapped at the first minibatch (distributed.wrap probes it)
         if mode == "auto":
             mode = "cuda-graph" if (device.type == "cuda" and vae.programs_are_builtin()) else "eager"
         if mode == "cuda-graph" and device.type != "cuda":
@@ -142,12 +158,17 @@ class TrainStep:
             self._loss_backward = torch.compile(self._eager_loss_backward)
         self._graph = None  # (batch_size, graph, static tensors)
 
-    def _eager_loss_backward(self, x, index, kl_weight):
-        loss, value = self.objective.loss_and_value(self.vae, x, index, kl_weight=kl_weight)
+    def _eager_loss_backward(self, x, index, kl_weight, weight=1.0):
+        if self.ddp is not None:  # gradients averaged over the processes in backward
+            if self.ddp is False:
+                self.ddp = distributed.wrap(self.vae, self.objective, x, index, kl_weight)
+            loss, value = self.ddp(x, index, kl_weight, weight)
+        else:
+            loss, value = self.objective.loss_and_value(self.vae, x, index, kl_weight=kl_weight)
         loss.backward()
         return loss.detach(), value.detach()
 
-    def _eager(self, x, index, kl_weight, static_grads=False):
+    def _eager(self, x, index, kl_weight, static_grads=False, weight=1.0):
         if static_grads:  # a CUDA graph replays into the same gradient buffers every step
             grads = [p.grad for p in self.params if p.grad is not None]
             if grads:
@@ -155,7 +176,8 @@ class TrainStep:
         else:
             for p in self.params:
                 p.grad = None
-        loss, value = self._loss_backward(x, index, kl_weight)
+        loss, value = self._loss_backward(x, index, kl_weight, weight) if self.ddp is not None else \
+            self._loss_backward(x, index, kl_weight)
         found_inf = (~torch.isfinite(loss)).float().reshape(())
         grads = [p.grad for p in self.params if p.grad is not None]
         if grads:
@@ -163,11 +185,14 @@ class TrainStep:
         _guarded_step(self.optimizer, found_inf)
         return value, found_inf
 
-    def __call__(self, x, index=None, kl_weight=1.0):
+    def __call__(self, x, index=None, kl_weight=1.0, weight=1.0):
         """Run one step on minibatch ``x``; returns ``(value, found_inf)``, 0-d device tensors.
         Distribution argument validation is off inside the step (it reads tensors back to the
-        host); :func:`fit` checks the data once before training."""
+        host); :func:`fit` checks the data once before training. ``weight`` scales this
+        process's loss under torch.distributed (its share of the global minibatch)."""
         with pyro.validation_enabled(False):
+            if self.ddp is not None:
+                return self._eager(x, index, kl_weight, weight=weight)
             return self._step(x, index, kl_weight)
 
     def _step(self, x, index, kl_weight):
@@ -446,7 +471,7 @@ def fit(
     steps_per_epoch = math.ceil(train_data.shape[0] / batch_size)
     train_step = TrainStep(vae, objective, optimizer, step)  # the one step; the rest is bookkeeping
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(
@@ -457,7 +482,8 @@ def fit(
         )
     vae.train()
     try:
-        with seeded(seed, device):
+        # each process draws its own noise (rank 0 the one-process stream); all share the data order
+        with seeded(distributed.batch_seed(seed, distributed.rank()), device):
             if resumed_rng is not None:
                 _set_rng_state(resumed_rng, generator, device)
             for epoch in range(start_epoch + 1, epochs + 1):
@@ -498,8 +524,9 @@ def fit(
                         postfix[record["val_metric"]] = f"{record[record['val_metric']]:.2f}"
                     bar.set_postfix(postfix)
                 out_of_time = max_time is not None and time.perf_counter() - t_start >= max_time and epoch < epochs
+                out_of_time = distributed.broadcast(out_of_time)  # every process stops after the same epoch
                 last = out_of_time or history.stopped_early or epoch == epochs
-                if ckpt_path is not None and (last or epoch % checkpoint_every == 0):
+                if ckpt_path is not None and (last or epoch % checkpoint_every == 0):  # (rank 0 writes)
                     _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args)
                 if out_of_time:
                     history.time_limit_reached = True
@@ -524,10 +551,20 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
     ``first_nonfinite_step`` (1-based)."""
     device = order.device
     steps = math.ceil(order.numel() / batch_size)
-    if is_streamed(data):  # the same minibatches, read by a DataLoader
-        batches = stream_loader(data, order, batch_size, device, loader_workers)
+    sharded = distributed.active()
+    if sharded:  # this process's share of every global minibatch (all processes see the same order)
+        steps = sum(1 for idx in order.split(batch_size) if idx.numel() >= distributed.world_size())
+        shares = [distributed.shard(idx) for idx in order.split(batch_size) if idx.numel() >= distributed.world_size()]
+        order = torch.cat([part for part, _ in shares]) if shares else order[:0]
+        weights = [w for _, w in shares]
+        sizes = [part.numel() for part, _ in shares]
     else:
-        batches = ((idx, data[idx]) for idx in order.split(batch_size))
+        sizes = [idx.numel() for idx in order.split(batch_size)]
+        weights = [1.0] * len(sizes)
+    if is_streamed(data):  # the same minibatches, read by a DataLoader
+        batches = stream_loader(data, order, sizes, device, loader_workers)
+    else:
+        batches = ((idx, data[idx]) for idx in order.split(sizes))
     total = torch.zeros((), dtype=torch.float64, device=device)
     applied = torch.zeros((), dtype=torch.float64, device=device)
     skipped = torch.zeros((), device=device)
@@ -542,7 +579,8 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
             objective.set_progress(epoch - 1 + step / steps)
             weight = objective.kl_weight
         # a non-amortized guide is addressed by the datapoints' positions
-        value, found_inf = train_step(xb, idx if indexed else None, weight)
+        value, found_inf = train_step(xb, idx if indexed else None, weight, weights[step]) if sharded else \
+            train_step(xb, idx if indexed else None, weight)
         step_no += 1
         first_bad = torch.where((first_bad < 0) & (found_inf > 0), step_no, first_bad)
         skipped += found_inf
@@ -552,6 +590,13 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
             bar.update(1)
         if check_every is not None and (step + 1) % check_every == 0:
             _check_finite(nonfinite, skipped, first_bad, epoch, step + 1, ckpt_path)
+    if sharded:  # the epoch's totals over every process (one collective per epoch)
+        totals = torch.stack([total, applied, skipped.double(), first_bad.double()]).cpu()
+        gathered = torch.stack(distributed.gather(totals))
+        total, applied = gathered[:, 0].sum(), gathered[:, 1].sum()
+        skipped = gathered[:, 2].max()
+        bad = gathered[:, 3][gathered[:, 3] > 0]
+        first_bad = bad.min() if bad.numel() else torch.tensor(-1.0)
     _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path)
     num_skipped = int(skipped)
     stats = {"train_objective": float(total / applied) if num_skipped < steps else math.nan}
@@ -586,14 +631,22 @@ def _resume(ckpt_path, fit_args, vae, optimizer):
 
 
 def _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args) -> None:
-    """Atomically write the epoch's checkpoint (model, optimizer, RNG, history) and the log."""
+    """Atomically write the epoch's checkpoint (model, optimizer, RNG, history) and the log.
+    Under torch.distributed every process calls it (to hand over its random state) and rank 0
+    writes."""
+    rng = _rng_state(generator, device)
+    if distributed.active():
+        states = distributed.gather({k: v.cpu() for k, v in rng.items()})
+        if not distributed.is_main():
+            return
+        rng = {"ranks": states}
     save_checkpoint(
         {
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
             "model": vae.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "rng": _rng_state(generator, device),
+            "rng": rng,
             "history": history.records,
             "best_epoch": history.best_epoch,
             "best_model": best_state,

@@ -1,0 +1,120 @@
+"""Data-parallel training and sharded evaluation on torch.distributed: two gloo processes
+launched by torchrun, compared with one process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pvae
+from pvae import distributed
+from pvae._rng import seeded
+from pvae.checkpoint import load_checkpoint
+
+TRAIN = ["train", "--dataset", "digits", "--latent-dim", "4", "--hidden", "32", "--no-progress"]
+
+
+def _torchrun(args, nproc=2, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "pvae", *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _one_process(args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pvae", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _params(run):
+    return load_checkpoint(run / "checkpoint.pt")["model"]
+
+
+def test_two_gloo_processes_take_the_one_process_step(tmp_path):
+    """The deterministic autoencoder (no sampling noise): global batch 64 split over two processes,
+    each loss weighted by its share (the last minibatch of 1197 % 64 = 45 splits 23/22), gives the
+    one-process parameters after two epochs (38 steps) up to float32 rounding."""
+    args = [*TRAIN, "--model", "autoencoder", "--epochs", "2", "--batch-size", "64"]
+    _torchrun([*args, "--run-dir", str(tmp_path / "two")])
+    _one_process([*args, "--run-dir", str(tmp_path / "one")])
+    one, two = _params(tmp_path / "one"), _params(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-6)
+    init = _params_at_init(tmp_path)
+    moved = max(float((one[name] - init[name]).abs().max()) for name in one if one[name].is_floating_point())
+    assert moved > 1e-2  # it trained: the tolerance is small against how far the parameters moved
+    env = json.loads((tmp_path / "two" / "env.json").read_text())
+    assert env["world_size"] == 2 and env["distributed_backend"] == "gloo"
+
+
+def _params_at_init(tmp_path):
+    """The same config's initial weights (to see that training moved them)."""
+    config = pvae.RunConfig.load(tmp_path / "one" / "config.json")
+    with seeded(config.training.seed):
+        return pvae.build_vae(config, 64).state_dict()
+
+
+def test_a_data_parallel_vae_resumes_on_its_own_streams(tmp_path):
+    """A VAE (each process draws its own noise): two epochs, then two more with --resume, end
+    with the parameters of four epochs in one go; the checkpoint holds both processes' random
+    states, and resuming it with another number of processes is refused."""
+    args = [*TRAIN, "--batch-size", "100"]
+    _torchrun([*args, "--epochs", "4", "--run-dir", str(tmp_path / "straight")])
+    _torchrun([*args, "--epochs", "2", "--run-dir", str(tmp_path / "resumed")])
+    assert len(load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["rng"]["ranks"]) == 2
+    shutil.copytree(tmp_path / "resumed", tmp_path / "copy")
+    _torchrun([*args, "--epochs", "4", "--resume", "--run-dir", str(tmp_path / "resumed")])
+    straight, resumed = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    history = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["history"]
+    assert history[-1]["val_elbo"] > history[0]["val_elbo"] + 3  # it learns (measured: -41 -> -33)
+    proc = subprocess.run([sys.executable, "-m", "pvae", *args, "--epochs", "4", "--resume", "--run-dir",
+                           str(tmp_path / "copy")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "written by 2 processes" in proc.stderr
+
+
+def test_sharded_evaluation_reports_what_one_process_reports(tmp_path):
+    run = tmp_path / "run"
+    _one_process([*TRAIN, "--epochs", "2", "--run-dir", str(run)])
+    args = ["evaluate", str(run), "--num-samples", "50", "--estimators", "elbo,iwae,naive,ais", "--ais-steps", "4",
+            "--chains", "3", "--batch-size", "70", "--psis-datapoints", "0", "--no-progress"]
+    _torchrun(args)
+    sharded = json.loads((run / "evaluation-test-K50.json").read_text())
+    (run / "evaluation-test-K50.json").unlink()
+    _one_process(args)
+    single = json.loads((run / "evaluation-test-K50.json").read_text())
+    sharded.pop("figure"), single.pop("figure")
+    assert sharded == single  # every estimate, standard error and per-label summary
+    assert set(single["estimates"]) >= {"elbo", "iwae", "naive", "ais"}
+
+
+def test_a_refusal_in_one_process_stops_all_of_them_with_one_message(tmp_path):
+    run = tmp_path / "run"
+    _one_process([*TRAIN, "--epochs", "1", "--run-dir", str(run)])
+    proc = _torchrun([*TRAIN, "--epochs", "1", "--run-dir", str(run)], check=False)
+    assert proc.returncode != 0 and proc.stderr.count("already holds a run") == 1
+
+
+def test_shares_weight_uneven_minibatches_to_the_global_mean():
+    """Outside a process group nothing is sharded; the weights make the average of the processes'
+    weighted means the global minibatch's mean, whatever the split."""
+    idx = torch.arange(45)
+    assert distributed.shard(idx) == (idx, 1.0)
+    values = torch.randn(45)
+    parts = idx.tensor_split(2)
+    weights = [p.numel() * 2 / 45 for p in parts]
+    averaged = sum(w * values[p].mean() for w, p in zip(weights, parts)) / 2
+    torch.testing.assert_close(averaged, values.mean())
+    assert distributed.batch_seed(7, 0) == 7 and distributed.batch_seed(None, 3) is None
+    assert len({distributed.batch_seed(7, i) for i in range(1, 100)}) == 99
