@@ -24,7 +24,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Sequence
+from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
 from .data import DATASETS, image_shape_of
 from .engine import _check_positive_int
@@ -64,6 +64,19 @@ class Training:
     :param max_time: seconds for one training call; it stops after the epoch in which they run
         out, and a later --resume continues.
     :param int checkpoint_every: write the checkpoint every this many epochs (and after the last).
+    :param str optimizer: adam, adamw, sgd or adamax.
+    :param float weight_decay: the optimizer's weight decay (L2; decoupled for adamw).
+    :param float momentum: SGD's momentum.
+    :param str lr_schedule: constant, step (times lr_gamma every lr_step epochs), exponential (times
+        lr_gamma every epoch), cosine (to lr_min over the epochs), plateau (times lr_gamma after
+        lr_step epochs without a better validation metric) or iwae (Burda et al.: 3^i epochs at
+        lr 10^(-i/7), i = 0..7).
+    :param lr_gamma: the schedule's decay factor (null: 0.1 step, 0.99 exponential, 0.5 plateau).
+    :param int lr_step: epochs between decays (step) or without improvement (plateau).
+    :param float lr_min: the cosine schedule's final learning rate.
+    :param clip_grad_norm: clip the gradient's global norm to this value (null: no clipping).
+    :param str precision: fp32, or bf16 (the networks under autocast; densities in float32).
+    :param log: experiment trackers: tensorboard, mlflow (comma-separated; metrics.jsonl always).
     """
 
     epochs: int = 600
@@ -77,6 +90,16 @@ class Training:
     step: Literal["auto", "eager", "compile", "cuda-graph"] = "auto"
     max_time: Optional[float] = None
     checkpoint_every: int = 1
+    optimizer: Literal["adam", "adamw", "sgd", "adamax"] = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    lr_schedule: Literal["constant", "step", "exponential", "cosine", "plateau", "iwae"] = "constant"
+    lr_gamma: Optional[float] = None
+    lr_step: int = 100
+    lr_min: float = 0.0
+    clip_grad_norm: Optional[float] = None
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log: Tuple[Literal["tensorboard", "mlflow"], ...] = ()
 
     def __post_init__(self):
         if isinstance(self.patience, str) and self.patience.strip().lower() in ("off", "never"):
@@ -94,6 +117,15 @@ class Training:
             raise UsageError(f"training: lr must be positive, got {self.lr!r}")
         if self.max_time is not None and not self.max_time > 0:
             raise UsageError(f"training: max_time must be a positive number of seconds or null, got {self.max_time!r}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise UsageError(f"training: clip_grad_norm must be positive or null, got {self.clip_grad_norm!r}")
+        from .controls import LRSchedule
+
+        LRSchedule(self.lr_schedule, self.lr, self.lr_gamma, self.lr_step, self.lr_min, self.epochs)  # its checks
+        if self.momentum and self.optimizer != "sgd":
+            raise UsageError(f"training: momentum is an option of the sgd optimizer, not of {self.optimizer}")
+        if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
+            raise UsageError("training: momentum must be in [0, 1) and weight_decay >= 0")
 
     @classmethod
     def options(cls) -> Dict[str, Option]:

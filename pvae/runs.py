@@ -41,6 +41,7 @@ from .estimators import (
     reconstruction_error,
 )
 from .model import VAE
+from .tracking import check_trackers, make_trackers
 from .train import CHECKPOINT_FILE, History, check_objective, fit
 
 CONFIG_FILE = "config.json"
@@ -140,6 +141,7 @@ def train_run(
     with run_lock(run_dir) if main else contextlib.nullcontext():  # a second run into run_dir is refused
         try:
             _check_resumable(run_dir, config, training, resume)
+            check_trackers(training.log)
             error = None
         except UsageError as exc:
             error = exc
@@ -147,30 +149,51 @@ def train_run(
         if main:
             _write_run_files(run_dir, config, device, command, data, dataset)
         distributed.barrier()
-        history = fit(
-            vae,
-            data.train,
-            data.valid,
-            epochs=training.epochs,
-            batch_size=training.batch_size,
-            lr=training.lr,
-            objective=objective,
-            patience=training.patience,
-            seed=training.seed,
-            device=device,
-            run_dir=run_dir,
-            resume=resume,
-            val_num_samples=training.val_num_samples,
-            progress=progress,
-            step=training.step,
-            max_time=training.max_time,
-            checkpoint_every=training.checkpoint_every,
-            val_bound=training.val_bound,
-            dynamic_binarization=data.dynamic_binarization,
-        )
-        if main:
-            write_figures(vae, data, history, run_dir)
+        trackers = make_trackers(training.log, run_dir, config.to_dict()) if main and training.log else []
+        try:
+            history = _fit_run(vae, data, objective, training, device, run_dir, resume, progress, trackers)
+            if main:
+                write_figures(vae, data, history, run_dir)
+                for tracker in trackers:
+                    tracker.log_run_files(len(history.records))
+        finally:
+            for tracker in trackers:
+                tracker.close()
     return Run(run_dir, config, vae, history)
+
+
+def _fit_run(vae, data, objective, training, device, run_dir, resume, progress, trackers) -> History:
+    return fit(
+        vae,
+        data.train,
+        data.valid,
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        lr=training.lr,
+        objective=objective,
+        patience=training.patience,
+        seed=training.seed,
+        device=device,
+        run_dir=run_dir,
+        resume=resume,
+        val_num_samples=training.val_num_samples,
+        progress=progress,
+        step=training.step,
+        max_time=training.max_time,
+        checkpoint_every=training.checkpoint_every,
+        val_bound=training.val_bound,
+        dynamic_binarization=data.dynamic_binarization,
+        optimizer=training.optimizer,
+        weight_decay=training.weight_decay,
+        momentum=training.momentum,
+        lr_schedule=training.lr_schedule,
+        lr_gamma=training.lr_gamma,
+        lr_step=training.lr_step,
+        lr_min=training.lr_min,
+        clip_grad_norm=training.clip_grad_norm,
+        precision=training.precision,
+        loggers=trackers,
+    )
 
 
 def _check_resumable(run_dir: Path, config: RunConfig, training, resume: bool) -> None:
@@ -209,7 +232,7 @@ def _write_run_files(run_dir: Path, config: RunConfig, device, command, data: Da
 
 
 #: training settings a resumed run may change
-RESUMABLE_CHANGES = ("epochs", "step", "max_time", "checkpoint_every", "device")
+RESUMABLE_CHANGES = ("epochs", "step", "max_time", "checkpoint_every", "device", "log")
 
 
 #: validation datapoints drawn in a run's latent scatter and reconstructions

@@ -17,12 +17,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import pyro
 import torch
 
 from . import distributed
+from .controls import LRSchedule, make_optimizer, set_lr, use_precision
 from ._rng import seeded
 from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
 from .errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
@@ -135,7 +136,8 @@ class TrainStep:
     objective (tests check the eager step against Pyro's ``Trace_ELBO`` on the same noise).
     """
 
-    def __init__(self, vae, objective, optimizer, mode: str = "auto", index_arg: bool = False):
+    def __init__(self, vae, objective, optimizer, mode: str = "auto", index_arg: bool = False,
+                 clip_grad_norm: Optional[float] = None):
         if mode not in STEP_MODES:
             raise UsageError(f"unknown step mode {mode!r}; valid choices: {', '.join(STEP_MODES)}")
         device = vae.device
@@ -151,6 +153,7 @@ class TrainStep:
         if mode == "cuda-graph" and device.type != "cuda":
             raise UsageError("step mode 'cuda-graph' needs the model on a CUDA device; use 'eager' or 'compile'")
         self.vae, self.objective, self.optimizer, self.mode = vae, objective, optimizer, mode
+        self.clip_grad_norm = clip_grad_norm
         self.params = [p for p in vae.parameters() if p.requires_grad]
         self.one = torch.ones((), device=device)
         self._loss_backward = self._eager_loss_backward
@@ -178,8 +181,11 @@ class TrainStep:
                 p.grad = None
         loss, value = self._loss_backward(x, index, kl_weight, weight) if self.ddp is not None else \
             self._loss_backward(x, index, kl_weight)
-        found_inf = (~torch.isfinite(loss)).float().reshape(())
         grads = [p.grad for p in self.params if p.grad is not None]
+        if self.clip_grad_norm is not None and grads:  # (a non-finite norm makes the gradients NaN: skipped below)
+            torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], self.clip_grad_norm,
+                                           foreach=True)
+        found_inf = (~torch.isfinite(loss)).float().reshape(())
         if grads:
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, self.one)
         _guarded_step(self.optimizer, found_inf)
@@ -241,13 +247,10 @@ class TrainStep:
         self._graph = (x.shape[0], graph, static_x, static_w, static_out)
 
 
-def _optimizer(vae, lr: float):
-    """Fused Adam (on the device, skipping updates flagged non-finite without a sync)."""
-    params = list(vae.parameters())
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True, capturable=vae.device.type == "cuda")
-    except (RuntimeError, TypeError):  # a device or dtype without a fused kernel
-        return torch.optim.Adam(params, lr=lr)
+def _optimizer(vae, lr: float, name: str = "adam", weight_decay: float = 0.0, momentum: float = 0.0,
+               tensor_lr: bool = False):
+    """The optimizer by name (:func:`pvae.controls.make_optimizer`; Adam: fused, on the device)."""
+    return make_optimizer(vae.parameters(), name, lr, weight_decay, momentum, vae.device, tensor_lr)
 
 
 def _guarded_step(optimizer, found_inf):
@@ -336,6 +339,16 @@ def fit(
     val_bound: str = "elbo",
     dynamic_binarization: bool = False,
     loader_workers: Optional[int] = None,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    momentum: float = 0.0,
+    lr_schedule: str = "constant",
+    lr_gamma: Optional[float] = None,
+    lr_step: int = 100,
+    lr_min: float = 0.0,
+    clip_grad_norm: Optional[float] = None,
+    precision: str = "fp32",
+    loggers: Sequence = (),
 ) -> History:
     """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
 
@@ -384,6 +397,16 @@ def fit(
     :param loader_workers: for streamed data (:class:`~pvae.streaming.StreamedSplit`, data bigger
         than memory), the DataLoader's worker processes (default: up to 4). Streamed data are read
         in the same seeded order as in-memory data, so the run is the same.
+    :param str optimizer: adam, adamw, sgd or adamax (:func:`pvae.controls.make_optimizer`), with
+        ``weight_decay`` and (sgd) ``momentum``.
+    :param str lr_schedule: constant, step, exponential, cosine, plateau or iwae, with ``lr_gamma``
+        (decay factor), ``lr_step`` (epochs) and ``lr_min`` (:class:`pvae.controls.LRSchedule`);
+        the epoch's learning rate is in its record (``lr``).
+    :param clip_grad_norm: clip the gradient's global norm to this value (default: no clipping).
+    :param str precision: fp32, or bf16 (the networks under autocast, every density in float32;
+        :func:`pvae.controls.use_precision`).
+    :param loggers: experiment trackers (:mod:`pvae.tracking`): each epoch's record is passed to
+        their ``log_epoch`` (rank 0 only under torch.distributed).
     :returns: :class:`History`.
     :raises FloatingPointError: with ``nonfinite="raise"`` (the parameters never hold a
         non-finite update and the last checkpoint is the previous epoch's).
@@ -403,6 +426,9 @@ def fit(
         raise UsageError(f"check_every must be a positive integer or None, got {check_every!r}")
     if val_bound not in ("elbo", "iwae"):
         raise UsageError(f"val_bound must be 'elbo' or 'iwae', got {val_bound!r}")
+    if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
+        raise UsageError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
+    schedule = LRSchedule(lr_schedule, lr, lr_gamma, lr_step, lr_min, epochs)
     if max_time is not None and not (isinstance(max_time, (int, float)) and max_time > 0):
         raise UsageError(f"max_time must be a positive number of seconds or None, got {max_time!r}")
     if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
@@ -437,7 +463,10 @@ def fit(
     check_objective(objective, vae, binary_view(head) if dynamic_binarization else head, batch_size,
                     num_datapoints=train_data.shape[0])
 
-    optimizer = _optimizer(vae, lr)
+    use_precision(vae, precision)
+    optimizer_name = optimizer
+    optimizer = _optimizer(vae, lr, optimizer_name, weight_decay, momentum,
+                           tensor_lr=device.type == "cuda" and lr_schedule != "constant")
     generator = torch.Generator().manual_seed(int(seed))
     history = History()
     best_state = None
@@ -459,6 +488,15 @@ def fit(
         fit_args["val_bound"] = val_bound
     if dynamic_binarization:  # other training data
         fit_args["dynamic_binarization"] = True
+    # (recorded only when not the defaults, so that runs of earlier versions resume)
+    if optimizer_name != "adam" or weight_decay or momentum:
+        fit_args["optimizer"] = {"name": optimizer_name, "weight_decay": float(weight_decay), "momentum": float(momentum)}
+    if lr_schedule != "constant":
+        fit_args["lr_schedule"] = schedule.options()
+    if clip_grad_norm is not None:
+        fit_args["clip_grad_norm"] = float(clip_grad_norm)
+    if precision != "fp32":
+        fit_args["precision"] = precision
     resumed_rng = None
     if ckpt_path is not None and ckpt_path.exists():
         if not resume:
@@ -466,10 +504,10 @@ def fit(
                 f"{ckpt_path} already exists; pass resume=True to continue that run or "
                 "choose a new run directory (nothing was overwritten)"
             )
-        history, best_state, start_epoch, resumed_rng = _resume(ckpt_path, fit_args, vae, optimizer)
+        history, best_state, start_epoch, resumed_rng = _resume(ckpt_path, fit_args, vae, optimizer, schedule)
 
     steps_per_epoch = math.ceil(train_data.shape[0] / batch_size)
-    train_step = TrainStep(vae, objective, optimizer, step)  # the one step; the rest is bookkeeping
+    train_step = TrainStep(vae, objective, optimizer, step, clip_grad_norm=clip_grad_norm)  # the one step
     bar = None
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
@@ -513,9 +551,14 @@ def fit(
                     if history.best_epoch is None or est.mean > history.best_val:
                         history.best_epoch = epoch
                         best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
+                record["lr"] = schedule.state["lr"]  # this epoch's
+                set_lr(optimizer, schedule.after_epoch(epoch, record.get(record["val_metric"]) if record["val_metric"] else None))
                 record["seconds"] = time.perf_counter() - t0
                 record["device"] = str(device)  # a resumed run may continue elsewhere
                 history.records.append(record)
+                if distributed.is_main():
+                    for logger in loggers:
+                        logger.log_epoch(record)
                 if patience is not None and history.best_epoch is not None:
                     history.stopped_early = epoch - history.best_epoch >= patience
                 if bar is not None:
@@ -527,7 +570,8 @@ def fit(
                 out_of_time = distributed.broadcast(out_of_time)  # every process stops after the same epoch
                 last = out_of_time or history.stopped_early or epoch == epochs
                 if ckpt_path is not None and (last or epoch % checkpoint_every == 0):  # (rank 0 writes)
-                    _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args)
+                    _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args,
+                                schedule)
                 if out_of_time:
                     history.time_limit_reached = True
                     break
@@ -605,7 +649,7 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
     return stats
 
 
-def _resume(ckpt_path, fit_args, vae, optimizer):
+def _resume(ckpt_path, fit_args, vae, optimizer, schedule=None):
     """Load a run's checkpoint into ``vae`` and ``optimizer`` after checking it was trained
     with the same settings; returns ``(history, best_state, epoch, rng_state)``."""
     ckpt = load_checkpoint(ckpt_path)
@@ -627,10 +671,14 @@ def _resume(ckpt_path, fit_args, vae, optimizer):
         if torch.is_tensor(state.get("step")) and state["step"].device != device:
             state["step"] = state["step"].to(device)
     history = History(ckpt["history"], ckpt["best_epoch"], ckpt["stopped_early"])
+    if schedule is not None and ckpt.get("lr_schedule") is not None:  # where the schedule was
+        schedule.state = dict(ckpt["lr_schedule"])
+        set_lr(optimizer, schedule.state["lr"])
     return history, ckpt["best_model"], int(ckpt["epoch"]), ckpt["rng"]
 
 
-def _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args) -> None:
+def _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args,
+                schedule=None) -> None:
     """Atomically write the epoch's checkpoint (model, optimizer, RNG, history) and the log.
     Under torch.distributed every process calls it (to hand over its random state) and rank 0
     writes."""
@@ -652,6 +700,7 @@ def _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, be
             "best_model": best_state,
             "stopped_early": history.stopped_early,
             "fit": fit_args,
+            "lr_schedule": schedule.state if schedule is not None else None,
         },
         ckpt_path,
     )
