@@ -168,7 +168,7 @@ def test_logged_iwae_value_and_multi_chunk_bound_against_an_independent_computat
     """The objective's logged L_K (one chunk) and the estimator's L_K and ELBO over four chunks
     (4 + 4 + 4 + 1 = 13 samples, two batches) equal log-mean-exp / mean of log-weights written by
     hand from the same draws. Fails when chunks are merged wrongly (a chunk dropped, log K
-    replaced by the chunk's size, a batch's draws reused)."""
+    replaced by the chunk's size, a batch's draws reused or drawn from another seed)."""
     vae, x = linear_gaussian_vae(), lg_data(6)
     for dreg in (False, True):
         with pvae._rng.seeded(9):
@@ -177,8 +177,11 @@ def test_logged_iwae_value_and_multi_chunk_bound_against_an_independent_computat
             lw = _hand_log_weights(vae, x, [13])
         torch.testing.assert_close(value, (torch.logsumexp(lw, 0) - math.log(13)).mean())
     bounds = pvae.evaluate_bounds(vae, x, 13, batch_size=4, chunk_size=4, seed=9)
-    with pvae._rng.seeded(9), torch.no_grad():
-        lw = torch.cat([_hand_log_weights(vae, xb, [4, 4, 4, 1]) for xb in x.split(4)], dim=1)
+    parts = []  # minibatch i draws from the seed (9, i) (what makes sharded evaluation exact)
+    for i, xb in enumerate(x.split(4)):
+        with pvae._rng.seeded(pvae.distributed.batch_seed(9, i)), torch.no_grad():
+            parts.append(_hand_log_weights(vae, xb, [4, 4, 4, 1]))
+    lw = torch.cat(parts, dim=1)
     torch.testing.assert_close(bounds["iwae"].values, (torch.logsumexp(lw, 0) - math.log(13)).double())
     torch.testing.assert_close(bounds["elbo"].values, lw.double().mean(0))
     assert bounds["iwae"].num_samples == bounds["elbo"].num_samples == 13
