@@ -131,6 +131,29 @@ def streaming_epochs(device, train, batch_size=100, epochs=2):
         return out
 
 
+def precision_check(device, train, test, epochs=2):
+    """bf16 networks (densities in float32) against float32: seconds per epoch through fit and the
+    test bounds of the same trained model under both precisions on the same draws."""
+    from pvae.controls import use_precision
+
+    out = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        vae = pvae.build_vae(pvae.RunConfig(latent_dim=50, net={"hidden": (500, 500)}), 784).to(device)
+        history = pvae.fit(vae, train, None, epochs=epochs, batch_size=100, progress=False, device=device,
+                           precision=precision)
+        out[f"epoch_seconds_{precision}"] = [r["seconds"] for r in history.records]
+        if precision == "bf16":
+            bounds = {}
+            for p in ("fp32", "bf16"):
+                use_precision(vae, p)
+                b = pvae.evaluate_bounds(vae, test[:1000], 100, seed=1)
+                bounds[p] = {"iwae": b["iwae"].mean, "iwae_stderr": b["iwae"].stderr, "elbo": b["elbo"].mean}
+            out["bounds_of_the_bf16_trained_model"] = bounds
+            out["iwae_difference_over_stderr"] = abs(bounds["bf16"]["iwae"] - bounds["fp32"]["iwae"]) / bounds["fp32"]["iwae_stderr"]
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -168,7 +191,8 @@ def main(argv=None):
         save()
     for name, fn in (("epoch_through_fit_batch100", lambda: epoch_times(device, train, 100)),
                      ("iwae_K5000", lambda: iwae_times(device, test, 50 if smoke else 5000)),
-                     ("streaming_vs_in_memory", lambda: streaming_epochs(device, train, epochs=1 if smoke else 2))):
+                     ("streaming_vs_in_memory", lambda: streaming_epochs(device, train, epochs=1 if smoke else 2)),
+                     ("bf16_vs_fp32", lambda: precision_check(device, train, test, epochs=1 if smoke else 2))):
         try:
             result["sections"][name] = fn()
         except Exception as e:

@@ -148,7 +148,9 @@ def use_precision(vae, precision: str = "fp32") -> None:
 
 def _enter_autocast(module, args):
     device = next((a.device.type for a in args if torch.is_tensor(a)), "cpu")
-    context = torch.autocast(device, dtype=torch.bfloat16)
+    # no cast cache: a cached bf16 copy of a weight would be stale inside a replayed CUDA graph
+    # (PyTorch's advice for autocast with CUDA graphs) and across optimizer steps it saves little
+    context = torch.autocast(device, dtype=torch.bfloat16, cache_enabled=False)
     context.__enter__()
     module.__dict__.setdefault("_pvae_autocast", []).append(context)
 
