@@ -87,6 +87,8 @@ def state_of(name: str, root: Path) -> dict:
         "train_seconds": sum(r["seconds"] for r in records),
         "devices": sorted({r.get("device", "unrecorded") for r in records}),
         "done": done,
+        # the validation curve, for the paper's figure (the run directories are not committed)
+        "val_curve": [round(r[metric], 4) for r in records],
     }
 
 
