@@ -42,12 +42,19 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--train-missing", default=None, metavar="DATASET",
+                        help="if RUN_DIR holds no run, train a small one on DATASET first (smoke runs)")
     args = parser.parse_args(argv)
+    if args.train_missing and not (args.run_dir / "checkpoint.pt").exists():
+        pvae.train_run(pvae.RunConfig(dataset=args.train_missing, latent_dim=2, net={"hidden": (16,)},
+                                      training={"epochs": 2}), args.run_dir, progress=False)
     out = args.out or HERE / "results" / f"ais_subset-{args.run_dir.name}.json"
     partial = out.with_suffix(".partial.pt")
     run = pvae.load_run(args.run_dir)
     data, note = _evaluation_data(args.run_dir, run.config, None)
     test = data.split("test")
+    if args.images > test.shape[0]:
+        parser.error(f"--images {args.images}: the test split has {test.shape[0]}")
     chosen = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(args.seed))[: args.images]
     chosen = chosen.sort().values
     x = test[chosen]
@@ -78,7 +85,7 @@ def main(argv=None):
         "experiment": "AIS vs L_K on a random test subset (issue 15)",
         "provenance": provenance(torch.device("cpu")),
         "run_dir": str(args.run_dir), "data": note,
-        "subset": {"images": n, "how": f"torch.randperm(10000) with seed {args.seed}, first {n}, sorted",
+        "subset": {"images": n, "how": f"torch.randperm({test.shape[0]}) with seed {args.seed}, first {n}, sorted",
                    "first_indices": chosen[:10].tolist()},
         "ais": {**summary(values["ais"]), "chains": args.chains, "intermediate_distributions": args.steps,
                 "start": "guide", "mean_accept_rate": float(torch.cat(done["accept"]).mean())},
