@@ -145,6 +145,15 @@ class Training:
 
 
 
+def _binarize_compat(value):
+    """pvae 0.2.dev's file option ``binarize`` was a flag: configs saved then say true/false."""
+    items = dict(value.kwargs, name=value.name) if isinstance(value, Part) else value
+    if isinstance(items, dict) and isinstance(items.get("binarize"), bool):
+        items = {**items, "binarize": "threshold" if items["binarize"] else "none"}
+        return items
+    return value
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training run: ``model``, ``latent_dim``, one :class:`~pvae.options.Part` per section
@@ -179,6 +188,8 @@ class RunConfig:
             value = getattr(self, section)
             if isinstance(value, dict) and "name" not in value:
                 value = {"name": defaults[section].name, **value}
+            if section == "dataset":
+                value = _binarize_compat(value)
             object.__setattr__(self, section, registry.part(value))
         if self.dataset.name == "file" and self.dataset["path"]:  # a run names its file absolutely
             path = str(Path(self.dataset["path"]).expanduser().resolve())

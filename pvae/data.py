@@ -25,7 +25,8 @@ Registered data sets (:data:`DATASETS`):
 * ``"dynamic-mnist"`` — dynamically binarized MNIST (Burda et al. 2016; Tomczak & Welling 2018):
   ``"mnist"`` with ``binarize="dynamic"``: every training minibatch is a fresh Bernoulli draw of
   the grey levels (:attr:`Dataset.dynamic_binarization`); validation and test are one fixed seeded
-  draw (NumPy ``RandomState(0)``, stable across versions), so every run is scored on the same bits.
+  draw each (NumPy ``RandomState`` seeds 2 and 3, stable across versions), so every run is scored on
+  the same bits.
 * ``"omniglot"`` — the 28x28 Omniglot of Burda et al. (2016) (``chardata.mat`` of the IWAE code):
   24,345 training images (a seeded 23,000 / 1,345 train/valid split, the VampPrior code's sizes)
   and 8,070 test images, alphabet labels; dynamically binarized by default.
@@ -50,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import hashlib
+import http.client
 import os
 import pickle
 import tarfile
@@ -534,13 +536,15 @@ def fetch(name: str, cache_dir: Path, download: bool = True) -> Tuple[Path, str]
                 _download(url, path)
                 downloaded = True
                 break
-            except OSError as exc:
+            except (OSError, http.client.HTTPException) as exc:  # (IncompleteRead is not an OSError)
                 errors.append(f"{url}: {exc}")
         if not downloaded:
             raise DataUnavailableError(
                 f"{name} file {remote.file} is not in the cache ({path.parent}) and could not be downloaded "
                 f"({'; '.join(errors)}). Download it on a connected machine and place it at {path}, or set "
                 f"{DATA_DIR_ENV} to a folder that holds {remote.folder}/")
+    if downloaded:
+        _DOWNLOADED.add(path)  # a structure error found while parsing it deletes it too
     md5, sha256 = _file_digests(path)
     if (remote.md5 and md5 != remote.md5) or (remote.sha256 and sha256 != remote.sha256):
         if downloaded:
@@ -551,7 +555,16 @@ def fetch(name: str, cache_dir: Path, download: bool = True) -> Tuple[Path, str]
     return path, sha256
 
 
+#: files downloaded by this process (a file without a published checksum that fails its structure
+#: check is then deleted, as a bad download of a checksummed file is)
+_DOWNLOADED: set = set()
+
+
 def _structure_error(path: Path, problem: str) -> UsageError:
+    if path in _DOWNLOADED:
+        _DOWNLOADED.discard(path)
+        path.unlink(missing_ok=True)
+        return ChecksumError(f"the file downloaded to {path} is not the published file: {problem}; it was deleted")
     return ChecksumError(f"{path} is not the published file: {problem}; delete it so that it is downloaded again")
 
 

@@ -244,6 +244,8 @@ def _weight_statistics(
         bar = tqdm(total=x.shape[0], desc=desc, unit="x", leave=False)
     k = num_samples
     device = _device_of(vae) if is_streamed(x) else x.device
+    if chunk_size is None and distributed.active():  # one chunking (hence one set of draws) for every process
+        chunk_size = distributed.broadcast(auto_chunk_size(vae, min(batch_size, x.shape[0]), k, device))
 
     def statistics(start, xb):
         ib = None if index is None else index[start : start + xb.shape[0]]
@@ -418,7 +420,7 @@ def reconstruction_error(
     check_data(vae, x)
     loglik, sq = [], []
     with _evaluating(vae):
-        for start, xb in _batches(x, batch_size):
+        for start, xb in _batches(x, batch_size, _device_of(vae) if is_streamed(x) else None):
             ib = None if index is None else index[start : start + xb.shape[0]]
             log_lik, mean = engine.reconstruction(vae, xb, engine.guide_mean(vae, xb, ib), ib)
             loglik.append(log_lik.double())

@@ -17,6 +17,7 @@ files at fault.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import math
@@ -463,10 +464,14 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
                                         "remove or replace it") from None
                 low, high = min(low, int(img.min())), max(high, int(img.max()))
         eight_bit = _eight_bit(np.dtype(np.uint8), True, low, high)
-        source = ImageFolderSource(files, mode, size, lambda a: _as_float(_rows(a, channels_last), eight_bit))
+        source = ImageFolderSource(files, mode, size, functools.partial(_stored_to_float, channels_last=channels_last,
+                                                                         eight_bit=eight_bit))
         labels_all = _folder_labels(path, files)
     else:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except Exception as exc:  # truncated, object arrays, not an .npy
+            raise DataFileError(f"{path} could not be read as .npy ({type(exc).__name__}: {exc})") from None
         shape, channels_last, dim = _layout(array.shape, path, image_shape)
         low = high = None
         bad_rows = []
@@ -474,8 +479,10 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
             block = _rows(np.asarray(array[start:start + chunk]), channels_last)
             if not np.issubdtype(block.dtype, np.number) and block.dtype != np.bool_:
                 raise DataFileError(f"data of dtype {block.dtype} are not numeric")
-            if np.issubdtype(block.dtype, np.floating):
-                bad_rows.extend((start + np.flatnonzero(~np.isfinite(block).all(axis=1))).tolist())
+            if np.issubdtype(block.dtype, np.floating):  # as the model will see them: in float32
+                with np.errstate(over="ignore"):
+                    finite = np.isfinite(block.astype(np.float32)).all(axis=1)
+                bad_rows.extend((start + np.flatnonzero(~finite)).tolist())
             if block.size and block.dtype != np.bool_:
                 lo, hi = block.min(), block.max()
                 low = lo if low is None else min(low, lo)
@@ -484,7 +491,8 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
             raise DataFileError(f"{path}: the data has NaN or infinite values in {len(bad_rows)} row(s) "
                                 f"(first: {bad_rows[:5]}); clean or drop those rows")
         eight_bit = _eight_bit(array.dtype, shape is not None, low, high)
-        source = MemmapSource(path, lambda a: _as_float(_rows(a, channels_last), eight_bit))
+        source = MemmapSource(path, functools.partial(_stored_to_float, channels_last=channels_last,
+                                                      eight_bit=eight_bit))
     n = len(source)
     parts = _split(n, split, split_seed, path)
     tensors = {name: StreamedSplit(source, idx, dim) for name, idx in parts.items()}
@@ -496,6 +504,12 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
                    "split_seed": int(split_seed), "binarize": "none", "image_shape": list(shape) if shape else None,
                    "streamed": True}
     return Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source_info, **tensors)
+
+
+def _stored_to_float(array: np.ndarray, channels_last: bool, eight_bit: bool) -> np.ndarray:
+    """Stored rows as the model's float32 rows (a module-level function: DataLoader workers started
+    by spawn or forkserver pickle it)."""
+    return _as_float(_rows(array, channels_last), eight_bit)
 
 
 def _only_zeros_and_ones(source) -> bool:

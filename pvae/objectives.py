@@ -127,6 +127,9 @@ class Objective:
     has_kl_term: bool = True
     #: fewest datapoints a minibatch may have
     min_batch_size: int = 1
+    #: the loss is a mean of per-datapoint terms (so data-parallel shards, weighted by their sizes,
+    #: average to the global minibatch's loss); False for minibatch statistics (MMD, free bits)
+    per_datapoint: bool = True
 
     def check(self, vae, x: torch.Tensor) -> None:
         """Raise a clear error if this objective cannot train ``vae`` (called by
@@ -233,6 +236,8 @@ def _factorized_normal(d: dist.Distribution, what: str) -> dist.Normal:
 
 
 class FreeBitsObjective(Objective):
+    per_datapoint = False  # the clamp acts on the minibatch's average KL per dimension
+
     r"""The ELBO with free bits (Kingma et al., 2016):
 
     .. math::
@@ -399,6 +404,7 @@ class InfoVAEObjective(Objective):
     """
 
     min_batch_size = 2
+    per_datapoint = False  # the MMD is a U-statistic over the minibatch's codes
 
     def __init__(self, num_particles: int = 1, alpha: float = 0.0, lam: float = 1000.0,
                  kl_schedule: Optional[KLSchedule] = None):

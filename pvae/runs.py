@@ -42,7 +42,7 @@ from .estimators import (
 )
 from .model import VAE
 from .tracking import check_trackers, make_trackers
-from .train import CHECKPOINT_FILE, History, check_objective, fit
+from .train import CHECKPOINT_FILE, History, check_objective, data_parallel_problem, fit
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
@@ -142,6 +142,9 @@ def train_run(
         try:
             _check_resumable(run_dir, config, training, resume)
             check_trackers(training.log)
+            problem = data_parallel_problem(objective, training.batch_size, data.train.shape[0])
+            if problem is not None:
+                raise problem
             error = None
         except UsageError as exc:
             error = exc

@@ -148,10 +148,14 @@ class TrainStep:
                                  "(the default there)")
             mode = "eager"
             self.ddp = False  # wrapped at the first minibatch (distributed.wrap probes it)
-        if mode == "auto":
-            mode = "cuda-graph" if (device.type == "cuda" and vae.programs_are_builtin()) else "eager"
+        graphable = bool(optimizer.defaults.get("fused")) and bool(optimizer.defaults.get("capturable"))
+        if mode == "auto":  # (an optimizer without the fused, capturable kernel reads found_inf on the host)
+            mode = "cuda-graph" if (device.type == "cuda" and vae.programs_are_builtin() and graphable) else "eager"
         if mode == "cuda-graph" and device.type != "cuda":
             raise UsageError("step mode 'cuda-graph' needs the model on a CUDA device; use 'eager' or 'compile'")
+        if mode == "cuda-graph" and not graphable:
+            raise UsageError(f"step mode 'cuda-graph' needs an optimizer with a fused, capturable kernel (adam, "
+                             f"adamw); {type(optimizer).__name__} updates outside a graph: use step 'eager'")
         self.vae, self.objective, self.optimizer, self.mode = vae, objective, optimizer, mode
         self.clip_grad_norm = clip_grad_norm
         self.params = [p for p in vae.parameters() if p.requires_grad]
@@ -276,6 +280,39 @@ def _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path) -> Non
             + (f", and {ckpt_path} still holds epoch {epoch - 1}" if ckpt_path else "")
             + "; try a lower learning rate, or fit(..., nonfinite='skip') to skip such steps and go on"
         )
+
+
+def data_parallel_problem(objective, batch_size: int, num_train: int) -> Optional[UsageError]:
+    """Why ``objective`` cannot be trained data-parallel over this process group in minibatches of
+    ``batch_size`` (None when it can, or when not data-parallel)."""
+    world = distributed.world_size()
+    error = None
+    if world <= 1:
+        return None
+    if batch_size < world:
+        error = UsageError(f"batch_size {batch_size} is smaller than the {world} processes: every process needs "
+                           "a share of each minibatch")
+    elif not getattr(objective, "per_datapoint", True):
+        error = UsageError(f"objective {objective.name!r} is not a mean over datapoints (a minibatch statistic), so "
+                           "the processes' shares would optimise another objective; train it in one process")
+    else:
+        min_batch = getattr(objective, "min_batch_size", 1)
+        last = num_train % batch_size or batch_size
+        smallest = min(batch_size // world, last // world if last >= world else batch_size // world)
+        if smallest < min_batch:
+            error = UsageError(f"objective {objective.name!r} needs at least {min_batch} datapoints per process and "
+                               f"minibatch, but batch_size {batch_size} over {world} processes leaves {smallest}")
+    return error
+
+
+def _check_distributed(objective, batch_size, num_train, run_dir, epochs, checkpoint_every, patience) -> None:
+    """What data-parallel training needs, checked in every process before any collective."""
+    distributed.agree(data_parallel_problem(objective, batch_size, num_train))
+    # the run's shape must be the same in every process (collectives at the same epochs)
+    mine = (str(run_dir) if run_dir is not None else None, int(epochs), int(checkpoint_every), patience, int(num_train))
+    if any(other != mine for other in distributed.gather(mine)):
+        raise UsageError("fit was called with different run_dir/epochs/checkpoint_every/patience or data in "
+                         "different processes; call it identically in every process")
 
 
 def check_probabilities(x: torch.Tensor, what: str) -> None:
@@ -434,6 +471,8 @@ def fit(
     if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
         raise UsageError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
     t_start = time.perf_counter()
+    if distributed.active():
+        _check_distributed(objective, batch_size, train_data.shape[0], run_dir, epochs, checkpoint_every, patience)
     device = torch.device(device) if device is not None else vae.device
     vae.to(device)
     for chunk in (train_data.chunks() if is_streamed(train_data) else [train_data]):
@@ -663,9 +702,13 @@ def _resume(ckpt_path, fit_args, vae, optimizer, schedule=None):
     # capturable) is this optimizer's: a checkpoint of pvae 0.1's plain Adam or from another
     # device must not switch it
     how = [{k: g[k] for k in ("fused", "foreach", "capturable") if k in g} for g in optimizer.param_groups]
+    lrs = [g["lr"] for g in optimizer.param_groups]  # a device tensor that a CUDA graph reads stays that tensor
     optimizer.load_state_dict(ckpt["optimizer"])
-    for group, settings in zip(optimizer.param_groups, how):
+    for group, settings, lr in zip(optimizer.param_groups, how, lrs):
         group.update(settings)
+        if torch.is_tensor(lr):
+            lr.fill_(float(group["lr"]))
+            group["lr"] = lr
     device = next(iter(optimizer.param_groups[0]["params"])).device
     for state in optimizer.state.values():  # fused Adam keeps its step count on the device
         if torch.is_tensor(state.get("step")) and state["step"].device != device:

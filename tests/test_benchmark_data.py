@@ -330,3 +330,14 @@ def test_a_run_on_a_named_benchmark_records_its_file_and_evaluates_from_the_cach
     _omniglot(tmp_path / "other", n_train=60, n_test=9)
     path.write_bytes((tmp_path / "other" / "omniglot" / "chardata.mat").read_bytes())
     assert main(["evaluate", str(run), "--num-samples", "3", "--no-progress"]) == 2
+
+
+def test_a_bad_download_without_published_checksum_is_deleted_by_its_structure_check(tmp_path, monkeypatch):
+    def serve(url, target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"<html>moved</html>")
+
+    monkeypatch.setattr(data_module, "_download", serve)
+    with pytest.raises(ChecksumError, match="it was deleted"):
+        pvae.load_dataset("frey-faces", cache_dir=tmp_path)
+    assert not (tmp_path / "frey_faces" / "frey_rawface.mat").exists()

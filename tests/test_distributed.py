@@ -106,6 +106,17 @@ def test_a_refusal_in_one_process_stops_all_of_them_with_one_message(tmp_path):
     assert proc.returncode != 0 and proc.stderr.count("already holds a run") == 1
 
 
+def test_objectives_that_are_not_a_mean_over_datapoints_are_refused_in_every_process(tmp_path):
+    """InfoVAE's MMD is a statistic of the whole minibatch: the processes' shares would optimise
+    another objective. Refused before anything is written, one message."""
+    run = tmp_path / "run"
+    proc = _torchrun([*TRAIN, "--epochs", "1", "--objective", "infovae", "--run-dir", str(run)], check=False)
+    assert proc.returncode != 0 and proc.stderr.count("not a mean over datapoints") == 1
+    proc = _torchrun([*TRAIN, "--epochs", "1", "--batch-size", "1", "--run-dir", str(run)], check=False)
+    assert proc.returncode != 0 and proc.stderr.count("smaller than the 2 processes") == 1
+    assert not (run / "config.json").exists()  # nothing written (the lock file aside)
+
+
 def test_shares_weight_uneven_minibatches_to_the_global_mean():
     """Outside a process group nothing is sharded; the weights make the average of the processes'
     weighted means the global minibatch's mean, whatever the split."""

@@ -174,3 +174,13 @@ def test_resume_without_config_continues_the_saved_run(examples, tmp_path):
     assert main(["train", "--data", str(examples["npy"]), "--objective", "elbo", "--run-dir", str(run), *SMALL]) == 0
     assert main(["train", "--run-dir", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_config_of_the_0_2_dev_file_loader_with_a_binarize_flag_still_loads(tmp_path):
+    """Runs saved while the file option binarize was a flag (true/false) load, resume and evaluate."""
+    config = {"version": 2, "dataset": {"name": "file", "path": str(tmp_path / "x.npy"), "binarize": False}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert pvae.RunConfig.load(tmp_path / "config.json").dataset["binarize"] == "none"
+    config["dataset"]["binarize"] = True
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert pvae.RunConfig.load(tmp_path / "config.json").dataset["binarize"] == "threshold"

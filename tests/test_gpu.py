@@ -42,6 +42,33 @@ def test_resume_on_cuda_continues_the_same_trajectory(tmp_path, digits):
 
 
 @requires_cuda
+def test_a_scheduled_learning_rate_reaches_the_cuda_graph_after_a_resume(tmp_path, digits):
+    """The fused Adam of a CUDA-graph step reads its learning rate from a device tensor: a resumed
+    run must keep that tensor (not the checkpoint's copy), or the schedule stops at the resume."""
+    def build():
+        torch.manual_seed(0)
+        return pvae.build_vae(pvae.RunConfig(latent_dim=2, net={'hidden': (32,)}), digits.data_dim)
+
+    kw = dict(batch_size=100, progress=False, restore_best=False, device="cuda", lr=3e-3, lr_schedule="step",
+              lr_step=1, lr_gamma=0.3)
+    a = build()
+    pvae.fit(a, digits.train, digits.valid, epochs=4, run_dir=tmp_path / "a", **kw)
+    c = build()
+    pvae.fit(c, digits.train, digits.valid, epochs=4, run_dir=tmp_path / "b", max_time=1e-9, **kw)
+    c = build()
+    pvae.fit(c, digits.train, digits.valid, epochs=4, run_dir=tmp_path / "b", resume=True, **kw)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, c.state_dict()[k], rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_non_fused_optimizers_step_eagerly_on_cuda(digits):
+    vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, net={'hidden': (32,)}), digits.data_dim)
+    history = pvae.fit(vae, digits.train, epochs=1, optimizer="sgd", lr=0.05, progress=False, device="cuda")
+    assert history.records[-1]["train_objective"] == history.records[-1]["train_objective"]  # trained, no NaN
+
+
+@requires_cuda
 def test_train_steps_never_synchronise_with_the_host(digits):
     """The eager and the CUDA-graph TrainStep run under torch's sync debug mode 'error'."""
     from pvae.train import TrainStep, _optimizer
