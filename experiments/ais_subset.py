@@ -50,6 +50,7 @@ def main(argv=None):
                                       training={"epochs": 2}), args.run_dir, progress=False)
     out = args.out or HERE / "results" / f"ais_subset-{args.run_dir.name}.json"
     partial = out.with_suffix(".partial.pt")
+    started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)
     run = pvae.load_run(args.run_dir)
     data, note = _evaluation_data(args.run_dir, run.config, None)
     test = data.split("test")
@@ -58,7 +59,8 @@ def main(argv=None):
     chosen = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(args.seed))[: args.images]
     chosen = chosen.sort().values
     x = test[chosen]
-    done = torch.load(partial) if partial.exists() else {"ais": [], "accept": [], "iwae": [], "elbo": [], "seconds": 0.0}
+    done = torch.load(partial) if partial.exists() else {"ais": [], "accept": [], "iwae": [], "elbo": [], "seconds": 0.0,
+                                                          "provenance": started}
     start = len(done["ais"]) * args.batch_size
     for i in range(start, x.shape[0], args.batch_size):
         t0 = time.perf_counter()
@@ -83,7 +85,7 @@ def main(argv=None):
     gap = values["ais"] - values["iwae"]
     result = {
         "experiment": "AIS vs L_K on a random test subset (issue 15)",
-        "provenance": provenance(torch.device("cpu")),
+        "provenance": done.get("provenance", started),
         "run_dir": str(args.run_dir), "data": note,
         "subset": {"images": n, "how": f"torch.randperm({test.shape[0]}) with seed {args.seed}, first {n}, sorted",
                    "first_indices": chosen[:10].tolist()},
