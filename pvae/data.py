@@ -409,30 +409,9 @@ def idx_file(name: str, file: str, cache_dir: Path, download: bool = True) -> np
     from the published mirrors if missing), checked against its published MD5 and SHA-256."""
     mirrors, files = IDX_SOURCES[name]
     md5, sha256 = files[file]
-    path = Path(cache_dir) / name / file
-    downloaded = False
-    if not path.exists():
-        if not download:
-            raise DataUnavailableError(f"{path} is missing and download=False")
-        errors = []
-        for mirror in mirrors:
-            try:
-                _download(mirror + file, path)
-                downloaded = True
-                break
-            except OSError as exc:
-                errors.append(f"{mirror}: {exc}")
-        if not downloaded:
-            raise DataUnavailableError(
-                f"{name} file {file} is not in the cache ({path.parent}) and could not be downloaded "
-                f"({'; '.join(errors)}). Download it on a connected machine and place it at {path}, or "
-                f"set {DATA_DIR_ENV} to a folder that holds {name}/")
+    remote = Remote(name, file, tuple(mirror + file for mirror in mirrors), md5=md5, sha256=sha256)
+    path, _ = _fetch(remote, cache_dir, download, name)
     packed = path.read_bytes()
-    if hashlib.md5(packed).hexdigest() != md5 or hashlib.sha256(packed).hexdigest() != sha256:
-        if downloaded:
-            path.unlink()  # never leave a bad download in the cache
-        raise ChecksumError(f"{path} is corrupt or not the published file (its MD5/SHA-256 differ from "
-                            f"{md5} / {sha256[:16]}...); delete it so that it is downloaded again")
     return _parse_idx(gzip.decompress(packed), path)
 
 
@@ -524,7 +503,10 @@ def fetch(name: str, cache_dir: Path, download: bool = True) -> Tuple[Path, str]
     """The published file of data set ``name`` (:data:`REMOTES`) from ``cache_dir/<folder>/``,
     downloaded from its addresses if missing, checked against its published checksums. Returns the
     path and the file's SHA-256. A bad download is deleted; a bad cached file is named."""
-    remote = REMOTES[name]
+    return _fetch(REMOTES[name], cache_dir, download, name)
+
+
+def _fetch(remote: "Remote", cache_dir: Path, download: bool, name: str) -> Tuple[Path, str]:
     path = Path(cache_dir) / remote.folder / remote.file
     downloaded = False
     if not path.exists():
