@@ -437,7 +437,7 @@ def _load_mnist(cache_dir: Path, binarize: Binarize = "none") -> Dataset:
         seeded Bernoulli draw of every split) or dynamic (a fresh draw of every training minibatch;
         fixed draws to validate and test).
     """
-    return binarized(_idx_dataset("mnist", cache_dir), _binarize_option(binarize))
+    return binarized(_idx_dataset("mnist", cache_dir), binarize)
 
 
 @DATASETS.register("dynamic-mnist")
@@ -455,7 +455,7 @@ def _load_fashion_mnist(cache_dir: Path, binarize: Binarize = "none") -> Dataset
         seeded Bernoulli draw of every split) or dynamic (a fresh draw of every training minibatch;
         fixed draws to validate and test).
     """
-    return binarized(_idx_dataset("fashion-mnist", cache_dir), _binarize_option(binarize))
+    return binarized(_idx_dataset("fashion-mnist", cache_dir), binarize)
 
 
 # ---------------------------------------------------------------------------- other published files
