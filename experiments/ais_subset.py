@@ -32,6 +32,21 @@ import pvae  # noqa: E402
 from pvae.runs import _evaluation_data  # noqa: E402
 
 
+def seeded_test_subset(run_dir: Path, images: int, seed: int, parser=None):
+    """The run, its test images ``torch.randperm(n_test, seed)[:images]`` (sorted) and a record of the
+    choice: the same images for every script given the same seed (AIS, the bounds against K)."""
+    run = pvae.load_run(run_dir)
+    data, note = _evaluation_data(run_dir, run.config, None)
+    test = data.split("test")
+    if images > test.shape[0]:
+        message = f"--images {images}: the test split has {test.shape[0]}"
+        parser.error(message) if parser else sys.exit(message)
+    chosen = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(seed))[:images].sort().values
+    subset = {"images": images, "how": f"torch.randperm({test.shape[0]}) with seed {seed}, first {images}, sorted",
+              "first_indices": chosen[:10].tolist()}
+    return run, test[chosen], subset, note
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -51,14 +66,7 @@ def main(argv=None):
     out = args.out or HERE / "results" / f"ais_subset-{args.run_dir.name}.json"
     partial = out.with_suffix(".partial.pt")
     started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)
-    run = pvae.load_run(args.run_dir)
-    data, note = _evaluation_data(args.run_dir, run.config, None)
-    test = data.split("test")
-    if args.images > test.shape[0]:
-        parser.error(f"--images {args.images}: the test split has {test.shape[0]}")
-    chosen = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(args.seed))[: args.images]
-    chosen = chosen.sort().values
-    x = test[chosen]
+    run, x, subset, note = seeded_test_subset(args.run_dir, args.images, args.seed, parser)
     done = torch.load(partial) if partial.exists() else {"ais": [], "accept": [], "iwae": [], "elbo": [], "seconds": 0.0,
                                                           "provenance": started}
     start = len(done["ais"]) * args.batch_size
@@ -87,8 +95,7 @@ def main(argv=None):
         "experiment": "AIS vs L_K on a random test subset (issue 15)",
         "provenance": done.get("provenance", started),
         "run_dir": str(args.run_dir), "data": note,
-        "subset": {"images": n, "how": f"torch.randperm({test.shape[0]}) with seed {args.seed}, first {n}, sorted",
-                   "first_indices": chosen[:10].tolist()},
+        "subset": subset,
         "ais": {**summary(values["ais"]), "chains": args.chains, "intermediate_distributions": args.steps,
                 "start": "guide", "mean_accept_rate": float(torch.cat(done["accept"]).mean())},
         f"iwae_L{args.num_samples}": summary(values["iwae"]),

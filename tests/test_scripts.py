@@ -44,6 +44,10 @@ SCRIPTS = {
         "{tmp}/run", "--train-missing", "digits", "--images", "6", "--chains", "2", "--steps", "3",
         "--num-samples", "5", "--batch-size", "4", "--out", "{tmp}/ais.json",
     ],
+    "experiments/bounds_subset.py": [
+        "{tmp}/run", "--train-missing", "digits", "--images", "6", "--num-samples", "10", "--ks", "1,5,10",
+        "--batch-size", "4", "--out", "{tmp}/bounds.json",
+    ],
     "benchmarks/bench_distributed.py": ["--smoke", "--out", "{tmp}/distributed.json"],
     "experiments/components_grid.py": [
         "--dataset", "digits", "--priors", "standard-normal,vamp", "--guides", "diagonal,planar",
@@ -126,3 +130,23 @@ def test_notebook_runs_at_smoke_size(notebook, monkeypatch):
     nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_grouped_bounds_are_the_bounds_of_disjoint_groups():
+    """experiments/bounds_subset.py: L_K from S draws cut into S/K groups is the mean of the groups'
+    L_K; K = S is log-mean-exp of all draws, K = 1 the ELBO; the error of a mean over groups is the
+    groups' spread / sqrt(groups)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from bounds_subset import grouped_bounds
+
+    lw = torch.randn(12, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 - 5
+    out = grouped_bounds(lw, [1, 4, 12])
+    torch.testing.assert_close(out[12]["values"], torch.logsumexp(lw, 0) - torch.log(torch.tensor(12.0, dtype=lw.dtype)))
+    torch.testing.assert_close(out[1]["values"], lw.mean(0))
+    torch.testing.assert_close(out["elbo"]["values"], lw.mean(0))
+    groups = torch.stack([torch.logsumexp(lw[i:i + 4], 0) - torch.log(torch.tensor(4.0, dtype=lw.dtype))
+                          for i in (0, 4, 8)])
+    torch.testing.assert_close(out[4]["values"], groups.mean(0))
+    torch.testing.assert_close(out[4]["mc_var"], groups.var(0) / 3)
