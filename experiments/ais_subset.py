@@ -33,8 +33,9 @@ from pvae.runs import _evaluation_data  # noqa: E402
 
 
 def seeded_test_subset(run_dir: Path, images: int, seed: int, parser=None):
-    """The run, its test images ``torch.randperm(n_test, seed)[:images]`` (sorted) and a record of the
-    choice: the same images for every script given the same seed (AIS, the bounds against K)."""
+    """The run, its test images ``torch.randperm(n_test, seed)[:images]`` (sorted), a record of the
+    choice (the same images for every script given the same seed: AIS, the bounds against K), the
+    data note and the data set."""
     run = pvae.load_run(run_dir)
     data, note = _evaluation_data(run_dir, run.config, None)
     test = data.split("test")
@@ -44,7 +45,7 @@ def seeded_test_subset(run_dir: Path, images: int, seed: int, parser=None):
     chosen = torch.randperm(test.shape[0], generator=torch.Generator().manual_seed(seed))[:images].sort().values
     subset = {"images": images, "how": f"torch.randperm({test.shape[0]}) with seed {seed}, first {images}, sorted",
               "first_indices": chosen[:10].tolist()}
-    return run, test[chosen], subset, note
+    return run, test[chosen], subset, note, data
 
 
 def main(argv=None):
@@ -66,7 +67,7 @@ def main(argv=None):
     out = args.out or HERE / "results" / f"ais_subset-{args.run_dir.name}.json"
     partial = out.with_suffix(".partial.pt")
     started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)
-    run, x, subset, note = seeded_test_subset(args.run_dir, args.images, args.seed, parser)
+    run, x, subset, note, _ = seeded_test_subset(args.run_dir, args.images, args.seed, parser)
     done = torch.load(partial) if partial.exists() else {"ais": [], "accept": [], "iwae": [], "elbo": [], "seconds": 0.0,
                                                           "provenance": started}
     start = len(done["ais"]) * args.batch_size

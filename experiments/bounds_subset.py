@@ -43,7 +43,6 @@ import pvae  # noqa: E402
 from pvae._rng import seeded  # noqa: E402
 from pvae.diagnostics import psis_khat  # noqa: E402
 from pvae.estimators import importance_ess, log_importance_weights  # noqa: E402
-from pvae.runs import DATA_FILE  # noqa: E402
 
 
 def grouped_bounds(log_weights: torch.Tensor, ks) -> dict:
@@ -92,7 +91,7 @@ def main(argv=None):
     out = args.out or HERE / "results" / f"bounds_subset-{args.run_dir.name}.json"
     partial = out.with_suffix(".partial.pt")
     started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)
-    run, x, subset, note = seeded_test_subset(args.run_dir, args.images, args.seed, parser)
+    run, x, subset, note, data = seeded_test_subset(args.run_dir, args.images, args.seed, parser)
     vae = run.vae
     done = torch.load(partial) if partial.exists() else {"batches": [], "seconds": 0.0, "provenance": started}
     if done.get("settings", vars(args) | {"run_dir": str(args.run_dir), "out": str(out)}) != \
@@ -129,7 +128,7 @@ def main(argv=None):
         "seconds": done["seconds"],
         "load_average_end": list(os.getloadavg()),
     }
-    shape = image_shape_of(args.run_dir, x.shape[-1])
+    shape = data.image_shape or (1, x.shape[-1])
     samples = vae.sample(64, seed=args.seed)
     recon = vae.reconstruct(x[:10])
     result["images"] = {"shape": list(shape), "what": "likelihood means in [0, 1], rounded to 3 decimals",
@@ -139,12 +138,6 @@ def main(argv=None):
     out.write_text(json.dumps(result) + "\n")
     partial.unlink()
     print(json.dumps({k: v for k, v in result.items() if k not in ("khat", "ess", "images")}, indent=1))
-
-
-def image_shape_of(run_dir: Path, data_dim: int) -> tuple:
-    """The run's image shape (H, W) from its data record, else one row of ``data_dim`` pixels."""
-    record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else {}
-    return tuple(record["image_shape"]) if record.get("image_shape") else (1, data_dim)
 
 
 if __name__ == "__main__":
