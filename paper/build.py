@@ -272,8 +272,8 @@ def samples_figure(bounds, out_dir: Path):
 
     images = bounds["images"]
     shape = tuple(images["shape"])
-    fig = Figure(figsize=(8, 5.2), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[3.2, 2])
+    fig = Figure(figsize=(8, 3.9), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.8, 1.9])
     panels = ((top, torch.tensor(images["samples"][:48]), 16, "samples E[x|z], z ~ p(z)"),
               (bottom, torch.tensor(images["data"] + images["reconstructions"]), len(images["data"]),
                "test images (top) and reconstructions E[x | z = E_q[z|x]] (bottom)"))
@@ -323,7 +323,7 @@ def figures_text(bounds, ais, reproduce, out_dir: Path) -> str:
     path = samples_figure(bounds, out_dir)
     if path is not None:
         text += (f"\n![**Figure 3.** {Path(bounds['run_dir']).name}: 48 seeded samples (likelihood means) and the "
-                 f"reconstructions of the first {len(bounds['images']['data'])} subset test images.]({path.name})\n")
+                 f"reconstructions of {len(bounds['images']['data'])} subset test images spread evenly over the subset.]({path.name})\n")
     path = khat_figure(bounds, out_dir)
     if path is not None:
         khat = bounds["khat"]
