@@ -185,6 +185,7 @@ def ais(
     batch_size: int = 100,
     seed: Optional[int] = 0,
     progress: bool = False,
+    cache=None,
 ) -> Estimate:
     """AIS estimate of :math:`\\log p(x)` per datapoint (nats).
 
@@ -201,7 +202,8 @@ def ais(
 
     Cost: ``(T - 1) * (num_leapfrog + 1)`` gradient evaluations of log p(x, z) per chain.
     Parameters are not changed; ``seed`` fixes the draws without touching the global RNG.
-    ``progress`` shows a tqdm bar over batches and transitions.
+    ``progress`` shows a tqdm bar over batches and transitions. ``cache``: a
+    :class:`~pvae.estimators.BatchCache` to resume an interrupted run from.
     """
     num_chains = _check_positive_int("num_chains", num_chains)
     batch_size = _check_positive_int("batch_size", batch_size)
@@ -221,7 +223,7 @@ def ais(
 
     try:
         with _evaluating(vae):  # minibatch by minibatch, each under its own seed (shardable)
-            parts = per_batch(x, batch_size, seed, _device_of(vae) if is_streamed(x) else x.device, chains)
+            parts = per_batch(x, batch_size, seed, _device_of(vae) if is_streamed(x) else x.device, chains, cache)
     finally:
         if bar is not None:
             bar.close()
@@ -231,7 +233,7 @@ def ais(
 #: the annealing settings of :func:`ais` and their defaults (shared by :func:`bdmc`)
 _ANNEALING_DEFAULTS = {
     name: p.default for name, p in inspect.signature(ais).parameters.items()
-    if name not in ("vae", "x", "batch_size", "seed", "progress")
+    if name not in ("vae", "x", "batch_size", "seed", "progress", "cache")
 }
 
 

@@ -166,7 +166,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--ais-start", default="prior", choices=["prior", "guide"], help="AIS initial distribution")
     ev.add_argument("--ais-schedule", default="sigmoid", choices=["sigmoid", "linear"], help="AIS temperature schedule")
     ev.add_argument("--psis-datapoints", type=int, default=500,
-                    help="datapoints for PSIS k-hat of the guide (first N of the split; 0: off)")
+                    help="datapoints for PSIS k-hat of the guide (a seeded random N of the split; 0: off)")
+    ev.add_argument("--restart", action="store_true",
+                    help="discard the finished minibatches of an interrupted evaluation with these settings "
+                    "(by default it resumes from them)")
     ev.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -278,6 +281,7 @@ def _evaluate(args) -> int:
         ais_schedule=args.ais_schedule,
         psis_datapoints=args.psis_datapoints,
         data_path=args.data,
+        resume=not args.restart,
     )
     if distributed.is_main():
         print(report.summary())
@@ -297,7 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pvae: interrupted; the last checkpoint is intact (resume with --resume)", file=sys.stderr)
+        print("pvae: interrupted; " + ("the last checkpoint is intact (resume with --resume)" if args.command == "train"
+                                       else "the finished minibatches are kept: the same command resumes"),
+              file=sys.stderr)
         return 130
     except Exception as exc:  # anything else is a bug: keep the traceback, ask for a report, exit 1
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bug: a full disk

@@ -222,7 +222,7 @@ def _batches(x: torch.Tensor, batch_size: int, device=None):
 
 
 def _weight_statistics(
-    vae, x, num_samples, batch_size, chunk_size, seed, proposal, progress, desc, index=None
+    vae, x, num_samples, batch_size, chunk_size, seed, proposal, progress, desc, index=None, cache=None
 ) -> Dict[str, torch.Tensor]:
     """Stream the log-weights of every datapoint once and keep, per datapoint: the
     log-mean-exp of the weights, the ESS, and the mean and variance of the log-weights.
@@ -242,6 +242,8 @@ def _weight_statistics(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=x.shape[0], desc=desc, unit="x", leave=False)
+        if cache is not None:  # resumed minibatches
+            bar.update(sum(len(b["mean_lw"]) for b in cache.batches.values()))
     k = num_samples
     device = _device_of(vae) if is_streamed(x) else x.device
     if chunk_size is None and distributed.active():  # one chunking (hence one set of draws) for every process
@@ -269,29 +271,88 @@ def _weight_statistics(
 
     try:
         with _evaluating(vae):
-            parts = per_batch(x, batch_size, seed, device, statistics)
+            parts = per_batch(x, batch_size, seed, device, statistics, cache)
     finally:
         if bar is not None:
             bar.close()
     return {name: torch.cat([p[name] for p in parts]).cpu() for name in ("log_mean_w", "ess", "mean_lw", "var_lw")}
 
 
-def per_batch(x, batch_size: int, seed: Optional[int], device, compute) -> list:
+class BatchCache:
+    """The finished minibatches of a long evaluation, kept in a file so that an interrupted
+    evaluation resumes where it stopped instead of starting over.
+
+    ``key`` (a dict of plain values) says what is being computed: the estimator, K, the seed,
+    the batch and chunk sizes, the data and the checkpoint. A file written under another key, or
+    one that cannot be read, is set aside (the evaluation starts afresh and overwrites it); it is
+    only a cache of unfinished work. Every :meth:`put` rewrites the file atomically. With a seed,
+    minibatch ``i`` draws from its own seed ``(seed, i)`` (:func:`per_batch`), so a resumed
+    evaluation returns exactly the values of an uninterrupted one.
+    """
+
+    def __init__(self, path, key: dict):
+        from pathlib import Path
+
+        self.path, self.key, self.batches = Path(path), dict(key), {}
+        self.set_aside = None
+        if self.path.exists():
+            try:
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
+                matches = isinstance(saved, dict) and saved.get("key") == self.key
+            except Exception as exc:  # truncated or not ours: start afresh
+                saved, matches = None, False
+                self.set_aside = f"unreadable ({type(exc).__name__})"
+            if matches:
+                self.batches = dict(saved["batches"])
+            elif self.set_aside is None:
+                self.set_aside = "written for other settings"
+        self.resumed = len(self.batches)
+
+    def __contains__(self, i: int) -> bool:
+        return i in self.batches
+
+    def __getitem__(self, i: int) -> dict:
+        return self.batches[i]
+
+    def put(self, i: int, value: dict) -> None:
+        from .checkpoint import atomic_write
+
+        self.batches[i] = {k: v.detach().cpu() for k, v in value.items()}
+        state = {"key": self.key, "batches": self.batches}
+        atomic_write(self.path, lambda fh: torch.save(state, fh))
+
+    def discard(self) -> None:
+        """Remove the file (the evaluation it served has finished)."""
+        self.path.unlink(missing_ok=True)
+
+
+def per_batch(x, batch_size: int, seed: Optional[int], device, compute, cache: Optional[BatchCache] = None) -> list:
     """``compute(start, xb)`` (a dict of per-datapoint tensors) for every minibatch of ``x``, in
     order. Minibatch ``i`` runs under its own seed :func:`pvae.distributed.batch_seed` ``(seed, i)``
     (``seed=None``: the global stream), so the values do not depend on which process computes it:
     under :mod:`torch.distributed` the minibatches are dealt out to the processes and gathered, and
-    every process returns all of them, the same as one process would."""
+    every process returns all of them, the same as one process would. ``cache``
+    (:class:`BatchCache`, one process only): minibatches found there are not recomputed, and each
+    computed one is added to it."""
+    if cache is not None and distributed.active():
+        raise UsageError("a BatchCache serves one process; a sharded evaluation cannot resume from one")
+    if cache is not None and seed is None:
+        raise UsageError("resuming an evaluation needs a seed (seed=None draws from the global stream)")
     num_batches = math.ceil(x.shape[0] / batch_size)
     streamed = is_streamed(x)
     local = {}
     for i in distributed.my_batches(num_batches):
+        if cache is not None and i in cache:
+            local[i] = {k: v.to(device) for k, v in cache[i].items()}
+            continue
         start = i * batch_size
         xb = x[start : start + batch_size]
         if streamed:
             xb = xb.to(device)
         with seeded(distributed.batch_seed(seed, i), device):
             local[i] = compute(start, xb)
+        if cache is not None:
+            cache.put(i, local[i])
     merged = distributed.gather_batches(local, num_batches)
     return [{k: v.to(device) for k, v in merged[i].items()} if distributed.active() else merged[i]
             for i in range(num_batches)]
@@ -319,6 +380,7 @@ def evaluate_bounds(
     seed: Optional[int] = 0,
     progress: bool = False,
     index: Optional[torch.Tensor] = None,
+    cache: Optional[BatchCache] = None,
 ) -> Dict[str, Estimate]:
     r"""ELBO and importance-weighted bound :math:`\mathcal{L}_K` from the same K samples.
 
@@ -337,12 +399,13 @@ def evaluate_bounds(
     batches of ``batch_size`` (memory bounded by both). Parameters are not
     changed and no gradients are kept. ``seed`` fixes the samples without touching the global
     RNG (``None`` draws from it). ``index``: positions of ``x`` in the data set of a
-    non-amortized guide.
+    non-amortized guide. ``cache``: a :class:`BatchCache` to resume an interrupted evaluation
+    from (the minibatches it holds are not recomputed; each new one is added).
 
     :returns: ``{"elbo": Estimate, "iwae": Estimate}``, values in nats per datapoint.
     """
     stats = _weight_statistics(
-        vae, x, num_samples, batch_size, chunk_size, seed, "guide", progress, f"L_{num_samples}", index
+        vae, x, num_samples, batch_size, chunk_size, seed, "guide", progress, f"L_{num_samples}", index, cache
     )
     k = int(num_samples)
     return {
@@ -385,6 +448,7 @@ def naive_prior_estimate(
     chunk_size: Optional[int] = DEFAULT_CHUNK_SIZE,
     seed: Optional[int] = 0,
     progress: bool = False,
+    cache: Optional[BatchCache] = None,
 ) -> Estimate:
     r"""The naive Monte Carlo estimate :math:`p(x) \approx \frac1n \sum_i p(x|z_i)`,
     :math:`z_i \sim p(z)` — importance sampling with the prior as proposal.
@@ -394,10 +458,10 @@ def naive_prior_estimate(
     explain ``x`` badly: the effective sample size ``extra["ess"]`` collapses towards 1 and
     the estimate falls far below :math:`\log p(x)`. Per-datapoint Monte Carlo standard error
     by the delta method, :math:`\sqrt{1/\mathrm{ESS} - 1/n}`. Cost: n decoder passes per
-    datapoint; the guide is not used. ``seed`` as in :func:`evaluate_bounds`.
+    datapoint; the guide is not used. ``seed`` and ``cache`` as in :func:`evaluate_bounds`.
     """
     stats = _weight_statistics(
-        vae, x, num_samples, batch_size, chunk_size, seed, "prior", progress, f"naive n={num_samples}"
+        vae, x, num_samples, batch_size, chunk_size, seed, "prior", progress, f"naive n={num_samples}", cache=cache
     )
     return _importance_estimate("naive-prior-mc", stats, int(num_samples))
 

@@ -33,6 +33,7 @@ from .diagnostics import importance_diagnostics, latent_diagnostics
 from .errors import NotARunError, RunExistsError, UsageError
 from .estimators import (
     DEFAULT_CHUNK_SIZE,
+    BatchCache,
     Estimate,
     auto_chunk_size,
     check_data,
@@ -40,6 +41,7 @@ from .estimators import (
     naive_prior_estimate,
     reconstruction_error,
 )
+from .files import file_sha256
 from .model import VAE
 from .tracking import check_trackers, make_trackers
 from .train import CHECKPOINT_FILE, History, check_objective, data_parallel_problem, fit
@@ -340,6 +342,7 @@ def evaluate_run(
     psis_datapoints: int = 500,
     dataset: Optional[Dataset] = None,
     data_path=None,
+    resume: bool = True,
 ) -> "EvaluationReport":
     """Evaluate a run on a split of its data set; the run's files are only read.
 
@@ -362,6 +365,12 @@ def evaluate_run(
     :func:`pvae.diagnostics.latent_diagnostics`) are always reported. Guide-based bounds are skipped, with the reason in ``report.skipped``, for a
     point-mass guide. Returns an :class:`EvaluationReport`; unless ``write`` is False it is also
     saved in the run directory (:meth:`EvaluationReport.save`).
+
+    With ``write`` (one process), each estimator keeps its finished minibatches in
+    ``<report stem>.<estimator>.partial.pt`` in the run directory (a
+    :class:`~pvae.estimators.BatchCache`, removed when the report is written): an evaluation that
+    is killed resumes where it stopped when run again with the same settings, and returns
+    exactly what an uninterrupted one would (``resume=False`` starts afresh).
     """
     unknown = sorted(set(estimators) - set(ESTIMATORS))
     if unknown:
@@ -376,6 +385,24 @@ def evaluate_run(
     if chunk_size is None:  # resolved here so that the report names the chunk size that ran
         chunk_size = auto_chunk_size(vae, batch_size, num_samples, vae.device)
     estimates = reconstruction_error(vae, x)
+    caches = {}
+
+    def cache(name, **settings):
+        """The resumable record of one estimator's minibatches (None: not kept)."""
+        if not write or distributed.active():
+            return None
+        key = {"estimator": name, "split": split, "num_datapoints": int(x.shape[0]), "num_samples": num_samples,
+               "batch_size": batch_size, "chunk_size": chunk_size, "seed": seed, "data": data_note.get("fingerprint"),
+               "checkpoint": file_sha256(Path(run_dir) / CHECKPOINT_FILE), **settings}
+        path = Path(run_dir) / f"{EvaluationReport.stem_for(split, num_samples)}.{name}.partial.pt"
+        if not resume:
+            path.unlink(missing_ok=True)
+        caches[name] = BatchCache(path, key)
+        if caches[name].resumed and progress:
+            print(f"resuming {name}: {caches[name].resumed} minibatch(es) from an interrupted evaluation "
+                  f"({path.name})", file=sys.stderr)
+        return caches[name]
+
     report = EvaluationReport(run_dir=str(run_dir), dataset=data.name, model=config.model, split=split,
                               data=data_note, num_datapoints=int(x.shape[0]), seed=seed, batch_size=batch_size,
                               chunk_size=chunk_size, num_samples=num_samples)
@@ -386,12 +413,13 @@ def evaluate_run(
     elif wanted_bounds:
         bounds = evaluate_bounds(
             vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed,
-            progress=progress,
+            progress=progress, cache=cache("bounds"),
         )
         estimates.update({name: bounds[name] for name in wanted_bounds})
     if "naive" in estimators:
         estimates["naive"] = naive_prior_estimate(
-            vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed, progress=progress
+            vae, x, num_samples, batch_size=batch_size, chunk_size=chunk_size, seed=seed, progress=progress,
+            cache=cache("naive"),
         )
     if "ais" in estimators and ais_start == "guide" and not vae.guide_net.has_density:
         report.skipped["ais"] = "AIS from the guide needs a guide with a density; use --ais-start prior"
@@ -401,7 +429,9 @@ def evaluate_run(
     elif "ais" in estimators:
         settings = {"num_leapfrog": 10, "target_accept": 0.65}
         estimates["ais"] = ais(vae, x, num_chains=num_chains, num_steps=ais_steps, betas=ais_schedule,
-                               start=ais_start, batch_size=batch_size, seed=seed, progress=progress, **settings)
+                               start=ais_start, batch_size=batch_size, seed=seed, progress=progress,
+                               cache=cache("ais", num_chains=num_chains, ais_steps=ais_steps, schedule=ais_schedule,
+                                           start=ais_start, **settings), **settings)
         report.ais_settings = {"num_chains": num_chains, "num_steps": ais_steps, "schedule": ais_schedule,
                                   "start": ais_start, "leapfrog_steps": settings["num_leapfrog"],
                                   "target_accept": settings["target_accept"]}
@@ -438,6 +468,8 @@ def evaluate_run(
         report.latent = latent_diagnostics(vae, x)
     if write and distributed.is_main():  # (every process of a sharded evaluation holds the same report)
         report.save()
+    for finished in caches.values():  # the report holds their results now
+        finished.discard()
     return report
 
 
@@ -506,7 +538,11 @@ class EvaluationReport:
 
     @property
     def stem(self) -> str:
-        return f"evaluation-{self.split}-K{self.num_samples}"
+        return self.stem_for(self.split, self.num_samples)
+
+    @staticmethod
+    def stem_for(split: str, num_samples: int) -> str:
+        return f"evaluation-{split}-K{num_samples}"
 
     def to_dict(self) -> dict:
         return {
