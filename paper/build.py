@@ -186,7 +186,7 @@ def converged_table(summary) -> str:
         "Welling (2018): gated MLP 300-300, latent 40, Adam 5e-4, batch 100, KL warm-up 100 epochs, early "
         "stopping with patience 50, at most 2000 epochs. Test −log p(x) from L_5000 on all 10,000 test images "
         "(± s.e. over images); test ELBO from the same draws. Summary written at commit "
-        f"{prov['git_commit'][:12]}; the device each run was trained on in the last column (test bounds "
+        f"{_commit(prov)}; the device each run was trained on in the last column (test bounds "
         "computed on the CPU). Nats per image.",
         "",
         "| run | status | epochs (best) | test ELBO | test −log p(x) (L_5000) | published | ours − published | trained on |",
@@ -233,6 +233,12 @@ def curves_figure(summary, out_dir: Path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _commit(provenance: dict) -> str:
+    """The commit a result came from, short, keeping the mark of uncommitted changes to tracked files."""
+    commit = provenance.get("git_commit", "unknown")
+    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def _save(fig, path: Path) -> Path:
@@ -319,7 +325,7 @@ def figures_text(bounds, ais, reproduce, out_dir: Path) -> str:
                  f"L_{k_max} {b[k_max]['mean']:.2f} (± {b[k_max]['stderr']:.2f} over images).{ais_line} "
                  "The full test set's L_5000 and the published value are over all 10,000 test images, whose mean "
                  "differs from the subset's (the subset's s.e. over images is given above); they are drawn for "
-                 f"scale, not as the same quantity. Commit {bounds['provenance']['git_commit'][:12]}.]({path.name})\n")
+                 f"scale, not as the same quantity. Commit {_commit(bounds['provenance'])}.]({path.name})\n")
     path = samples_figure(bounds, out_dir)
     if path is not None:
         text += (f"\n![**Figure 3.** {Path(bounds['run_dir']).name}: 48 seeded samples (likelihood means) and the "
