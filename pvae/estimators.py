@@ -241,7 +241,9 @@ def _weight_statistics(
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=x.shape[0], desc=desc, unit="x", leave=False)
+        mine = distributed.my_batches(math.ceil(x.shape[0] / batch_size))  # this process's share
+        bar = tqdm(total=sum(min(batch_size, x.shape[0] - i * batch_size) for i in mine), desc=desc, unit="x",
+                   leave=False)
         if cache is not None:  # resumed minibatches
             bar.update(sum(len(b["mean_lw"]) for b in cache.batches.values()))
     k = num_samples

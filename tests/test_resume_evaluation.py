@@ -140,3 +140,32 @@ def test_cli_evaluate_resumes_and_restart_discards(run_dir, monkeypatch, capsys)
         calls = _count_batches(m, pvae.estimators, "log_importance_weights")
         assert main(args + ["--no-progress", "--restart"]) == 0
     assert len(calls) == -(-report["num_datapoints"] // BATCH)
+
+
+def test_progress_bar_of_a_resumed_evaluation_counts_the_resumed_minibatches(run_dir, monkeypatch, capsys):
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:  # records what the bar is told
+        def __init__(self, total, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    with monkeypatch.context() as m:
+        _count_batches(m, pvae.estimators, "log_importance_weights", fail_at=3)
+        with pytest.raises(Interrupt):
+            _evaluate(run_dir)
+    capsys.readouterr()
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    report = pvae.evaluate_run(run_dir, num_samples=20, batch_size=BATCH, chunk_size=20, progress=True,
+                               psis_datapoints=0)
+    assert "resuming bounds: 2 minibatch(es)" in capsys.readouterr().err
+    (bar,) = bars
+    assert bar.total == bar.n == report.num_datapoints
