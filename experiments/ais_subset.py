@@ -29,7 +29,27 @@ sys.path.insert(0, str(HERE.parent))
 from _provenance import provenance  # noqa: E402
 
 import pvae  # noqa: E402
+from pvae.checkpoint import atomic_write  # noqa: E402
+from pvae.files import file_sha256  # noqa: E402
 from pvae.runs import _evaluation_data  # noqa: E402
+
+
+def resume_state(partial: Path, args, fresh: dict) -> dict:
+    """The state saved by an interrupted run of this script with the same arguments and checkpoint,
+    else ``fresh`` (a partial file from other settings is refused: mixing them would be silent)."""
+    settings = {k: str(v) for k, v in sorted(vars(args).items())}
+    settings["checkpoint_sha256"] = file_sha256(Path(args.run_dir) / "checkpoint.pt")
+    if not partial.exists():
+        return {**fresh, "settings": settings}
+    done = torch.load(partial, weights_only=False)
+    if done.get("settings") != settings:
+        sys.exit(f"{partial} was written with other settings or another checkpoint ({done.get('settings')}); "
+                 "delete it or rerun with those settings")
+    return done
+
+
+def save_state(done: dict, partial: Path) -> None:
+    atomic_write(partial, lambda fh: torch.save(done, fh))  # a kill while saving leaves the previous one
 
 
 def seeded_test_subset(run_dir: Path, images: int, seed: int, parser=None):
@@ -68,8 +88,8 @@ def main(argv=None):
     partial = out.with_suffix(".partial.pt")
     started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)
     run, x, subset, note, _ = seeded_test_subset(args.run_dir, args.images, args.seed, parser)
-    done = torch.load(partial) if partial.exists() else {"ais": [], "accept": [], "iwae": [], "elbo": [], "seconds": 0.0,
-                                                          "provenance": started}
+    done = resume_state(partial, args, {"ais": [], "accept": [], "iwae": [], "elbo": [], "seconds": 0.0,
+                                        "provenance": started})
     start = len(done["ais"]) * args.batch_size
     for i in range(start, x.shape[0], args.batch_size):
         t0 = time.perf_counter()
@@ -82,7 +102,7 @@ def main(argv=None):
         done["iwae"].append(bounds["iwae"].values)
         done["elbo"].append(bounds["elbo"].values)
         done["seconds"] += time.perf_counter() - t0
-        torch.save(done, partial)
+        save_state(done, partial)
         print(f"{i + xb.shape[0]}/{x.shape[0]} images, AIS {torch.cat(done['ais']).mean():.3f}, "
               f"L_K {torch.cat(done['iwae']).mean():.3f}", flush=True)
     values = {k: torch.cat(done[k]).double() for k in ("ais", "iwae", "elbo")}

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from _provenance import provenance  # noqa: E402
-from ais_subset import seeded_test_subset  # noqa: E402
+from ais_subset import resume_state, save_state, seeded_test_subset  # noqa: E402
 
 import pvae  # noqa: E402
 from pvae._rng import seeded  # noqa: E402
@@ -93,11 +93,7 @@ def main(argv=None):
     started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)
     run, x, subset, note, data = seeded_test_subset(args.run_dir, args.images, args.seed, parser)
     vae = run.vae
-    done = torch.load(partial) if partial.exists() else {"batches": [], "seconds": 0.0, "provenance": started}
-    if done.get("settings", vars(args) | {"run_dir": str(args.run_dir), "out": str(out)}) != \
-            (vars(args) | {"run_dir": str(args.run_dir), "out": str(out)}):
-        sys.exit(f"{partial} was written with other settings {done['settings']}: delete it or rerun with them")
-    done["settings"] = vars(args) | {"run_dir": str(args.run_dir), "out": str(out)}
+    done = resume_state(partial, args, {"batches": [], "seconds": 0.0, "provenance": started})
     start = len(done["batches"]) * args.batch_size
     for i in range(start, x.shape[0], args.batch_size):
         t0 = time.perf_counter()
@@ -107,7 +103,7 @@ def main(argv=None):
         bounds = grouped_bounds(lw, ks)
         done["batches"].append({"bounds": bounds, "khat": psis_khat(lw), "ess": importance_ess(lw)})
         done["seconds"] += time.perf_counter() - t0
-        torch.save(done, partial)
+        save_state(done, partial)
         print(f"{i + xb.shape[0]}/{x.shape[0]} images, L_{ks[-1]} "
               f"{torch.cat([b['bounds'][ks[-1]]['values'] for b in done['batches']]).mean():.3f}", flush=True)
 

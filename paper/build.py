@@ -238,7 +238,7 @@ def curves_figure(summary, out_dir: Path):
 def _commit(provenance: dict) -> str:
     """The commit a result came from, short, keeping the mark of uncommitted changes to tracked files."""
     commit = provenance.get("git_commit", "unknown")
-    return commit[:12] + ("-dirty" if commit.endswith("-dirty") else "")
+    return commit.removesuffix("-dirty")[:12] + ("-dirty" if commit.endswith("-dirty") else "")
 
 
 def _save(fig, path: Path) -> Path:
@@ -264,7 +264,8 @@ def bounds_figure(bounds, ais, reproduce, out_dir: Path):
     if run.get("published_nll") is not None:
         references["published, all test images"] = -run["published_nll"]
     fig = bounds_versus_k(by_k, references, title=f"{Path(bounds['run_dir']).name}: "
-                                                  f"{bounds['subset']['images']} random test images")
+                                                  f"{bounds['subset']['images']} random test images",
+                          elbo_label=f"ELBO (mean of all {bounds['num_samples']} log-weights)")
     fig.set_size_inches(6.4, 4.2)
     return _save(fig, out_dir / "fig2_bounds_vs_k.png")
 
@@ -321,7 +322,9 @@ def figures_text(bounds, ais, reproduce, out_dir: Path) -> str:
                         f"{ais['ais_minus_iwae']['fraction_of_images_where_ais_is_higher']:.0%} of the images).")
         text += (f"\n![**Figure 2.** Bounds against K for {Path(bounds['run_dir']).name} on a seeded random subset of "
                  f"{bounds['subset']['images']} test images: {bounds['how']}; error bars are Monte Carlo standard "
-                 f"errors of the mean (the images are the same at every K). ELBO {bounds['elbo']['mean']:.2f}, "
+                 f"errors of the mean (the images are the same at every K), from the spread between the groups "
+                 f"for K < {k_max} and by the delta method for K = {k_max} (one group), which is unreliable where "
+                 f"k̂ > 0.7 (Figure 4). The ELBO is drawn at every K for reference. ELBO {bounds['elbo']['mean']:.2f}, "
                  f"L_{k_max} {b[k_max]['mean']:.2f} (± {b[k_max]['stderr']:.2f} over images).{ais_line} "
                  "The full test set's L_5000 and the published value are over all 10,000 test images, whose mean "
                  "differs from the subset's (the subset's s.e. over images is given above); they are drawn for "

@@ -215,6 +215,8 @@ def ais(
 
         mine = len(distributed.my_batches(math.ceil(x.shape[0] / batch_size)))
         bar = tqdm(total=mine * (betas.numel() - 2), desc=f"AIS {num_chains} chains", unit="step", leave=False)
+        if cache is not None:  # resumed minibatches
+            bar.update(len(cache.batches) * (betas.numel() - 2))
 
     def chains(_, xb):
         r, z0, site = _start(vae, xb, start, num_chains)

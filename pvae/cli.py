@@ -301,9 +301,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"pvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pvae: interrupted; " + ("the last checkpoint is intact (resume with --resume)" if args.command == "train"
-                                       else "the finished minibatches are kept: the same command resumes"),
-              file=sys.stderr)
+        if args.command == "train":
+            said = "the last checkpoint is intact (resume with --resume)"
+        elif distributed.active():
+            said = "a sharded evaluation keeps no partial results: the same command starts afresh"
+        else:
+            said = "the finished minibatches are kept: the same command resumes"
+        print(f"pvae: interrupted; {said}", file=sys.stderr)
         return 130
     except Exception as exc:  # anything else is a bug: keep the traceback, ask for a report, exit 1
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bug: a full disk

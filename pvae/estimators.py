@@ -287,7 +287,8 @@ class BatchCache:
     ``key`` (a dict of plain values) says what is being computed: the estimator, K, the seed,
     the batch and chunk sizes, the data and the checkpoint. A file written under another key, or
     one that cannot be read, is set aside (the evaluation starts afresh and overwrites it); it is
-    only a cache of unfinished work. Every :meth:`put` rewrites the file atomically. With a seed,
+    only a cache of unfinished work; ``set_aside`` says why. Every :meth:`put` rewrites the file
+    atomically (on a full disk the evaluation goes on without it, with a warning). With a seed,
     minibatch ``i`` draws from its own seed ``(seed, i)`` (:func:`per_batch`), so a resumed
     evaluation returns exactly the values of an uninterrupted one.
     """
@@ -296,7 +297,7 @@ class BatchCache:
         from pathlib import Path
 
         self.path, self.key, self.batches = Path(path), dict(key), {}
-        self.set_aside = None
+        self.set_aside, self.full = None, False
         if self.path.exists():
             try:
                 saved = torch.load(self.path, map_location="cpu", weights_only=True)
@@ -318,10 +319,20 @@ class BatchCache:
 
     def put(self, i: int, value: dict) -> None:
         from .checkpoint import atomic_write
+        from .errors import DiskFullError
 
         self.batches[i] = {k: v.detach().cpu() for k, v in value.items()}
+        if self.full:
+            return
         state = {"key": self.key, "batches": self.batches}
-        atomic_write(self.path, lambda fh: torch.save(state, fh))
+        try:
+            atomic_write(self.path, lambda fh: torch.save(state, fh))
+        except DiskFullError as exc:  # the evaluation itself can go on; only resuming it is lost
+            self.full = True
+            import warnings
+
+            warnings.warn(f"{exc.args[0].split(';')[0]}: the evaluation goes on without keeping its finished "
+                          "minibatches (if it is interrupted, it starts afresh)", RuntimeWarning, stacklevel=2)
 
     def discard(self) -> None:
         """Remove the file (the evaluation it served has finished)."""

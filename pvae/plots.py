@@ -118,7 +118,8 @@ def _mean_and_stderr(estimate, which: str = "stderr") -> Tuple[float, float]:
 
 
 def bounds_versus_k(
-    bounds_by_k: dict, references: Optional[dict] = None, ax=None, title: str = "importance-weighted bounds"
+    bounds_by_k: dict, references: Optional[dict] = None, ax=None, title: str = "importance-weighted bounds",
+    elbo_label: str = "ELBO (mean of K log-weights)",
 ) -> Figure:
     """:math:`\\mathcal{L}_K` and the ELBO against K (log axis), from
     :func:`pvae.estimators.bounds_by_k` (``{K: {"elbo": Estimate, "iwae": Estimate}}``).
@@ -126,11 +127,11 @@ def bounds_versus_k(
     Error bars are the *Monte Carlo* standard errors of the means (the same datapoints are used
     for every K, so the spread between datapoints is common to all points and left out).
     ``references``: name -> value, Estimate or dict, drawn as horizontal lines (e.g. AIS, or
-    the exact log p(x))."""
+    the exact log p(x)). ``elbo_label`` names the ELBO series."""
     fig = ax.figure if ax is not None else Figure(figsize=(6, 4), layout="constrained")
     ax = ax if ax is not None else fig.add_subplot()
     ks = sorted(bounds_by_k)
-    for name, label in (("iwae", "$\\mathcal{L}_K$"), ("elbo", "ELBO (mean of K log-weights)")):
+    for name, label in (("iwae", "$\\mathcal{L}_K$"), ("elbo", elbo_label)):
         points = [_mean_and_stderr(bounds_by_k[k][name], "mc_stderr_of_mean") for k in ks]
         ax.errorbar(ks, [m for m, _ in points], yerr=[s for _, s in points], marker="o", capsize=3, label=label)
     for i, (name, ref) in enumerate((references or {}).items()):

@@ -344,7 +344,8 @@ def evaluate_run(
     data_path=None,
     resume: bool = True,
 ) -> "EvaluationReport":
-    """Evaluate a run on a split of its data set; the run's files are only read.
+    """Evaluate a run on a split of its data set; the run's files are only read (the report, and
+    while it runs the partial files below, are written beside them).
 
     The data: ``dataset`` if given (the report records whether it is the data the run was
     trained on), else the registry data set named in the config — which must be the data the
@@ -366,15 +367,28 @@ def evaluate_run(
     point-mass guide. Returns an :class:`EvaluationReport`; unless ``write`` is False it is also
     saved in the run directory (:meth:`EvaluationReport.save`).
 
-    With ``write`` (one process), each estimator keeps its finished minibatches in
+    With ``write`` and a ``seed`` (one process), each estimator keeps its finished minibatches in
     ``<report stem>.<estimator>.partial.pt`` in the run directory (a
     :class:`~pvae.estimators.BatchCache`, removed when the report is written): an evaluation that
     is killed resumes where it stopped when run again with the same settings, and returns
-    exactly what an uninterrupted one would (``resume=False`` starts afresh).
+    exactly what an uninterrupted one would. The file is tied to the settings, the data, the
+    checkpoint and config, the device and the pvae and torch versions; one written otherwise is
+    replaced, with a warning. With ``chunk_size=None`` a resumed evaluation keeps the chunk size
+    the interrupted one drew with. ``resume=False`` deletes this report's partial files first.
     """
     unknown = sorted(set(estimators) - set(ESTIMATORS))
     if unknown:
         raise UsageError(f"unknown estimator(s) {unknown}; valid choices: {', '.join(ESTIMATORS)}")
+    keep_partials = write and seed is not None and not distributed.active()
+    stem = EvaluationReport.stem_for(split, num_samples)
+    partials = sorted(Path(run_dir).glob(f"{stem}.*.partial.pt"))
+    if keep_partials and not resume:
+        for path in partials:
+            path.unlink()
+    # what the cached minibatches were computed from (hashed before loading, so that a checkpoint
+    # rewritten meanwhile cannot be cached under the new one's hash)
+    origin = ({name: file_sha256(Path(run_dir) / name) for name in (CHECKPOINT_FILE, CONFIG_FILE)
+               if (Path(run_dir) / name).exists()} if keep_partials else {})
     run = load_run(run_dir, device)
     config, vae = run.config, run.vae
     data, data_note = _evaluation_data(Path(run_dir), config, dataset, data_path)
@@ -382,6 +396,8 @@ def evaluate_run(
         raise UsageError(f"data set {data.name!r} has {data.data_dim} values per datapoint but the model of "
                          f"{run_dir} takes {vae.data_dim}; evaluate data of the same kind")
     x = data.split(split).to(vae.device)
+    if chunk_size is None and keep_partials and resume:  # the automatic chunk size depends on free memory:
+        chunk_size = _chunk_size_of(partials)  # an interrupted evaluation resumes with the one it drew with
     if chunk_size is None:  # resolved here so that the report names the chunk size that ran
         chunk_size = auto_chunk_size(vae, batch_size, num_samples, vae.device)
     estimates = reconstruction_error(vae, x)
@@ -389,15 +405,19 @@ def evaluate_run(
 
     def cache(name, **settings):
         """The resumable record of one estimator's minibatches (None: not kept)."""
-        if not write or distributed.active():
+        if not keep_partials:
             return None
+        from . import __version__
+
         key = {"estimator": name, "split": split, "num_datapoints": int(x.shape[0]), "num_samples": num_samples,
                "batch_size": batch_size, "chunk_size": chunk_size, "seed": seed, "data": data_note.get("fingerprint"),
-               "checkpoint": file_sha256(Path(run_dir) / CHECKPOINT_FILE), **settings}
-        path = Path(run_dir) / f"{EvaluationReport.stem_for(split, num_samples)}.{name}.partial.pt"
-        if not resume:
-            path.unlink(missing_ok=True)
+               "files": origin, "device": vae.device.type, "dtype": str(x.dtype), "pvae": __version__,
+               "torch": str(torch.__version__), **settings}
+        path = Path(run_dir) / f"{stem}.{name}.partial.pt"
         caches[name] = BatchCache(path, key)
+        if caches[name].set_aside:
+            warnings.warn(f"{path.name} was {caches[name].set_aside}: this evaluation starts afresh and replaces it",
+                          UserWarning, stacklevel=3)
         if caches[name].resumed and progress:
             print(f"resuming {name}: {caches[name].resumed} minibatch(es) from an interrupted evaluation "
                   f"({path.name})", file=sys.stderr)
@@ -471,6 +491,18 @@ def evaluate_run(
     for finished in caches.values():  # the report holds their results now
         finished.discard()
     return report
+
+
+def _chunk_size_of(partials) -> Optional[int]:
+    """The chunk size an interrupted evaluation drew with (from its partial files), if any."""
+    for path in partials:
+        try:
+            key = torch.load(path, map_location="cpu", weights_only=True).get("key", {})
+        except Exception:
+            continue
+        if isinstance(key.get("chunk_size"), int):
+            return key["chunk_size"]
+    return None
 
 
 def _by_label(estimates: Dict[str, Estimate], labels: torch.Tensor) -> dict:

@@ -53,8 +53,8 @@ ESTIMATORS = {
 
 
 def _evaluate(run_dir, **kwargs):
-    return pvae.evaluate_run(run_dir, num_samples=20, batch_size=BATCH, chunk_size=20, progress=False,
-                             psis_datapoints=0, **kwargs)
+    kwargs = {"chunk_size": 20, **kwargs}
+    return pvae.evaluate_run(run_dir, num_samples=20, batch_size=BATCH, progress=False, psis_datapoints=0, **kwargs)
 
 
 @pytest.mark.parametrize("estimator", sorted(ESTIMATORS))
@@ -90,8 +90,8 @@ def test_other_settings_a_damaged_file_or_restart_start_afresh(run_dir, monkeypa
     (partial,) = run_dir.glob("*.partial.pt")
     fresh = _evaluate(run_dir, seed=1, write=False)
     num_batches = -(-fresh.num_datapoints // BATCH)
-    with monkeypatch.context() as m:  # another seed: the seed-0 minibatches are not used
-        calls = _count_batches(m, module, name)
+    with monkeypatch.context() as m, pytest.warns(UserWarning, match="written for other settings"):
+        calls = _count_batches(m, module, name)  # another seed: the seed-0 minibatches are not used
         other = _evaluate(run_dir, seed=1)
     assert len(calls) == num_batches
     assert torch.equal(other.estimates["iwae"].values, fresh.estimates["iwae"].values)
@@ -107,7 +107,7 @@ def test_other_settings_a_damaged_file_or_restart_start_afresh(run_dir, monkeypa
     assert len(calls) == num_batches
 
     partial.write_bytes(b"not a torch file")  # a damaged partial file is set aside, not trusted
-    with monkeypatch.context() as m:
+    with monkeypatch.context() as m, pytest.warns(UserWarning, match="unreadable"):
         calls = _count_batches(m, module, name)
         _evaluate(run_dir)
     assert len(calls) == num_batches and not partial.exists()
@@ -169,3 +169,51 @@ def test_progress_bar_of_a_resumed_evaluation_counts_the_resumed_minibatches(run
     assert "resuming bounds: 2 minibatch(es)" in capsys.readouterr().err
     (bar,) = bars
     assert bar.total == bar.n == report.num_datapoints
+
+
+def _interrupt(run_dir, monkeypatch, module=None, name="log_importance_weights", **kwargs):
+    with monkeypatch.context() as m:
+        _count_batches(m, module or pvae.estimators, name, fail_at=3)
+        with pytest.raises(Interrupt):
+            _evaluate(run_dir, **kwargs)
+    assert len(list(run_dir.glob("*.partial.pt"))) == 1
+
+
+@pytest.mark.parametrize("change", ["chunk_size", "checkpoint", "ais_steps"])
+def test_a_partial_file_of_other_settings_is_replaced_with_a_warning(run_dir, tmp_path, monkeypatch, change):
+    """Every input that changes the draws or the model is part of the key: the minibatches of an
+    evaluation interrupted under the old value are all recomputed under the new one."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    module, name, before, after = pvae.estimators, "log_importance_weights", {}, {}
+    if change == "chunk_size":
+        before, after = {"chunk_size": 20}, {"chunk_size": 10}
+    elif change == "ais_steps":
+        module, name = pvae.annealing, "_start"
+        before = {"estimators": ("ais",), "num_chains": 2, "ais_steps": 4}
+        after = {**before, "ais_steps": 5}
+    _interrupt(run, monkeypatch, module, name, **before)
+    if change == "checkpoint":  # one more epoch of training
+        config = pvae.load_run(run).config
+        pvae.train_run(config.replace(training={"epochs": 3}), run, resume=True, progress=False)
+    with monkeypatch.context() as m, pytest.warns(UserWarning, match="written for other settings"):
+        calls = _count_batches(m, module, name)
+        report = _evaluate(run, **after)
+    assert len(calls) == -(-report.num_datapoints // BATCH)
+    assert list(run.glob("*.partial.pt")) == []
+
+
+def test_automatic_chunk_size_resumes_with_the_interrupted_one(run_dir, tmp_path, monkeypatch):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    _interrupt(run, monkeypatch, chunk_size=7)
+    with monkeypatch.context() as m:
+        calls = _count_batches(m, pvae.estimators, "log_importance_weights")
+        report = pvae.evaluate_run(run, num_samples=20, batch_size=BATCH, chunk_size=None, progress=False,
+                                   psis_datapoints=0)
+    assert report.chunk_size == 7
+    assert len(calls) == -(-report.num_datapoints // BATCH) - 2
