@@ -8,9 +8,12 @@ buffers, so the prior follows ``.to(device)`` with the rest of the model.
 
 from __future__ import annotations
 
+import math
+
 import pyro.distributions as dist
 import torch
 from torch import nn
+from torch.distributions import constraints
 
 from .engine import _check_positive_int
 from .errors import UsageError
@@ -28,6 +31,61 @@ class Prior(nn.Module):
             raise UsageError(f"latent_dim must be positive, got {latent_dim}")
         self.latent_dim = int(latent_dim)
 
+
+
+class DiagonalGaussianMixture(dist.TorchDistribution):
+    r"""A mixture of K diagonal Gaussians :math:`\sum_k \pi_k \mathcal{N}(z; m_k, \operatorname{diag}
+    s_k^2)`, the density of the mixture priors (MoG, VampPrior), with empty batch shape.
+
+    ``log_prob`` is the same as :class:`pyro.distributions.MixtureSameFamily`'s over
+    ``Normal(loc, scale).to_event(1)`` components, computed by expanding the squares into two
+    matrix products, :math:`\sum_d (z_d - m_{kd})^2 / s_{kd}^2 = z^2 \cdot s_k^{-2} - 2 z \cdot
+    (m_k s_k^{-2}) + m_k^2 \cdot s_k^{-2}`, in float64 (the expansion cancels large terms; float64
+    keeps it exact to ~1e-10 nats). MixtureSameFamily broadcasts an ``(N, K, D)`` tensor instead:
+    with 500 components (the VampPrior) that made L_5000 cost 3 s per image on one CPU core, over
+    ten times the decoder's cost. Samples are not reparametrized (generation only).
+
+    :param logits: ``(K,)`` unnormalized log mixture weights.
+    :param loc: ``(K, D)`` component means.
+    :param scale: ``(K, D)`` component standard deviations.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector, "loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor, validate_args=None):
+        if loc.dim() != 2 or scale.shape != loc.shape or logits.shape != loc.shape[:1]:
+            raise UsageError(f"a diagonal Gaussian mixture needs logits (K,), loc and scale (K, D); got "
+                             f"{tuple(logits.shape)}, {tuple(loc.shape)}, {tuple(scale.shape)}")
+        self.logits, self.loc, self.scale = logits, loc, scale
+        super().__init__(torch.Size(), loc.shape[-1:], validate_args=validate_args)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(self.logits, -1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.weights @ self.loc
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        d = self.loc.shape[-1]
+        z = value.reshape(-1, d).double()
+        precision = self.scale.double().pow(-2)                       # (K, D)
+        loc = self.loc.double()
+        squares = z.pow(2) @ precision.T - 2 * z @ (loc * precision).T + (loc.pow(2) * precision).sum(-1)
+        log_norm = self.scale.double().log().sum(-1) + 0.5 * d * math.log(2 * math.pi)
+        log_components = -0.5 * squares.clamp_min(0) - log_norm   # (N, K)
+        out = torch.logsumexp(log_components + torch.log_softmax(self.logits.double(), -1), -1)
+        return out.to(value.dtype).reshape(value.shape[:-1])
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            k = dist.Categorical(logits=self.logits).sample(sample_shape)
+            return torch.normal(self.loc[k], self.scale[k])
 
 
 @PRIORS.register("standard-normal")
@@ -76,8 +134,7 @@ class MixtureOfGaussiansPrior(Prior):
         self.log_scales = nn.Parameter(torch.zeros(self.num_components, self.latent_dim))
 
     def forward(self) -> dist.Distribution:
-        components = dist.Normal(self.locs, self.log_scales.exp()).to_event(1)
-        return dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return DiagonalGaussianMixture(self.logits, self.locs, self.log_scales.exp())
 
 
 @PRIORS.register("vamp")
@@ -107,6 +164,9 @@ class VampPrior(Prior):
         components = self._guide.base(self.pseudo_inputs)
         logits = torch.zeros(self.num_components, dtype=self.pseudo_inputs.dtype,
                              device=self.pseudo_inputs.device)
+        normal = getattr(components, "base_dist", None)
+        if isinstance(normal, dist.Normal) and getattr(components, "reinterpreted_batch_ndims", 0) == 1:
+            return DiagonalGaussianMixture(logits, normal.loc, normal.scale)
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
