@@ -68,22 +68,32 @@ def seeded_test_subset(run_dir: Path, images: int, seed: int, parser=None):
     return run, test[chosen], subset, note, data
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def subset_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every script on the seeded test subset takes."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--chains", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--train-missing", default=None, metavar="DATASET",
                         help="if RUN_DIR holds no run, train a small one on DATASET first (smoke runs)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def train_if_missing(args) -> None:
     if args.train_missing and not (args.run_dir / "checkpoint.pt").exists():
         pvae.train_run(pvae.RunConfig(dataset=args.train_missing, latent_dim=2, net={"hidden": (16,)},
                                       training={"epochs": 2}), args.run_dir, progress=False)
+
+
+def main(argv=None):
+    parser = subset_parser(__doc__.splitlines()[0])
+    parser.add_argument("--chains", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=500)
+    args = parser.parse_args(argv)
+    train_if_missing(args)
     out = args.out or HERE / "results" / f"ais_subset-{args.run_dir.name}.json"
     partial = out.with_suffix(".partial.pt")
     started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)

@@ -23,7 +23,6 @@ checkpointing after every minibatch of images: a killed run resumes where it sto
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ sys.path.insert(0, str(HERE.parent / "benchmarks"))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from _provenance import provenance  # noqa: E402
-from ais_subset import resume_state, save_state, seeded_test_subset  # noqa: E402
+from ais_subset import resume_state, save_state, seeded_test_subset, subset_parser, train_if_missing  # noqa: E402
 
 import pvae  # noqa: E402
 from pvae._rng import seeded  # noqa: E402
@@ -69,25 +68,15 @@ def _summary(values: torch.Tensor, mc_var: torch.Tensor) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--num-samples", type=int, default=5000)
+    parser = subset_parser(__doc__.splitlines()[0])
     parser.add_argument("--ks", default="1,5,50,500,5000", help="comma-separated; each must divide --num-samples")
-    parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--chunk-size", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--train-missing", default=None, metavar="DATASET",
-                        help="if RUN_DIR holds no run, train a small one on DATASET first (smoke runs)")
     args = parser.parse_args(argv)
     ks = sorted({int(k) for k in args.ks.split(",")})
     bad = [k for k in ks if k < 1 or args.num_samples % k]
     if bad:
         parser.error(f"--ks {bad}: each K must be a positive divisor of --num-samples {args.num_samples}")
-    if args.train_missing and not (args.run_dir / "checkpoint.pt").exists():
-        pvae.train_run(pvae.RunConfig(dataset=args.train_missing, latent_dim=2, net={"hidden": (16,)},
-                                      training={"epochs": 2}), args.run_dir, progress=False)
+    train_if_missing(args)
     out = args.out or HERE / "results" / f"bounds_subset-{args.run_dir.name}.json"
     partial = out.with_suffix(".partial.pt")
     started = provenance(torch.device("cpu"))  # the commit that computes (a resumed run keeps its first)
