@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, Iterator, Optional
 
 import pyro
@@ -25,7 +27,8 @@ import torch
 
 from . import distributed, engine
 from ._rng import seeded
-from .errors import UsageError
+from .checkpoint import atomic_write
+from .errors import DiskFullError, UsageError
 from .streaming import is_streamed
 
 #: ``chunk_size=None`` (the default) picks the samples per chunk from this memory budget:
@@ -294,8 +297,6 @@ class BatchCache:
     """
 
     def __init__(self, path, key: dict):
-        from pathlib import Path
-
         self.path, self.key, self.batches = Path(path), dict(key), {}
         self.set_aside, self.full = None, False
         if self.path.exists():
@@ -318,9 +319,6 @@ class BatchCache:
         return self.batches[i]
 
     def put(self, i: int, value: dict) -> None:
-        from .checkpoint import atomic_write
-        from .errors import DiskFullError
-
         self.batches[i] = {k: v.detach().cpu() for k, v in value.items()}
         if self.full:
             return
@@ -329,8 +327,6 @@ class BatchCache:
             atomic_write(self.path, lambda fh: torch.save(state, fh))
         except DiskFullError as exc:  # the evaluation itself can go on; only resuming it is lost
             self.full = True
-            import warnings
-
             warnings.warn(f"{exc.args[0].split(';')[0]}: the evaluation goes on without keeping its finished "
                           "minibatches (if it is interrupted, it starts afresh)", RuntimeWarning, stacklevel=2)
 
