@@ -291,10 +291,11 @@ def _evaluate(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    clean = False  # whether every process can be expected at the group's exit barrier
     try:
-        if args.command == "train":
-            return _train(args)
-        return _evaluate(args)
+        code = _train(args) if args.command == "train" else _evaluate(args)
+        clean = True
+        return code
     except UsageError as exc:  # the user can fix it: one line, exit 2
         if not distributed.is_main():  # rank 0 says it once
             return 2
@@ -319,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               "with the traceback above and the command you ran", file=sys.stderr)
         return 1
     finally:
-        distributed.shutdown_if_ours()
+        distributed.shutdown_if_ours(wait=clean)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,7 @@ evaluation is the one-process evaluation, value for value.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -78,10 +79,22 @@ def init_from_env(device: Optional[str] = None) -> Optional[str]:
 _OURS = False  # whether init_from_env created the process group
 
 
-def shutdown_if_ours() -> None:
-    """Leave the process group if :func:`init_from_env` joined it."""
+def shutdown_if_ours(wait: bool = True) -> None:
+    """Leave the process group if :func:`init_from_env` joined it.
+
+    The group is destroyed while the interpreter is fully alive, after what still holds it is
+    freed: a :class:`~torch.nn.parallel.DistributedDataParallel` wrapper that became cyclic garbage
+    (the training step keeps it) holds the gloo backend, and a backend destroyed only at
+    interpreter exit, with its worker threads running, aborts the process ("terminate called
+    without an active exception": one rank of a finished ``torchrun`` run exits with SIGABRT).
+    ``wait``: first wait for every process to get here (a clean exit), so that no process tears
+    the group down while another still talks to it; pass False after a failure (a process that
+    stopped would never arrive)."""
     global _OURS
     if _OURS and dist.is_initialized():
+        if wait and active():
+            dist.barrier()
+        gc.collect()  # free cyclic holders of the backend now, not at interpreter exit
         dist.destroy_process_group()
     _OURS = False
 

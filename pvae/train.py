@@ -195,6 +195,14 @@ class TrainStep:
         _guarded_step(self.optimizer, found_inf)
         return value, found_inf
 
+    def release(self) -> None:
+        """Drop the DDP wrapper and the captured CUDA graph (training is over). The step keeps a
+        bound method of itself (a reference cycle), so without this they would live until the
+        cyclic garbage collector runs, which may be after the process group is destroyed."""
+        self.ddp = None
+        self._graph = None
+        self._loss_backward = None
+
     def __call__(self, x, index=None, kl_weight=1.0, weight=1.0):
         """Run one step on minibatch ``x``; returns ``(value, found_inf)``, 0-d device tensors.
         Distribution argument validation is off inside the step (it reads tensors back to the
@@ -615,6 +623,7 @@ def fit(
                     history.time_limit_reached = True
                     break
     finally:
+        train_step.release()  # (its DDP wrapper holds the process group: free it now, not at exit)
         if bar is not None:
             bar.close()
         if hasattr(objective, "set_progress"):

@@ -129,3 +129,42 @@ def test_shares_weight_uneven_minibatches_to_the_global_mean():
     torch.testing.assert_close(averaged, values.mean())
     assert distributed.batch_seed(7, 0) == 7 and distributed.batch_seed(None, 3) is None
     assert len({distributed.batch_seed(7, i) for i in range(1, 100)}) == 99
+
+
+def test_leaving_the_group_frees_what_holds_the_backend_before_destroying_it(tmp_path, monkeypatch):
+    """A DDP wrapper left as cyclic garbage by training holds the gloo backend; destroyed only at
+    interpreter exit, with its threads running, the backend aborted one rank of a finished torchrun
+    run (CI: "terminate called without an active exception", SIGABRT). shutdown_if_ours frees such
+    garbage while the group still exists, then destroys the group."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(distributed, "_OURS", True)
+
+    class Holder:  # a reference cycle, as the training step's bound method makes
+        pass
+
+    holder = Holder()
+    holder.me = holder
+    holder.ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+    holder.ddp(torch.randn(4, 3)).sum().backward()
+    alive = weakref.ref(holder.ddp)
+    del holder
+    seen = {}
+    destroy = dist.destroy_process_group
+
+    def spy(*args, **kwargs):
+        seen["ddp alive at destroy"] = alive() is not None
+        return destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "destroy_process_group", spy)
+    gc.disable()  # (no automatic collection in between: only shutdown_if_ours may free it)
+    try:
+        distributed.shutdown_if_ours()
+    finally:
+        gc.enable()
+    assert seen == {"ddp alive at destroy": False}
+    assert not dist.is_initialized()
