@@ -344,6 +344,46 @@ def figures_text(bounds, ais, reproduce, out_dir: Path) -> str:
     return text
 
 
+def subset_table(rows) -> str:
+    """Table 10: each converged model's bounds, AIS and k-hat on the same seeded random test subset
+    (from its bounds_subset and ais_subset result files)."""
+    rows = [(name, b, a) for name, b, a in rows if b is not None]
+    if not rows:
+        return ""
+    ks = sorted({int(k) for _, b, _ in rows for k in b["bounds"]})
+    lines = [
+        "**Table 10.** Converged models on the same seeded random subset of test images "
+        f"({rows[0][1]['subset']['images']} images: {rows[0][1]['subset']['how']}): ELBO and L_K from the same "
+        f"{rows[0][1]['num_samples']} guide draws per image, AIS from the guide on the same images, and the "
+        "fraction of images whose PSIS k̂ exceeds 0.7. Means in nats per image (± s.e. over images for the "
+        "ELBO and the largest K; the paired AIS − L_K column is ± its own s.e.).",
+        "",
+        "| run | ELBO | " + " | ".join(f"L_{k}" for k in ks) + " | AIS | AIS − L_K (paired) | AIS higher on | "
+        "k̂ > 0.7 | commit |",
+        "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|",
+    ]
+    for name, b, a in rows:
+        same = a is not None and a.get("subset") == b.get("subset") and a.get("run_dir") == b.get("run_dir")
+        cells = [f"{b['elbo']['mean']:.2f} ± {b['elbo']['stderr']:.2f}"]
+        for k in ks:
+            bound = b["bounds"].get(str(k))
+            cells.append("—" if bound is None else f"{bound['mean']:.2f}"
+                         + (f" ± {bound['stderr']:.2f}" if k == ks[-1] else ""))
+        if same:
+            diff = a["ais_minus_iwae"]
+            cells += [f"{a['ais']['mean']:.2f} ({a['ais']['chains']} chains, {a['ais']['intermediate_distributions']} "
+                      "steps)", f"{diff['mean']:+.2f} ± {diff['stderr_over_images']:.2f} (K = {ais_k(a)})",
+                      f"{diff['fraction_of_images_where_ais_is_higher']:.0%}"]
+        else:
+            cells += ["—", "—", "—"]
+        khat = b.get("khat") or []
+        cells.append(f"{sum(k > 0.7 for k in khat) / len(khat):.1%}" if khat else "—")
+        commits = sorted({_commit(b["provenance"])} | ({_commit(a["provenance"])} if same else set()))
+        cells.append(", ".join(commits))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def ais_k(ais) -> str:
     return next(k[len("iwae_L"):] for k in ais if k.startswith("iwae_L"))
 
@@ -379,6 +419,7 @@ def main(argv=None):
     chosen = next((c for c in candidates if c[2] is not None), candidates[0] if candidates else None)
     if chosen is not None:
         text += figures_text(chosen[1], chosen[2], reproduce, args.out.parent)
+    text += "\n" + subset_table(candidates)
     args.out.write_text(text)
     source = (ROOT / "paper" / "paper.md").read_text()
     (args.out.parent / "paper.md").write_text(source.replace("<!-- include: generated/tables.md -->", text))
