@@ -48,8 +48,9 @@ PUBLISHED = {
                        "(ours: gated 300-300, latent 40, Tomczak & Welling's protocol). Value as quoted by the "
                        "nbip/IWAE reproduction's README, not checked against the paper's PDF here"),
     "iwae-k50": (87.10, "Burda et al. 2016, Appendix D: IWAE k=50, one stochastic layer, fixed binarization; "
-                        "protocol differences as for iwae-k5. Value as quoted by the nbip/IWAE and "
-                        "clementchadebec/benchmark_VAE READMEs, not checked against the paper's PDF here"),
+                        "protocol differences as for iwae-k5. Value (87.1) as quoted by the "
+                        "clementchadebec/benchmark_VAE reproducibility README, not checked against the paper's "
+                        "PDF here"),
     "vae-iaf": (None, "Kingma et al. 2016 report 79.88 for a ResNet VAE with IAF; no one-layer MLP number"),
 }
 

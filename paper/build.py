@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -350,11 +351,13 @@ def subset_table(rows) -> str:
     rows = [(name, b, a) for name, b, a in rows if b is not None]
     if not rows:
         return ""
-    ks = sorted({int(k) for _, b, _ in rows for k in b["bounds"]})
+    first = rows[0][1]  # (every row: the same images and the same number of draws, or it is left out)
+    rows = [r for r in rows if r[1]["subset"] == first["subset"] and r[1]["num_samples"] == first["num_samples"]]
+    ks = sorted({int(k) for _, b, _ in rows for k in b["bounds"]} - {1})  # (L_1 is the ELBO column)
     lines = [
         "**Table 10.** Converged models on the same seeded random subset of test images "
         f"({rows[0][1]['subset']['images']} images: {rows[0][1]['subset']['how']}): ELBO and L_K from the same "
-        f"{rows[0][1]['num_samples']} guide draws per image, AIS from the guide on the same images, and the "
+        f"{rows[0][1]['num_samples']} guide draws per image (L_1 is the ELBO), AIS on the same images, and the "
         "fraction of images whose PSIS k̂ exceeds 0.7. Means in nats per image (± s.e. over images for the "
         "ELBO and the largest K; the paired AIS − L_K column is ± its own s.e.).",
         "",
@@ -372,11 +375,11 @@ def subset_table(rows) -> str:
         if same:
             diff = a["ais_minus_iwae"]
             cells += [f"{a['ais']['mean']:.2f} ({a['ais']['chains']} chains, {a['ais']['intermediate_distributions']} "
-                      "steps)", f"{diff['mean']:+.2f} ± {diff['stderr_over_images']:.2f} (K = {ais_k(a)})",
+                      f"steps from the {a['ais'].get('start', 'guide')})", f"{diff['mean']:+.2f} ± {diff['stderr_over_images']:.2f} (K = {ais_k(a)})",
                       f"{diff['fraction_of_images_where_ais_is_higher']:.0%}"]
         else:
             cells += ["—", "—", "—"]
-        khat = b.get("khat") or []
+        khat = [k for k in b.get("khat") or [] if k is not None and math.isfinite(k)]
         cells.append(f"{sum(k > 0.7 for k in khat) / len(khat):.1%}" if khat else "—")
         commits = sorted({_commit(b["provenance"])} | ({_commit(a["provenance"])} if same else set()))
         cells.append(", ".join(commits))

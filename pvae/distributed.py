@@ -91,12 +91,18 @@ def shutdown_if_ours(wait: bool = True) -> None:
     the group down while another still talks to it; pass False after a failure (a process that
     stopped would never arrive)."""
     global _OURS
-    if _OURS and dist.is_initialized():
+    if not (_OURS and dist.is_initialized()):
+        _OURS = False
+        return
+    try:
         if wait and active():
             dist.barrier()
+    except Exception:  # a peer left without waiting (it failed, in code only it runs): leave all the same
+        pass
+    finally:
+        _OURS = False
         gc.collect()  # free cyclic holders of the backend now, not at interpreter exit
         dist.destroy_process_group()
-    _OURS = False
 
 
 def barrier() -> None:

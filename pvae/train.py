@@ -198,7 +198,8 @@ class TrainStep:
     def release(self) -> None:
         """Drop the DDP wrapper and the captured CUDA graph (training is over). The step keeps a
         bound method of itself (a reference cycle), so without this they would live until the
-        cyclic garbage collector runs, which may be after the process group is destroyed."""
+        cyclic garbage collector runs, which may be after the process group is destroyed. The step
+        cannot be called afterwards."""
         self.ddp = None
         self._graph = None
         self._loss_backward = None

@@ -152,7 +152,6 @@ def test_leaving_the_group_frees_what_holds_the_backend_before_destroying_it(tmp
     holder.ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
     holder.ddp(torch.randn(4, 3)).sum().backward()
     alive = weakref.ref(holder.ddp)
-    del holder
     seen = {}
     destroy = dist.destroy_process_group
 
@@ -163,8 +162,34 @@ def test_leaving_the_group_frees_what_holds_the_backend_before_destroying_it(tmp
     monkeypatch.setattr(dist, "destroy_process_group", spy)
     gc.disable()  # (no automatic collection in between: only shutdown_if_ours may free it)
     try:
+        del holder
+        assert alive() is not None  # cyclic garbage, not yet freed
         distributed.shutdown_if_ours()
     finally:
         gc.enable()
+        if dist.is_initialized():
+            destroy()
     assert seen == {"ddp alive at destroy": False}
     assert not dist.is_initialized()
+
+
+def test_a_process_that_finished_cleanly_leaves_even_when_its_peer_failed(tmp_path):
+    """Rank 0 fails in code only it runs (say, writing figures) and leaves without waiting; rank 1
+    finished cleanly and waits at the exit barrier. Rank 1 must still leave the group and exit 0
+    (the failure is rank 0's to report), not die at the barrier with its backend left to exit."""
+    script = tmp_path / "leave.py"
+    script.write_text(
+        "import sys, torch.distributed as dist\n"
+        "from pvae import distributed\n"
+        "distributed.init_from_env('cpu')\n"
+        "rank = dist.get_rank()\n"
+        "distributed.shutdown_if_ours(wait=rank == 1)\n"
+        "assert not dist.is_initialized()\n"
+        "print(f'rank {rank} left', flush=True)\n"
+        "sys.exit(3 if rank == 0 else 0)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--tee=3", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert "rank 1 left" in out, out[-3000:]
+    assert "exitcode  : 3" in out, out[-3000:]  # rank 0's failure is the one reported
