@@ -222,10 +222,10 @@ def curves_figure(summary, out_dir: Path):
         curve = r.get("val_curve")
         if curve and len(curve) > 1:
             metric = r.get("validation_metric", "val_elbo")
-            label = name if metric == "val_elbo" else f"{name} ({metric.replace('val_', 'validation ')})"
+            label = name if metric == "val_elbo" else f"{name} (validation L_K, K = its training K)"
             ax.plot(range(1, len(curve) + 1), curve, label=label, lw=1.2)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("validation ELBO (nats)")
+    ax.set_ylabel("validation bound (nats)")
     ax.set_ylim(bottom=-120)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
@@ -410,8 +410,9 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure = curves_figure(reproduce, args.out.parent)
     if figure is not None:
-        text += (f"\n![**Figure 1.** Validation ELBO (one sample per image, fixed seed) per epoch of the converged "
-                 f"runs of Table 9; early stopping ends each run 50 epochs after its best.]({figure.name})\n")
+        text += (f"\n![**Figure 1.** Validation bound per epoch of the runs of Table 9 (fixed seed): the ELBO with one "
+                 f"sample per image, or for the IWAE runs their training objective's L_K; early stopping ends each "
+                 f"run 50 epochs after its best; runs still in progress end where they are.]({figure.name})\n")
     # Figures 2-4: the best evaluated run that has both subset results (bounds and AIS), else the
     # best that has its bounds; the captions name it
     ranked = sorted(((r["test_iwae"]["mean"], name) for name, r in (reproduce or {}).get("runs", {}).items()
