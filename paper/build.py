@@ -247,6 +247,11 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def same_images(bounds, ais) -> bool:
+    """Whether an AIS result is on the bounds result's model and images (so the two can be paired)."""
+    return ais is not None and ais.get("subset") == bounds.get("subset") and ais.get("run_dir") == bounds.get("run_dir")
+
+
 def bounds_figure(bounds, ais, reproduce, out_dir: Path):
     """Figure 2: L_K against K on the random test subset, with AIS on the same images, and the full
     test set's L_5000 and the published value as reference lines."""
@@ -256,7 +261,7 @@ def bounds_figure(bounds, ais, reproduce, out_dir: Path):
 
     by_k = {int(k): {"iwae": b, "elbo": bounds["elbo"]} for k, b in bounds["bounds"].items()}
     references = {}
-    if ais is not None and ais.get("subset") == bounds.get("subset") and ais.get("run_dir") == bounds.get("run_dir"):
+    if same_images(bounds, ais):
         references[f"AIS, same images ({ais['ais']['chains']} chains, {ais['ais']['intermediate_distributions']} "
                     "steps)"] = ais["ais"]["mean"]
     run = (reproduce or {}).get("runs", {}).get(Path(bounds["run_dir"]).name, {})
@@ -316,7 +321,7 @@ def figures_text(bounds, ais, reproduce, out_dir: Path) -> str:
         b = bounds["bounds"]
         k_max = max(b, key=int)
         ais_line = ""
-        if ais is not None and ais.get("subset") == bounds.get("subset"):
+        if same_images(bounds, ais):
             ais_line = (f" AIS from the guide on the same images: {ais['ais']['mean']:.2f} "
                         f"(AIS − L_{ais_k(ais)} paired: {ais['ais_minus_iwae']['mean']:+.2f} ± "
                         f"{ais['ais_minus_iwae']['stderr_over_images']:.2f}, higher on "
@@ -356,8 +361,8 @@ def subset_table(rows) -> str:
     ks = sorted({int(k) for _, b, _ in rows for k in b["bounds"]} - {1})  # (L_1 is the ELBO column)
     lines = [
         "**Table 10.** Converged models on the same seeded random subset of test images "
-        f"({rows[0][1]['subset']['images']} images: {rows[0][1]['subset']['how']}): ELBO and L_K from the same "
-        f"{rows[0][1]['num_samples']} guide draws per image (L_1 is the ELBO), AIS on the same images, and the "
+        f"({first['subset']['images']} images: {first['subset']['how']}): ELBO and L_K from the same "
+        f"{first['num_samples']} guide draws per image (L_1 is the ELBO), AIS on the same images, and the "
         "fraction of images whose PSIS k̂ exceeds 0.7. Means in nats per image (± s.e. over images for the "
         "ELBO and the largest K; the paired AIS − L_K column is ± its own s.e.).",
         "",
@@ -366,7 +371,7 @@ def subset_table(rows) -> str:
         "|---|---|" + "---|" * len(ks) + "---|---|---|---|---|",
     ]
     for name, b, a in rows:
-        same = a is not None and a.get("subset") == b.get("subset") and a.get("run_dir") == b.get("run_dir")
+        same = same_images(b, a)
         cells = [f"{b['elbo']['mean']:.2f} ± {b['elbo']['stderr']:.2f}"]
         for k in ks:
             bound = b["bounds"].get(str(k))
