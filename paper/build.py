@@ -379,8 +379,9 @@ def subset_table(rows) -> str:
                          + (f" ± {bound['stderr']:.2f}" if k == ks[-1] else ""))
         if same:
             diff = a["ais_minus_iwae"]
-            cells += [f"{a['ais']['mean']:.2f} ({a['ais']['chains']} chains, {a['ais']['intermediate_distributions']} "
-                      f"steps from the {a['ais'].get('start', 'guide')})", f"{diff['mean']:+.2f} ± {diff['stderr_over_images']:.2f} (K = {ais_k(a)})",
+            cells += [(f"{a['ais']['mean']:.2f} ({a['ais']['chains']} chains, "
+                       f"{a['ais']['intermediate_distributions']} steps from the {a['ais'].get('start', 'guide')})"),
+                      f"{diff['mean']:+.2f} ± {diff['stderr_over_images']:.2f} (K = {ais_k(a)})",
                       f"{diff['fraction_of_images_where_ais_is_higher']:.0%}"]
         else:
             cells += ["—", "—", "—"]
