@@ -18,7 +18,8 @@ Registered objectives (:data:`OBJECTIVES`; build with :func:`make_objective`):
   autoencoder's loss with a ``"delta"`` guide (binary cross-entropy under a Bernoulli
   likelihood, squared error under a Gaussian one).
 * ``"iwae"`` — :math:`\mathcal{L}_K = \log \frac1K\sum_k p(x,z_k)/q(z_k|x)` per datapoint
-  (Burda et al., 2015), optionally with the DReG guide gradient (Tucker et al., 2018).
+  (Burda et al., 2015), optionally with the DReG guide gradient (Tucker et al., 2018) and a
+  warm-up of the weights' prior term, :math:`\log\frac1K\sum_k p(x|z_k)[p(z_k)/q(z_k|x)]^{\beta_t}`.
 * ``"infovae"`` — InfoVAE (Zhao et al., 2019):
   :math:`E_q[\log p(x|z)] - (1-\alpha)\,\beta_t\,KL - (\alpha+\lambda-1)\,\mathrm{MMD}^2(q(z), p(z))`.
 
@@ -322,13 +323,25 @@ class IWAEObjective(Objective):
     Both are unbiased for the gradient of :math:`E[\mathcal{L}_K]`; DReG's variance does not
     grow with K. Implemented with one decoder pass: a gradient hook on ``z`` multiplies the
     gradient reaching it by :math:`\tilde w_k`.
+
+    With a warm-up (``kl_schedule`` not constant) training follows the tempered bound
+    :math:`\log\frac1K\sum_k p(x|z_k)\,[p(z_k)/q(z_k|x)]^{\beta_t}`, which is
+    :math:`\mathcal{L}_K` once :math:`\beta_t = 1` and the warmed-up ELBO at K = 1; DReG's
+    hook then multiplies by :math:`(1-\beta_t) + \beta_t\tilde w_k` (the score term
+    :math:`-\beta_t\,\tilde w_k\,\partial\log q/\partial\phi` rewritten as a path term).
     """
 
-    has_kl_term = False
-
-    def __init__(self, num_particles: int, dreg: bool = False):
-        super().__init__("iwae", num_particles)
+    def __init__(self, num_particles: int, dreg: bool = False, kl_schedule: Optional[KLSchedule] = None):
+        super().__init__("iwae", num_particles, kl_schedule)
+        if self.kl_schedule.beta != 1.0:
+            raise UsageError(f"the IWAE bound's prior term is only annealed toward 1 (kl_warmup, kl_schedule); "
+                             f"a constant weight beta={self.kl_schedule.beta} is not an IWAE objective")
         self.dreg = bool(dreg)
+
+    @property
+    def has_kl_term(self) -> bool:
+        """Whether the weights' prior term is annealed (then the KL weight is logged per epoch)."""
+        return not self.kl_schedule.is_identity
 
     def check(self, vae, x):
         if not getattr(getattr(vae, "guide_net", None), "has_density", True):
@@ -342,24 +355,35 @@ class IWAEObjective(Objective):
                     _stop_gradient(d)
 
     def options(self) -> dict:
-        return {"dreg": True} if self.dreg else {}
+        out = {"dreg": True} if self.dreg else {}
+        if not self.kl_schedule.is_identity:
+            out.update(kl_warmup=self.kl_schedule.warmup, kl_schedule=self.kl_schedule.kind)
+        return out
 
     def loss_and_value(self, vae, x, index=None, kl_weight=None):
         k = self.num_particles
+        annealed = not self.kl_schedule.is_identity  # (decided by the schedule, not the weight's value:
+        weight = self.kl_weight if kl_weight is None else kl_weight  # a CUDA graph passes a tensor)
         samples = engine.log_weights(vae, x, k, index)
         if not self.dreg:
-            value = engine.log_mean_exp(samples.log_weight, 0)  # (B,)
+            log_w = samples.log_likelihood + weight * samples.log_ratio if annealed else samples.log_weight
+            value = engine.log_mean_exp(log_w, 0)  # (B,)
             return -value.mean(), value.mean().detach()
         shape = samples.log_joint.shape
         log_q_stopped = sum(_stop_gradient(samples.guide_dists[name]).log_prob(z).expand(shape)
                             for name, z in samples.latents.items())
         log_w = samples.log_joint - log_q_stopped
+        if annealed:
+            log_w = samples.log_likelihood + weight * (log_w - samples.log_likelihood)
         value = engine.log_mean_exp(log_w.detach(), 0)
         normalized = torch.softmax(log_w.detach(), 0)  # (K, B)
+        # the score term's share of the path gradient: w~ (so w~^2 in all) at beta_t = 1; with the
+        # tempered weight log p(x|z) + beta_t (log p(z) - log q(z|x)), (1 - beta_t) + beta_t w~
+        multiplier = (1 - weight) + weight * normalized if annealed else normalized
         for z in samples.latents.values():
             if z.requires_grad:
-                extra = z.dim() - normalized.dim()
-                z.register_hook(lambda grad, w=normalized.reshape(normalized.shape + (1,) * extra): grad * w)
+                extra = z.dim() - multiplier.dim()
+                z.register_hook(lambda grad, w=multiplier.reshape(multiplier.shape + (1,) * extra): grad * w)
         loss = -(normalized * log_w).sum(0).mean()
         return loss, value.mean()
 
@@ -494,12 +518,17 @@ def reconstruction(num_particles: int = 1) -> Objective:
 
 
 @OBJECTIVES.register("iwae")
-def iwae(num_particles: int = 1, dreg: bool = False) -> Objective:
+def iwae(num_particles: int = 1, dreg: bool = False, kl_warmup: float = 0.0,
+         kl_schedule: Literal["linear", "cyclical"] = "linear") -> Objective:
     """Importance-weighted bound L_K (Burda et al. 2016).
 
     :param int num_particles: K, the importance samples per datapoint.
-    :param bool dreg: doubly reparametrized guide gradient (Tucker et al. 2019)."""
-    return IWAEObjective(num_particles, dreg)
+    :param bool dreg: doubly reparametrized guide gradient (Tucker et al. 2019).
+    :param float kl_warmup: epochs over which the weights' prior term is annealed: training
+        follows :math:`\log\frac1K\sum_k p(x|z_k)\,[p(z_k)/q(z_k|x)]^{\beta_t}`, the IWAE
+        counterpart of the ELBO's KL warm-up (K = 1 is exactly the warmed-up ELBO); 0 = none.
+    :param str kl_schedule: the schedule of :math:`\beta_t` over kl_warmup."""
+    return IWAEObjective(num_particles, dreg, KLSchedule(1.0, kl_warmup, kl_schedule))
 
 
 @OBJECTIVES.register("infovae")

@@ -78,7 +78,7 @@ def test_config_file_with_flag_overrides(tmp_path, capsys):
         (["--dataset", "mnist-typo"], "unknown dataset 'mnist-typo'; valid choices: binarized-mnist"),
         (["--dataset", "digits-grey"], "Bernoulli likelihood needs binary data"),
         (["--latent-dim", "0"], "latent_dim must be a positive integer"),
-        (["--objective", "iwae", "--particles", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes num_particles, dreg"),
+        (["--objective", "iwae", "--particles", "5", "--beta", "4"], "objective 'iwae' does not take beta; it takes num_particles, dreg, kl_warmup, kl_schedule"),
         (["--dreg"], "objective 'elbo-analytic-kl' does not take dreg"),
         (["--objective", "infovae", "--info-alpha", "3"], "alpha must be <= 1"),
     ],

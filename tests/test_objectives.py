@@ -44,6 +44,36 @@ def test_iwae_with_one_sample_is_the_elbo_value_and_gradient():
                 value_and_grads(pvae.make_objective("elbo", 1), vae, x, 3))
 
 
+@pytest.mark.parametrize("dreg", [False, True])
+def test_annealed_iwae_with_one_sample_is_the_warmed_up_elbo(dreg):
+    """K = 1: log p(x|z) + beta_t (log p(z) - log q(z|x)) is the warmed-up ELBO's sampled
+    estimate, value and gradient on the same noise, at every point of the warm-up. (With DReG
+    the guide's gradient at K = 1 is the path derivative alone, without the zero-mean score term,
+    so only the value and the model's gradient are compared.) Fails if the weight is ignored or
+    applied to the likelihood."""
+    vae, x = linear_gaussian_vae(), lg_data()
+    guide_ids = {id(p) for p in vae.guide_net.parameters()}
+    compared = [i for i, p in enumerate(vae.parameters()) if not (dreg and id(p) in guide_ids)]
+    for progress in (0.0, 3.0, 10.0):
+        iwae = pvae.make_objective("iwae", 1, dreg=dreg, kl_warmup=10)
+        elbo = pvae.make_objective("elbo", 1, kl_warmup=10)
+        iwae.set_progress(progress), elbo.set_progress(progress)
+        assert iwae.kl_weight == elbo.kl_weight == progress / 10
+        (v_iwae, g_iwae), (v_elbo, g_elbo) = value_and_grads(iwae, vae, x, 3), value_and_grads(elbo, vae, x, 3)
+        assert_same((v_iwae, [g_iwae[i] for i in compared]), (v_elbo, [g_elbo[i] for i in compared]))
+
+
+def test_annealed_iwae_after_its_warmup_is_the_iwae_bound():
+    vae, x = linear_gaussian_vae(), lg_data()
+    for dreg in (False, True):
+        warm = pvae.make_objective("iwae", 5, dreg=dreg, kl_warmup=4, kl_schedule="linear")
+        warm.set_progress(4.0)
+        assert warm.has_kl_term and warm.options()["kl_warmup"] == 4.0
+        plain = pvae.make_objective("iwae", 5, dreg=dreg)
+        assert not plain.has_kl_term and "kl_warmup" not in plain.options()
+        assert_same(value_and_grads(warm, vae, x, 3), value_and_grads(plain, vae, x, 3))
+
+
 def pyro_value_and_grads(elbo_class, vae, x, seed):
     """Pyro's own ELBO of the VAE's programs (4 vectorized particles): the independent reference."""
     vae.zero_grad(set_to_none=True)
@@ -132,13 +162,17 @@ def test_iwae_with_the_exact_posterior_is_log_px_and_its_gradient():
         torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-8)
 
 
-def test_dreg_and_iwae_gradients_have_the_same_expectation():
-    """Both are unbiased for the gradient of E[L_K]; DReG's guide gradient has lower variance."""
+@pytest.mark.parametrize("progress", [math.inf, 3.0])
+def test_dreg_and_iwae_gradients_have_the_same_expectation(progress):
+    """Both are unbiased for the gradient of E[L_K]; DReG's guide gradient has lower variance.
+    Also midway through a warm-up of the weights' prior term (beta_t = 0.3), where DReG's
+    multiplier is (1 - beta_t) + beta_t w~ rather than w~."""
     vae, x = linear_gaussian_vae(), lg_data(3)
     params = list(vae.parameters())
     out = {}
     for dreg in (False, True):
-        objective = pvae.make_objective("iwae", 5, dreg=dreg)
+        objective = pvae.make_objective("iwae", 5, dreg=dreg, kl_warmup=10)
+        objective.set_progress(progress)
         torch.manual_seed(11 if dreg else 12)
         out[dreg] = torch.stack([
             torch.cat([g.flatten() for g in torch.autograd.grad(objective.loss_and_value(vae, x)[0], params)])
