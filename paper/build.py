@@ -399,24 +399,30 @@ def ais_k(ais) -> str:
 
 
 #: Typst rules put before pandoc's document: the captions carry their own "Figure N." (so no
-#: automatic numbering), and the wide tables a smaller font
-TYPST_PREAMBLE = "#set figure(numbering: none)\n#show table: set text(size: 8pt)\n"
+#: automatic numbering), the wide tables a smaller font, and no creation date (the same result
+#: files build the same bytes)
+TYPST_PREAMBLE = "#set figure(numbering: none)\n#show table: set text(size: 8pt)\n#set document(date: none)\n"
 
 
 def build_pdf(paper_md: Path) -> Path:
     """``paper.md`` -> ``paper.pdf`` beside it: pandoc writes Typst, the ``typst`` package (a
-    wheel from the package index, no TeX installation) compiles it with the figures beside it."""
-    import pypandoc
-    import typst
-
-    source = pypandoc.convert_file(str(paper_md), "typst", extra_args=["--standalone", "--metadata", "title=pvae"])
-    typ = paper_md.with_suffix(".typ")
-    pdf = paper_md.with_suffix(".pdf")
-    typ.write_text(TYPST_PREAMBLE + source)
+    wheel from the package index, no TeX installation) compiles it with the figures beside it.
+    A failed compile keeps the Typst source as ``paper.typ`` and names the line."""
     try:
-        typst.compile(str(typ), output=str(pdf), root=str(paper_md.parent))
-    finally:
-        typ.unlink()
+        import pypandoc
+        import typst
+    except ImportError as exc:
+        raise SystemExit(f"the PDF build needs pandoc and typst: pip install -e \".[paper]\" ({exc})")
+    source = TYPST_PREAMBLE + pypandoc.convert_file(str(paper_md), "typst",
+                                                    extra_args=["--standalone", "--metadata", "title=pvae"])
+    try:
+        pdf_bytes = typst.compile(source.encode(), root=str(paper_md.parent), ignore_system_fonts=True)
+    except typst.TypstError as exc:
+        typ = paper_md.with_suffix(".typ")
+        typ.write_text(source)
+        raise SystemExit(f"typst could not compile {typ} (kept for inspection):\n{exc.diagnostic}")
+    pdf = paper_md.with_suffix(".pdf")
+    pdf.write_bytes(pdf_bytes)
     return pdf
 
 

@@ -24,9 +24,10 @@ Registered objectives (:data:`OBJECTIVES`; build with :func:`make_objective`):
   :math:`E_q[\log p(x|z)] - (1-\alpha)\,\beta_t\,KL - (\alpha+\lambda-1)\,\mathrm{MMD}^2(q(z), p(z))`.
 
 The KL weight :math:`\beta_t` is :math:`\beta` times a :class:`KLSchedule` (constant, linear
-warm-up, cyclical), applied with :class:`ScaleSite` — a site-restricted
-:func:`pyro.poutine.scale` on the latent site of both model and guide, which scales
-:math:`\log p(z) - \log q(z|x)` (or Pyro's analytic KL) and nothing else. The training loop
+warm-up, cyclical). It multiplies :math:`\log p(z) - \log q(z|x)` (or the analytic KL) and
+nothing else: computed from the log-weights' terms, or, for Pyro's own ELBOs, with
+:class:`ScaleSite` — a site-restricted :func:`pyro.poutine.scale` on the latent site of both
+model and guide. For IWAE it multiplies the same term inside each importance weight. The training loop
 tells the objective how far training has got (:meth:`Objective.set_progress`, in epochs).
 
 Particles are vectorized (``vectorize_particles=True``, ``max_plate_nesting=1``).
@@ -113,7 +114,8 @@ class Objective:
 
     :ivar str name: registry name, kept in logs and checkpoints.
     :ivar int num_particles: samples per datapoint (K for IWAE).
-    :ivar KLSchedule kl_schedule: weight of the KL term (ELBO family and InfoVAE).
+    :ivar KLSchedule kl_schedule: weight of the KL term (ELBO family and InfoVAE; for IWAE, of
+        the prior ratio inside the weights).
     """
 
     def __init__(self, name: str, num_particles: int = 1, kl_schedule: Optional[KLSchedule] = None,
@@ -374,7 +376,7 @@ class IWAEObjective(Objective):
                             for name, z in samples.latents.items())
         log_w = samples.log_joint - log_q_stopped
         if annealed:
-            log_w = samples.log_likelihood + weight * (log_w - samples.log_likelihood)
+            log_w = samples.log_likelihood + weight * (samples.log_prior - log_q_stopped)
         value = engine.log_mean_exp(log_w.detach(), 0)
         normalized = torch.softmax(log_w.detach(), 0)  # (K, B)
         # the score term's share of the path gradient: w~ (so w~^2 in all) at beta_t = 1; with the
@@ -520,13 +522,14 @@ def reconstruction(num_particles: int = 1) -> Objective:
 @OBJECTIVES.register("iwae")
 def iwae(num_particles: int = 1, dreg: bool = False, kl_warmup: float = 0.0,
          kl_schedule: Literal["linear", "cyclical"] = "linear") -> Objective:
-    """Importance-weighted bound L_K (Burda et al. 2016).
+    r"""Importance-weighted bound L_K (Burda et al. 2016).
 
     :param int num_particles: K, the importance samples per datapoint.
     :param bool dreg: doubly reparametrized guide gradient (Tucker et al. 2019).
     :param float kl_warmup: epochs over which the weights' prior term is annealed: training
         follows :math:`\log\frac1K\sum_k p(x|z_k)\,[p(z_k)/q(z_k|x)]^{\beta_t}`, the IWAE
-        counterpart of the ELBO's KL warm-up (K = 1 is exactly the warmed-up ELBO); 0 = none.
+        counterpart of the ELBO's KL warm-up (at K = 1 the warmed-up ELBO's value, and its
+        gradient without DReG); 0 = none.
     :param str kl_schedule: the schedule of :math:`\beta_t` over kl_warmup."""
     return IWAEObjective(num_particles, dreg, KLSchedule(1.0, kl_warmup, kl_schedule))
 

@@ -69,3 +69,14 @@ def test_documented_python_uses_names_that_exist(doc, block):
             module = __import__(node.module, fromlist=["_"])
             for alias in node.names:
                 assert hasattr(module, alias.name), f"{doc}: from {node.module} import {alias.name}"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "pvae").glob("*.py")), ids=lambda p: p.name)
+def test_sources_compile_without_escape_warnings(path):
+    """A docstring with TeX (``\\frac``, ``\\beta``) outside a raw string turns into form feeds
+    and backspaces in ``help()`` and the options' help, and warns (an error in later Pythons)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compile(path.read_text(), str(path), "exec")

@@ -154,9 +154,10 @@ def test_grouped_bounds_are_the_bounds_of_disjoint_groups():
 
 def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path):
     """`paper/build.py --pdf`: pandoc writes Typst and the typst package compiles it (both are
-    test dependencies, so the PDF build runs in CI). The committed result files give more than
-    ten pages and four figures; a missing figure or a Typst syntax pandoc emits that this typst does not
-    know fails the compile, which fails here."""
+    test dependencies, so the PDF build runs in CI). The committed result files give at least
+    ten pages and four figures; a missing figure or a Typst syntax pandoc emits that this typst
+    does not know fails the compile, which fails here. The same files build the same bytes."""
+    import importlib.util
     import re
 
     out = tmp_path / "tables.md"
@@ -169,4 +170,8 @@ def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path):
     figures = sorted(p.name for p in tmp_path.glob("fig*.png"))
     assert len(figures) == 4, figures
     assert pdf.count(b"/Subtype /Image") >= len(figures)
-    assert not (tmp_path / "paper.typ").exists()  # the intermediate source is removed
+    assert not (tmp_path / "paper.typ").exists()  # the Typst source is kept only when it fails
+    spec = importlib.util.spec_from_file_location("paper_build", ROOT / "paper" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert build.build_pdf(tmp_path / "paper.md").read_bytes() == pdf  # no creation date in it
