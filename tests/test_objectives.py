@@ -343,20 +343,24 @@ def test_dreg_refuses_a_guide_without_a_stopped_density():
         pvae.make_objective("iwae", 2, dreg=True).loss_and_value(vae, x)
 
 
-def test_fit_follows_the_warmup_and_refuses_to_resume_with_other_options(tmp_path):
+@pytest.mark.parametrize("name, options", [("elbo", {}), ("iwae", {"num_particles": 3})])
+def test_fit_follows_the_warmup_and_refuses_to_resume_with_other_options(tmp_path, name, options):
     torch.manual_seed(0)
     data = (torch.rand(200, 6) < 0.4).float()
     vae = pvae.build_vae(pvae.RunConfig(latent_dim=2, net={'hidden': (8,)}), 6)
-    objective = pvae.make_objective("elbo", kl_warmup=4)
+    objective = pvae.make_objective(name, kl_warmup=4, **options)
     history = pvae.fit(vae, data, epochs=3, objective=objective, run_dir=tmp_path, progress=False)
     weights = [r["kl_weight"] for r in history.records]
     steps = 2  # 200 / 100
     assert weights == pytest.approx([(e + (steps - 1) / steps) / 4 for e in range(3)])
     assert objective.kl_weight == 1.0  # outside training: full weight
     with pytest.raises(ValueError, match="cannot resume"):
-        pvae.fit(vae, data, epochs=4, objective=pvae.make_objective("elbo", kl_warmup=8),
+        pvae.fit(vae, data, epochs=4, objective=pvae.make_objective(name, kl_warmup=8, **options),
                  run_dir=tmp_path, resume=True, progress=False)
-    pvae.fit(vae, data, epochs=4, objective=pvae.make_objective("elbo", kl_warmup=4),
+    with pytest.raises(ValueError, match="cannot resume"):  # nor without the warm-up it started with
+        pvae.fit(vae, data, epochs=4, objective=pvae.make_objective(name, **options),
+                 run_dir=tmp_path, resume=True, progress=False)
+    pvae.fit(vae, data, epochs=4, objective=pvae.make_objective(name, kl_warmup=4, **options),
              run_dir=tmp_path, resume=True, progress=False)
 
 
