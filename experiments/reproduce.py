@@ -59,6 +59,8 @@ PUBLISHED = {
     "iwae-k5-warmup": (None, "Ablation, not a reproduction: iwae-k5 with the prior term of its weights annealed "
                              "over 100 epochs, log 1/K sum_k p(x|z_k)[p(z_k)/q(z_k|x)]^beta_t (the ELBO's KL "
                              "warm-up at K=1), the warmed-up counterpart of iwae-k5"),
+    "iwae-k50-warmup": (None, "Ablation, not a reproduction: iwae-k50 with the prior term of its weights annealed "
+                              "over 100 epochs, as iwae-k5-warmup is to iwae-k5"),
     "vae-iaf": (None, "Kingma et al. 2016 report 79.88 for a ResNet VAE with IAF; no one-layer MLP number"),
 }
 
