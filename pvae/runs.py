@@ -67,34 +67,44 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def environment(config: RunConfig, device: torch.device, command: Optional[Sequence[str]] = None) -> dict:
-    """Versions and machine facts recorded with a run (``command``: the command line, which the
-    CLI passes; pvae reads ``sys.argv`` nowhere else)."""
+def _machine(device: torch.device) -> dict:
+    """Versions, machine and device: what :func:`environment` and :func:`evaluation_environment` share."""
     import numpy
     import pyro
 
     from . import __version__
 
-    env = {
+    facts = {
         "pvae": __version__,
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "numpy": numpy.__version__,
-        "seed": config.training.seed,
         "device": str(device),
         "torch_num_threads": torch.get_num_threads(),
-        "command": list(command) if command is not None else None,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "world_size": distributed.world_size(),  # processes training together (torch.distributed)
+        "world_size": distributed.world_size(),  # processes working together (torch.distributed)
     }
     if distributed.active():
-        env["distributed_backend"] = torch.distributed.get_backend()
+        facts["distributed_backend"] = torch.distributed.get_backend()
     if device.type == "cuda":
-        env["cuda_device"] = torch.cuda.get_device_name(device)
-        env["cuda_version"] = torch.version.cuda
-    return env
+        facts["cuda_device"] = torch.cuda.get_device_name(device)
+        facts["cuda_version"] = torch.version.cuda
+    return facts
+
+
+def environment(config: RunConfig, device: torch.device, command: Optional[Sequence[str]] = None) -> dict:
+    """Versions and machine facts recorded with a run (``command``: the command line, which the
+    CLI passes; pvae reads ``sys.argv`` nowhere else)."""
+    return {**_machine(device), "seed": config.training.seed,
+            "command": list(command) if command is not None else None,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def evaluation_environment(device: torch.device) -> dict:
+    """Versions and machine facts recorded with an evaluation report: the device the bounds were
+    computed on matters, since CUDA and the CPU draw other random numbers from the same seed."""
+    return {**_machine(device), "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
 @dataclass
@@ -425,7 +435,8 @@ def evaluate_run(
 
     report = EvaluationReport(run_dir=str(run_dir), dataset=data.name, model=config.model, split=split,
                               data=data_note, num_datapoints=int(x.shape[0]), seed=seed, batch_size=batch_size,
-                              chunk_size=chunk_size, num_samples=num_samples)
+                              chunk_size=chunk_size, num_samples=num_samples,
+                              environment=evaluation_environment(vae.device))
     wanted_bounds = [e for e in ("elbo", "iwae") if e in estimators]
     if wanted_bounds and not vae.guide_net.has_density:
         for name in wanted_bounds:
@@ -534,7 +545,8 @@ class EvaluationReport:
          "estimates": {name: Estimate.to_dict()}, "nll_iwae", "bits_per_dim_iwae",
          "skipped": {name: reason}, "latent": {...}, "psis": {...} | null,
          "ais_settings": {...} | null, "figure": file name | null,
-         "by_label": {label: {"num_datapoints", name: {"mean", "stderr"}}} | null (labelled data)}
+         "by_label": {label: {"num_datapoints", name: {"mean", "stderr"}}} | null (labelled data),
+         "environment": {"pvae", "torch", "pyro", "device", "cuda_device" (CUDA), ...} | null}
     """
 
     run_dir: str
@@ -556,6 +568,7 @@ class EvaluationReport:
     data_dim: Optional[int] = None
     khat: Optional[torch.Tensor] = field(default=None, repr=False)  # per datapoint, for the figure
     figure: Optional[str] = None
+    environment: Optional[dict] = None  # versions, machine and device (see evaluation_environment)
 
     @property
     def nll_iwae(self) -> Optional[float]:
@@ -586,6 +599,7 @@ class EvaluationReport:
             "nll_iwae": self.nll_iwae, "bits_per_dim_iwae": self.bits_per_dim_iwae,
             "skipped": self.skipped, "latent": self.latent, "psis": self.psis,
             "ais_settings": self.ais_settings, "figure": self.figure, "by_label": self.by_label,
+            "environment": self.environment,
         }
 
     def save(self, run_dir=None) -> Path:

@@ -39,6 +39,9 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
     report = json.loads((run / "evaluation-test-K7.json").read_text())
     assert report["version"] == pvae.REPORT_VERSION
     assert report["num_datapoints"] == 300
+    # the report names where and with what it was computed (CUDA and CPU draw differently)
+    assert report["environment"]["device"] == "cpu" and report["environment"]["pvae"] == pvae.__version__
+    assert "torch" in report["environment"] and "evaluated" in report["environment"]
     # digits are labelled: per-label means, which average back to the overall mean
     by_label = report["by_label"]
     assert sum(r["num_datapoints"] for r in by_label.values()) == 300 and len(by_label) == 10
