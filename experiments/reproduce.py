@@ -129,6 +129,9 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu") -> dict:
         if report.exists():
             values = json.loads(report.read_text())
             estimates = values.get("estimates", values)
+            if values.get("environment"):  # reports since 2026-11-27 name the device they were computed on
+                entry["evaluated_with"] = {k: values["environment"].get(k) for k in
+                                           ("pvae", "torch", "device", "cuda_device", "evaluated")}
             for key in ("elbo", "iwae"):
                 if key in estimates:
                     entry[f"test_{key}"] = estimates[key]

@@ -216,7 +216,7 @@ def converged_table(summary) -> str:
         "stopping with patience 50, at most 2000 epochs. Test −log p(x) from L_5000 on all 10,000 test images "
         "(± s.e. over images); test ELBO from the same draws. Summary written at commit "
         f"{_commit(prov)}; the device each run was trained on in the last column (test bounds "
-        "computed on the CPU). Nats per image.",
+        f"computed on the CPU{_evaluated_elsewhere(summary)}). Nats per image.",
         "",
         "| run | status | epochs (best) | test ELBO | test −log p(x) (L_5000) | published | ours − published | trained on |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -234,6 +234,13 @@ def converged_table(summary) -> str:
             + (", ".join(r.get("devices") or []) or "—") + " |")
     notes = [f"- {name}: {r['published_note']}" for name, r in summary["runs"].items() if r.get("published_note")]
     return "\n".join(lines + ["", "Protocol differences and published references:", ""] + notes) + "\n"
+
+
+def _evaluated_elsewhere(summary) -> str:
+    """The runs whose report says its bounds were computed on another device than the CPU."""
+    other = {name: r["evaluated_with"]["device"] for name, r in summary["runs"].items()
+             if (r.get("evaluated_with") or {}).get("device", "cpu") != "cpu"}
+    return "".join(f", {name}'s on {device}" for name, device in other.items())
 
 
 def curves_figure(summary, out_dir: Path):

@@ -175,3 +175,24 @@ def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path):
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
     assert build.build_pdf(tmp_path / "paper.md").read_bytes() == pdf  # no creation date in it
+
+
+def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
+    """Table 9's caption says its test bounds are the CPU's; a report that records another device
+    (CUDA draws other numbers from the same seed) must be named there."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_build", ROOT / "paper" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    estimate = {"mean": -87.0, "stderr": 0.2}
+    run = {"status": "finished (early stopping)", "epochs_run": 10, "best_epoch": 5, "test_elbo": estimate,
+           "test_iwae": estimate, "published_nll": None, "devices": ["cpu"]}
+    summary = {"provenance": {"git_commit": "0" * 40}, "runs": {
+        "on-cpu": {**run, "evaluated_with": {"device": "cpu"}},
+        "unrecorded": run,
+        "on-gpu": {**run, "devices": ["cuda"], "evaluated_with": {"device": "cuda", "cuda_device": "H100"}}}}
+    table = build.converged_table(summary)
+    assert "(test bounds computed on the CPU, on-gpu's on cuda)" in table
+    del summary["runs"]["on-gpu"]
+    assert "(test bounds computed on the CPU)" in build.converged_table(summary)
