@@ -252,17 +252,20 @@ def curves_figure(summary, out_dir: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    tops = []
     for name, r in summary["runs"].items():
         curve = r.get("val_curve")
         if curve and len(curve) > 1:
             metric = r.get("validation_metric", "val_elbo")
-            label = name if metric == "val_elbo" else f"{name} (validation L_K, K = its training K)"
+            label = name if metric == "val_elbo" else f"{name} (L_K)"
             ax.plot(range(1, len(curve) + 1), curve, label=label, lw=1.2)
+            tops.append(max(curve))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation bound (nats)")
-    ax.set_ylim(bottom=-120)
-    ax.legend(fontsize=8)
+    ax.set_ylim(-120, max(tops) + 2)
+    # below the axes: the curves fill the plot's upper right, where a legend inside would hide them
+    ax.legend(fontsize=7.5, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = out_dir / "fig1_converged_curves.png"
@@ -483,7 +486,7 @@ def main(argv=None):
     figure = curves_figure(reproduce, args.out.parent)
     if figure is not None:
         text += (f"\n![**Figure 1.** Validation bound per epoch of the runs of Table 9 (fixed seed): the ELBO with one "
-                 f"sample per image, or for the IWAE runs their training objective's L_K; early stopping ends each "
+                 f"sample per image, or for the IWAE runs (marked L_K) their training objective's L_K, K = their k; early stopping ends each "
                  f"run 50 epochs after its best; runs still in progress end where they are.]({figure.name})\n")
     # Figures 2-4: the best evaluated run that has both subset results (bounds and AIS), else the
     # best that has its bounds; the captions name it
