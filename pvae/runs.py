@@ -103,7 +103,8 @@ def environment(config: RunConfig, device: torch.device, command: Optional[Seque
 
 def evaluation_environment(device: torch.device) -> dict:
     """Versions and machine facts recorded with an evaluation report: the device the bounds were
-    computed on matters, since CUDA and the CPU draw other random numbers from the same seed."""
+    computed on matters, since CUDA and the CPU draw other random numbers from the same seed.
+    ``evaluated`` is when the evaluation started (a resumed one: when its last sitting started)."""
     return {**_machine(device), "evaluated": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -546,8 +547,9 @@ class EvaluationReport:
          "skipped": {name: reason}, "latent": {...}, "psis": {...} | null,
          "ais_settings": {...} | null, "figure": file name | null,
          "by_label": {label: {"num_datapoints", name: {"mean", "stderr"}}} | null (labelled data),
-         "environment": {"pvae", "torch", "pyro", "device", "cuda_device" (CUDA), ...} | null}
-    """
+         "environment": {"pvae", "torch", "pyro", "device", "cuda_device" (CUDA), "evaluated", ...}}
+
+    ``environment`` was added within version 2 (pvae 0.2); older version-2 reports lack it."""
 
     run_dir: str
     dataset: str

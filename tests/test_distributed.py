@@ -95,6 +95,9 @@ def test_sharded_evaluation_reports_what_one_process_reports(tmp_path):
     _one_process(args)
     single = json.loads((run / "evaluation-test-K50.json").read_text())
     sharded.pop("figure"), single.pop("figure")
+    # the environment says how it ran (two processes, or one; when): the rest must not differ
+    sharded_env, single_env = sharded.pop("environment"), single.pop("environment")
+    assert (sharded_env["world_size"], single_env["world_size"]) == (2, 1)
     assert sharded == single  # every estimate, standard error and per-label summary
     assert set(single["estimates"]) >= {"elbo", "iwae", "naive", "ais"}
 
