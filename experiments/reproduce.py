@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -101,10 +102,20 @@ def state_of(name: str, root: Path) -> dict:
         "best_val": best[metric],
         "train_seconds": sum(r["seconds"] for r in records),
         "devices": sorted({r.get("device", "unrecorded") for r in records}),
+        # per device: epochs and the median seconds of one (a resumed run may change machines)
+        "epoch_seconds": {device: {"epochs": len(times), "median": statistics.median(times)}
+                          for device, times in _epoch_times(records).items()},
         "done": done,
         # the validation curve, for the paper's figure (the run directories are not committed)
         "val_curve": [round(r[metric], 4) for r in records],
     }
+
+
+def _epoch_times(records) -> dict:
+    times = {}
+    for r in records:
+        times.setdefault(r.get("device", "unrecorded"), []).append(r["seconds"])
+    return times
 
 
 def evaluate(name: str, root: Path, device: str, num_samples: int, log) -> None:

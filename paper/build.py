@@ -101,6 +101,11 @@ def gpu_table(suite) -> str:
     if suite is None or suite.get("smoke"):
         return "_GPU benchmark: no result file (run benchmarks/gpu_suite.py on a GPU)._\n"
     prov, sections = suite["provenance"], suite["sections"]
+    needed = ("train_step_batch100", "train_step_batch1000", "epoch_through_fit_batch100", "iwae_K5000")
+    failed = {name: (sections.get(name) or {}).get("error", "missing") for name in needed
+              if not sections.get(name) or "error" in sections[name]}
+    if failed:  # gpu_suite.py records a failed section as {"error": ...}
+        return "_GPU benchmark: sections failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()) + "._\n"
     small, large = sections["train_step_batch100"], sections["train_step_batch1000"]
     sides = {**small["sides"], "handwritten-cuda-graph": "the hand-written step captured in a CUDA graph"}
     rows = "".join(
@@ -111,10 +116,9 @@ def gpu_table(suite) -> str:
     return (
         f"**Table 3b.** The step of Table 3 on one GPU ({prov.get('gpu', prov['device'])}, torch {prov['torch']}): "
         f"median over {small['blocks']} blocks of {small['steps_per_block']} steps, the sides' order rotating; "
-        f"{small['data']}; commit {_commit(prov)}"
-        + (f" ({suite['provenance_note']})" if suite.get("provenance_note") else "")
-        + f", load average at start {prov['load_average_1_5_15'][0]:.2f}. A whole epoch of 50,000 images (batch "
-        f"100) through `pvae.fit` took {epoch['pvae']:.2f} s against {epoch['handwritten']:.2f} s for the "
+        f"{small['data']}; commit {_commit(prov)}, load average at start {prov['load_average_1_5_15'][0]:.2f}. "
+        f"A whole epoch of 50,000 images (batch 100) through `pvae.fit` took {epoch['pvae']:.2f} s against "
+        f"{epoch['handwritten']:.2f} s for the "
         f"hand-written eager loop (ratio {epoch['ratio']:.2f}); L_{iwae['K']} on the {iwae['images']:,} test images "
         f"took {iwae['pvae_seconds']:.2f} s against {iwae['handwritten_seconds']:.2f} s hand-written (ratio "
         f"{iwae['ratio']:.2f}).\n\n"
@@ -216,7 +220,7 @@ def converged_table(summary) -> str:
         "stopping with patience 50, at most 2000 epochs. Test −log p(x) from L_5000 on all 10,000 test images "
         "(± s.e. over images); test ELBO from the same draws. Summary written at commit "
         f"{_commit(prov)}; the device each run was trained on in the last column (test bounds "
-        f"computed on the CPU{_evaluated_elsewhere(summary)}). Nats per image.",
+        f"computed on the CPU{_evaluated_elsewhere(summary)}; {_evaluation_records(summary)}). Nats per image.",
         "",
         "| run | status | epochs (best) | test ELBO | test −log p(x) (L_5000) | published | ours − published | trained on |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -241,6 +245,17 @@ def _evaluated_elsewhere(summary) -> str:
     other = {name: r["evaluated_with"]["device"] for name, r in summary["runs"].items()
              if (r.get("evaluated_with") or {}).get("device", "cpu") != "cpu"}
     return "".join(f", {name}'s on {device}" for name, device in other.items())
+
+
+def _evaluation_records(summary) -> str:
+    """Which reports record their device (reports written before pvae recorded it do not)."""
+    recorded = [name for name, r in summary["runs"].items() if r.get("evaluated_with")]
+    if len(recorded) == len(summary["runs"]):
+        return "as every report records"
+    if not recorded:
+        return "no report records its device"
+    return (f"recorded in the reports of {', '.join(recorded)}; the others predate that record (the CPU, by "
+            "the notes of the sessions that evaluated them)")
 
 
 def curves_figure(summary, out_dir: Path):
@@ -486,7 +501,7 @@ def main(argv=None):
     figure = curves_figure(reproduce, args.out.parent)
     if figure is not None:
         text += (f"\n![**Figure 1.** Validation bound per epoch of the runs of Table 9 (fixed seed): the ELBO with one "
-                 f"sample per image, or for the IWAE runs (marked L_K) their training objective's L_K, K = their k; early stopping ends each "
+                 f"sample per image, or for the IWAE runs (marked L_K) L_K with K = their k, not annealed; early stopping ends each "
                  f"run 50 epochs after its best; runs still in progress end where they are.]({figure.name})\n")
     # Figures 2-4: the best evaluated run that has both subset results (bounds and AIS), else the
     # best that has its bounds; the captions name it

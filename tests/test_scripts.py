@@ -193,6 +193,8 @@ def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
         "unrecorded": run,
         "on-gpu": {**run, "devices": ["cuda"], "evaluated_with": {"device": "cuda", "cuda_device": "H100"}}}}
     table = build.converged_table(summary)
-    assert "(test bounds computed on the CPU, on-gpu's on cuda)" in table
+    assert "(test bounds computed on the CPU, on-gpu's on cuda; recorded in the reports of on-cpu, on-gpu; " in table
     del summary["runs"]["on-gpu"]
-    assert "(test bounds computed on the CPU)" in build.converged_table(summary)
+    assert "(test bounds computed on the CPU; recorded in the reports of on-cpu; " in build.converged_table(summary)
+    del summary["runs"]["unrecorded"]
+    assert "(test bounds computed on the CPU; as every report records)" in build.converged_table(summary)
