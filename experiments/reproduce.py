@@ -93,6 +93,7 @@ def state_of(name: str, root: Path) -> dict:
     best = max(records, key=lambda r: r[metric])
     last = records[-1]
     stopped = last["epoch"] - best["epoch"] >= training["patience"]
+    times_by_device = _epoch_times(records)
     done = stopped or last["epoch"] >= training["epochs"]
     return {
         "status": "finished (early stopping)" if stopped else "finished (max epochs)" if done else "in progress",
@@ -101,10 +102,10 @@ def state_of(name: str, root: Path) -> dict:
         "validation_metric": metric,
         "best_val": best[metric],
         "train_seconds": sum(r["seconds"] for r in records),
-        "devices": sorted({r.get("device", "unrecorded") for r in records}),
+        "devices": sorted(times_by_device),
         # per device: epochs and the median seconds of one (a resumed run may change machines)
         "epoch_seconds": {device: {"epochs": len(times), "median": statistics.median(times)}
-                          for device, times in _epoch_times(records).items()},
+                          for device, times in times_by_device.items()},
         "done": done,
         # the validation curve, for the paper's figure (the run directories are not committed)
         "val_curve": [round(r[metric], 4) for r in records],

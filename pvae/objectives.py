@@ -374,9 +374,8 @@ class IWAEObjective(Objective):
         shape = samples.log_joint.shape
         log_q_stopped = sum(_stop_gradient(samples.guide_dists[name]).log_prob(z).expand(shape)
                             for name, z in samples.latents.items())
-        log_w = samples.log_joint - log_q_stopped
-        if annealed:
-            log_w = samples.log_likelihood + weight * (samples.log_prior - log_q_stopped)
+        log_w = (samples.log_likelihood + weight * (samples.log_prior - log_q_stopped) if annealed
+                 else samples.log_joint - log_q_stopped)
         value = engine.log_mean_exp(log_w.detach(), 0)
         normalized = torch.softmax(log_w.detach(), 0)  # (K, B)
         # the score term's share of the path gradient: w~ (so w~^2 in all) at beta_t = 1; with the

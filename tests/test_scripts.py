@@ -152,12 +152,21 @@ def test_grouped_bounds_are_the_bounds_of_disjoint_groups():
     torch.testing.assert_close(out[4]["mc_var"], groups.var(0) / 3)
 
 
+def _paper_build():
+    """paper/build.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("paper_build", ROOT / "paper" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return build
+
+
 def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path):
     """`paper/build.py --pdf`: pandoc writes Typst and the typst package compiles it (both are
     test dependencies, so the PDF build runs in CI). The committed result files give at least
     ten pages and four figures; a missing figure or a Typst syntax pandoc emits that this typst
     does not know fails the compile, which fails here. The same files build the same bytes."""
-    import importlib.util
     import re
 
     out = tmp_path / "tables.md"
@@ -171,20 +180,14 @@ def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path):
     assert len(figures) == 4, figures
     assert pdf.count(b"/Subtype /Image") >= len(figures)
     assert not (tmp_path / "paper.typ").exists()  # the Typst source is kept only when it fails
-    spec = importlib.util.spec_from_file_location("paper_build", ROOT / "paper" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = _paper_build()
     assert build.build_pdf(tmp_path / "paper.md").read_bytes() == pdf  # no creation date in it
 
 
 def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
     """Table 9's caption says its test bounds are the CPU's; a report that records another device
     (CUDA draws other numbers from the same seed) must be named there."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("paper_build", ROOT / "paper" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = _paper_build()
     estimate = {"mean": -87.0, "stderr": 0.2}
     run = {"status": "finished (early stopping)", "epochs_run": 10, "best_epoch": 5, "test_elbo": estimate,
            "test_iwae": estimate, "published_nll": None, "devices": ["cpu"]}
