@@ -17,8 +17,10 @@ estimate of :math:`p(x)`; the log-mean-exp over chains is therefore a stochastic
 ``[0, 1]`` AIS is plain importance sampling from ``r``. The joint density comes from the
 model program conditioned on the chains' states (:func:`pvae.engine.log_density`), and the
 start distribution from the prior site of the model or the latent site of the guide program
-(:func:`pvae.engine.log_weights`), so AIS follows an edited program. AIS moves one latent site
-with real support (pvae's ``"z"``).
+(:func:`pvae.engine.log_weights`), so AIS follows an edited program. HMC moves every continuous
+latent site of the program jointly (a hierarchy's levels together); discrete latent sites are
+summed out exactly inside both densities (:func:`pvae.engine.log_density`,
+:func:`pvae.engine.guide_log_density`).
 
 :func:`bdmc` runs the schedule backwards from exact posterior samples of simulated data for an
 upper bound (Grosse et al., 2015).
@@ -101,13 +103,71 @@ def hmc_step(
     return torch.where(accept.unsqueeze(-1), q, z), accept_prob
 
 
-def _anneal(vae, xb, r, z, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar=None, site="z"):
+class _Chains:
+    r"""The continuous latent sites that AIS moves, as one flat state per chain ``(C, B, L)``
+    (every continuous site of the program, concatenated in the proposal's order), and the two
+    log-densities along the path: :math:`\log p(x, z)` (discrete latent sites summed out
+    exactly) and the start density :math:`\log r(z)` (the prior :math:`p(z)`, or the guide
+    :math:`q(z|x)`, discrete sites summed out likewise)."""
+
+    def __init__(self, vae, xb, start, samples):
+        self.vae, self.xb, self.start = vae, xb, start
+        self.layout = []
+        for name, value in samples.latents.items():
+            d = samples.guide_dists[name]
+            if getattr(d, "has_enumerate_support", False) or not value.is_floating_point():
+                continue  # a discrete site: summed out inside the densities
+            support = d.support
+            while hasattr(support, "base_constraint"):  # independent(...), mixtures of real components
+                support = support.base_constraint
+            if support is not constraints.real:
+                raise UsageError(f"AIS's HMC moves real-valued latents; site {name!r} has support {d.support}")
+            event = tuple(value.shape[2:])
+            self.layout.append((name, event, math.prod(event)))
+        if not self.layout:
+            raise UsageError("AIS moves continuous latent sites; this program has none "
+                             f"(latent sites: {sorted(samples.latents)})")
+        self.fast = engine.use_fast_path(vae) and len(self.layout) == 1
+        self.r = samples.guide_dists[self.layout[0][0]] if self.fast else None
+        self.site = self.layout[0][0]
+
+    def flatten(self, latents) -> torch.Tensor:
+        parts = [latents[name].reshape(*latents[name].shape[:2], -1) for name, _, _ in self.layout]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    def unflatten(self, state) -> dict:
+        out, at = {}, 0
+        for name, event, size in self.layout:
+            out[name] = state[..., at : at + size].reshape(*state.shape[:-1], *event)
+            at += size
+        return out
+
+    def densities(self, state):
+        """``(log p(x, z), log r(z))`` at ``state``, each ``(C, B)``."""
+        latents = self.unflatten(state)
+        log_lik, log_prior = engine.log_density(self.vae, self.xb, latents)
+        if self.start == "prior":
+            return log_lik + log_prior, log_prior
+        if self.fast:
+            return log_lik + log_prior, self.r.log_prob(state)
+        return log_lik + log_prior, engine.guide_log_density(self.vae, self.xb, latents)
+
+
+def _anneal(chains, z, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar=None):
     """Run chains ``z`` (C, B, L) along ``betas`` (increasing for AIS, decreasing for reverse
     AIS); return the accumulated log-weights (C, B) and the mean acceptance per datapoint."""
+    xb = chains.xb
 
     def log_ratio(state):  # log p(x, z) - log r(z), shape (C, B)
-        log_lik, log_prior = engine.log_density(vae, xb, {site: state})
-        return log_lik + log_prior - r.log_prob(state)
+        log_joint, log_r = chains.densities(state)
+        return log_joint - log_r
+
+    def target(beta):
+        def log_f(state):  # log r(z) + beta [log p(x, z) - log r(z)]
+            log_joint, log_r = chains.densities(state)
+            return log_r + beta * (log_joint - log_r)
+
+        return log_f
 
     log_w = torch.zeros(z.shape[:-1], dtype=torch.float64, device=xb.device)
     eps = torch.full((xb.shape[0],), float(step_size), dtype=xb.dtype, device=xb.device)
@@ -116,8 +176,7 @@ def _anneal(vae, xb, r, z, betas, num_leapfrog, step_size, target_accept, adapt_
         log_w += (betas[t] - betas[t - 1]).item() * log_ratio(z).double()
         if t == betas.numel() - 1:
             break  # the last transition would not change the weights
-        beta = betas[t].item()
-        z, acc = hmc_step(z, lambda s: r.log_prob(s) + beta * log_ratio(s), eps, num_leapfrog)
+        z, acc = hmc_step(z, target(betas[t].item()), eps, num_leapfrog)
         accepts.append(acc.mean(0))
         if bar is not None:
             bar.update(1)
@@ -138,8 +197,8 @@ def _betas(betas, num_steps) -> torch.Tensor:
 
 
 def _start(vae, xb, start, num_chains):
-    """The start distribution r (batch ``(C, B)``) from the programs, initial states
-    ``(C, B, L)`` drawn from it, and the latent site's name."""
+    """The chains (:class:`_Chains`: which sites move, the densities along the path) and their
+    initial states ``(C, B, L)`` drawn from the start distribution."""
     if start not in ("prior", "guide"):
         raise UsageError(f"unknown start {start!r}; valid choices: prior, guide")
     guide_net = getattr(vae, "guide_net", None)
@@ -149,17 +208,12 @@ def _start(vae, xb, start, num_chains):
             f"{type(guide_net).__name__} can only score its own samples (a flow without an analytic "
             "inverse); use start='prior' (--ais-start prior)"
         )
-    samples = engine.log_weights(vae, xb, num_chains, proposal="guide" if start == "guide" else "prior")
-    if len(samples.latents) != 1:
-        raise UsageError(f"AIS moves one latent site; this program has {sorted(samples.latents)}")
-    ((site, z),) = samples.latents.items()
-    r = samples.guide_dists[site]
-    support = r.support
-    while hasattr(support, "base_constraint"):  # independent(...), mixtures of real components
-        support = support.base_constraint
-    if support is not constraints.real:
-        raise UsageError(f"AIS's HMC moves real-valued latents; site {site!r} has support {r.support}")
-    return r, z.detach(), site
+    samples = engine.log_weights(vae, xb, num_chains, proposal="guide" if start == "guide" else "prior",
+                                 enumerate=False)
+    if start == "guide":
+        samples.require_density("AIS from the guide")
+    chains = _Chains(vae, xb, start, samples)
+    return chains, chains.flatten(samples.latents).detach()
 
 
 def _estimate(name, log_w_parts, accept_parts, num_chains, reciprocal=False) -> Estimate:
@@ -219,8 +273,8 @@ def ais(
             bar.update(len(cache.batches) * (betas.numel() - 2))
 
     def chains(_, xb):
-        r, z0, site = _start(vae, xb, start, num_chains)
-        lw, acc = _anneal(vae, xb, r, z0, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar, site)
+        runner, z0 = _start(vae, xb, start, num_chains)
+        lw, acc = _anneal(runner, z0, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar)
         return {"log_w": lw, "accept": acc}
 
     try:
@@ -263,13 +317,14 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
     error of both.
 
     :param z_exact: ``(B, L)`` the latent codes the data were simulated from (every reverse
-        chain starts there).
+        chain starts there), or for a program with several continuous latent sites a dict
+        site -> ``(B, ...)``.
     :param ais_options: the annealing settings of :func:`ais` (``num_chains``, ``num_steps``,
         ``betas``, ``start``, ``num_leapfrog``, ``step_size``, ``target_accept``,
         ``adapt_step_size``; its defaults), used by both directions.
     :returns: :class:`BDMCBounds` (``lower``, ``upper``, ``gap``).
     """
-    if z_exact.dim() != 2 or z_exact.shape[0] != x.shape[0]:
+    if not isinstance(z_exact, dict) and (z_exact.dim() != 2 or z_exact.shape[0] != x.shape[0]):
         raise UsageError(f"z_exact must have shape ({x.shape[0]}, latent_dim), got {tuple(z_exact.shape)}")
     unknown = sorted(set(ais_options) - set(_ANNEALING_DEFAULTS))
     if unknown:
@@ -278,11 +333,16 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
     lower = ais(vae, x, batch_size=x.shape[0], seed=seed, **o)
     forward = _betas(o["betas"], o["num_steps"])
     with _evaluating(vae), seeded(None if seed is None else seed + 1, x.device):
-        r, z0, site = _start(vae, x, o["start"], o["num_chains"])
+        runner, z0 = _start(vae, x, o["start"], o["num_chains"])
+        if isinstance(z_exact, dict):
+            names = [name for name, _, _ in runner.layout]
+            if sorted(z_exact) != sorted(names):
+                raise UsageError(f"z_exact must give the continuous latent sites {names}, got {sorted(z_exact)}")
+            z_exact = runner.flatten({k: v[None] for k, v in z_exact.items()})[0]
         if z0.shape[1:] != z_exact.shape:
             raise UsageError(f"z_exact must have shape {tuple(z0.shape[1:])}, got {tuple(z_exact.shape)}")
         z = z_exact.expand(o["num_chains"], *z_exact.shape).clone()
-        lw, acc = _anneal(vae, x, r, z, forward.flip(0), o["num_leapfrog"], o["step_size"], o["target_accept"],
-                          o["adapt_step_size"], site=site)
+        lw, acc = _anneal(runner, z, forward.flip(0), o["num_leapfrog"], o["step_size"], o["target_accept"],
+                          o["adapt_step_size"])
     upper = _estimate("reverse-ais", [lw], [acc], o["num_chains"], reciprocal=True)
     return BDMCBounds(lower, upper)

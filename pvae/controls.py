@@ -133,6 +133,12 @@ def use_precision(vae, precision: str = "fp32") -> None:
     outputs are float32 either way, so every density downstream is computed in float32."""
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")
+    if not hasattr(vae, "decoder"):  # a user's program: its networks are its own
+        if precision != "fp32":
+            raise UsageError(f"precision {precision!r} applies autocast to pvae's own encoder and decoder; for a "
+                             "model/guide pair of your own, use torch.autocast inside your networks")
+        vae.precision = precision
+        return
     nets = [vae.decoder, getattr(vae.guide_net, "encoder", None)]
     for net in nets:
         if net is None:

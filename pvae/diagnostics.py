@@ -55,90 +55,126 @@ def importance_diagnostics(
     proposal, from ``num_samples`` draws (memory ``num_samples * B``; batch ``x`` yourself).
 
     :returns: ``{"khat": (B,), "ess": (B,)}``.
-    :raises UsageError: for a point-mass guide, which has no density: its "weights" would read
-        as a perfect proposal (k-hat = -inf, ESS = K) while measuring nothing.
+    :raises UsageError: for a guide with a point-mass site (pvae's ``"delta"`` guide, or a
+        ``Delta`` site in a user's program), which has no density: its "weights" would read as a
+        perfect proposal (k-hat = -inf, ESS = K) while measuring nothing. The site is named.
     """
-    if not getattr(getattr(vae, "guide_net", None), "has_density", True):
-        raise UsageError(
-            f"the guide {type(vae.guide_net).__name__} is a point mass without a density: importance "
-            "diagnostics (k-hat, ESS) are undefined for it; use pvae.reconstruction_error"
-        )
     with torch.no_grad(), seeded(seed, x.device):
         lw = torch.cat(list(log_importance_weights(vae, x, num_samples, chunk_size))).double()
     return {"khat": psis_khat(lw), "ess": importance_ess(lw).cpu()}
 
 
-def _code(vae, x) -> torch.Tensor:
+def _codes(vae, x) -> Dict[str, torch.Tensor]:
+    """:math:`E_q[z|x]` per continuous latent site, each ``(B, L_site)`` float64."""
     means = engine.guide_mean(vae, x)
-    if len(means) != 1:
-        raise UsageError(f"active units need one latent site; the guide has {sorted(means)}")
-    (mean,) = means.values()
-    return mean.reshape(x.shape[0], -1).double()
+    out = {name: m.reshape(x.shape[0], -1).double() for name, m in means.items() if m.is_floating_point()}
+    if not out:
+        raise UsageError(f"active units need a continuous latent site; the guide has {sorted(means)}")
+    return out
 
 
-def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> Dict[str, torch.Tensor]:
-    """Burda et al.'s activity :math:`A_u = \\operatorname{Var}_x(E_q[z_u|x])` per latent unit,
-    over the datapoints ``x``; ``"active"`` is the boolean mask :math:`A_u > ` ``threshold``
-    and ``"count"`` its sum. :math:`E_q[z|x]` comes from the guide program
-    (:func:`pvae.engine.guide_mean`; one latent site)."""
-    with torch.no_grad():
-        means = _code(vae, x)
+def _code(vae, x) -> torch.Tensor:
+    """The codes of every continuous latent site, concatenated in the guide's order, ``(B, L)``."""
+    codes = _codes(vae, x)
+    return torch.cat(list(codes.values()), -1) if len(codes) > 1 else next(iter(codes.values()))
+
+
+def _activity(means: torch.Tensor, threshold: float) -> Dict[str, torch.Tensor]:
     activity = means.var(0, unbiased=True).cpu()
     active = activity > threshold
     return {"activity": activity, "active": active, "count": active.sum()}
 
 
-def kl_per_dimension(vae, x: torch.Tensor) -> torch.Tensor:
-    """:math:`\\frac1N\\sum_n KL(q(z_d|x_n) \\| p(z_d))` per latent dimension (nats), in
-    closed form; needs a diagonal Gaussian guide and a diagonal Gaussian prior (otherwise the
-    KL does not split over dimensions)."""
+def active_units(vae, x: torch.Tensor, threshold: float = 0.01) -> Dict[str, torch.Tensor]:
+    r"""Burda et al.'s activity :math:`A_u = \operatorname{Var}_x(E_q[z_u|x])` per latent unit,
+    over the datapoints ``x``; ``"active"`` is the boolean mask :math:`A_u > ` ``threshold``
+    and ``"count"`` its sum. :math:`E_q[z|x]` comes from the guide program
+    (:func:`pvae.engine.guide_mean`): the units of every continuous latent site, concatenated in
+    the guide's order; with several sites ``"per_site"`` gives each site's (a hierarchy's
+    levels) ``{"activity", "active", "count"}``."""
     with torch.no_grad():
-        qb, pb, reason = _diagonal_gaussians(vae, x)
+        codes = _codes(vae, x)
+    out = _activity(torch.cat(list(codes.values()), -1), threshold)
+    if len(codes) > 1:
+        out["per_site"] = {name: _activity(c, threshold) for name, c in codes.items()}
+    return out
+
+
+def kl_per_dimension(vae, x: torch.Tensor, per_site: bool = False, seed: Optional[int] = 0):
+    r""":math:`\frac1N\sum_n KL(q(z_d|x_n) \| p(z_d))` per latent dimension (nats), in
+    closed form per site; needs diagonal Gaussian guide and prior sites (otherwise the KL does
+    not split over dimensions). With several latent sites (a hierarchy), a lower level's KL is
+    :math:`KL(q(z_1|x, z_2)\|p(z_1|z_2))` at one draw of the levels above it per datapoint (a
+    Monte Carlo average over those levels, drawn under ``seed``; ``None`` draws from the global
+    RNG). Returns the dimensions of every site concatenated in the program's order, or with
+    ``per_site`` a dict site -> ``(L_site,)``."""
+    with torch.no_grad(), seeded(seed, x.device):
+        pairs, reason = _diagonal_gaussians(vae, x)
         if reason is not None:
             raise UsageError(reason)
-        kl = torch.distributions.kl_divergence(qb, pb).double()
-        return kl.reshape(-1, kl.shape[-1]).mean(0).cpu()
+        out = {}
+        for name, (qb, pb) in pairs.items():
+            kl = torch.distributions.kl_divergence(qb, pb).double()
+            out[name] = kl.reshape(-1, kl.shape[-1]).mean(0).cpu()
+    if per_site:
+        return out
+    return torch.cat(list(out.values())) if len(out) > 1 else next(iter(out.values()))
 
 
 def _diagonal_gaussians(vae, x):
-    """The guide's and prior's diagonal-Gaussian site distributions at ``x``, or a reason why
-    the KL does not split over latent dimensions: ``(q, p, None)`` or ``(None, None, reason)``."""
-    samples = engine.log_weights(vae, x, 1)  # the guide's and prior's site distributions
-    if len(samples.latents) != 1:
-        return None, None, f"kl_per_dimension needs one latent site; the program has {sorted(samples.latents)}"
-    (site,) = samples.latents
-    q, p = samples.guide_dists[site], samples.prior_dists[site]
-    qb = q.base_dist if isinstance(q, dist.Independent) else q
-    pb = p.base_dist if isinstance(p, dist.Independent) else p
-    if not (isinstance(qb, dist.Normal) and isinstance(pb, dist.Normal)):
-        return None, None, ("kl_per_dimension needs a diagonal Gaussian guide and prior; got "
-                            f"{type(qb).__name__} and {type(pb).__name__}")
-    return qb, pb, None
+    """Per latent site, the guide's and prior's diagonal-Gaussian distributions at ``x``, or a
+    reason why the KL does not split over latent dimensions: ``({site: (q, p)}, None)`` or
+    ``(None, reason)``."""
+    samples = engine.log_weights(vae, x, 1, enumerate=False)  # the guide's and prior's site distributions
+    if not samples.latents:
+        return None, "kl_per_dimension needs a latent site; the program has none"
+    out = {}
+    for site in samples.latents:
+        q, p = samples.guide_dists[site], samples.prior_dists[site]
+        qb = q.base_dist if isinstance(q, dist.Independent) else q
+        pb = p.base_dist if isinstance(p, dist.Independent) else p
+        if not (isinstance(qb, dist.Normal) and isinstance(pb, dist.Normal)):
+            return None, ("kl_per_dimension needs diagonal Gaussian guide and prior sites; at site "
+                          f"{site!r} got {type(qb).__name__} and {type(pb).__name__}")
+        out[site] = (qb, pb)
+    return out, None
 
 
 def to_inference_data(vae, x: torch.Tensor, num_samples: int = 100, seed: Optional[int] = 0):
-    """Export guide samples :math:`z_k \\sim q(z|x)` and their log importance weights
-    :math:`\\log p(x, z_k) - \\log q(z_k|x)` to :class:`arviz.InferenceData`.
+    r"""Export guide samples :math:`z_k \sim q(z|x)` and their log importance weights
+    :math:`\log p(x, z_k) - \log q(z_k|x)` to :class:`arviz.InferenceData`.
 
-    ``posterior["z"]`` has dims ``(chain=1, draw=num_samples, datapoint, latent)``;
-    ``sample_stats["log_weight"]`` has dims ``(chain, draw, datapoint)`` (nats). The draws are
-    independent samples from the guide (not MCMC), so use the importance weights, not the
-    raw draws, for anything about the true posterior.
+    One posterior variable per latent site the guide samples (its discrete sites drawn, not
+    enumerated): ``posterior[site]`` has dims ``(chain=1, draw=num_samples, datapoint,
+    <site>_dim_0, ...)``; ``sample_stats["log_weight"]`` has dims ``(chain, draw, datapoint)``
+    (nats; sites the model alone enumerates are summed out inside it). The draws are
+    independent samples from the guide (not MCMC), so use the importance weights, not the raw
+    draws, for anything about the true posterior.
     """
     import arviz
 
     with torch.no_grad(), seeded(seed, x.device):
         check_data(vae, x)
-        samples = engine.log_weights(vae, x, num_samples)
-        if len(samples.latents) != 1:
-            raise UsageError(f"to_inference_data exports one latent site; the program has {sorted(samples.latents)}")
-        (z,) = samples.latents.values()
+        samples = engine.log_weights(vae, x, num_samples, enumerate=False)
+        samples.require_density("to_inference_data's importance weights")
+        latents = dict(samples.latents)
         log_w = samples.log_weight
+    n = x.shape[0]
+    posterior, dims, coords = {}, {"log_weight": ["datapoint"]}, {"datapoint": list(range(n))}
+    for name, z in latents.items():
+        z = z.expand(num_samples, n, *z.shape[2:])
+        posterior[name] = z.double().cpu().numpy()[None] if z.is_floating_point() else z.cpu().numpy()[None]
+        event = [f"{name}_dim_{i}" for i in range(z.dim() - 2)]
+        if len(latents) == 1 and len(event) == 1:  # one site: the historic name of its dimension
+            event = ["latent"]
+        dims[name] = ["datapoint", *event]
+        for d, size in zip(event, z.shape[2:]):
+            coords[d] = list(range(size))
     return arviz.from_dict(
-        posterior={"z": z.double().cpu().numpy()[None]},
+        posterior=posterior,
         sample_stats={"log_weight": log_w.double().cpu().numpy()[None]},
-        coords={"datapoint": list(range(x.shape[0])), "latent": list(range(z.shape[-1]))},
-        dims={"z": ["datapoint", "latent"], "log_weight": ["datapoint"]},
+        coords=coords,
+        dims=dims,
     )
 
 
@@ -148,7 +184,9 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
     at most ``threshold`` carry (almost) no information about x. Returns plain Python values
     (JSON-ready) and issues a :class:`UserWarning` when some units are inactive."""
     with torch.no_grad():
-        means = torch.cat([_code(vae, xb) for xb in x.split(batch_size)])
+        parts = [_codes(vae, xb) for xb in x.split(batch_size)]
+        codes = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+        means = torch.cat(list(codes.values()), -1)
         bad = ~torch.isfinite(means).all(-1)
         if bool(bad.any()):
             raise DivergenceError(
@@ -156,20 +194,22 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
                 f"(first: {bad.nonzero().flatten()[:5].tolist()}); the model's parameters or these inputs are "
                 "broken, so no latent diagnostic can be measured"
             )
-        splits = _diagonal_gaussians(vae, x[:2])[2] is None  # the KL splits over dimensions
+        splits = _diagonal_gaussians(vae, x[:2])[1] is None  # the KL splits over dimensions
     activity = means.var(0, unbiased=True).cpu()
     active = activity > threshold
-    kl_list = None
+    kl_list, kl_sites = None, None
     if splits:
-        kl = torch.cat([kl_per_dimension(vae, xb)[None] * xb.shape[0] for xb in x.split(batch_size)]).sum(0) / x.shape[0]
-        kl_list = kl.tolist()
+        per = [kl_per_dimension(vae, xb, per_site=True) for xb in x.split(batch_size)]
+        sizes = [xb.shape[0] for xb in x.split(batch_size)]
+        kl_sites = {name: (sum(p[name] * m for p, m in zip(per, sizes)) / x.shape[0]) for name in per[0]}
+        kl_list = torch.cat(list(kl_sites.values())).tolist()
     count, latent = int(active.sum()), int(activity.numel())
     collapse = None
     if count < latent:
         collapse = (f"posterior collapse in {latent - count} of {latent} latent units: their posterior "
                     f"mean varies over x with variance <= {threshold}")
         warnings.warn(collapse, stacklevel=2)
-    return {
+    out = {
         "active_units": count,
         "latent_dim": latent,
         "activity_threshold": threshold,
@@ -178,6 +218,12 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
         "kl_total": None if kl_list is None else float(sum(kl_list)),
         "posterior_collapse": collapse,
     }
+    if len(codes) > 1:  # several latent sites (a hierarchy's levels): each one's share
+        out["per_site"] = {
+            name: {"active_units": int((c.var(0, unbiased=True) > threshold).sum()), "latent_dim": int(c.shape[-1]),
+                   "kl_total": None if kl_sites is None else float(kl_sites[name].sum())}
+            for name, c in codes.items()}
+    return out
 
 
 def inference_gaps(

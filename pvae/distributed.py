@@ -191,7 +191,9 @@ class LossModule(nn.Module):
         self.objective = objective
 
     def forward(self, x, index=None, kl_weight=1.0, weight=1.0):
-        loss, value = self.objective.loss_and_value(self.vae, x, index, kl_weight=kl_weight)
+        from .objectives import call_objective
+
+        loss, value = call_objective(self.objective, self.vae, x, index, kl_weight)
         return loss * weight, value
 
 

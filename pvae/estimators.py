@@ -159,6 +159,13 @@ def log_importance_weights(
     path); the programs run once per chunk. Draws from the global torch RNG (wrap in
     :func:`pvae._rng.seeded` to fix it).
     """
+    for samples in _weighted_chunks(vae, x, num_samples, chunk_size, proposal, index):
+        yield samples.log_weight
+
+
+def _weighted_chunks(vae, x, num_samples, chunk_size, proposal="guide", index=None):
+    """:func:`pvae.engine.log_weights` in chunks of at most ``chunk_size`` samples adding up to
+    exactly ``num_samples``; a point-mass proposal is refused (its weights measure nothing)."""
     num_samples = _check_positive_int("num_samples", num_samples)
     if chunk_size is None:
         chunk_size = auto_chunk_size(vae, x.shape[0], num_samples, x.device, x.dtype)
@@ -166,7 +173,9 @@ def log_importance_weights(
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
-        yield engine.log_weights(vae, x, k, index, proposal).log_weight
+        samples = engine.log_weights(vae, x, k, index, proposal)
+        samples.require_density("importance weights (the ELBO, L_K, importance sampling)")
+        yield samples
         done += k
 
 
@@ -234,12 +243,6 @@ def _weight_statistics(
     num_samples = _check_positive_int("num_samples", num_samples)
     batch_size = _check_positive_int("batch_size", batch_size)
     check_data(vae, x)
-    if proposal == "guide" and not getattr(getattr(vae, "guide_net", None), "has_density", True):
-        raise UsageError(
-            f"the guide {type(vae.guide_net).__name__} is a point mass without a density, so the "
-            "ELBO and importance-weighted bounds are undefined for it; use "
-            "pvae.reconstruction_error (or the naive prior estimate, which needs no guide)"
-        )
     bar = None
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
@@ -260,10 +263,11 @@ def _weight_statistics(
         lse2 = lse.clone()
         total = torch.zeros(xb.shape[0], dtype=torch.float64, device=device)
         total_sq = torch.zeros_like(total)
-        for lw in log_importance_weights(vae, xb, k, chunk_size, proposal, ib):
+        for samples in _weighted_chunks(vae, xb, k, chunk_size, proposal, ib):
+            lw = samples.log_weight
             lse = torch.logaddexp(lse, torch.logsumexp(lw, 0))
             lse2 = torch.logaddexp(lse2, torch.logsumexp(2 * lw, 0))
-            lw64 = lw.double()
+            lw64 = samples.elbo_term.double()  # the ELBO's integrand (= lw unless sites are enumerated)
             total += lw64.sum(0)
             total_sq += lw64.pow(2).sum(0)
         mean_lw = total / k

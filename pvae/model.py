@@ -38,7 +38,7 @@ from pyro.poutine.runtime import am_i_wrapped, effectful
 from torch import nn
 
 from ._rng import seeded
-from .engine import WeightedSamples, params_quiet
+from .engine import WeightedSamples, is_point_mass, params_quiet
 from .errors import UsageError, UsageTypeError
 from .guides import Guide
 from .likelihoods import Likelihood
@@ -271,7 +271,9 @@ class VAE(nn.Module):
             log_q = log_p
         log_lik = self.log_likelihood(x, z)
         return WeightedSamples(log_lik, log_p, log_q, {LATENT_SITE: z}, {LATENT_SITE: q},
-                               {LATENT_SITE: prior}, "fast", {LATENT_SITE: (log_p, log_q)})
+                               {LATENT_SITE: prior}, "fast", {LATENT_SITE: (log_p, log_q)},
+                               point_masses=(LATENT_SITE,) if is_point_mass(q) else (),
+                               not_reparametrized=() if q.has_rsample else (LATENT_SITE,))
 
     def guide_distribution(self, x: torch.Tensor, index: Optional[torch.Tensor] = None):
         """The guide's distribution q(z|x) (the approximate posterior), batch shape ``(B,)``.

@@ -26,7 +26,7 @@ Registered objectives (:data:`OBJECTIVES`; build with :func:`make_objective`):
 The KL weight :math:`\beta_t` is :math:`\beta` times a :class:`KLSchedule` (constant, linear
 warm-up, cyclical). It multiplies :math:`\log p(z) - \log q(z|x)` (or the analytic KL) and
 nothing else: computed from the log-weights' terms, or, for Pyro's own ELBOs, with
-:class:`ScaleSite` — a site-restricted :func:`pyro.poutine.scale` on the latent site of both
+:class:`ScaleLatents` — :func:`pyro.poutine.scale` restricted to the latent sites of both
 model and guide. For IWAE it multiplies the same term inside each importance weight. The training loop
 tells the objective how far training has got (:meth:`Objective.set_progress`, in epochs).
 
@@ -49,6 +49,20 @@ from .errors import UsageError
 from .model import LATENT_SITE
 from .options import Part
 from .registry import Registry
+
+
+class ScaleLatents(Messenger):
+    """Multiply the log-density of every latent (unobserved) sample site by ``scale`` — the KL
+    weight of Pyro's own ELBOs for a program with any number of latent sites: in the model the
+    guide's replayed sites are latent, in the guide every site is."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = msg["scale"] * self.scale
 
 
 class ScaleSite(Messenger):
@@ -112,6 +126,22 @@ class KLSchedule:
 class Objective:
     """Base class: subclasses implement :meth:`loss_and_value`.
 
+    **The contract** (what :func:`pvae.fit`, the data-parallel wrapper and the step modes rely
+    on; a user's subclass that follows it trains like pvae's own):
+
+    * ``loss_and_value(self, pair, x, index=None)`` returns ``(loss, value)``: a 0-d
+      differentiable surrogate whose gradient is followed, and the detached Monte Carlo estimate
+      of the objective per datapoint averaged over the minibatch (nats, higher is better).
+      ``pair`` is a :class:`~pvae.model.VAE` or :class:`~pvae.engine.ModelGuidePair`, ``x`` a
+      minibatch (a tensor, or :class:`~pvae.engine.WithCovariates`), ``index`` the datapoints'
+      positions (or ``None``). Compute from :func:`pvae.engine.log_weights` to follow the programs.
+    * Optionally a keyword ``kl_weight`` (a float, or a 0-d tensor inside a CUDA graph): the KL
+      weight :math:`\beta_t` to use instead of :attr:`kl_weight`. A subclass without it reads
+      :attr:`kl_weight` itself (the loop calls :meth:`set_progress` before every step); its steps
+      then run eagerly.
+    * Optionally :meth:`check` (refuse a pair before training), :attr:`min_batch_size`,
+      :attr:`per_datapoint`, :attr:`has_kl_term` and :meth:`options` (saved in checkpoints).
+
     :ivar str name: registry name, kept in logs and checkpoints.
     :ivar int num_particles: samples per datapoint (K for IWAE).
     :ivar KLSchedule kl_schedule: weight of the KL term (ELBO family and InfoVAE; for IWAE, of
@@ -173,8 +203,26 @@ class Objective:
         return f"{type(self).__name__}({self.name!r}, num_particles={self.num_particles}{opts})"
 
 
+def takes_kl_weight(objective) -> bool:
+    """Whether ``objective.loss_and_value`` accepts the ``kl_weight`` keyword (see the contract
+    of :class:`Objective`)."""
+    try:
+        params = inspect.signature(objective.loss_and_value).parameters
+    except (TypeError, ValueError):
+        return False
+    return "kl_weight" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def call_objective(objective, pair, x, index=None, kl_weight=None):
+    """``objective.loss_and_value(pair, x, index)``, passing ``kl_weight`` only to an objective
+    that takes it (:func:`takes_kl_weight`); the one way the training loop calls an objective."""
+    if kl_weight is not None and takes_kl_weight(objective):
+        return objective.loss_and_value(pair, x, index, kl_weight=kl_weight)
+    return objective.loss_and_value(pair, x, index)
+
+
 def _reparametrized(samples) -> bool:
-    return all(getattr(d, "has_rsample", False) for d in samples.guide_dists.values())
+    return not samples.not_reparametrized
 
 
 def _analytic_kl(samples) -> torch.Tensor:
@@ -213,17 +261,37 @@ class ElboObjective(Objective):
         weight = self.kl_weight if kl_weight is None else kl_weight
         samples = engine.log_weights(vae, x, self.num_particles, index)
         if not _reparametrized(samples):
-            return self._pyro_loss_and_value(vae, x, index, float(weight))
+            return self._pyro_loss_and_value(vae, x, index, float(weight), samples.data_scale,
+                                             bool(samples.enumerated))
+        if samples.enumerated:  # discrete sites summed out: the enumerated ELBO (TraceEnum_ELBO's value)
+            if not (isinstance(weight, (int, float)) and weight == 1.0):
+                samples.require_decomposition("a KL weight (beta, warm-up)")
+            value = samples.elbo_term.mean()
+            return -value, value.detach()
         kl = _analytic_kl(samples) if self.analytic_kl else -samples.log_ratio
         value = (samples.log_likelihood - weight * kl).mean()
         return -value, value.detach()
 
-    def _pyro_loss_and_value(self, vae, x, index, weight):
+    def _pyro_loss_and_value(self, vae, x, index, weight, data_scale=1.0, enumerated=False):
+        """Pyro's own ELBO (score-function terms for non-reparametrized sites; the KL sampled, as
+        :class:`pyro.infer.Trace_ELBO` computes it, even for ``elbo-analytic-kl``), per datapoint:
+        Pyro's loss estimates the sum over the data set (a subsampled plate scales the minibatch's
+        sum by N/B), so it is divided by the data set's size."""
         model, guide = vae.model, vae.guide
         if weight != 1.0:
-            model = ScaleSite(LATENT_SITE, weight)(model)
-            guide = ScaleSite(LATENT_SITE, weight)(guide)
-        loss = self.elbo.differentiable_loss(model, guide, x, index) / x.shape[0]
+            model = ScaleLatents(weight)(model)
+            guide = ScaleLatents(weight)(guide)
+        elbo = self.elbo
+        nesting = int(getattr(vae, "max_plate_nesting", 1))
+        kind = type(elbo)
+        if kind is pyro.infer.TraceMeanField_ELBO:  # (it needs a reparametrized guide): the KL sampled
+            kind = pyro.infer.Trace_ELBO
+        if enumerated:  # sampled and enumerated discrete sites together
+            kind = pyro.infer.TraceEnum_ELBO
+        if nesting != 1 or kind is not type(elbo):
+            elbo = kind(num_particles=elbo.num_particles, vectorize_particles=True, max_plate_nesting=nesting)
+        (xt, idx), covariates = engine._call_args(x, index)
+        loss = elbo.differentiable_loss(model, guide, xt, idx, **covariates) / (xt.shape[0] * data_scale)
         return loss, -loss.detach()
 
 
@@ -272,13 +340,19 @@ class FreeBitsObjective(Objective):
 
     @staticmethod
     def _kl_per_dim(samples) -> torch.Tensor:
-        if len(samples.latents) != 1:
-            raise UsageError(f"free bits need one latent site, the program has {sorted(samples.latents)}")
-        (name,) = samples.latents
-        q = _factorized_normal(samples.guide_dists[name], "guide")
-        p = _factorized_normal(samples.prior_dists[name], "prior")
-        kl = torch.distributions.kl_divergence(q, p)  # (K, B, L) or broadcastable
-        return kl.reshape(-1, kl.shape[-1]).mean(0) if kl.dim() > 1 else kl
+        """The minibatch-average KL per latent dimension of every latent site, concatenated in
+        the program's order (for a hierarchy, each level's KL given the levels sampled above it,
+        as free bits per group of Kingma et al. 2016)."""
+        samples.require_decomposition("free bits (KL per latent dimension)")
+        parts = []
+        for name in samples.latents:
+            q = _factorized_normal(samples.guide_dists[name], f"guide at site {name!r}")
+            p = _factorized_normal(samples.prior_dists[name], f"prior at site {name!r}")
+            kl = torch.distributions.kl_divergence(q, p)  # (K, B, L) or broadcastable
+            parts.append(kl.reshape(-1, kl.shape[-1]).mean(0) if kl.dim() > 1 else kl)
+        if not parts:
+            raise UsageError("free bits need a latent site; the program has none")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def loss_and_value(self, vae, x, index=None, kl_weight=None):
         weight = self.kl_weight if kl_weight is None else kl_weight
@@ -346,15 +420,20 @@ class IWAEObjective(Objective):
         return not self.kl_schedule.is_identity
 
     def check(self, vae, x):
-        if not getattr(getattr(vae, "guide_net", None), "has_density", True):
-            raise UsageError(
-                f"the IWAE bound needs importance weights p(x, z) / q(z|x), and the guide "
-                f"{type(vae.guide_net).__name__} is a point mass without a density; use a guide with a density"
-            )
+        with torch.no_grad():
+            samples = engine.log_weights(vae, x, 1)
+        self._check_samples(samples)
         if self.dreg:
-            with torch.no_grad():
-                for d in engine.log_weights(vae, x, 1).guide_dists.values():
-                    _stop_gradient(d)
+            for d in samples.guide_dists.values():
+                _stop_gradient(d)
+
+    def _check_samples(self, samples):
+        samples.require_density("the IWAE bound (importance weights p(x, z) / q(z|x))")
+        samples.require_reparametrized("the IWAE objective")
+        if self.dreg:
+            samples.require_decomposition("the DReG gradient (log q at stopped parameters)")
+        if not self.kl_schedule.is_identity:
+            samples.require_decomposition("a warm-up of the weights' prior term")
 
     def options(self) -> dict:
         out = {"dreg": True} if self.dreg else {}
@@ -367,6 +446,7 @@ class IWAEObjective(Objective):
         annealed = not self.kl_schedule.is_identity  # (decided by the schedule, not the weight's value:
         weight = self.kl_weight if kl_weight is None else kl_weight  # a CUDA graph passes a tensor)
         samples = engine.log_weights(vae, x, k, index)
+        self._check_samples(samples)
         if not self.dreg:
             log_w = samples.log_likelihood + weight * samples.log_ratio if annealed else samples.log_weight
             value = engine.log_mean_exp(log_w, 0)  # (B,)
@@ -453,6 +533,8 @@ class InfoVAEObjective(Objective):
             raise UsageError("the InfoVAE objective estimates MMD over the minibatch and needs at least 2 "
                              f"datapoints per batch, got {x.shape[0]}")
         samples = engine.log_weights(vae, x, self.num_particles, index)
+        samples.require_reparametrized("the InfoVAE objective")
+        samples.require_decomposition("InfoVAE's KL and MMD terms")
         expected_loglik = samples.log_likelihood.mean(0)
         kl = (-samples.log_ratio).mean(0)
         # the aggregate posterior's samples against as many draws from the model's prior site(s)

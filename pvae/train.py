@@ -28,7 +28,7 @@ from ._rng import seeded
 from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
 from .errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
 from .estimators import check_data, evaluate_bounds, reconstruction_error
-from .objectives import Objective, make_objective
+from .objectives import Objective, call_objective, make_objective, takes_kl_weight
 from .streaming import is_streamed
 from .streaming import loader as stream_loader
 
@@ -103,11 +103,29 @@ def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def _needs_index(vae) -> bool:
+    """Whether the guide is addressed by the datapoints' positions (a non-amortized guide)."""
+    guide_net = getattr(vae, "guide_net", None)
+    return bool(getattr(guide_net, "needs_index", False) if guide_net is not None else getattr(vae, "needs_index", False))
+
+
+def _has_density(vae, x) -> bool:
+    """Whether the guide has a density: pvae's guides say so; a user's program is asked by
+    tracing it on two datapoints (a point-mass site has none)."""
+    guide_net = getattr(vae, "guide_net", None)
+    if guide_net is not None:
+        return bool(guide_net.has_density)
+    from . import engine
+
+    with torch.no_grad(), pyro.validation_enabled(False):
+        return not engine.log_weights(vae, x[:2], 1, enumerate=False).point_masses
+
+
 def _validate(vae, valid_data, num_samples, seed, bound="elbo"):
     """The validation metric: the ELBO (or, with ``bound="iwae"``, L_K with K = ``num_samples``)
     if the guide has a density, else the reconstruction log-likelihood at the encoder's code.
     Runs under its own seed (training draws unchanged)."""
-    if vae.guide_net.has_density:
+    if _has_density(vae, valid_data[:2].to(vae.device) if is_streamed(valid_data) else valid_data):
         return f"val_{bound}", evaluate_bounds(vae, valid_data, num_samples, seed=seed)[bound]
     if is_streamed(valid_data):
         valid_data = valid_data.to(vae.device)
@@ -149,8 +167,13 @@ class TrainStep:
             mode = "eager"
             self.ddp = False  # wrapped at the first minibatch (distributed.wrap probes it)
         graphable = bool(optimizer.defaults.get("fused")) and bool(optimizer.defaults.get("capturable"))
+        weighted = takes_kl_weight(objective)  # a graph replays the KL weight it is given, so it must take one
         if mode == "auto":  # (an optimizer without the fused, capturable kernel reads found_inf on the host)
-            mode = "cuda-graph" if (device.type == "cuda" and vae.programs_are_builtin() and graphable) else "eager"
+            mode = "cuda-graph" if (device.type == "cuda" and vae.programs_are_builtin() and graphable
+                                    and weighted) else "eager"
+        if mode == "cuda-graph" and not weighted:
+            raise UsageError(f"step mode 'cuda-graph' replays the KL weight it is passed, and "
+                             f"{type(objective).__name__}.loss_and_value takes no kl_weight keyword; use step 'eager'")
         if mode == "cuda-graph" and device.type != "cuda":
             raise UsageError("step mode 'cuda-graph' needs the model on a CUDA device; use 'eager' or 'compile'")
         if mode == "cuda-graph" and not graphable:
@@ -171,7 +194,7 @@ class TrainStep:
                 self.ddp = distributed.wrap(self.vae, self.objective, x, index, kl_weight)
             loss, value = self.ddp(x, index, kl_weight, weight)
         else:
-            loss, value = self.objective.loss_and_value(self.vae, x, index, kl_weight=kl_weight)
+            loss, value = call_objective(self.objective, self.vae, x, index, kl_weight)
         loss.backward()
         return loss.detach(), value.detach()
 
@@ -355,7 +378,7 @@ def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int,
             f"{n} training datapoints in batches of {batch_size} leave a last batch of "
             f"{last_batch}; choose another batch size"
         )
-    if hasattr(objective, "check") and not vae.guide_net.needs_index:
+    if hasattr(objective, "check") and not _needs_index(vae):
         objective.check(vae, train_data[:2].to(vae.device))
 
 
@@ -398,8 +421,11 @@ def fit(
 ) -> History:
     """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
 
-    :param vae: a :class:`~pvae.model.VAE`; trained in place.
-    :param train_data: ``(N, D)`` float tensor, or a :class:`~pvae.streaming.StreamedSplit`.
+    :param vae: a :class:`~pvae.model.VAE`, or a :class:`~pvae.engine.ModelGuidePair` of the
+        user's own (any Pyro program the engine scores: several latent sites, enumerated discrete
+        sites, covariates, a subsampled plate); trained in place.
+    :param train_data: ``(N, D)`` float tensor, :class:`~pvae.engine.WithCovariates` (data with
+        the covariates the programs read), or a :class:`~pvae.streaming.StreamedSplit`.
     :param valid_data: optional ``(M, D)`` tensor for the per-epoch validation ELBO, early
         stopping and best-model selection.
     :param int epochs: total number of epochs (a resumed run continues up to this number).
@@ -490,7 +516,7 @@ def fit(
             vae.check_data(binary_view(chunk), "dynamically binarized training data")
         else:
             vae.check_data(chunk, "training data")
-    indexed = vae.guide_net.needs_index
+    indexed = _needs_index(vae)
     if valid_data is not None:
         check_data(vae, valid_data, "validation data")
         if indexed:
@@ -499,7 +525,7 @@ def fit(
                 "cannot score validation data; pass valid_data=None (or refine a guide on the "
                 "validation data separately)"
             )
-    if indexed and vae.guide_net.num_datapoints != train_data.shape[0]:
+    if indexed and getattr(getattr(vae, "guide_net", None), "num_datapoints", train_data.shape[0]) != train_data.shape[0]:
         raise UsageError(
             f"the non-amortized guide was built for {vae.guide_net.num_datapoints} datapoints, "
             f"but the training data have {train_data.shape[0]}"
