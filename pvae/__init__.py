@@ -29,7 +29,7 @@ from .diagnostics import (
     psis_khat,
     to_inference_data,
 )
-from .engine import ModelGuidePair, WeightedSamples, log_weights
+from .engine import ModelGuidePair, WeightedSamples, WithCovariates, log_weights
 from .errors import DiskFullError, DivergenceError, NotARunError, RunExistsError, UsageError, UsageTypeError
 from .estimators import (
     Estimate,
@@ -53,7 +53,7 @@ __all__ = sorted(set(_parts_all) | {
     "DATASETS", "Dataset", "data_dir", "load_dataset",
     "active_units", "importance_diagnostics", "inference_gaps", "kl_per_dimension", "latent_diagnostics",
     "psis_khat", "to_inference_data",
-    "ModelGuidePair", "WeightedSamples", "log_weights",
+    "ModelGuidePair", "WeightedSamples", "WithCovariates", "log_weights",
     "DiskFullError", "DivergenceError", "NotARunError", "RunExistsError", "UsageError", "UsageTypeError",
     "Estimate", "elbo", "evaluate_bounds", "iwae_bound", "log_importance_weights", "naive_prior_estimate",
     "reconstruction_error",

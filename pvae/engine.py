@@ -16,6 +16,16 @@ does), the ``K`` samples vectorized in an outer plate :data:`PARTICLE_PLATE`. Un
 :func:`pyro.infer.importance.vectorized_importance_weights`, which sums over the whole batch,
 the result keeps one weight per datapoint: shape ``(K, B)``.
 
+Any program whose sample sites sit in the data plate is scored this way (DESIGN rule 11): several
+latent sites (a hierarchy, the guide in any order); discrete sites marked for parallel
+enumeration summed out exactly inside the weight (Pyro's ``config_enumerate`` semantics, with
+masked enumeration for partially observed sites); observed covariates passed to both programs
+(:class:`WithCovariates`); subsampled data plates, whose subsample scale :math:`N/B` is divided
+out before the per-datapoint weights are formed (a user's own :func:`pyro.poutine.scale` keeps
+its meaning). Guards come from the trace, not from class names: point-mass proposal sites and
+non-reparametrized ones are recorded (:attr:`WeightedSamples.point_masses`,
+:attr:`WeightedSamples.not_reparametrized`) for every estimator and objective to refuse by name.
+
 The *programs are the definition*: a user who overrides ``VAE.model`` / ``VAE.guide``, adds a
 site, wraps a program in a :mod:`pyro.poutine` handler, or brings a model/guide pair of their
 own (:class:`ModelGuidePair`) changes every number pvae reports. A closed-form fast path

@@ -399,7 +399,9 @@ def evaluate_bounds(
 
     * ``"elbo"``: :math:`\frac1K\sum_k \log w_k`, an unbiased estimate of the ELBO
       :math:`E_q[\log p(x,z) - \log q(z|x)] \le \log p(x)`. Monte Carlo standard error
-      ``std(log w) / sqrt(K)`` per datapoint.
+      ``std(log w) / sqrt(K)`` per datapoint. With discrete sites summed out (enumerated), the
+      mean of the enumerated ELBO integrand (:attr:`pvae.engine.WeightedSamples.elbo_term`:
+      the guide's enumerated sites in expectation, as :class:`pyro.infer.TraceEnum_ELBO`).
     * ``"iwae"``: :math:`\mathcal{L}_K = \log \frac1K \sum_k w_k` (Burda et al., 2015); its
       expectation is a lower bound on :math:`\log p(x)` that tightens as K grows, and it is a
       consistent estimate of :math:`\log p(x)` as :math:`K\to\infty`. Per-datapoint Monte

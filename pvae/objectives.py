@@ -307,8 +307,6 @@ def _factorized_normal(d: dist.Distribution, what: str) -> dist.Normal:
 
 
 class FreeBitsObjective(Objective):
-    per_datapoint = False  # the clamp acts on the minibatch's average KL per dimension
-
     r"""The ELBO with free bits (Kingma et al., 2016):
 
     .. math::
@@ -321,8 +319,12 @@ class FreeBitsObjective(Objective):
     KL per dimension is in closed form, so the guide and the prior must be diagonal Gaussians.
     It is computed directly from the parts (:meth:`~pvae.model.VAE.log_likelihood`, the guide's
     and prior's distributions) because Pyro's ELBOs sum the KL over dimensions before any
-    clamp could act. With λ = 0 it is ``elbo-analytic-kl``.
+    clamp could act. With λ = 0 it is ``elbo-analytic-kl``. With several latent sites (a
+    hierarchy) every site's dimensions are clamped, a lower level's KL taken given the levels
+    sampled above it (free bits per group, Kingma et al. 2016).
     """
+
+    per_datapoint = False  # the clamp acts on the minibatch's average KL per dimension
 
     def __init__(self, num_particles: int, free_bits: float, kl_schedule: Optional[KLSchedule] = None):
         super().__init__("elbo-analytic-kl", num_particles, kl_schedule)

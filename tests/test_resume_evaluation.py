@@ -46,8 +46,8 @@ def _count_batches(monkeypatch, module, name, fail_at=None):
 
 # estimator -> (the function called once per minibatch, evaluate_run options)
 ESTIMATORS = {
-    "iwae": ((pvae.estimators, "log_importance_weights"), {"estimators": ("elbo", "iwae")}),
-    "naive": ((pvae.estimators, "log_importance_weights"), {"estimators": ("naive",)}),
+    "iwae": ((pvae.estimators, "_weighted_chunks"), {"estimators": ("elbo", "iwae")}),
+    "naive": ((pvae.estimators, "_weighted_chunks"), {"estimators": ("naive",)}),
     "ais": ((pvae.annealing, "_start"), {"estimators": ("ais",), "num_chains": 2, "ais_steps": 4}),
 }
 
@@ -82,7 +82,7 @@ def test_interrupted_evaluation_resumes_to_the_uninterrupted_report(run_dir, mon
 
 
 def test_other_settings_a_damaged_file_or_restart_start_afresh(run_dir, monkeypatch):
-    module, name = pvae.estimators, "log_importance_weights"
+    module, name = pvae.estimators, "_weighted_chunks"
     with monkeypatch.context() as m:
         _count_batches(m, module, name, fail_at=3)
         with pytest.raises(Interrupt):
@@ -115,7 +115,7 @@ def test_other_settings_a_damaged_file_or_restart_start_afresh(run_dir, monkeypa
 
 def test_write_false_keeps_no_partial_file(run_dir, monkeypatch):
     with monkeypatch.context() as m:
-        _count_batches(m, pvae.estimators, "log_importance_weights", fail_at=2)
+        _count_batches(m, pvae.estimators, "_weighted_chunks", fail_at=2)
         with pytest.raises(Interrupt):
             _evaluate(run_dir, write=False)
     assert list(run_dir.glob("*.partial.pt")) == []
@@ -125,7 +125,7 @@ def test_cli_evaluate_resumes_and_restart_discards(run_dir, monkeypatch, capsys)
     args = ["evaluate", str(run_dir), "--num-samples", "20", "--batch-size", str(BATCH), "--chunk-size", "20",
             "--psis-datapoints", "0"]
     with monkeypatch.context() as m:
-        _count_batches(m, pvae.estimators, "log_importance_weights", fail_at=2)
+        _count_batches(m, pvae.estimators, "_weighted_chunks", fail_at=2)
         assert main(args + ["--no-progress"]) == 130
     assert "the same command resumes" in capsys.readouterr().err
     assert len(list(run_dir.glob("*.partial.pt"))) == 1
@@ -134,10 +134,10 @@ def test_cli_evaluate_resumes_and_restart_discards(run_dir, monkeypatch, capsys)
     report = json.loads((run_dir / "evaluation-test-K20.json").read_text())
     assert report["estimates"]["iwae"]["num_samples"] == 20
     with monkeypatch.context() as m:
-        _count_batches(m, pvae.estimators, "log_importance_weights", fail_at=2)
+        _count_batches(m, pvae.estimators, "_weighted_chunks", fail_at=2)
         assert main(args + ["--no-progress"]) == 130
     with monkeypatch.context() as m:
-        calls = _count_batches(m, pvae.estimators, "log_importance_weights")
+        calls = _count_batches(m, pvae.estimators, "_weighted_chunks")
         assert main(args + ["--no-progress", "--restart"]) == 0
     assert len(calls) == -(-report["num_datapoints"] // BATCH)
 
@@ -159,7 +159,7 @@ def test_progress_bar_of_a_resumed_evaluation_counts_the_resumed_minibatches(run
             pass
 
     with monkeypatch.context() as m:
-        _count_batches(m, pvae.estimators, "log_importance_weights", fail_at=3)
+        _count_batches(m, pvae.estimators, "_weighted_chunks", fail_at=3)
         with pytest.raises(Interrupt):
             _evaluate(run_dir)
     capsys.readouterr()
@@ -171,7 +171,7 @@ def test_progress_bar_of_a_resumed_evaluation_counts_the_resumed_minibatches(run
     assert bar.total == bar.n == report.num_datapoints
 
 
-def _interrupt(run_dir, monkeypatch, module=None, name="log_importance_weights", **kwargs):
+def _interrupt(run_dir, monkeypatch, module=None, name="_weighted_chunks", **kwargs):
     with monkeypatch.context() as m:
         _count_batches(m, module or pvae.estimators, name, fail_at=3)
         with pytest.raises(Interrupt):
@@ -187,7 +187,7 @@ def test_a_partial_file_of_other_settings_is_replaced_with_a_warning(run_dir, tm
 
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    module, name, before, after = pvae.estimators, "log_importance_weights", {}, {}
+    module, name, before, after = pvae.estimators, "_weighted_chunks", {}, {}
     if change == "chunk_size":
         before, after = {"chunk_size": 20}, {"chunk_size": 10}
     elif change == "ais_steps":
@@ -212,7 +212,7 @@ def test_automatic_chunk_size_resumes_with_the_interrupted_one(run_dir, tmp_path
     shutil.copytree(run_dir, run)
     _interrupt(run, monkeypatch, chunk_size=7)
     with monkeypatch.context() as m:
-        calls = _count_batches(m, pvae.estimators, "log_importance_weights")
+        calls = _count_batches(m, pvae.estimators, "_weighted_chunks")
         report = pvae.evaluate_run(run, num_samples=20, batch_size=BATCH, chunk_size=None, progress=False,
                                    psis_datapoints=0)
     assert report.chunk_size == 7
