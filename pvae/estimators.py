@@ -37,7 +37,8 @@ CPU_CHUNK_BUDGET_BYTES = 512 * 2**20
 DEFAULT_CHUNK_SIZE = None
 
 
-def auto_chunk_size(vae, batch_size: int, num_samples: int, device=None, dtype=torch.float32) -> int:
+def auto_chunk_size(vae, batch_size: int, num_samples: int, device=None, dtype=torch.float32,
+                    data_dim: Optional[int] = None) -> int:
     """Samples per chunk so that one chunk's activations fit the memory budget: a quarter of
     the free memory of a CUDA device (``torch.cuda.mem_get_info``), or
     :data:`CPU_CHUNK_BUDGET_BYTES` on a CPU (where small chunks stay in cache).
@@ -45,16 +46,23 @@ def auto_chunk_size(vae, batch_size: int, num_samples: int, device=None, dtype=t
     The bytes per sample and datapoint are estimated from the decoder's widths: the
     decoder's activations (twice each Linear layer's outputs) plus six copies of the data
     dimension (logits, the expanded data, the log-probabilities and their temporaries) and four
-    of the latent dimension. Never more than ``num_samples``, never less than 1."""
+    of the latent dimension. Never more than ``num_samples``, never less than 1.
+
+    For a user's :class:`~pvae.engine.ModelGuidePair` (no decoder or data_dim of pvae's), the
+    widths are those of every ``Linear`` layer of its module (encoder and decoder alike: an
+    overestimate, so a chunk stays within budget) and the data dimension is ``data_dim`` (the
+    size of a datapoint, which the estimators pass)."""
     device = torch.device(device) if device is not None else getattr(vae, "device", torch.device("cpu"))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = free // 4
     else:
         budget = CPU_CHUNK_BUDGET_BYTES
-    data_dim = int(getattr(vae, "data_dim", 0) or 0)
+    data_dim = int(getattr(vae, "data_dim", 0) or data_dim or 0)
     latent_dim = int(getattr(vae, "latent_dim", 0) or 0)
     decoder = getattr(vae, "decoder", None)
+    if decoder is None:  # a user's pair: every Linear layer of its module
+        decoder = getattr(vae, "module", None)
     widths = sum(m.out_features for m in decoder.modules() if isinstance(m, torch.nn.Linear)) if decoder else 0
     per_sample = max(6 * data_dim + 2 * widths + 4 * latent_dim, 1) * torch.tensor([], dtype=dtype).element_size()
     return int(max(1, min(num_samples, budget // (per_sample * max(int(batch_size), 1)))))
@@ -163,12 +171,18 @@ def log_importance_weights(
         yield samples.log_weight
 
 
+def _datapoint_size(x) -> int:
+    """Numbers per datapoint of data ``x`` (its tensor, with covariates)."""
+    tensor, _ = engine.unpack(x)
+    return int(math.prod(tensor.shape[1:]))
+
+
 def _weighted_chunks(vae, x, num_samples, chunk_size, proposal="guide", index=None):
     """:func:`pvae.engine.log_weights` in chunks of at most ``chunk_size`` samples adding up to
     exactly ``num_samples``; a point-mass proposal is refused (its weights measure nothing)."""
     num_samples = _check_positive_int("num_samples", num_samples)
     if chunk_size is None:
-        chunk_size = auto_chunk_size(vae, x.shape[0], num_samples, x.device, x.dtype)
+        chunk_size = auto_chunk_size(vae, x.shape[0], num_samples, x.device, x.dtype, _datapoint_size(x))
     chunk_size = _check_positive_int("chunk_size", chunk_size)
     done = 0
     while done < num_samples:
@@ -255,7 +269,8 @@ def _weight_statistics(
     k = num_samples
     device = _device_of(vae) if is_streamed(x) else x.device
     if chunk_size is None and distributed.active():  # one chunking (hence one set of draws) for every process
-        chunk_size = distributed.broadcast(auto_chunk_size(vae, min(batch_size, x.shape[0]), k, device))
+        chunk_size = distributed.broadcast(auto_chunk_size(vae, min(batch_size, x.shape[0]), k, device,
+                                                           data_dim=_datapoint_size(x)))
 
     def statistics(start, xb):
         ib = None if index is None else index[start : start + xb.shape[0]]

@@ -438,3 +438,16 @@ def test_the_readmes_own_program_examples_run_as_written():
     m2 = namespace["m2_bounds"]
     assert math.isfinite(m2["iwae"].mean) and m2["elbo"].mean <= m2["iwae"].mean
     assert 0.0 <= float(namespace["test_error"]) < 0.9  # better than chance (a tenth right) after 30 epochs
+
+
+def test_a_pairs_default_chunk_fits_the_memory_budget():
+    """auto_chunk_size sized a user's pair as if it had no networks (all K samples in one chunk:
+    5000 x 100 images of MNIST logits alone are 1.6 GB); it now counts the pair's Linear layers
+    and the datapoint's size."""
+    from pvae.estimators import CPU_CHUNK_BUDGET_BYTES, auto_chunk_size
+
+    net = torch.nn.Sequential(torch.nn.Linear(784, 300), torch.nn.Linear(300, 300), torch.nn.Linear(300, 784))
+    pair = ModelGuidePair(lambda x, index=None: None, lambda x, index=None: None, module=net)
+    chunk = auto_chunk_size(pair, 100, 5000, torch.device("cpu"), torch.float32, data_dim=784)
+    assert 1 <= chunk < 5000
+    assert chunk * 100 * (6 * 784 + 2 * 1384) * 4 <= CPU_CHUNK_BUDGET_BYTES

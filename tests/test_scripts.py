@@ -27,6 +27,7 @@ SCRIPTS = {
         "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json",
     ],
     "benchmarks/gpu_suite.py": ["--smoke", "--device", "cpu", "--out", "{tmp}/gpu_suite.json"],
+    "benchmarks/bench_hierarchy.py": ["--quick", "--out", "{tmp}/bench.json"],
     "paper/build.py": ["--out", "{tmp}/tables.md"],
     "experiments/inference_gaps_mnist.py": [
         "--run-dir", "{tmp}/run", "--train-missing", "digits", "--images", "3", "--K", "5", "--refine-steps", "2", "--particles", "2",
@@ -201,3 +202,28 @@ def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
     assert "(test bounds computed on the CPU; recorded in the reports of on-cpu; " in build.converged_table(summary)
     del summary["runs"]["unrecorded"]
     assert "(test bounds computed on the CPU; as every report records)" in build.converged_table(summary)
+
+
+def test_hierarchy_benchmark_sides_agree_at_smoke_size(tmp_path):
+    """benchmarks/bench_hierarchy.py --quick: the user's Pyro pair (pvae's trace path) and the
+    hand-written PyTorch model give the same loss and gradient (float64) and the same per-image
+    ELBO and L_K (float32) on the same noise; the result carries both ratios, the issue's targets
+    and the provenance, and a smoke run gives no verdict."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_hierarchy.py"), "--quick", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    step, bounds = result["checks"]["step"], result["checks"]["bounds"]
+    assert step["pass"] and step["grad_max_rel_diff"] <= step["grad_tolerance_rel"]
+    assert bounds["pass"] and bounds["L_50_max_abs_diff"] <= bounds["tolerance_nats"]
+    assert result["checks_pass"]
+    assert result["smoke_run"] and result["verdict"] is None  # toy sizes are not evidence
+    assert set(result["median_step_ms"]) == {"pvae-user-pair", "handwritten"}
+    assert {"step_pvae/handwritten", "L_50_pvae/handwritten"} <= set(result["ratios"])
+    assert len(result["L_50_seconds"]["handwritten"]["values"]) >= 3
+    assert result["targets"] == {"step_ratio_max": 1.15, "L_5000_ratio_max": 1.15}
+    for key in ("provenance_start", "provenance_end"):
+        assert result[key]["git_commit"] and "load_average_1_5_15" in result[key]
