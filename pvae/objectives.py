@@ -268,8 +268,11 @@ class ElboObjective(Objective):
                 samples.require_decomposition("a KL weight (beta, warm-up)")
             value = samples.elbo_term.mean()
             return -value, value.detach()
-        kl = _analytic_kl(samples) if self.analytic_kl else -samples.log_ratio
-        value = (samples.log_likelihood - weight * kl).mean()
+        if not self.analytic_kl and isinstance(weight, (int, float)) and weight == 1.0:
+            value = samples.log_weight.mean()  # the plain ELBO: fewer ops in the hot loop
+        else:
+            kl = _analytic_kl(samples) if self.analytic_kl else -samples.log_ratio
+            value = (samples.log_likelihood - weight * kl).mean()
         return -value, value.detach()
 
     def _pyro_loss_and_value(self, vae, x, index, weight, data_scale=1.0, enumerated=False):
