@@ -379,6 +379,8 @@ def _reduce(log_prob: torch.Tensor, site, data_plate: str, particle_dim: int, en
     ones, keeping the enumeration dimensions (left of the particle dimension):
     ``(*enum, K or 1, B or 1)``."""
     data_dim = _data_dim(site, data_plate)
+    if log_prob.dim() == 2 and particle_dim == -2 and data_dim == -1:  # (K or 1, B): already per datapoint
+        return log_prob
     n = max(log_prob.dim(), -particle_dim)
     log_prob = log_prob.reshape((1,) * (n - log_prob.dim()) + tuple(log_prob.shape))
     for d in range(-n, particle_dim):
@@ -485,27 +487,51 @@ def _collapse(site, data_plate: str, particle_dim: int, dtype, device) -> Option
 
 
 @quiet_params()
-def _trace_log_weights(pair, x, num_samples, index, proposal, enumerate_guide=True) -> WeightedSamples:
-    data_plate, particle_dim = _plates(pair)
-    (xt, idx), covariates = _call_args(x, index)
-    shape = (num_samples, xt.shape[0])
+def _marks_enumeration(*traces) -> bool:
+    """Whether a latent site of the traces is marked for parallel enumeration."""
+    return any(site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate") == "parallel"
+               for trace in traces for site in trace.nodes.values())
+
+
+def _run_programs(pair, xt, idx, covariates, num_samples, proposal, enumerate_guide, particle_dim, enum):
+    """Trace the proposal and the model (replayed on the guide's draws), vectorized over samples;
+    with ``enum``, under Pyro's enumeration handlers as :class:`pyro.infer.TraceEnum_ELBO` runs
+    them (the guide's enumerated dims first, the model's further left). Returns
+    ``(guide_trace or None, model_trace)``."""
     first_enum = particle_dim - 1
     model = _particles(pair.model, num_samples, particle_dim)
     if proposal == "guide":
         guide = _particles(pair.guide, num_samples, particle_dim)
-        if enumerate_guide:  # as TraceEnum_ELBO: the guide's enumerated dims first, the model's further left
+        if enum and enumerate_guide:
             guide = EnumMessenger(first_available_dim=first_enum)(guide)
             model = EnumMessenger()(model)
-        else:
+        elif enum:
             model = EnumMessenger(first_available_dim=first_enum)(model)
         guide_trace = poutine.trace(guide).get_trace(xt, idx, **covariates)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(xt, idx, **covariates)
-        proposal_sites = [s for s in _sample_sites(guide_trace) if not s["is_observed"]]
-    else:  # the model proposes: its discrete sites enumerated (stratified) or, without enumerate, drawn
-        if enumerate_guide:
-            model = EnumMessenger(first_available_dim=first_enum)(model)
-        model_trace = poutine.trace(model).get_trace(xt, idx, **covariates)
-        proposal_sites = None
+        return guide_trace, model_trace
+    # the model proposes: its discrete sites enumerated (stratified) or, without enumerate, drawn
+    if enum and enumerate_guide:
+        model = EnumMessenger(first_available_dim=first_enum)(model)
+    return None, poutine.trace(model).get_trace(xt, idx, **covariates)
+
+
+def _trace_log_weights(pair, x, num_samples, index, proposal, enumerate_guide=True) -> WeightedSamples:
+    data_plate, particle_dim = _plates(pair)
+    (xt, idx), covariates = _call_args(x, index)
+    shape = (num_samples, xt.shape[0])
+    # Pyro's enumeration handlers cost a little on every site of every step; a pair whose programs
+    # were seen to mark no site for enumeration runs without them (they draw nothing, so the draws
+    # are the same), and is rerun with them if a marked site ever appears.
+    enum = pair.__dict__.get("_pvae_enumerates", True)
+    guide_trace, model_trace = _run_programs(pair, xt, idx, covariates, num_samples, proposal, enumerate_guide,
+                                             particle_dim, enum)
+    marked = _marks_enumeration(model_trace, *([guide_trace] if guide_trace is not None else []))
+    if marked and not enum:
+        guide_trace, model_trace = _run_programs(pair, xt, idx, covariates, num_samples, proposal, enumerate_guide,
+                                                 particle_dim, True)
+    pair.__dict__["_pvae_enumerates"] = marked
+    proposal_sites = None if guide_trace is None else [s for s in _sample_sites(guide_trace) if not s["is_observed"]]
     model_sites = _sample_sites(model_trace)
     enum_sites = {}  # name -> site (the guide's where it enumerates it)
     for site in model_sites + (proposal_sites or []):

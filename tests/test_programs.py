@@ -451,3 +451,17 @@ def test_a_pairs_default_chunk_fits_the_memory_budget():
     chunk = auto_chunk_size(pair, 100, 5000, torch.device("cpu"), torch.float32, data_dim=784)
     assert 1 <= chunk < 5000
     assert chunk * 100 * (6 * 784 + 2 * 1384) * 4 <= CPU_CHUNK_BUDGET_BYTES
+
+
+def test_a_site_marked_for_enumeration_later_is_still_enumerated():
+    """The engine drops Pyro's enumeration handlers for programs seen to mark no site; a program
+    that marks one later is rerun with them (never sampled where it asked to be summed)."""
+    ref = GaussianMixtureLatent(discrete="sampled")
+    pair = ref.pair()
+    x, _ = ref.simulate(5)
+    with torch.no_grad():
+        assert engine.log_weights(pair, x, 3).enumerated == ()
+        ref.discrete = "guide"
+        samples = engine.log_weights(pair, x, 3)
+    assert samples.enumerated == ("y",)
+    torch.testing.assert_close(samples.log_weight, ref.exact_log_marginal(x).detach().expand(3, 5), atol=1e-8, rtol=0)
