@@ -382,6 +382,32 @@ def _stop_gradient(q: dist.Distribution) -> dist.Distribution:
     )
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient multiplied by ``scale`` backward."""
+
+    @staticmethod
+    def forward(ctx, value, scale):
+        ctx.save_for_backward(scale)
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None
+
+
+class _GuideDensity(torch.nn.Module):
+    """``log q(z|x)`` of a pair's guide at given latents, as a module (for
+    :func:`torch.func.functional_call` with the parameters held fixed)."""
+
+    def __init__(self, pair):
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, x, latents, index):
+        return engine.guide_log_density(self.pair, x, latents, index)
+
+
 class IWAEObjective(Objective):
     r"""The importance-weighted bound :math:`\mathcal{L}_K` per datapoint (Burda et al., 2015):
     for each datapoint separately, :math:`\log\frac1K\sum_k w_k` with
@@ -456,6 +482,8 @@ class IWAEObjective(Objective):
             log_w = samples.log_likelihood + weight * samples.log_ratio if annealed else samples.log_weight
             value = engine.log_mean_exp(log_w, 0)  # (B,)
             return -value.mean(), value.mean().detach()
+        if len(samples.latents) > 1:
+            return self._dreg_several_sites(vae, x, index, samples, weight, annealed)
         shape = samples.log_joint.shape
         log_q_stopped = sum(_stop_gradient(samples.guide_dists[name]).log_prob(z).expand(shape)
                             for name, z in samples.latents.items())
@@ -470,6 +498,32 @@ class IWAEObjective(Objective):
             if z.requires_grad:
                 extra = z.dim() - multiplier.dim()
                 z.register_hook(lambda grad, w=multiplier.reshape(multiplier.shape + (1,) * extra): grad * w)
+        loss = -(normalized * log_w).sum(0).mean()
+        return loss, value.mean()
+
+    def _dreg_several_sites(self, vae, x, index, samples, weight, annealed):
+        r"""DReG for a guide with several latent sites (a hierarchy): a lower site's sample
+        depends on the upper ones (:math:`z_1 = f(z_2, \epsilon_1)`), so a hook on every sample
+        would scale a path through two sites twice, and detaching the guide's distribution
+        parameters would cut the path :math:`z_2 	o q(z_1|x, z_2)`. Instead the log-densities are
+        recomputed at copies of the samples whose gradient is scaled by the multiplier once (each
+        path from the guide's parameters enters the weight through exactly one copy): the model
+        conditioned on them, and the guide conditioned on them with its parameters held fixed
+        (:func:`torch.func.functional_call` with detached parameters), so :math:`\log q` keeps
+        its dependence on the upper samples. Costs one more pass of each program."""
+        log_w_sampled = samples.log_likelihood + weight * samples.log_ratio if annealed else samples.log_weight
+        normalized = torch.softmax(log_w_sampled.detach(), 0)
+        multiplier = (1 - weight) + weight * normalized if annealed else normalized
+        scaled = {}
+        for name, z in samples.latents.items():
+            extra = z.dim() - multiplier.dim()
+            scaled[name] = _ScaleGradient.apply(z, multiplier.reshape(multiplier.shape + (1,) * extra))
+        log_lik, log_prior = engine.log_density(vae, x, scaled, index, path="trace")
+        stopped = {name: p.detach() for name, p in vae.named_parameters()}
+        log_q_stopped = torch.func.functional_call(_GuideDensity(vae), {f"pair.{k}": v for k, v in stopped.items()},
+                                                   (x, scaled, index), strict=False)
+        log_w = log_lik + weight * (log_prior - log_q_stopped) if annealed else log_lik + log_prior - log_q_stopped
+        value = engine.log_mean_exp(log_w_sampled.detach(), 0)
         loss = -(normalized * log_w).sum(0).mean()
         return loss, value.mean()
 
