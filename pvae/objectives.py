@@ -563,7 +563,9 @@ class InfoVAEObjective(Objective):
     :func:`mmd_squared` (:func:`gaussian_kernel`). α = 1 removes the KL term (the MMD-VAE);
     α = 0, λ = 1 is the ELBO. The prior samples are drawn from :meth:`VAE.prior`; priors with
     reparametrized sampling (standard normal, learned diagonal, flow) receive the MMD's gradient,
-    mixtures (MoG, VampPrior) are sampled without it. Needs minibatches of at least 2
+    mixtures (MoG, VampPrior) are sampled without it. With several latent sites (a hierarchy) the
+    codes of all sites are concatenated and the prior's are drawn jointly by running the model
+    (a lower level's prior given the upper level's prior draw, not the guide's). Needs minibatches of at least 2
     (:func:`pvae.fit` checks the last one before training).
     """
 
@@ -598,9 +600,15 @@ class InfoVAEObjective(Objective):
         kl = (-samples.log_ratio).mean(0)
         # the aggregate posterior's samples against as many draws from the model's prior site(s)
         z_q, z_p = [], []
+        joint = None
+        if len(samples.latents) > 1:  # a hierarchy: draw the prior's levels jointly (the model proposes)
+            joint = engine.log_weights(vae, x, self.num_particles, index, proposal="prior", enumerate=False).latents
         for name, z in samples.latents.items():
-            prior = samples.prior_dists[name]  # batch (P, B), as the plates expanded it
-            draw = prior.rsample() if prior.has_rsample else prior.sample()  # mixtures: no pathwise gradient
+            if joint is not None:
+                draw = joint[name]
+            else:
+                prior = samples.prior_dists[name]  # batch (P, B), as the plates expanded it
+                draw = prior.rsample() if prior.has_rsample else prior.sample()  # mixtures: no pathwise gradient
             z_q.append(z.reshape(z.shape[0], z.shape[1], -1))
             z_p.append(draw.reshape(z.shape[0], z.shape[1], -1))
         z_q, z_p = torch.cat(z_q, -1), torch.cat(z_p, -1)  # (P, B, L)
