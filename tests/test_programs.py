@@ -154,10 +154,11 @@ def test_the_enumerated_elbo_is_pyros_traceenum_elbo():
     assert ours.mean < exact - 0.1  # a real gap: the guide is poor, and the check can see it
 
 
-@pytest.mark.parametrize("name", ["hierarchy-top-down", "mixture-guide-labels", "conditional"])
+@pytest.mark.parametrize("subsample", [False, True], ids=["full", "subsampled"])
+@pytest.mark.parametrize("name", ["hierarchy-top-down", "mixture-guide-labels", "mixture-model", "conditional"])
 @pytest.mark.parametrize("start", ["prior", "guide"])
-def test_ais_moves_every_continuous_site_and_sums_discrete_ones(name, start):
-    pair, data, exact = reference(name, "poor")
+def test_ais_moves_every_continuous_site_and_sums_discrete_ones(name, start, subsample):
+    pair, data, exact = reference(name, "poor", subsample)
     est = pvae.ais(pair, data[:10], num_chains=32, num_steps=60, start=start, seed=0)
     bias_allowance = 0.5 * est.mc_stderr_per_datapoint.pow(2).mean()  # log of an unbiased estimate
     gap = est.mean - float(exact[:10].mean())
