@@ -10,6 +10,12 @@ has the marginal :math:`p(x) = \mathcal{N}(b, WW^\top + \sigma^2 I)` and the Gau
 posterior :math:`p(z|x) = \mathcal{N}(\Sigma W^\top (x - b)/\sigma^2, \Sigma)` with
 :math:`\Sigma = (I + W^\top W/\sigma^2)^{-1}`. With a Gaussian guide the ELBO is also in
 closed form. These are the ground truths that estimators and objectives are tested against.
+
+For programs of any shape there are Pyro model/guide pairs with closed-form :math:`\log p(x)`
+(:class:`LinearGaussianHierarchy`: two latent levels; :class:`GaussianMixtureLatent`: a discrete
+latent summed in the model, enumerated or sampled in the guide, optionally partially observed;
+:class:`ConditionalLinearGaussian`: covariates), each with an exact or a poor guide and an
+optionally subsampled data plate.
 """
 
 from __future__ import annotations
