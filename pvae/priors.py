@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 
 import pyro.distributions as dist
+import pyro.distributions.transforms as T
 import torch
+from pyro.distributions.transforms.utils import clamp_preserve_gradients
+from pyro.nn import AutoRegressiveNN
 from torch import nn
 from torch.distributions import constraints
 
@@ -170,6 +173,21 @@ class VampPrior(Prior):
         return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
+class _AffineAutoregressive(T.AffineAutoregressive):
+    """Pyro's affine autoregressive transform, with an inverse (the flow prior's sampling direction)
+    that starts from zeros of its input's dtype and device: Pyro's starts from zeros of the default
+    dtype, so a float64 flow prior could score points but not draw them (a dtype error)."""
+
+    def _inverse(self, y):
+        x = [y.new_zeros(y.shape[:-1])] * y.size(-1)
+        for idx in self.arn.permutation:  # as Pyro's: one autoregressive pass per coordinate
+            mean, log_scale = self.arn(torch.stack(x, dim=-1))
+            log_scale = clamp_preserve_gradients(log_scale, min=self.log_scale_min_clip, max=self.log_scale_max_clip)
+            x[idx] = (y[..., idx] - mean[..., idx]) * torch.exp(-log_scale[..., idx])
+        self._cached_log_scale = log_scale
+        return torch.stack(x, dim=-1)
+
+
 @PRIORS.register("flow")
 class FlowPrior(Prior):
     r"""A normalizing-flow prior: :math:`z = g(u)`, :math:`u \sim \mathcal{N}(0, I)`, with
@@ -185,8 +203,6 @@ class FlowPrior(Prior):
 
     def __init__(self, latent_dim: int, num_flows: int = 2, hidden_width: int = 0):
         super().__init__(latent_dim)
-        import pyro.distributions.transforms as T
-
         num_flows = _check_positive_int("num_flows", num_flows)
         if hidden_width < 0:
             raise UsageError(f"hidden_width must be >= 0, got {hidden_width!r}")
@@ -194,7 +210,7 @@ class FlowPrior(Prior):
         self.register_buffer("loc", torch.zeros(self.latent_dim))
         self.register_buffer("scale", torch.ones(self.latent_dim))
         self.flows = nn.ModuleList(
-            T.affine_autoregressive(self.latent_dim, hidden_dims=[width, width]) for _ in range(num_flows)
+            _AffineAutoregressive(AutoRegressiveNN(self.latent_dim, [width, width])) for _ in range(num_flows)
         )
 
     def forward(self) -> dist.Distribution:
