@@ -73,12 +73,6 @@ def _codes(vae, x) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _code(vae, x) -> torch.Tensor:
-    """The codes of every continuous latent site, concatenated in the guide's order, ``(B, L)``."""
-    codes = _codes(vae, x)
-    return torch.cat(list(codes.values()), -1) if len(codes) > 1 else next(iter(codes.values()))
-
-
 def _activity(means: torch.Tensor, threshold: float) -> Dict[str, torch.Tensor]:
     activity = means.var(0, unbiased=True).cpu()
     active = activity > threshold

@@ -487,6 +487,11 @@ def _collapse(site, data_plate: str, particle_dim: int, dtype, device) -> Option
 
 
 @quiet_params()
+def _sum_out(terms: torch.Tensor) -> torch.Tensor:
+    """Log-sum-exp over the enumeration dimensions (every dimension left of ``(K, B)``)."""
+    return torch.logsumexp(terms, tuple(range(terms.dim() - 2))) if terms.dim() > 2 else terms
+
+
 def _marks_enumeration(*traces) -> bool:
     """Whether a latent site of the traces is marked for parallel enumeration."""
     return any(site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate") == "parallel"
@@ -534,13 +539,9 @@ def _trace_log_weights(pair, x, num_samples, index, proposal, enumerate_guide=Tr
     proposal_sites = None if guide_trace is None else [s for s in _sample_sites(guide_trace) if not s["is_observed"]]
     model_sites = _sample_sites(model_trace)
     enum_sites = {}  # name -> site (the guide's where it enumerates it)
-    for site in model_sites + (proposal_sites or []):
-        if _enum_dim(site) is not None and site["name"] not in enum_sites:
-            enum_sites[site["name"]] = site
-    if proposal_sites is not None:
-        for site in proposal_sites:
-            if _enum_dim(site) is not None:
-                enum_sites[site["name"]] = site
+    for site in (proposal_sites or []) + model_sites:
+        if _enum_dim(site) is not None:
+            enum_sites.setdefault(site["name"], site)
     enum_dims = frozenset(_enum_dim(s) for s in enum_sites.values())
 
     def term(site):
@@ -609,22 +610,20 @@ def _trace_log_weights(pair, x, num_samples, index, proposal, enumerate_guide=Tr
         return WeightedSamples(log_likelihood, log_prior, log_guide, site_terms=site_terms, **common)
     # enumerated: the weight per joint value of the enumerated sites, then summed out
     total = sum(observed_terms, zero) + sum(latent_terms.values(), zero) - sum(sampled_guide.values(), zero)
-    for site in enum_sites.values():
-        c = _collapse(site, data_plate, particle_dim, xt.dtype, xt.device)
+    collapse = {name: _collapse(site, data_plate, particle_dim, xt.dtype, xt.device)
+                for name, site in enum_sites.items()}
+    for c in collapse.values():
         if c is not None:
             total = total + c
-    lead = total.dim() - 2
-    all_enum = tuple(range(lead))
-    log_weight = torch.logsumexp(total, all_enum) if lead else total
+    log_weight = _sum_out(total)
     guide_enum_dims = sorted({_enum_dim(enum_sites[n]) for n in guide_enumerated})
     model_only = [d for d in range(-total.dim(), -2) if d not in guide_enum_dims]
     inner = torch.logsumexp(total, model_only, keepdim=True) if model_only else total
     if guide_enum_dims:
         log_q = sum((guide_terms[n] for n in guide_enumerated), zero)
         for n in guide_enumerated:
-            c = _collapse(enum_sites[n], data_plate, particle_dim, xt.dtype, xt.device)
-            if c is not None:
-                log_q = log_q + c
+            if collapse[n] is not None:
+                log_q = log_q + collapse[n]
         log_q = log_q.expand(inner.shape)
         weight = log_q.exp()
         integrand = torch.where(weight > 0, weight * (inner - log_q), torch.zeros((), dtype=xt.dtype,
@@ -727,11 +726,7 @@ def _split_density(trace, pair, x, latents, particle_dim, what):
     missing = set(latents) - seen
     if missing:
         raise UsageError(f"the model has no latent site(s) {sorted(missing)}")
-    if joint.dim() > 2:
-        joint = torch.logsumexp(joint, tuple(range(joint.dim() - 2)))
-    if prior.dim() > 2:
-        prior = torch.logsumexp(prior, tuple(range(prior.dim() - 2)))
-    return joint.expand(shape), prior.expand(shape)
+    return _sum_out(joint).expand(shape), _sum_out(prior).expand(shape)
 
 
 def log_density(pair, x, latents: Dict[str, torch.Tensor], index: Optional[torch.Tensor] = None,
@@ -783,9 +778,7 @@ def guide_log_density(pair, x, latents: Dict[str, torch.Tensor], index: Optional
             c = _collapse(site, data_plate, particle_dim, xt.dtype, xt.device)
             if c is not None:
                 total = total + c
-    if total.dim() > 2:
-        total = torch.logsumexp(total, tuple(range(total.dim() - 2)))
-    return total.expand(shape)
+    return _sum_out(total).expand(shape)
 
 
 def guide_mean(pair, x, index: Optional[torch.Tensor] = None, num_samples: int = 256,
@@ -803,13 +796,12 @@ def guide_mean(pair, x, index: Optional[torch.Tensor] = None, num_samples: int =
              and samples.latents[n].is_floating_point()
              and not getattr(samples.guide_dists[n], "has_enumerate_support", False)]
     for position, name in enumerate(names):
-        d = samples.guide_dists.get(name)
+        if position > 0:  # may depend on the sites drawn before it: averaged over draws
+            need_draws.append(name)
+            continue
         try:
-            mean = d.mean
-            if position > 0 and len(names) > 1:  # may depend on the sites drawn before it
-                raise NotImplementedError
-            means[name] = mean.expand(samples.latents[name].shape)[0]
-        except (NotImplementedError, AttributeError):
+            means[name] = samples.guide_dists[name].mean.expand(samples.latents[name].shape)[0]
+        except NotImplementedError:  # no closed-form mean (flows)
             need_draws.append(name)
     if need_draws:
         draws = log_weights(pair, x, num_samples, index, path="trace", enumerate=False).latents
