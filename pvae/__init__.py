@@ -16,11 +16,12 @@ derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
 
 __version__ = "0.2.0.dev0"
 
-from . import estimators, parts
-from .annealing import BDMCBounds, ais, bdmc
-from .config import CONFIG_VERSION, RunConfig, Training, autoencoder_config, build_vae
-from .data import DATASETS, Dataset, data_dir, load_dataset
-from .diagnostics import (
+from pvae import parts
+from pvae.inference import estimators
+from pvae.inference.annealing import BDMCBounds, ais, bdmc
+from pvae.config import CONFIG_VERSION, RunConfig, Training, autoencoder_config, build_vae
+from pvae.data import DATASETS, Dataset, data_dir, load_dataset
+from pvae.inference.diagnostics import (
     active_units,
     importance_diagnostics,
     inference_gaps,
@@ -29,9 +30,9 @@ from .diagnostics import (
     psis_khat,
     to_inference_data,
 )
-from .engine import ModelGuidePair, WeightedSamples, WithCovariates, log_weights
-from .errors import DiskFullError, DivergenceError, NotARunError, RunExistsError, UsageError, UsageTypeError
-from .estimators import (
+from pvae.inference.engine import ModelGuidePair, WeightedSamples, WithCovariates, log_weights
+from pvae.errors import DiskFullError, DivergenceError, NotARunError, RunExistsError, UsageError, UsageTypeError
+from pvae.inference.estimators import (
     Estimate,
     elbo,
     evaluate_bounds,
@@ -40,11 +41,11 @@ from .estimators import (
     naive_prior_estimate,
     reconstruction_error,
 )
-from .model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
-from .parts import *  # noqa: F401,F403  (every registered part, its registry, Part and Option)
-from .parts import __all__ as _parts_all
-from .runs import REPORT_VERSION, EvaluationReport, Run, evaluate_run, load_run, train_run
-from .train import History, TrainStep, fit
+from pvae.model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
+from pvae.parts import *  # noqa: F401,F403  (every registered part, its registry, Part and Option)
+from pvae.parts import __all__ as _parts_all
+from pvae.runs import REPORT_VERSION, EvaluationReport, Run, evaluate_run, load_run, train_run
+from pvae.training.loop import History, TrainStep, fit
 
 __all__ = sorted(set(_parts_all) | {
     "estimators", "parts", "plots",
@@ -61,6 +62,33 @@ __all__ = sorted(set(_parts_all) | {
     "REPORT_VERSION", "EvaluationReport", "Run", "evaluate_run", "load_run", "train_run",
     "History", "TrainStep", "fit",
 })
+
+
+# Old module paths keep working: ``import pvae.engine`` and ``from pvae.train import fit`` give
+# the modules that moved into the subpackages (the same module objects, so a monkeypatch of the old
+# name reaches the code).
+_MOVED = {
+    "priors": "pvae.parts.priors", "guides": "pvae.parts.guides", "likelihoods": "pvae.parts.likelihoods",
+    "nets": "pvae.parts.nets",
+    "engine": "pvae.inference.engine", "estimators": "pvae.inference.estimators",
+    "annealing": "pvae.inference.annealing", "diagnostics": "pvae.inference.diagnostics",
+    "train": "pvae.training.loop", "objectives": "pvae.training.objectives", "controls": "pvae.training.controls",
+    "tracking": "pvae.training.tracking",
+    "files": "pvae.data.files", "streaming": "pvae.data.streaming",
+}
+
+
+def _alias_moved_modules():
+    import importlib
+    import sys
+
+    for old, new in _MOVED.items():
+        module = importlib.import_module(new)
+        sys.modules[f"{__name__}.{old}"] = module
+        globals()[old] = module
+
+
+_alias_moved_modules()
 
 
 def __getattr__(name):

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import torch
 
-from .errors import DiskFullError, UsageError
+from pvae.errors import DiskFullError, UsageError
 
 SEALED_FORMAT = "pvae-sealed-1"
 

@@ -11,7 +11,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .config import (
+from pvae.config import (
     AUTOENCODER_LOSSES,
     MODELS,
     PART_REGISTRIES,
@@ -20,9 +20,9 @@ from .config import (
     autoencoder_settings,
     section_options,
 )
-from . import distributed
-from .data import DATASETS
-from .errors import UsageError
+from pvae import distributed
+from pvae.data import DATASETS
+from pvae.errors import UsageError
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -236,7 +236,7 @@ def _config_from_args(args) -> RunConfig:
 
 
 def _train(args) -> int:
-    from .runs import train_run
+    from pvae.runs import train_run
 
     config = _config_from_args(args)
     device = distributed.init_from_env(config.training.device)  # launched by torchrun: join the group
@@ -262,7 +262,7 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .runs import evaluate_run
+    from pvae.runs import evaluate_run
 
     device = distributed.init_from_env(args.device) or args.device  # launched by torchrun: join the group
     report = evaluate_run(

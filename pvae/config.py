@@ -26,16 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Sequence, Tuple
 
-from .data import DATASETS, image_shape_of
-from .engine import _check_positive_int
-from .errors import UsageError
-from .guides import GUIDES
-from .likelihoods import LIKELIHOODS
-from .model import VAE
-from .nets import NETS
-from .objectives import OBJECTIVES
-from .options import Option, Part, declared_options
-from .priors import PRIORS
+from pvae.data import DATASETS, image_shape_of
+from pvae.inference.engine import _check_positive_int
+from pvae.errors import UsageError
+from pvae.parts.guides import GUIDES
+from pvae.parts.likelihoods import LIKELIHOODS
+from pvae.model import VAE
+from pvae.parts.nets import NETS
+from pvae.training.objectives import OBJECTIVES
+from pvae.options import Option, Part, declared_options
+from pvae.parts.priors import PRIORS
 
 #: version of the config.json schema written by this pvae (1: pvae 0.1's flat file)
 CONFIG_VERSION = 2
@@ -119,7 +119,7 @@ class Training:
             raise UsageError(f"training: max_time must be a positive number of seconds or null, got {self.max_time!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise UsageError(f"training: clip_grad_norm must be positive or null, got {self.clip_grad_norm!r}")
-        from .controls import LRSchedule
+        from pvae.training.controls import LRSchedule
 
         LRSchedule(self.lr_schedule, self.lr, self.lr_gamma, self.lr_step, self.lr_min, self.epochs)  # its checks
         if self.momentum and self.optimizer != "sgd":
@@ -360,6 +360,6 @@ def build_vae(config: RunConfig, data_dim: int, image_shape: Optional[Sequence[i
 
 
 def save_config(config: RunConfig, run_dir) -> None:
-    from .checkpoint import write_json
+    from pvae.checkpoint import write_json
 
     write_json(config.to_dict(), Path(run_dir) / "config.json")

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import UsageError
+from pvae.errors import UsageError
 
 
 def active() -> bool:
@@ -191,7 +191,7 @@ class LossModule(nn.Module):
         self.objective = objective
 
     def forward(self, x, index=None, kl_weight=1.0, weight=1.0):
-        from .objectives import call_objective
+        from pvae.training.objectives import call_objective
 
         loss, value = call_objective(self.objective, self.vae, x, index, kl_weight)
         return loss * weight, value

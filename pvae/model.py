@@ -37,12 +37,12 @@ from pyro.distributions import constraints
 from pyro.poutine.runtime import am_i_wrapped, effectful
 from torch import nn
 
-from ._rng import seeded
-from .engine import WeightedSamples, is_point_mass, params_quiet
-from .errors import UsageError, UsageTypeError
-from .guides import Guide
-from .likelihoods import Likelihood
-from .priors import Prior
+from pvae._rng import seeded
+from pvae.inference.engine import WeightedSamples, is_point_mass, params_quiet
+from pvae.errors import UsageError, UsageTypeError
+from pvae.parts.guides import Guide
+from pvae.parts.likelihoods import Likelihood
+from pvae.parts.priors import Prior
 
 LATENT_SITE = "z"
 OBSERVED_SITE = "x"

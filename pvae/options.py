@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-from .errors import UsageError
+from pvae.errors import UsageError
 
 _MISSING = inspect.Parameter.empty
 

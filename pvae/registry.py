@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 from typing import Callable, Dict, Generic, Iterator, Tuple, TypeVar
 
-from .errors import UsageError
-from .options import Option, Part, declared_options
+from pvae.errors import UsageError
+from pvae.options import Option, Part, declared_options
 
 T = TypeVar("T")
 

@@ -23,15 +23,15 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from . import distributed
-from ._rng import seeded
-from .annealing import ais
-from .checkpoint import load_checkpoint, run_lock, write_json
-from .config import RunConfig, build_vae, save_config
-from .data import Dataset, load_dataset
-from .diagnostics import importance_diagnostics, latent_diagnostics
-from .errors import NotARunError, RunExistsError, UsageError
-from .estimators import (
+from pvae import distributed
+from pvae._rng import seeded
+from pvae.inference.annealing import ais
+from pvae.checkpoint import load_checkpoint, run_lock, write_json
+from pvae.config import RunConfig, build_vae, save_config
+from pvae.data import Dataset, load_dataset
+from pvae.inference.diagnostics import importance_diagnostics, latent_diagnostics
+from pvae.errors import NotARunError, RunExistsError, UsageError
+from pvae.inference.estimators import (
     DEFAULT_CHUNK_SIZE,
     BatchCache,
     Estimate,
@@ -41,10 +41,10 @@ from .estimators import (
     naive_prior_estimate,
     reconstruction_error,
 )
-from .files import file_sha256
-from .model import VAE
-from .tracking import check_trackers, make_trackers
-from .train import CHECKPOINT_FILE, History, check_objective, data_parallel_problem, fit
+from pvae.data.files import file_sha256
+from pvae.model import VAE
+from pvae.training.tracking import check_trackers, make_trackers
+from pvae.training.loop import CHECKPOINT_FILE, History, check_objective, data_parallel_problem, fit
 
 CONFIG_FILE = "config.json"
 ENV_FILE = "env.json"
@@ -72,7 +72,7 @@ def _machine(device: torch.device) -> dict:
     import numpy
     import pyro
 
-    from . import __version__
+    from pvae import __version__
 
     facts = {
         "pvae": __version__,
@@ -257,7 +257,7 @@ FIGURE_DATAPOINTS = 10000
 
 def write_figures(vae: VAE, data: Dataset, history: History, run_dir) -> None:
     """ELBO curves, reconstructions, samples and a latent scatter of the validation split."""
-    from . import plots
+    from pvae import plots
 
     run_dir = Path(run_dir)
     figures = {"elbo_curves.png": plots.elbo_curves(history.records)}
@@ -418,7 +418,7 @@ def evaluate_run(
         """The resumable record of one estimator's minibatches (None: not kept)."""
         if not keep_partials:
             return None
-        from . import __version__
+        from pvae import __version__
 
         key = {"estimator": name, "split": split, "num_datapoints": int(x.shape[0]), "num_samples": num_samples,
                "batch_size": batch_size, "chunk_size": chunk_size, "seed": seed, "data": data_note.get("fingerprint"),
@@ -607,7 +607,7 @@ class EvaluationReport:
     def save(self, run_dir=None) -> Path:
         """Write ``evaluation-<split>-K<K>.json`` and its figure (estimates with standard errors,
         k-hat histogram) into ``run_dir`` (default: the evaluated run's); returns the JSON path."""
-        from . import plots
+        from pvae import plots
 
         stem = Path(run_dir or self.run_dir) / self.stem
         bounds = {k: v for k, v in self.estimates.items() if k not in ("reconstruction", "squared-error")}

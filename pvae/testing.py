@@ -28,10 +28,10 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .guides import DiagonalGaussianGuide, Guide
-from .likelihoods import GaussianLikelihood
-from .model import VAE
-from .priors import StandardNormalPrior
+from pvae.parts.guides import DiagonalGaussianGuide, Guide
+from pvae.parts.likelihoods import GaussianLikelihood
+from pvae.model import VAE
+from pvae.parts.priors import StandardNormalPrior
 
 
 class LinearDecoder(nn.Module):
@@ -208,7 +208,7 @@ class _Reference(nn.Module):
         return dist.MultivariateNormal(mean + self.shift, covariance_matrix=cov * self.inflate ** 2)
 
     def pair(self):
-        from .engine import ModelGuidePair
+        from pvae.inference.engine import ModelGuidePair
 
         return ModelGuidePair(self.model, self.guide, module=self)
 

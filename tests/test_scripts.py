@@ -221,7 +221,7 @@ def test_hierarchy_benchmark_sides_agree_at_smoke_size(tmp_path):
     assert bounds["pass"] and bounds["L_50_max_abs_diff"] <= bounds["tolerance_nats"]
     assert result["checks_pass"]
     assert result["smoke_run"] and result["verdict"] is None  # toy sizes are not evidence
-    assert set(result["median_step_ms"]) == {"pvae-user-pair", "handwritten"}
+    assert set(result["median_step_ms"]) == {"pvae-user-pair", "handwritten", "pyro-trace-elbo"}
     assert {"step_pvae/handwritten", "L_50_pvae/handwritten"} <= set(result["ratios"])
     assert len(result["L_50_seconds"]["handwritten"]["values"]) >= 3
     assert result["targets"] == {"step_ratio_max": 1.15, "L_5000_ratio_max": 1.15}

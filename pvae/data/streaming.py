@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import UsageError
+from pvae.errors import UsageError
 
 #: environment variable: the memory budget in GiB for data held in memory
 MEMORY_BUDGET_ENV = "PVAE_MEMORY_BUDGET_GB"

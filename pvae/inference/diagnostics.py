@@ -20,10 +20,10 @@ from typing import Dict, Optional
 import pyro.distributions as dist
 import torch
 
-from . import engine
-from ._rng import seeded
-from .errors import DivergenceError, UsageError
-from .estimators import (
+from pvae.inference import engine
+from pvae._rng import seeded
+from pvae.errors import DivergenceError, UsageError
+from pvae.inference.estimators import (
     DEFAULT_CHUNK_SIZE,
     check_data,
     importance_ess,
@@ -257,10 +257,10 @@ def inference_gaps(
         mode of ``vae`` (and of its parts) are left as they were, and so is the global RNG unless
         ``seed`` is None (then the draws come from it).
     """
-    from .estimators import Estimate, _check_positive_int, evaluate_bounds
-    from .guides import DiagonalGaussianGuide, NonAmortizedGuide
-    from .model import VAE
-    from .objectives import make_objective
+    from pvae.inference.estimators import Estimate, _check_positive_int, evaluate_bounds
+    from pvae.parts.guides import DiagonalGaussianGuide, NonAmortizedGuide
+    from pvae.model import VAE
+    from pvae.training.objectives import make_objective
 
     if not isinstance(vae.guide_net, DiagonalGaussianGuide):
         raise UsageError(

@@ -44,11 +44,11 @@ import pyro.infer
 import torch
 from pyro.poutine.messenger import Messenger
 
-from . import engine
-from .errors import UsageError
-from .model import LATENT_SITE
-from .options import Part
-from .registry import Registry
+from pvae.inference import engine
+from pvae.errors import UsageError
+from pvae.model import LATENT_SITE
+from pvae.options import Part
+from pvae.registry import Registry
 
 
 class ScaleLatents(Messenger):

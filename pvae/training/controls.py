@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UsageError
+from pvae.errors import UsageError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "plateau", "iwae")

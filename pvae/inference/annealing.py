@@ -36,10 +36,12 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from pyro.distributions import constraints
 
-from . import distributed, engine
-from ._rng import seeded
-from .errors import UsageError, UsageTypeError
-from .estimators import (
+from pvae import distributed
+
+from pvae.inference import engine
+from pvae._rng import seeded
+from pvae.errors import UsageError, UsageTypeError
+from pvae.inference.estimators import (
     Estimate,
     _check_positive_int,
     _device_of,
@@ -49,7 +51,7 @@ from .estimators import (
     importance_ess,
     per_batch,
 )
-from .streaming import is_streamed
+from pvae.data.streaming import is_streamed
 
 
 def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:

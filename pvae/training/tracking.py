@@ -22,7 +22,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from .errors import UsageError
+from pvae.errors import UsageError
 
 TRACKERS = ("tensorboard", "mlflow")
 #: files of a run directory logged as artifacts / images at the end of training

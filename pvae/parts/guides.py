@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import _check_positive_int
-from .errors import UsageError
-from .nets import MLP
-from .registry import Registry
+from pvae.inference.engine import _check_positive_int
+from pvae.errors import UsageError
+from pvae.parts.nets import MLP
+from pvae.registry import Registry
 
 GUIDES: Registry = Registry("guide", context=("data_dim", "latent_dim", "hidden", "activation", "encoder"))
 

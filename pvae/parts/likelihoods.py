@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions.utils import broadcast_all
 
-from .errors import UsageError
-from .registry import Registry
+from pvae.errors import UsageError
+from pvae.registry import Registry
 
 LIKELIHOODS: Registry = Registry("likelihood", context=("data_dim",))
 

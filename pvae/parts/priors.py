@@ -18,9 +18,9 @@ from pyro.nn import AutoRegressiveNN
 from torch import nn
 from torch.distributions import constraints
 
-from .engine import _check_positive_int
-from .errors import UsageError
-from .registry import Registry
+from pvae.inference.engine import _check_positive_int
+from pvae.errors import UsageError
+from pvae.registry import Registry
 
 PRIORS: Registry = Registry("prior", context=("latent_dim", "guide"))
 

@@ -52,7 +52,7 @@ from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
-from .errors import UsageError
+from pvae.errors import UsageError
 
 _QUIET = [0]  # > 0 while the engine runs programs for densities (no param sites needed there)
 

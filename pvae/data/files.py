@@ -28,7 +28,8 @@ from typing import Dict, List, Literal, Optional, Tuple
 import numpy as np
 import torch
 
-from .errors import UsageError
+from pvae.data.dataset import Dataset, _binarize_option, binarized
+from pvae.errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".csv", ".tsv")
@@ -315,7 +316,6 @@ def load_file(
         auto (when the data would exceed the memory budget, $PVAE_MEMORY_BUDGET_GB or a quarter of
         the machine's memory), never, or always.
     """
-    from .data import Dataset, _binarize_option, binarized
 
     if not path:
         raise UsageError("data set 'file' needs a path (pvae train --data PATH)")
@@ -381,7 +381,7 @@ def _folder_labels(folder: Path, files: List[Path]) -> Optional[np.ndarray]:
 
 
 def _should_stream(path: Path, stream: str, image_size) -> bool:
-    from .streaming import memory_budget_bytes
+    from pvae.data.streaming import memory_budget_bytes
 
     streamable = path.is_dir() or path.suffix.lower() == ".npy"
     if stream == "never":
@@ -418,8 +418,7 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
     """A data set whose splits are :class:`~pvae.streaming.StreamedSplit` views of the file: one
     pass checks every row (NaN/inf rows named, value range, unreadable images) without keeping
     it; the rows are then read, and converted exactly as in memory, as they are used."""
-    from .data import Dataset, _binarize_option
-    from .streaming import ImageFolderSource, MemmapSource, StreamedSplit
+    from pvae.data.streaming import ImageFolderSource, MemmapSource, StreamedSplit
 
     if _binarize_option(binarize) != "none":
         raise DataFileError(f"{path}: binarize={binarize!r} is not available for streamed data; binarize the "

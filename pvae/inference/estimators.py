@@ -25,11 +25,13 @@ from typing import Dict, Iterator, Optional
 import pyro
 import torch
 
-from . import distributed, engine
-from ._rng import seeded
-from .checkpoint import atomic_write
-from .errors import DiskFullError, UsageError
-from .streaming import is_streamed
+from pvae import distributed
+
+from pvae.inference import engine
+from pvae._rng import seeded
+from pvae.checkpoint import atomic_write
+from pvae.errors import DiskFullError, UsageError
+from pvae.data.streaming import is_streamed
 
 #: ``chunk_size=None`` (the default) picks the samples per chunk from this memory budget:
 #: a quarter of the free memory on a CUDA device, this many bytes on a CPU

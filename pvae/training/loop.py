@@ -22,15 +22,15 @@ from typing import List, Optional, Sequence, Union
 import pyro
 import torch
 
-from . import distributed
-from .controls import LRSchedule, make_optimizer, set_lr, use_precision
-from ._rng import seeded
-from .checkpoint import load_checkpoint, save_checkpoint, write_jsonl
-from .errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
-from .estimators import check_data, evaluate_bounds, reconstruction_error
-from .objectives import Objective, call_objective, make_objective, takes_kl_weight
-from .streaming import is_streamed
-from .streaming import loader as stream_loader
+from pvae import distributed
+from pvae.training.controls import LRSchedule, make_optimizer, set_lr, use_precision
+from pvae._rng import seeded
+from pvae.checkpoint import load_checkpoint, save_checkpoint, write_jsonl
+from pvae.errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
+from pvae.inference.estimators import check_data, evaluate_bounds, reconstruction_error
+from pvae.training.objectives import Objective, call_objective, make_objective, takes_kl_weight
+from pvae.data.streaming import is_streamed
+from pvae.data.streaming import loader as stream_loader
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -115,7 +115,7 @@ def _has_density(vae, x) -> bool:
     guide_net = getattr(vae, "guide_net", None)
     if guide_net is not None:
         return bool(guide_net.has_density)
-    from . import engine
+    from pvae.inference import engine
 
     with torch.no_grad(), pyro.validation_enabled(False):
         return not engine.log_weights(vae, x[:2], 1, enumerate=False).point_masses

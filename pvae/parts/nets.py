@@ -11,8 +11,8 @@ from typing import Sequence, Tuple
 import torch
 from torch import nn
 
-from .errors import UsageError
-from .registry import Registry
+from pvae.errors import UsageError
+from pvae.registry import Registry
 
 ACTIVATIONS: Registry = Registry("activation")
 ACTIVATIONS.register("relu")(nn.ReLU)

@@ -8,7 +8,7 @@ their constructors (:mod:`pvae.options`); a config names a part and its options:
     VampPrior(latent_dim=40, guide=vae.guide_net, pseudo_inputs=500)
 """
 
-from .guides import (
+from pvae.parts.guides import (
     GUIDES,
     DeltaGuide,
     DiagonalGaussianGuide,
@@ -20,7 +20,7 @@ from .guides import (
     PlanarGuide,
     SylvesterGuide,
 )
-from .likelihoods import (
+from pvae.parts.likelihoods import (
     LIKELIHOODS,
     BernoulliLikelihood,
     ContinuousBernoulliLikelihood,
@@ -30,8 +30,8 @@ from .likelihoods import (
     Likelihood,
     PoissonLikelihood,
 )
-from .nets import ACTIVATIONS, NETS, MLP, ConvDecoder, ConvEncoder, ConvNets, GatedLinear, MLPNets
-from .objectives import (
+from pvae.parts.nets import ACTIVATIONS, NETS, MLP, ConvDecoder, ConvEncoder, ConvNets, GatedLinear, MLPNets
+from pvae.training.objectives import (
     OBJECTIVES,
     ElboObjective,
     FreeBitsObjective,
@@ -41,8 +41,8 @@ from .objectives import (
     Objective,
     make_objective,
 )
-from .options import Option, Part
-from .priors import (
+from pvae.options import Option, Part
+from pvae.parts.priors import (
     PRIORS,
     FlowPrior,
     LearnedDiagonalPrior,

@@ -64,13 +64,21 @@ from typing import Callable, Dict, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .files import load_file
-from .registry import Registry
-from .streaming import is_streamed
+from pvae.errors import UsageError
+from pvae.data.dataset import (  # noqa: F401  (re-exported: pvae.data.Dataset is public)
+    BINARIZE_MODES,
+    SPLITS,
+    Binarize,
+    Dataset,
+    _binarize_option,
+    binarized,
+    fixed_binarization,
+)
+from pvae.data.files import load_file
+from pvae.registry import Registry
+from pvae.data.streaming import is_streamed
 
 DATASETS: Registry = Registry("dataset", context=("cache_dir",))
-SPLITS = ("train", "valid", "test")
 DATA_DIR_ENV = "PVAE_DATA_DIR"
 
 
@@ -80,69 +88,6 @@ class DataUnavailableError(UsageError, FileNotFoundError):
 
 class ChecksumError(UsageError):
     """A data file's contents do not match the published checksum."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Three splits of flattened examples.
-
-    :ivar str name: registry name.
-    :ivar train, valid, test: float tensors ``(N, D)``, or for data bigger than memory
-        :class:`~pvae.streaming.StreamedSplit` views read on demand (``streamed``).
-    :ivar labels: dict split -> int64 tensor ``(N,)``, or None when unlabelled.
-    :ivar image_shape: ``(H, W)`` for image data (for plots), else None.
-    :ivar bool binary: all values are 0 or 1.
-    :ivar source: where the data came from: for a user's file its path, size, SHA-256 and split;
-        for a named benchmark its files and their SHA-256; else None.
-    :ivar bool dynamic_binarization: ``train`` holds probabilities in [0, 1] and training draws a
-        fresh Bernoulli sample of every minibatch (``fit(..., dynamic_binarization=True)``);
-        ``valid`` and ``test`` are fixed binary draws. ``split("train")`` is then one fixed seeded
-        draw too, so that every split evaluates as binary data.
-    """
-
-    name: str
-    train: torch.Tensor
-    valid: torch.Tensor
-    test: torch.Tensor
-    labels: Optional[dict] = None
-    image_shape: Optional[Tuple[int, ...]] = None
-    binary: bool = False
-    source: Optional[dict] = None
-    dynamic_binarization: bool = False
-
-    @property
-    def streamed(self) -> bool:
-        """Whether the splits are read on demand (:mod:`pvae.streaming`)."""
-        return any(is_streamed(getattr(self, s)) for s in SPLITS)
-
-    @property
-    def data_dim(self) -> int:
-        return int(self.train.shape[-1])
-
-    def split(self, name: str) -> torch.Tensor:
-        """The examples of one split as the model sees them (for dynamically binarized data, the
-        training split as one fixed seeded draw)."""
-        if name not in SPLITS:
-            raise UsageError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}")
-        if name == "train" and self.dynamic_binarization:
-            return fixed_binarization(self.train, seed=1)
-        return getattr(self, name)
-
-    def fingerprint(self) -> str:
-        """SHA-256 over the three splits' shapes and float32 values: which data a run saw."""
-        h = hashlib.sha256()
-        for name in SPLITS:
-            t = getattr(self, name)
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            if is_streamed(t):  # the same bytes, read a chunk at a time
-                t.update_hash(h)
-            else:
-                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()
-
-    def split_labels(self, name: str) -> Optional[torch.Tensor]:
-        self.split(name)
-        return None if self.labels is None else self.labels.get(name)
 
 
 def _image_shape(shape):
@@ -161,51 +106,6 @@ def image_shape_of(name) -> Optional[Tuple[int, ...]]:
     non-image data and for files (whose shape is known once they are read)."""
     name = getattr(name, "name", name)
     return getattr(DATASETS.get(name), "image_shape", None)
-
-
-def fixed_binarization(probabilities: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """One Bernoulli draw of ``probabilities`` from NumPy's ``RandomState(seed)`` (whose stream
-    NumPy keeps stable across versions), so that a fixed binarization is the same bits everywhere."""
-    p = probabilities.detach().cpu().numpy()
-    u = np.random.RandomState(seed).uniform(size=p.shape)
-    return torch.from_numpy((u < p).astype(np.float32)).to(probabilities.device)
-
-
-def binarized(data: "Dataset", mode: str) -> "Dataset":
-    """``data`` (values in [0, 1]) binarized: ``"none"`` (as is), ``"threshold"`` (x > 0.5),
-    ``"static"`` (every split one fixed seeded Bernoulli draw) or ``"dynamic"`` (fresh draws of the
-    training data during training; fixed draws of the others)."""
-    mode = _binarize_option(mode)
-    if mode == "none":
-        return data
-    if mode != "threshold":
-        for split in SPLITS:
-            t = getattr(data, split)
-            if not bool(((t >= 0) & (t <= 1)).all()):
-                raise UsageError(f"binarize={mode!r} draws Bernoulli(x), but the {split} data have values outside "
-                                 f"[0, 1] (range {float(t.min())} to {float(t.max())}); rescale them or use 'threshold'")
-    if mode == "threshold":
-        return dataclasses.replace(data, binary=True, **{s: (getattr(data, s) > 0.5).to(torch.float32)
-                                                         for s in SPLITS})
-    valid = fixed_binarization(data.valid, seed=2)
-    test = fixed_binarization(data.test, seed=3)
-    if mode == "static":
-        return dataclasses.replace(data, train=fixed_binarization(data.train, seed=1), valid=valid, test=test,
-                                   binary=True)
-    return dataclasses.replace(data, valid=valid, test=test, binary=True, dynamic_binarization=True)
-
-
-#: how a data set's values in [0, 1] become binary (the ``binarize`` option of data sets)
-BINARIZE_MODES = ("none", "threshold", "static", "dynamic")
-Binarize = Literal["none", "threshold", "static", "dynamic"]
-
-
-def _binarize_option(binarize) -> str:
-    if isinstance(binarize, bool):  # pvae 0.2.dev's file option was a flag: True meant threshold
-        binarize = "threshold" if binarize else "none"
-    if binarize not in BINARIZE_MODES:
-        raise UsageError(f"unknown binarize mode {binarize!r}; valid choices: {', '.join(BINARIZE_MODES)}")
-    return binarize
 
 
 def data_dir() -> Path:
