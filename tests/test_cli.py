@@ -165,14 +165,50 @@ def test_autoencoder_flags_are_checked(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("extra", [["--net", "conv", "--channels", "4,8"],
-                                   ["--prior", "vamp", "--guide", "iaf", "--pseudo-inputs", "5"],
-                                   ["--prior", "mog", "--guide", "planar", "--flows", "1"],
-                                   ["--prior", "flow", "--guide", "full-rank"]])
-def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra):
+@pytest.mark.parametrize("extra, parts", [
+    (["--net", "conv", "--channels", "4,8"], {"net": {"name": "conv", "channels": [4, 8]}}),
+    (["--prior", "vamp", "--guide", "iaf", "--pseudo-inputs", "5"],
+     {"prior": {"name": "vamp", "pseudo_inputs": 5}, "guide": {"name": "iaf"}}),
+    (["--prior", "mog", "--guide", "planar", "--flows", "1", "--prior-num-components", "3"],
+     {"prior": {"name": "mog", "num_components": 3}, "guide": {"name": "planar", "num_flows": 1}}),
+    (["--prior", "flow", "--guide", "full-rank"], {"prior": {"name": "flow"}, "guide": {"name": "full-rank"}}),
+])
+def test_swapping_parts_from_the_command_line(tmp_path, capsys, extra, parts):
+    """A part named by a flag is the part the run uses: the run's config.json records it with
+    the options given, the trained checkpoint's weights fit exactly (strict load) the model that
+    config rebuilds, and that model is made of the named classes with those sizes (pseudo-inputs,
+    mixture components, flow steps, conv channels); the run then evaluates. Fails if the CLI drops a
+    part flag or one of its options, or trains a part other than the one it records."""
+    from torch import nn
+
+    from pvae.parts.nets import ConvDecoder, ConvEncoder
+    from pvae.guides import GUIDES
+    from pvae.priors import PRIORS
+
     run = tmp_path / "run"
     base = ["--latent-dim", "2", "--no-progress"] if "conv" in extra else FAST  # conv nets take no --hidden
-    assert main(["train", "--epochs", "2", "--run-dir", str(run), *base, *extra]) == 0
+    assert main(["train", "--epochs", "1", "--run-dir", str(run), *base, *extra]) == 0
+    saved = json.loads((run / "config.json").read_text())
+    names = {"prior": "standard-normal", "guide": "diagonal", "net": "mlp"}  # the defaults, where no flag
+    names.update({section: options["name"] for section, options in parts.items()})
+    for section, options in parts.items():
+        assert {k: saved[section].get(k) for k in options} == options, (section, saved[section])
+    assert {section: saved[section]["name"] for section in names} == names
+    weights = load_checkpoint(run / "checkpoint.pt")["model"]
+    vae = pvae.load_run(run).vae  # rebuilt from config.json; load_state_dict is strict
+    assert set(vae.state_dict()) == set(weights)
+    assert isinstance(vae.prior, PRIORS.get(names["prior"])) and isinstance(vae.guide_net, GUIDES.get(names["guide"]))
+    if "net" in parts:
+        assert isinstance(vae.decoder, ConvDecoder) and isinstance(vae.guide_net.encoder, ConvEncoder)
+        convs = [m.out_channels for m in vae.guide_net.encoder.modules() if isinstance(m, nn.Conv2d)]
+        assert convs == parts["net"]["channels"]
+    prior, guide = parts.get("prior", {}), parts.get("guide", {})
+    if "pseudo_inputs" in prior:
+        assert weights["prior.pseudo_inputs"].shape == (prior["pseudo_inputs"], 64)
+    if "num_components" in prior:
+        assert weights["prior.locs"].shape == (prior["num_components"], 2)
+    if "num_flows" in guide:
+        assert len(vae.guide_net.flows) == guide["num_flows"]
     assert main(["evaluate", str(run), "--num-samples", "4", "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K4.json").read_text())
     assert report["estimates"]["iwae"]["num_samples"] == 4
