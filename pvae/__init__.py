@@ -1,7 +1,7 @@
 """pvae: auto-encoding variational Bayes as Pyro model/guide pairs.
 
 Compose a model from parts (:mod:`pvae.parts`), train it with a Pyro ELBO or another objective, evaluate it honestly (every number is
-derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
+derived from the model and guide programs by :func:`pvae.log_weights`)::
 
     from pvae import VAE, MLP, StandardNormalPrior, BernoulliLikelihood, DiagonalGaussianGuide
     from pvae import fit, load_dataset, evaluate_bounds
@@ -16,7 +16,7 @@ derived from the model and guide programs by :func:`pvae.engine.log_weights`)::
 
 __version__ = "0.2.0.dev0"
 
-from pvae import parts
+from pvae import data, inference, parts, training
 from pvae.inference import estimators
 from pvae.inference.annealing import BDMCBounds, ais, bdmc
 from pvae.config import CONFIG_VERSION, RunConfig, Training, autoencoder_config, build_vae
@@ -34,6 +34,7 @@ from pvae.inference.engine import ModelGuidePair, WeightedSamples, WithCovariate
 from pvae.errors import DiskFullError, DivergenceError, NotARunError, RunExistsError, UsageError, UsageTypeError
 from pvae.inference.estimators import (
     Estimate,
+    bounds_by_k,
     elbo,
     evaluate_bounds,
     iwae_bound,
@@ -43,25 +44,34 @@ from pvae.inference.estimators import (
 )
 from pvae.model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
 from pvae.parts import *  # noqa: F401,F403  (every registered part, its registry, Part and Option)
-from pvae.parts import __all__ as _parts_all
 from pvae.runs import REPORT_VERSION, EvaluationReport, Run, evaluate_run, load_run, train_run
 from pvae.training.loop import History, TrainStep, fit
 
-__all__ = sorted(set(_parts_all) | {
-    "estimators", "parts", "plots",
-    "BDMCBounds", "ais", "bdmc",
-    "CONFIG_VERSION", "RunConfig", "Training", "autoencoder_config", "build_vae",
-    "DATASETS", "Dataset", "data_dir", "load_dataset",
-    "active_units", "importance_diagnostics", "inference_gaps", "kl_per_dimension", "latent_diagnostics",
-    "psis_khat", "to_inference_data",
-    "ModelGuidePair", "WeightedSamples", "WithCovariates", "log_weights",
-    "DiskFullError", "DivergenceError", "NotARunError", "RunExistsError", "UsageError", "UsageTypeError",
-    "Estimate", "elbo", "evaluate_bounds", "iwae_bound", "log_importance_weights", "naive_prior_estimate",
-    "reconstruction_error",
-    "DATA_PLATE", "LATENT_SITE", "OBSERVED_SITE", "VAE",
-    "REPORT_VERSION", "EvaluationReport", "Run", "evaluate_run", "load_run", "train_run",
-    "History", "TrainStep", "fit",
-})
+# The public API: what a notebook needs to build, train and evaluate a model. Every other name
+# imported above stays importable (``from pvae import Run`` keeps working) and is public in the
+# ``__all__`` of the module it lives in (:mod:`pvae.parts.guides`, :mod:`pvae.inference.engine`, ...).
+__all__ = [
+    # subpackages and modules
+    "data", "inference", "parts", "plots", "training",
+    # building a model
+    "VAE", "build_vae", "autoencoder_config", "Part",
+    "PRIORS", "GUIDES", "LIKELIHOODS", "NETS", "OBJECTIVES",
+    "MLP", "StandardNormalPrior", "DiagonalGaussianGuide", "BernoulliLikelihood",
+    # training
+    "fit", "Training", "make_objective", "History",
+    # evaluation
+    "evaluate_bounds", "bounds_by_k", "elbo", "iwae_bound", "naive_prior_estimate", "reconstruction_error",
+    "ais", "bdmc",
+    "importance_diagnostics", "to_inference_data", "active_units", "kl_per_dimension",
+    # model/guide programs of the user's own
+    "ModelGuidePair", "WithCovariates", "log_weights",
+    # data
+    "load_dataset", "Dataset",
+    # run directories
+    "RunConfig", "train_run", "load_run", "evaluate_run",
+    # errors
+    "UsageError",
+]
 
 
 # Old module paths keep working: ``import pvae.engine`` and ``from pvae.train import fit`` give

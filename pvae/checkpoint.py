@@ -15,6 +15,8 @@ import hashlib
 import io
 import json
 import os
+import pickle
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -23,11 +25,23 @@ import torch
 
 from pvae.errors import DiskFullError, UsageError
 
+__all__ = [
+    "save_checkpoint", "load_checkpoint", "atomic_write", "write_json", "write_jsonl", "run_lock",
+    "CorruptCheckpointError", "RunLockedError",
+]
+
 SEALED_FORMAT = "pvae-sealed-1"
+
+#: What ``torch.load(..., weights_only=True)`` raises for damaged or foreign bytes (a file that
+#: cannot be opened raises an :class:`OSError` instead): the zip reader's ``RuntimeError``, the
+#: restricted unpickler's ``UnpicklingError``, and what decoding garbled pickle data meets on the
+#: way (found by loading saved checkpoints truncated, bit-flipped, with bytes inserted or deleted).
+TORCH_LOAD_ERRORS = (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError,
+                     AttributeError, AssertionError, struct.error)
 
 
 class CorruptCheckpointError(UsageError):
-    """A checkpoint file is truncated, unreadable or fails its checksum."""
+    """A checkpoint file is truncated, cannot be decoded or fails its checksum."""
 
 
 def _umask() -> int:
@@ -48,7 +62,7 @@ def atomic_write(path: os.PathLike, write: Callable[[Any], None], mode: str = "w
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
+    except BaseException as exc:  # deliberately every exception (Ctrl-C too): remove the temp file, re-raise
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -81,12 +95,11 @@ def load_checkpoint(path: os.PathLike) -> dict:
     """Load a checkpoint with ``weights_only=True``, mapping every tensor to the CPU, after
     checking its SHA-256 (checkpoints written before sealing load unchecked).
 
-    :raises CorruptCheckpointError: when the file is truncated, unreadable or altered."""
+    :raises CorruptCheckpointError: when the file is truncated, undecodable or altered.
+    :raises OSError: when it cannot be opened or read (missing, no permission, ...): as raised."""
     try:
         outer = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as exc:  # truncated zip, garbage bytes, ...
+    except TORCH_LOAD_ERRORS as exc:  # truncated zip, garbage bytes, ...
         raise CorruptCheckpointError(
             f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc}); it is truncated or "
             "corrupted: restore it from a copy or start the run anew"

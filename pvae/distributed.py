@@ -40,6 +40,12 @@ from torch import nn
 
 from pvae.errors import UsageError
 
+__all__ = [
+    "init_from_env", "shutdown_if_ours", "active", "rank", "world_size", "is_main", "barrier",
+    "broadcast", "gather", "agree", "shard", "batch_seed", "my_batches", "gather_batches",
+    "LossModule", "wrap",
+]
+
 
 def active() -> bool:
     """Whether this process is one of several in an initialised process group."""
@@ -47,10 +53,12 @@ def active() -> bool:
 
 
 def rank() -> int:
+    """This process's rank in the group (0 outside one)."""
     return dist.get_rank() if active() else 0
 
 
 def world_size() -> int:
+    """The number of processes in the group (1 outside one)."""
     return dist.get_world_size() if active() else 1
 
 
@@ -97,7 +105,8 @@ def shutdown_if_ours(wait: bool = True) -> None:
     try:
         if wait and active():
             dist.barrier()
-    except Exception:  # a peer left without waiting (it failed, in code only it runs): leave all the same
+    except RuntimeError:  # a peer left without waiting (it failed, in code only it runs): leave all the same
+        # (gloo and nccl report a broken barrier as torch.distributed.DistError, a RuntimeError)
         pass
     finally:
         _OURS = False
@@ -106,6 +115,7 @@ def shutdown_if_ours(wait: bool = True) -> None:
 
 
 def barrier() -> None:
+    """Wait until every process of the group gets here (nothing outside a group)."""
     if active():
         dist.barrier()
 

@@ -12,6 +12,11 @@ specific kind also subclasses the built-in exception it refines (``TypeError``,
 
 from __future__ import annotations
 
+__all__ = [
+    "UsageError", "UsageTypeError", "DivergenceError", "RunExistsError", "NotARunError",
+    "DiskFullError",
+]
+
 
 class UsageError(ValueError):
     """Something the user can fix; the message says what and how."""

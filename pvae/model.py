@@ -44,6 +44,8 @@ from pvae.parts.guides import Guide
 from pvae.parts.likelihoods import Likelihood
 from pvae.parts.priors import Prior
 
+__all__ = ["VAE", "Program", "program", "LATENT_SITE", "OBSERVED_SITE", "DATA_PLATE"]
+
 LATENT_SITE = "z"
 OBSERVED_SITE = "x"
 DATA_PLATE = "data"

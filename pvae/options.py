@@ -20,6 +20,8 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from pvae.errors import UsageError
 
+__all__ = ["Part", "Option", "declared_options"]
+
 _MISSING = inspect.Parameter.empty
 
 

@@ -13,6 +13,11 @@ from typing import Optional, Sequence, Tuple
 import torch
 from matplotlib.figure import Figure
 
+__all__ = [
+    "elbo_curves", "reconstructions", "samples", "latent_scatter", "image_grid", "bounds_versus_k",
+    "estimator_comparison", "khat_histogram", "evaluation_figure",
+]
+
 
 def elbo_curves(records: Sequence[dict]) -> Figure:
     """Training objective and the validation metric (ELBO, or the reconstruction

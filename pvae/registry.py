@@ -16,6 +16,8 @@ from pvae.options import Option, Part, declared_options
 
 T = TypeVar("T")
 
+__all__ = ["Registry", "UnknownNameError"]
+
 
 class UnknownNameError(UsageError, KeyError):
     """Raised when a registry is asked for a name it does not hold."""
@@ -31,6 +33,8 @@ class Registry(Generic[T]):
     :param context: constructor parameters the model builder supplies (``latent_dim``, ...);
         every other keyword parameter of an entry is one of its options
         (:func:`pvae.options.declared_options`).
+    :param str doc: the docstring of this registry (``help(PRIORS)``, ``PRIORS.__doc__``); without
+        it, the class's.
 
     Example::
 
@@ -42,10 +46,12 @@ class Registry(Generic[T]):
         PRIORS.get("standard-normal")
     """
 
-    def __init__(self, kind: str, context: Tuple[str, ...] = ()):
+    def __init__(self, kind: str, context: Tuple[str, ...] = (), doc: str = ""):
         self.kind = kind
         self.context = tuple(context)
         self._entries: Dict[str, T] = {}
+        if doc:
+            self.__doc__ = doc
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers ``obj`` under ``name`` (names are unique)."""
@@ -98,6 +104,7 @@ class Registry(Generic[T]):
         return entry(**context, **part.kwargs)
 
     def names(self) -> list:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:

@@ -33,6 +33,13 @@ from pvae.parts.likelihoods import GaussianLikelihood
 from pvae.model import VAE
 from pvae.parts.priors import StandardNormalPrior
 
+__all__ = [
+    "linear_gaussian_vae", "exact_log_marginal", "exact_posterior", "exact_elbo",
+    "exact_elbo_terms", "with_exact_guide", "ExactPosteriorGuide", "LinearDecoder", "mc_tolerance",
+    "normal_quantile", "LinearGaussianHierarchy", "GaussianMixtureLatent",
+    "ConditionalLinearGaussian",
+]
+
 
 class LinearDecoder(nn.Module):
     """``z -> W z + b`` with ``W: (D, L)``; shapes ``(..., L) -> (..., D)``."""

@@ -78,7 +78,14 @@ from pvae.data.files import load_file
 from pvae.registry import Registry
 from pvae.data.streaming import is_streamed
 
-DATASETS: Registry = Registry("dataset", context=("cache_dir",))
+__all__ = [
+    "DATASETS", "Dataset", "load_dataset", "data_dir", "fetch", "REMOTES", "Remote",
+    "DataUnavailableError", "ChecksumError",
+]
+
+DATASETS: Registry = Registry("dataset", context=("cache_dir",), doc="""
+Data sets by name (the module doc lists them, ``"file"`` reads your own); :func:`load_dataset`
+loads one, ``DATASETS.options(name)`` lists its options.""")
 DATA_DIR_ENV = "PVAE_DATA_DIR"
 
 
@@ -194,7 +201,7 @@ def _download(url: str, target: Path) -> None:
                     break
                 out.write(block)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException:  # deliberately every exception (Ctrl-C too): remove the partial file, re-raise
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
@@ -455,7 +462,10 @@ def _loadmat(path: Path, keys: Sequence[str]) -> dict:
 
     try:
         mat = loadmat(str(path))
-    except Exception as exc:  # a truncated download, an HTML page ...
+    except Exception as exc:  # deliberately broad: a truncated download, an HTML page ... make scipy's
+        # MATLAB reader raise almost any type (ValueError, TypeError, OSError, IndexError, KeyError,
+        # zlib.error, MatReadError, NotImplementedError, ZeroDivisionError, UnboundLocalError were seen
+        # on damaged files), and each means the same here: not the published file
         raise _structure_error(path, f"it cannot be read as a MATLAB file ({type(exc).__name__}: {exc})") from None
     missing = [k for k in keys if k not in mat]
     if missing:

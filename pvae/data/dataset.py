@@ -2,6 +2,9 @@
 
 Separate from the zoo (:mod:`pvae.data`) and from users' files (:mod:`pvae.data.files`), which
 both build :class:`Dataset` objects, so that neither imports the other.
+
+:data:`SPLITS` names the three splits; :data:`BINARIZE_MODES` lists the ``binarize`` option's values
+(:func:`binarized`).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import torch
 
 from pvae.data.streaming import is_streamed
 from pvae.errors import UsageError
+
+__all__ = ["Dataset", "binarized", "fixed_binarization", "SPLITS", "BINARIZE_MODES"]
 
 SPLITS = ("train", "valid", "test")
 

@@ -4,8 +4,9 @@ Formats (by suffix): ``.npy`` (one array), ``.npz`` (arrays ``train``/``valid``/
 array; labels as ``<split>_labels`` or ``labels``), ``.pt`` (a tensor, or a dict like ``.npz``),
 ``.csv``/``.tsv`` (numeric columns, an optional header row, an optional label column), and a
 folder of PNG/JPEG/BMP images (greyscale or colour; in class subfolders, the folder names are
-the labels). Arrays of shape ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` are images: their
-shape is inferred and kept for conv nets and image figures; 8-bit images are scaled to [0, 1].
+the labels); :data:`ARRAY_SUFFIXES` and :data:`IMAGE_SUFFIXES` list the suffixes read. Arrays of
+shape ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)`` are images: their shape is inferred and
+kept for conv nets and image figures; 8-bit images are scaled to [0, 1].
 Without splits in the file, a seeded random split (``split`` fractions, ``split_seed``) is made.
 
 The data set records its source (path, size, SHA-256 of the file or of the folder's files, how
@@ -22,18 +23,45 @@ import hashlib
 import io
 import math
 import os
+import tokenize
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
 
+from pvae.checkpoint import TORCH_LOAD_ERRORS
 from pvae.data.dataset import Dataset, _binarize_option, binarized
 from pvae.errors import UsageError
+
+__all__ = ["load_file", "write_examples", "file_sha256", "DataFileError", "ARRAY_SUFFIXES", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt", ".csv", ".tsv")
 _SPLIT_ALIASES = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
+
+# What each reader raises for a file it cannot use (besides OSError: missing, no permission, a
+# folder): found by reading files of each format truncated, bit-flipped, with bytes inserted or
+# deleted. NumPy parses the .npy header as a Python literal; an .npz is a zip archive of .npy files.
+_NPY_ERRORS = (OSError, EOFError, ValueError, TypeError, SyntaxError, tokenize.TokenError)
+_READ_ERRORS = {
+    ".npy": _NPY_ERRORS,
+    ".npz": (*_NPY_ERRORS, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError),
+    ".pt": (OSError, *TORCH_LOAD_ERRORS),
+    ".csv": (OSError, UnicodeDecodeError, csv.Error),
+    ".tsv": (OSError, UnicodeDecodeError, csv.Error),
+}
+
+
+def _image_errors() -> tuple:
+    """What Pillow raises for an image file it cannot decode: OSError (UnidentifiedImageError,
+    truncated or broken data streams), SyntaxError and ValueError (malformed chunks and headers),
+    and DecompressionBombError (absurd declared sizes)."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class DataFileError(UsageError):
@@ -153,7 +181,7 @@ def _read_images(folder: Path, image_size: Optional[Tuple[int, ...]]) -> Dict[st
             with Image.open(p) as im:
                 im.load()
                 images.append(im.copy())
-        except Exception as exc:  # PIL raises several kinds for a damaged or foreign file
+        except _image_errors() as exc:  # PIL raises several kinds for a damaged or foreign file
             raise DataFileError(f"{p} is not a readable image ({type(exc).__name__}: {exc}); "
                                 "remove or replace it") from None
     colour = any(im.mode not in ("1", "L", "LA", "I", "I;16", "F") for im in images)
@@ -182,27 +210,29 @@ def _read(path: Path, label_column: Optional[str], image_size) -> Dict[str, np.n
     if path.is_dir():
         return _read_images(path, image_size)
     suffix = path.suffix.lower()
-    try:
+    if suffix not in _READ_ERRORS:
+        raise DataFileError(f"{path}: unknown data format {suffix!r}; use one of {', '.join(ARRAY_SUFFIXES)} "
+                            "or a folder of images")
+    stored = None
+    try:  # the readers only: what they raise for a damaged or foreign file is named as such
         if suffix == ".npy":
             return {"all": np.load(path, allow_pickle=False)}
+        if suffix in (".csv", ".tsv"):
+            return _read_csv(path, label_column)
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
-                return _named_arrays({k: npz[k] for k in npz.files}, path)
-        if suffix == ".pt":
+                stored = {k: npz[k] for k in npz.files}
+        else:  # .pt (tensors of a dtype NumPy lacks, such as bfloat16, raise a TypeError in .numpy())
             obj = torch.load(path, map_location="cpu", weights_only=True)
             if isinstance(obj, torch.Tensor):
                 return {"all": obj.numpy()}
             if isinstance(obj, dict):
-                return _named_arrays({k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}, path)
-            raise DataFileError(f"{path} holds a {type(obj).__name__}; store a tensor or a dict of tensors")
-        if suffix in (".csv", ".tsv"):
-            return _read_csv(path, label_column)
-    except DataFileError:
-        raise
-    except Exception as exc:
+                stored = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
+    except _READ_ERRORS[suffix] as exc:
         raise DataFileError(f"{path} could not be read as {suffix} ({type(exc).__name__}: {exc})") from None
-    raise DataFileError(f"{path}: unknown data format {suffix!r}; use one of {', '.join(ARRAY_SUFFIXES)} "
-                        "or a folder of images")
+    if stored is None:
+        raise DataFileError(f"{path} holds a {type(obj).__name__}; store a tensor or a dict of tensors")
+    return _named_arrays(stored, path)
 
 
 # ------------------------------------------------------------------------------ shaping
@@ -401,7 +431,7 @@ def _should_stream(path: Path, stream: str, image_size) -> bool:
             with Image.open(files[0]) as im:
                 w, h = im.size
                 channels = 1 if im.mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-        except Exception:
+        except _image_errors():
             return False  # the in-memory reader names the unreadable file
         if image_size is not None and len(image_size) == 2:
             h, w = int(image_size[0]), int(image_size[1])
@@ -409,7 +439,7 @@ def _should_stream(path: Path, stream: str, image_size) -> bool:
     else:
         try:
             values = math.prod(np.load(path, mmap_mode="r", allow_pickle=False).shape)
-        except Exception:
+        except _NPY_ERRORS:
             return False  # the in-memory reader names the problem
     return 4 * values > memory_budget_bytes()
 
@@ -435,7 +465,7 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
                 with Image.open(p) as im:
                     modes.append(im.mode)
                     sizes.append(im.size)
-            except Exception as exc:
+            except _image_errors() as exc:
                 raise DataFileError(f"{p} is not a readable image ({type(exc).__name__}: {exc}); "
                                     "remove or replace it") from None
         mode = "RGB" if any(m not in ("1", "L", "LA", "I", "I;16", "F") for m in modes) else "L"
@@ -458,7 +488,7 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
             for i in range(start, min(start + 256, len(files))):
                 try:
                     img = probe.decode(i)
-                except Exception as exc:
+                except _image_errors() as exc:
                     raise DataFileError(f"{files[i]} is not a readable image ({type(exc).__name__}: {exc}); "
                                         "remove or replace it") from None
                 low, high = min(low, int(img.min())), max(high, int(img.max()))
@@ -469,7 +499,7 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
     else:
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)
-        except Exception as exc:  # truncated, object arrays, not an .npy
+        except _NPY_ERRORS as exc:  # truncated, object arrays, not an .npy
             raise DataFileError(f"{path} could not be read as .npy ({type(exc).__name__}: {exc})") from None
         shape, channels_last, dim = _layout(array.shape, path, image_shape)
         low = high = None

@@ -27,6 +27,8 @@ import torch
 
 from pvae.errors import UsageError
 
+__all__ = ["StreamedSplit", "MemmapSource", "ImageFolderSource", "memory_budget_bytes", "is_streamed"]
+
 #: environment variable: the memory budget in GiB for data held in memory
 MEMORY_BUDGET_ENV = "PVAE_MEMORY_BUDGET_GB"
 
@@ -180,6 +182,7 @@ class StreamedSplit(torch.utils.data.Dataset):
 
 
 def is_streamed(x) -> bool:
+    """Whether ``x`` is a :class:`StreamedSplit` (read on demand) rather than a tensor."""
     return isinstance(x, StreamedSplit)
 
 

@@ -30,6 +30,11 @@ from pvae.inference.estimators import (
     log_importance_weights,
 )
 
+__all__ = [
+    "importance_diagnostics", "psis_khat", "active_units", "kl_per_dimension", "latent_diagnostics",
+    "inference_gaps", "to_inference_data",
+]
+
 
 def psis_khat(log_weights: torch.Tensor) -> torch.Tensor:
     """PSIS :math:`\\hat k` per datapoint from log importance weights of shape ``(K, B)``

@@ -54,6 +54,12 @@ from pyro.poutine.util import site_is_subsample
 
 from pvae.errors import UsageError
 
+__all__ = [
+    "ModelGuidePair", "WithCovariates", "WeightedSamples", "log_weights", "log_density",
+    "guide_log_density", "guide_mean", "reconstruction", "log_mean_exp", "use_fast_path",
+    "PARTICLE_PLATE",
+]
+
 _QUIET = [0]  # > 0 while the engine runs programs for densities (no param sites needed there)
 
 

@@ -29,9 +29,15 @@ from pvae import distributed
 
 from pvae.inference import engine
 from pvae._rng import seeded
-from pvae.checkpoint import atomic_write
+from pvae.checkpoint import TORCH_LOAD_ERRORS, atomic_write
 from pvae.errors import DiskFullError, UsageError
 from pvae.data.streaming import is_streamed
+
+__all__ = [
+    "Estimate", "evaluate_bounds", "bounds_by_k", "elbo", "iwae_bound", "naive_prior_estimate",
+    "reconstruction_error", "log_importance_weights", "importance_ess", "auto_chunk_size",
+    "BatchCache",
+]
 
 #: ``chunk_size=None`` (the default) picks the samples per chunk from this memory budget:
 #: a quarter of the free memory on a CUDA device, this many bytes on a CPU
@@ -324,7 +330,7 @@ class BatchCache:
             try:
                 saved = torch.load(self.path, map_location="cpu", weights_only=True)
                 matches = isinstance(saved, dict) and saved.get("key") == self.key
-            except Exception as exc:  # truncated or not ours: start afresh
+            except (OSError, *TORCH_LOAD_ERRORS) as exc:  # unreadable, truncated or not ours: start afresh
                 saved, matches = None, False
                 self.set_aside = f"unreadable ({type(exc).__name__})"
             if matches:

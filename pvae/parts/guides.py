@@ -28,7 +28,15 @@ from pvae.errors import UsageError
 from pvae.parts.nets import MLP
 from pvae.registry import Registry
 
-GUIDES: Registry = Registry("guide", context=("data_dim", "latent_dim", "hidden", "activation", "encoder"))
+__all__ = [
+    "GUIDES", "Guide", "DiagonalGaussianGuide", "FullRankGaussianGuide", "FlowGuide", "IAFGuide",
+    "PlanarGuide", "SylvesterGuide", "DeltaGuide", "NonAmortizedGuide",
+]
+
+GUIDES: Registry = Registry("guide", context=("data_dim", "latent_dim", "hidden", "activation", "encoder"), doc="""
+Guides q(z|x) by name (``"diagonal"``, ``"full-rank"``, ``"iaf"``, ``"planar"``, ``"sylvester"``,
+``"delta"``); ``GUIDES.options(name)`` lists a guide's options, and a config's ``guide`` section
+names one (:func:`pvae.build_vae` builds it).""")
 
 
 class Guide(nn.Module):

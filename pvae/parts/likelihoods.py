@@ -21,7 +21,16 @@ from torch.distributions.utils import broadcast_all
 from pvae.errors import UsageError
 from pvae.registry import Registry
 
-LIKELIHOODS: Registry = Registry("likelihood", context=("data_dim",))
+__all__ = [
+    "LIKELIHOODS", "Likelihood", "BernoulliLikelihood", "GaussianLikelihood",
+    "ContinuousBernoulliLikelihood", "PoissonLikelihood", "DiscretizedLogisticLikelihood",
+    "DiscretizedLogistic", "IndependentBernoulli",
+]
+
+LIKELIHOODS: Registry = Registry("likelihood", context=("data_dim",), doc="""
+Likelihoods p(x|z) by name (``"bernoulli"``, ``"gaussian"``, ``"continuous-bernoulli"``,
+``"poisson"``, ``"discretized-logistic"``); ``LIKELIHOODS.options(name)`` lists one's options, and
+a config's ``likelihood`` section names one (:func:`pvae.build_vae` builds it).""")
 
 
 class Likelihood(nn.Module):

@@ -14,7 +14,12 @@ from torch import nn
 from pvae.errors import UsageError
 from pvae.registry import Registry
 
-ACTIVATIONS: Registry = Registry("activation")
+__all__ = ["ACTIVATIONS", "NETS", "MLP", "GatedLinear", "ConvEncoder", "ConvDecoder", "MLPNets", "ConvNets"]
+
+ACTIVATIONS: Registry = Registry("activation", doc="""
+Activation functions of the networks by name (``"relu"``, ``"softplus"``, ``"tanh"``, ``"elu"``,
+``"leaky-relu"``, ``"gelu"``, ``"silu"``, ``"gated"``: :class:`GatedLinear` layers); the nets'
+``activation`` option names one.""")
 ACTIVATIONS.register("relu")(nn.ReLU)
 ACTIVATIONS.register("softplus")(nn.Softplus)
 ACTIVATIONS.register("tanh")(nn.Tanh)
@@ -194,8 +199,9 @@ class ConvDecoder(nn.Module):
         return out.reshape(*lead, self.out_features)
 
 
-#: Encoder/decoder pairs by name. An entry's options are its constructor's keyword parameters.
-NETS: Registry = Registry("net")
+NETS: Registry = Registry("net", doc="""
+Encoder/decoder pairs by name (``"mlp"``, ``"conv"``). An entry's options are its constructor's
+keyword parameters; a config's ``net`` section names one.""")
 
 
 @NETS.register("mlp")

@@ -22,7 +22,15 @@ from pvae.inference.engine import _check_positive_int
 from pvae.errors import UsageError
 from pvae.registry import Registry
 
-PRIORS: Registry = Registry("prior", context=("latent_dim", "guide"))
+__all__ = [
+    "PRIORS", "Prior", "StandardNormalPrior", "LearnedDiagonalPrior", "MixtureOfGaussiansPrior",
+    "VampPrior", "FlowPrior", "DiagonalGaussianMixture",
+]
+
+PRIORS: Registry = Registry("prior", context=("latent_dim", "guide"), doc="""
+Priors p(z) by name (``"standard-normal"``, ``"learned-diagonal"``, ``"mog"``, ``"vamp"``,
+``"flow"``); ``PRIORS.options("vamp")`` lists a prior's options, and a config's ``prior``
+section names one (:func:`pvae.build_vae` builds it).""")
 
 
 class Prior(nn.Module):

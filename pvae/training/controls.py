@@ -1,4 +1,5 @@
-"""Training controls: optimizers by name, learning-rate schedules, mixed precision.
+"""Training controls: optimizers by name, learning-rate schedules, mixed precision (the names each
+takes: :data:`OPTIMIZERS`, :data:`SCHEDULES`, :data:`PRECISIONS`).
 
 * :func:`make_optimizer` — ``adam`` (fused, on the device), ``adamw``, ``sgd`` (with momentum),
   ``adamax`` (Burda et al. 2016 trained the IWAE with Adam; Kingma & Ba's Adamax is its
@@ -23,6 +24,8 @@ from typing import Optional
 import torch
 
 from pvae.errors import UsageError
+
+__all__ = ["make_optimizer", "set_lr", "LRSchedule", "use_precision", "OPTIMIZERS", "SCHEDULES", "PRECISIONS"]
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "adamax")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "plateau", "iwae")
@@ -60,6 +63,8 @@ def make_optimizer(params, name: str = "adam", lr: float = 1e-3, weight_decay: f
 
 
 def set_lr(optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group of ``optimizer`` (in place where it is a
+    device tensor, so that a captured CUDA graph sees it)."""
     for group in optimizer.param_groups:
         if torch.is_tensor(group["lr"]):
             group["lr"].fill_(lr)  # in place: a captured CUDA graph reads this tensor

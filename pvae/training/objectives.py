@@ -24,8 +24,8 @@ Registered objectives (:data:`OBJECTIVES`; build with :func:`make_objective`):
   :math:`E_q[\log p(x|z)] - (1-\alpha)\,\beta_t\,KL - (\alpha+\lambda-1)\,\mathrm{MMD}^2(q(z), p(z))`.
 
 The KL weight :math:`\beta_t` is :math:`\beta` times a :class:`KLSchedule` (constant, linear
-warm-up, cyclical). It multiplies :math:`\log p(z) - \log q(z|x)` (or the analytic KL) and
-nothing else: computed from the log-weights' terms, or, for Pyro's own ELBOs, with
+warm-up, cyclical: :data:`KL_SCHEDULES`). It multiplies :math:`\log p(z) - \log q(z|x)` (or the
+analytic KL) and nothing else: computed from the log-weights' terms, or, for Pyro's own ELBOs, with
 :class:`ScaleLatents` — :func:`pyro.poutine.scale` restricted to the latent sites of both
 model and guide. For IWAE it multiplies the same term inside each importance weight. The training loop
 tells the objective how far training has got (:meth:`Objective.set_progress`, in epochs).
@@ -49,6 +49,13 @@ from pvae.errors import UsageError
 from pvae.model import LATENT_SITE
 from pvae.options import Part
 from pvae.registry import Registry
+
+__all__ = [
+    "OBJECTIVES", "make_objective", "Objective", "ElboObjective", "FreeBitsObjective",
+    "IWAEObjective", "InfoVAEObjective", "KLSchedule", "KL_SCHEDULES", "trace_elbo",
+    "mean_field_elbo", "reconstruction", "iwae", "infovae", "ScaleLatents", "ScaleSite",
+    "mmd_squared", "gaussian_kernel",
+]
 
 
 class ScaleLatents(Messenger):
@@ -79,7 +86,9 @@ class ScaleSite(Messenger):
             msg["scale"] = msg["scale"] * self.scale
 
 
-OBJECTIVES: Registry = Registry("objective")
+OBJECTIVES: Registry = Registry("objective", doc="""
+Training objectives by name (``"elbo"``, ``"elbo-analytic-kl"``, ``"reconstruction"``, ``"iwae"``,
+``"infovae"``; see the module doc); build one with :func:`make_objective`.""")
 
 KL_SCHEDULES = ("constant", "linear", "cyclical")
 

@@ -1,7 +1,7 @@
 """Experiment tracking through the tools users already run.
 
 ``metrics.jsonl`` in the run directory stays the source of truth; a tracker receives the same
-records as they are written:
+records as they are written (the trackers by name: :data:`TRACKERS`):
 
 * ``"tensorboard"`` — :class:`TensorBoardLogger`: event files under ``<run>/tensorboard/`` (every
   numeric field of each epoch's record as a scalar, the config as text, the run's figures as
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 from pvae.errors import UsageError
+
+__all__ = ["TRACKERS", "make_trackers", "check_trackers", "TensorBoardLogger", "MLflowLogger"]
 
 TRACKERS = ("tensorboard", "mlflow")
 #: files of a run directory logged as artifacts / images at the end of training
@@ -46,6 +48,9 @@ def _flat(config: dict, prefix: str = "") -> Dict[str, str]:
 
 
 class TensorBoardLogger:
+    """Writes a run's records to TensorBoard event files under ``<run>/tensorboard/`` (every numeric
+    field as a scalar by epoch, the config as text, the run's figures as images)."""
+
     def __init__(self, run_dir, config: dict):
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -75,6 +80,10 @@ class TensorBoardLogger:
 
 
 class MLflowLogger:
+    """Logs a run to MLflow (``$MLFLOW_TRACKING_URI``, by default the local file store ``./mlruns``):
+    the config as params, the records as metrics by epoch, the run's files as artifacts; a resumed
+    run continues its MLflow run."""
+
     def __init__(self, run_dir, config: dict):
         uri = os.environ.get("MLFLOW_TRACKING_URI") or Path("mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:
