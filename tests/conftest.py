@@ -55,3 +55,17 @@ def part(section, name, **options):
     test can give one set of small sizes to every prior, guide, ...)."""
     declared = pvae.config.PART_REGISTRIES[section].options(name)
     return {"name": name, **{k: v for k, v in options.items() if k in declared}}
+
+
+def t_tolerance(stderr, df: int, failure_rate: float = 1e-6):
+    """Tolerance for the mean of ``df + 1`` independent group means whose standard error
+    ``stderr`` (a number or a tensor) is estimated from those groups: the two-sided Student's t
+    quantile with ``df`` degrees of freedom times ``stderr``, so a correct estimator fails with
+    probability about ``failure_rate`` also when there are only a few hundred groups (where
+    :func:`pvae.testing.mc_tolerance`'s normal quantile would fail more often than that).
+
+    Vectorised Monte Carlo tests score ``m`` copies of the data in one batch: one call is then the
+    mean of ``m`` independent replicates, and ``G`` calls give ``G`` such group means."""
+    from scipy.stats import t
+
+    return float(t.isf(failure_rate / 2, df)) * stderr

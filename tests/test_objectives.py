@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import pvae
+from conftest import t_tolerance
 from pvae.objectives import KLSchedule, gaussian_kernel, mmd_squared
 from pvae.testing import (
     exact_elbo,
@@ -120,27 +121,31 @@ def test_kl_schedules():
             KLSchedule(**bad)
 
 
-def _gradient_check(objective, vae, x, exact_fn, replicates=4000):
-    """Mean of the objective's value and gradient over replicates vs the autograd gradient of
-    the closed form; each coordinate within its MCSE tolerance (Bonferroni over coordinates)."""
+def _gradient_check(objective, vae, x, exact_fn, groups=200, copies=20):
+    """Mean of the objective's value and gradient over groups * copies = 4000 independent
+    replicates vs the autograd gradient of the closed form; each coordinate within its MCSE
+    tolerance (Bonferroni over coordinates). A call scores ``copies`` copies of ``x`` stacked in
+    one batch (value and gradient are batch means, so a call is the mean of ``copies``
+    replicates); the standard errors come from the ``groups`` calls (Student's t tolerance)."""
     params = list(vae.parameters())
     vae.zero_grad(set_to_none=True)
     exact = exact_fn(vae, x).mean()
     exact_grads = torch.autograd.grad(exact, params)
+    stacked = x.repeat(copies, 1)
     values, grads = [], []
     torch.manual_seed(0)
-    for _ in range(replicates):
-        loss, value = objective.loss_and_value(vae, x)
+    for _ in range(groups):
+        loss, value = objective.loss_and_value(vae, stacked)
         g = torch.autograd.grad(loss, params)
         values.append(value)
         grads.append(-torch.cat([t.flatten() for t in g]))
     values, grads = torch.stack(values), torch.stack(grads)
     target = torch.cat([t.flatten() for t in exact_grads])
     n_coords = target.numel() + 1
-    se = values.std() / math.sqrt(replicates)
-    assert abs(values.mean() - exact) < mc_tolerance(se, 1e-6 / n_coords)
-    g_se = grads.std(0) / math.sqrt(replicates)
-    tol = torch.tensor([mc_tolerance(s, 1e-6 / n_coords) for s in g_se], dtype=g_se.dtype) + 1e-10
+    se = values.std() / math.sqrt(groups)
+    assert abs(values.mean() - exact) < t_tolerance(se, groups - 1, 1e-6 / n_coords)
+    g_se = grads.std(0) / math.sqrt(groups)
+    tol = t_tolerance(g_se, groups - 1, 1e-6 / n_coords) + 1e-10
     assert bool(((grads.mean(0) - target).abs() < tol).all()), (grads.mean(0) - target)
 
 
@@ -168,7 +173,8 @@ def test_dreg_and_iwae_gradients_have_the_same_expectation(progress):
     Also 30% of the way through a warm-up of the weights' prior term (beta_t = 0.3), where DReG's
     multiplier is (1 - beta_t) + beta_t w~ rather than w~. The two estimators are drawn on the
     same noise, so the test is on the mean of paired differences (their shared noise cancels):
-    it fails for the multiplier w~, for none, or for beta_t + (1 - beta_t) w~."""
+    it fails for the multiplier w~, for none, or for beta_t + (1 - beta_t) w~. The 3000 draws are
+    100 calls on 30 stacked copies of the data (a call's gradient is the mean of 30 draws)."""
     vae, x = linear_gaussian_vae(), lg_data(3)
     params = list(vae.parameters())
     objectives = {}
@@ -176,16 +182,17 @@ def test_dreg_and_iwae_gradients_have_the_same_expectation(progress):
         objectives[dreg] = pvae.make_objective("iwae", 5, dreg=dreg, kl_warmup=10)
         objectives[dreg].set_progress(progress)
 
-    def gradient(dreg, seed):
+    def gradient(dreg, seed):  # the mean gradient over 30 copies of x, one call
         torch.manual_seed(seed)
-        loss = objectives[dreg].loss_and_value(vae, x)[0]
+        loss = objectives[dreg].loss_and_value(vae, stacked)[0]
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)])
 
-    n = 3000
-    out = {dreg: torch.stack([gradient(dreg, seed) for seed in range(n)]) for dreg in (False, True)}
+    groups, copies = 100, 30  # 3000 replicates, as 100 group means
+    stacked = x.repeat(copies, 1)
+    out = {dreg: torch.stack([gradient(dreg, seed) for seed in range(groups)]) for dreg in (False, True)}
     paired = out[True] - out[False]
-    diff, se = paired.mean(0), (paired.var(0) / n).sqrt()
-    tol = torch.tensor([mc_tolerance(s, 1e-6 / diff.numel()) for s in se], dtype=se.dtype) + 1e-10
+    diff, se = paired.mean(0), (paired.var(0) / groups).sqrt()
+    tol = t_tolerance(se, groups - 1, 1e-6 / diff.numel()) + 1e-10
     assert bool((diff.abs() < tol).all()), diff
     guide_ids = {id(p) for p in vae.guide_net.parameters()}
     is_guide = torch.cat([torch.full((p.numel(),), id(p) in guide_ids) for p in params])
