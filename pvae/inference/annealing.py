@@ -22,17 +22,28 @@ latent site of the program jointly (a hierarchy's levels together); discrete lat
 summed out exactly inside both densities (:func:`pvae.engine.log_density`,
 :func:`pvae.engine.guide_log_density`).
 
+The HMC transition is a kernel in the style of BlackJAX: :func:`hmc_kernel` maps an
+:class:`HMCState` (position, log-density and its gradient) to the next state and an
+:class:`HMCInfo` record, drawing its momenta and accept/reject uniforms from an explicit
+:class:`torch.Generator`; the accepted proposal's log-density and gradient are carried into the
+next transition, so an HMC step costs exactly ``num_leapfrog`` gradient evaluations. Along the
+annealing path the target changes with the temperature, so the state is re-scored once per
+temperature (one evaluation that also gives the weight increment). :class:`AISSettings` holds
+the annealing settings and their defaults in one place.
+
 :func:`bdmc` runs the schedule backwards from exact posterior samples of simulated data for an
 upper bound (Grosse et al., 2015).
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple, Union
+import numbers
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from pyro.distributions import constraints
 
@@ -53,6 +64,22 @@ from pvae.inference.estimators import (
 )
 from pvae.data.streaming import is_streamed
 
+__all__ = [
+    "AISSettings",
+    "BDMCBounds",
+    "HMCInfo",
+    "HMCState",
+    "ais",
+    "bdmc",
+    "hmc_kernel",
+    "schedule",
+]
+
+#: the temperature schedules :func:`schedule` knows
+SCHEDULES = ("linear", "sigmoid")
+#: the start distributions AIS can anneal from
+STARTS = ("prior", "guide")
+
 
 def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> torch.Tensor:
     """Inverse temperatures :math:`\\beta_0 = 0 < \\dots < \\beta_T = 1` (``num_steps + 1``
@@ -64,47 +91,265 @@ def schedule(num_steps: int, kind: str = "sigmoid", sharpness: float = 4.0) -> t
     if kind == "sigmoid":
         s = torch.sigmoid(sharpness * (2 * t - 1))
         return (s - s[0]) / (s[-1] - s[0])
-    raise UsageError(f"unknown schedule {kind!r}; valid choices: linear, sigmoid")
+    raise UsageError(f"unknown schedule {kind!r}; valid choices: {', '.join(SCHEDULES)}")
 
 
-def hmc_step(
-    z: torch.Tensor,
-    log_prob: Callable[[torch.Tensor], torch.Tensor],
-    step_size: torch.Tensor,
-    num_leapfrog: int = 10,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One HMC transition for a batch of independent chains, leaving ``log_prob`` invariant.
+# ---------------------------------------------------------------------------------- settings
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or int(value) != value or value < 1:
+        raise UsageError(f"AISSettings.{name} must be a positive integer, got {value!r}")
+    return int(value)
 
-    :param z: states ``(..., L)``; ``log_prob(z)`` has shape ``z.shape[:-1]``.
-    :param step_size: leapfrog step size, broadcastable to ``z.shape[:-1]``.
-    :returns: ``(new_z, accept_prob)`` with ``accept_prob`` of shape ``z.shape[:-1]``.
-    Unit mass matrix; Metropolis correction per chain. Uses the global torch RNG.
+
+@dataclass(frozen=True)
+class AISSettings:
+    """The settings of an annealing run (:func:`ais`, both directions of :func:`bdmc`) and
+    their defaults, in one place. Every field is checked on construction; a bad value raises
+    :class:`~pvae.errors.UsageError` naming the field.
+
+    :ivar int num_chains: independent chains per datapoint (the estimate's ``num_samples``).
+    :ivar int num_steps: number of intermediate distributions T (ignored when ``betas`` is a
+        sequence).
+    :ivar betas: the temperature schedule: ``"sigmoid"`` or ``"linear"`` (:func:`schedule`
+        with ``num_steps``), or an explicit sequence increasing strictly from 0 to 1 (stored as
+        a tuple of floats).
+    :ivar str start: the start distribution r: ``"prior"`` or ``"guide"`` (q(z|x)).
+    :ivar int num_leapfrog: leapfrog steps per HMC transition.
+    :ivar float step_size: the initial leapfrog step size.
+    :ivar float target_accept: the mean acceptance probability the step size is adapted towards,
+        in (0, 1).
+    :ivar bool adapt_step_size: adapt the step size per datapoint after every transition,
+        multiplying it by ``exp(0.1 (a - target_accept))`` where ``a`` is the mean acceptance
+        probability over that datapoint's chains.
     """
-    eps = step_size.unsqueeze(-1)
 
-    def grad_and_logp(state):
-        with torch.enable_grad():
-            state = state.detach().requires_grad_(True)
-            lp = log_prob(state)
-            (grad,) = torch.autograd.grad(lp.sum(), state)
-        return grad.detach(), lp.detach()
+    num_chains: int = 16
+    num_steps: int = 100
+    betas: Union[str, Tuple[float, ...]] = "sigmoid"
+    start: str = "prior"
+    num_leapfrog: int = 10
+    step_size: float = 0.05
+    target_accept: float = 0.65
+    adapt_step_size: bool = True
 
-    p0 = torch.randn_like(z)
-    g, lp0 = grad_and_logp(z)
-    q, p = z.detach(), p0 + 0.5 * eps * g
+    def __post_init__(self):
+        def set_field(name, value):  # the dataclass is frozen
+            object.__setattr__(self, name, value)
+
+        for name in ("num_chains", "num_steps", "num_leapfrog", "step_size", "target_accept"):
+            value = getattr(self, name)
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+                set_field(name, value.item())  # a one-element tensor counts as its number
+        for name in ("num_chains", "num_steps", "num_leapfrog"):
+            set_field(name, _positive_int(name, getattr(self, name)))
+        if isinstance(self.betas, str):
+            if self.betas not in SCHEDULES:
+                raise UsageError(f"AISSettings.betas: unknown schedule {self.betas!r}; valid choices: "
+                                 f"{', '.join(SCHEDULES)} (or a sequence increasing from 0 to 1)")
+        else:
+            try:
+                betas = torch.as_tensor(self.betas, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise UsageError(f"AISSettings.betas must be a schedule name or a sequence of numbers, "
+                                 f"got {self.betas!r}") from exc
+            if (betas.dim() != 1 or betas.numel() < 2 or betas[0] != 0 or betas[-1] != 1
+                    or bool((betas.diff() <= 0).any())):
+                raise UsageError(f"AISSettings.betas must increase strictly from 0 to 1, got {betas.tolist()}")
+            set_field("betas", tuple(betas.tolist()))
+        if self.start not in STARTS:
+            raise UsageError(f"AISSettings.start: unknown start {self.start!r}; valid choices: {', '.join(STARTS)}")
+        if (isinstance(self.step_size, bool) or not isinstance(self.step_size, numbers.Real)
+                or not math.isfinite(self.step_size) or self.step_size <= 0):
+            raise UsageError(f"AISSettings.step_size must be a finite positive number, got {self.step_size!r}")
+        set_field("step_size", float(self.step_size))
+        if (isinstance(self.target_accept, bool) or not isinstance(self.target_accept, numbers.Real)
+                or not 0 < self.target_accept < 1):
+            raise UsageError(f"AISSettings.target_accept must be a probability in (0, 1), got {self.target_accept!r}")
+        set_field("target_accept", float(self.target_accept))
+        if not isinstance(self.adapt_step_size, (bool, np.bool_)):
+            raise UsageError(f"AISSettings.adapt_step_size must be True or False, got {self.adapt_step_size!r}")
+        set_field("adapt_step_size", bool(self.adapt_step_size))
+
+    @classmethod
+    def field_names(cls) -> Tuple[str, ...]:
+        """The names of the settings, in order (the keywords :func:`ais` and :func:`bdmc` take)."""
+        return tuple(f.name for f in fields(cls))
+
+    def replace(self, **overrides) -> AISSettings:
+        """A copy with ``overrides`` (field names) changed and checked; an unknown name raises
+        :class:`~pvae.errors.UsageTypeError` naming it and listing the valid ones."""
+        _check_setting_names("AISSettings.replace", overrides)
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict:
+        """The settings as plain values (``betas`` a name or a list of floats), e.g. for a
+        report or a JSON file; ``AISSettings(**d)`` rebuilds them."""
+        out = asdict(self)
+        if not isinstance(out["betas"], str):
+            out["betas"] = list(out["betas"])
+        return out
+
+    def temperatures(self) -> torch.Tensor:
+        """The inverse temperatures :math:`\\beta_0 = 0 < \\dots < \\beta_T = 1`, float64."""
+        if isinstance(self.betas, str):
+            return schedule(self.num_steps, self.betas)
+        return torch.tensor(self.betas, dtype=torch.float64)
+
+
+def _settings(caller: str, settings: Optional[AISSettings], overrides: dict) -> AISSettings:
+    """``settings`` (default :class:`AISSettings`) with the keyword ``overrides`` applied."""
+    if settings is None:
+        settings = AISSettings()
+    elif not isinstance(settings, AISSettings):
+        was = {"ais": "num_chains", "bdmc": "seed"}.get(caller)  # the argument that used to stand there
+        hint = (f" ({was}, which used to stand there, is a keyword now: {was}=...)"
+                if was and isinstance(settings, numbers.Number) else "")
+        raise UsageTypeError(f"{caller}: settings must be an AISSettings or None, got "
+                             f"{type(settings).__name__} {settings!r}{hint}")
+    _check_setting_names(caller, overrides)
+    return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
+def _check_setting_names(caller: str, overrides: dict) -> None:
+    unknown = sorted(set(overrides) - set(AISSettings.field_names()))
+    if unknown:
+        raise UsageTypeError(f"{caller} got unknown option(s) {unknown}; valid: {', '.join(AISSettings.field_names())}")
+
+
+# ---------------------------------------------------------------------------------- HMC kernel
+class HMCState(NamedTuple):
+    """The state of a batch of independent HMC chains: what a transition needs of the current
+    point, so that nothing is recomputed there.
+
+    :ivar torch.Tensor position: ``(..., L)``, one point per chain.
+    :ivar torch.Tensor log_density: the target's log-density at ``position``, ``(...)``.
+    :ivar torch.Tensor log_density_grad: its gradient in ``position``, ``(..., L)``.
+    """
+
+    position: torch.Tensor
+    log_density: torch.Tensor
+    log_density_grad: torch.Tensor
+
+    @classmethod
+    def init(cls, position: torch.Tensor, log_density_fn: Callable[[torch.Tensor], torch.Tensor]) -> HMCState:
+        """The state at ``position`` under ``log_density_fn`` (one gradient evaluation)."""
+        log_density, log_density_grad = _log_density_and_grad(log_density_fn, position)
+        return cls(position.detach(), log_density, log_density_grad)
+
+
+class HMCInfo(NamedTuple):
+    """What one :func:`hmc_kernel` transition did.
+
+    :ivar torch.Tensor acceptance_prob: the Metropolis acceptance probability
+        :math:`\\min(1, e^{-\\Delta H})` per chain, ``(...)``, in [0, 1] (0 for a proposal whose
+        energy is not a number).
+    :ivar torch.Tensor is_accepted: whether each chain moved to its proposal, bool ``(...)``.
+    :ivar torch.Tensor step_size: the leapfrog step size used (as passed, broadcastable to the
+        chains' shape).
+    :ivar int num_leapfrog: leapfrog steps taken (= gradient evaluations of the transition).
+    """
+
+    acceptance_prob: torch.Tensor
+    is_accepted: torch.Tensor
+    step_size: torch.Tensor
+    num_leapfrog: int
+
+
+def _log_density_and_grad(log_density_fn, position: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``log_density_fn(position)`` ``(...)`` and its gradient in ``position`` ``(..., L)``, detached."""
+    with torch.enable_grad():
+        position = position.detach().requires_grad_(True)
+        log_density = log_density_fn(position)
+        (log_density_grad,) = torch.autograd.grad(log_density.sum(), position)
+    return log_density.detach(), log_density_grad.detach()
+
+
+def _kinetic_energy(momentum: torch.Tensor) -> torch.Tensor:
+    """:math:`\\frac12 |p|^2` per chain (unit mass matrix)."""
+    return 0.5 * momentum.pow(2).sum(-1)
+
+
+def hmc_kernel(
+    state: HMCState,
+    log_density_fn: Callable[[torch.Tensor], torch.Tensor],
+    step_size: Union[float, torch.Tensor],
+    num_leapfrog: int,
+    generator: torch.Generator,
+) -> Tuple[HMCState, HMCInfo]:
+    """One HMC transition for a batch of independent chains, leaving ``log_density_fn``
+    invariant (unit mass matrix, leapfrog integrator, a Metropolis correction per chain).
+
+    :param state: the chains' :class:`HMCState`; its ``log_density`` and ``log_density_grad``
+        must be those of ``log_density_fn`` at ``state.position`` (:meth:`HMCState.init`).
+    :param log_density_fn: ``(..., L) -> (...)``, differentiable in its argument.
+    :param step_size: leapfrog step size, a number or a tensor broadcastable to the chains'
+        shape ``state.position.shape[:-1]`` (e.g. one per datapoint).
+    :param int num_leapfrog: leapfrog steps; the transition evaluates ``log_density_fn`` and
+        its gradient exactly this many times (at the proposal's points; the start point's come
+        from ``state``).
+    :param generator: the :class:`torch.Generator` (on ``state.position``'s device) that the
+        momenta and the accept/reject uniforms are drawn from; the global RNG is not used.
+    :returns: ``(new_state, info)``: each chain's proposal where accepted, else its old state
+        (position, log-density and gradient together), and the :class:`HMCInfo`.
+    """
+    num_leapfrog = _check_positive_int("num_leapfrog", num_leapfrog)
+    position0 = state.position
+    if not isinstance(generator, torch.Generator):
+        raise UsageTypeError(f"hmc_kernel draws from an explicit torch.Generator; got {type(generator).__name__}")
+    if generator.device.type != position0.device.type:
+        raise UsageError(f"hmc_kernel: the generator is on {generator.device} but the chains are on "
+                         f"{position0.device}; create it with torch.Generator(device=position.device)")
+    step_size = torch.as_tensor(step_size, dtype=position0.dtype, device=position0.device)
+    eps = step_size.unsqueeze(-1)  # broadcast over the coordinates
+    momentum0 = torch.randn(position0.shape, generator=generator, dtype=position0.dtype, device=position0.device)
+    position = position0
+    momentum = momentum0 + 0.5 * eps * state.log_density_grad
     for i in range(num_leapfrog):
-        q = q + eps * p
-        g, lp = grad_and_logp(q)
+        position = position + eps * momentum
+        log_density, log_density_grad = _log_density_and_grad(log_density_fn, position)
         if i < num_leapfrog - 1:
-            p = p + eps * g
-    p = p + 0.5 * eps * g
-    log_accept = (lp - 0.5 * p.pow(2).sum(-1)) - (lp0 - 0.5 * p0.pow(2).sum(-1))
+            momentum = momentum + eps * log_density_grad
+    momentum = momentum + 0.5 * eps * log_density_grad
+    # log of exp(-H(proposal)) / exp(-H(start)), H = -log density + kinetic energy
+    log_accept = (log_density - _kinetic_energy(momentum)) - (state.log_density - _kinetic_energy(momentum0))
     log_accept = torch.nan_to_num(log_accept, nan=-math.inf)
-    accept_prob = log_accept.clamp(max=0).exp()
-    accept = torch.rand_like(accept_prob) < accept_prob
-    return torch.where(accept.unsqueeze(-1), q, z), accept_prob
+    acceptance_prob = log_accept.clamp(max=0).exp()
+    uniform = torch.rand(acceptance_prob.shape, generator=generator, dtype=acceptance_prob.dtype,
+                         device=acceptance_prob.device)
+    is_accepted = uniform < acceptance_prob
+    moved = is_accepted.unsqueeze(-1)
+    new_state = HMCState(
+        position=torch.where(moved, position, position0),
+        log_density=torch.where(is_accepted, log_density, state.log_density),
+        log_density_grad=torch.where(moved, log_density_grad, state.log_density_grad),
+    )
+    return new_state, HMCInfo(acceptance_prob, is_accepted, step_size, num_leapfrog)
 
 
+#: mixed into a minibatch's seed for the kernel's generator, so that its momenta and uniforms
+#: are a stream of their own: seeded with the minibatch's seed itself, the kernel's first momenta
+#: would repeat the noise the start states were drawn with (for a standard normal prior, equal
+#: them), which biases the estimate (tests/test_ais.py's every-prior test fails so)
+_KERNEL_STREAM = 0x484D43  # "HMC"
+
+
+def _kernel_generator(seed: Optional[int], device) -> torch.Generator:
+    """The explicit generator of the HMC kernel for one minibatch, on ``device``: seeded from
+    :class:`numpy.random.SeedSequence` ``(seed, _KERNEL_STREAM)`` for the minibatch's seed
+    ``seed`` (:func:`pvae.distributed.batch_seed`), so the draws are deterministic and do not
+    depend on which process computes the minibatch; with ``seed=None`` from one draw of the
+    global stream (which it advances, like the rest of an unseeded run)."""
+    if seed is None:
+        kernel_seed = int(torch.randint(0, 2**63 - 1, (1,)).item())
+    else:
+        sequence = np.random.SeedSequence([int(seed) % 2**63, _KERNEL_STREAM])
+        kernel_seed = int(sequence.generate_state(1, np.uint64)[0] % 2**63)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(kernel_seed)
+    return generator
+
+
+# ---------------------------------------------------------------------------------- annealing
 class _Chains:
     r"""The continuous latent sites that AIS moves, as one flat state per chain ``(C, B, L)``
     (every continuous site of the program, concatenated in the proposal's order), and the two
@@ -154,55 +399,74 @@ class _Chains:
             return log_lik + log_prior, self.r.log_prob(state)
         return log_lik + log_prior, engine.guide_log_density(self.vae, self.xb, latents)
 
+    def log_target(self, beta: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        r"""The intermediate target :math:`\log f_\beta(z) = \log r(z) + \beta[\log p(x, z) -
+        \log r(z)]` as a function of the state, ``(C, B, L) -> (C, B)``."""
 
-def _anneal(chains, z, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar=None):
-    """Run chains ``z`` (C, B, L) along ``betas`` (increasing for AIS, decreasing for reverse
-    AIS); return the accumulated log-weights (C, B) and the mean acceptance per datapoint."""
+        def log_density(state):
+            log_joint, log_start = self.densities(state)
+            return log_start + beta * (log_joint - log_start)
+
+        return log_density
+
+    def rescore(self, position, beta: Optional[float]) -> Tuple[torch.Tensor, Optional[HMCState]]:
+        r"""One evaluation of the densities at ``position``: the log-ratio :math:`\log p(x, z) -
+        \log r(z)` ``(C, B)`` (the weight increment per unit of temperature) and, unless ``beta``
+        is None, the :class:`HMCState` under the target at temperature ``beta`` (the same value
+        :meth:`log_target` gives, and its gradient)."""
+        if beta is None:
+            log_joint, log_start = self.densities(position)
+            return (log_joint - log_start).detach(), None
+        with torch.enable_grad():
+            position = position.detach().requires_grad_(True)
+            log_joint, log_start = self.densities(position)
+            log_ratio = log_joint - log_start
+            log_density = log_start + beta * log_ratio
+            (log_density_grad,) = torch.autograd.grad(log_density.sum(), position)
+        return log_ratio.detach(), HMCState(position.detach(), log_density.detach(), log_density_grad.detach())
+
+
+def _anneal(chains: _Chains, position: torch.Tensor, betas: torch.Tensor, settings: AISSettings,
+            generator: torch.Generator, bar=None):
+    """Run the chains from ``position`` (C, B, L) along ``betas`` (increasing for AIS,
+    decreasing for reverse AIS), the HMC kernel drawing from ``generator``. Returns the
+    accumulated log-weights (C, B, float64), the mean acceptance probability per datapoint over
+    the transitions (NaN without any) and the step size of the last transition per datapoint.
+
+    Per transition: one evaluation of the densities at the current point (the weight increment
+    and, the target having changed with the temperature, the state under the new target), then
+    the kernel's ``num_leapfrog``; the last temperature needs the weight only."""
     xb = chains.xb
-
-    def log_ratio(state):  # log p(x, z) - log r(z), shape (C, B)
-        log_joint, log_r = chains.densities(state)
-        return log_joint - log_r
-
-    def target(beta):
-        def log_f(state):  # log r(z) + beta [log p(x, z) - log r(z)]
-            log_joint, log_r = chains.densities(state)
-            return log_r + beta * (log_joint - log_r)
-
-        return log_f
-
-    log_w = torch.zeros(z.shape[:-1], dtype=torch.float64, device=xb.device)
-    eps = torch.full((xb.shape[0],), float(step_size), dtype=xb.dtype, device=xb.device)
-    accepts = []
+    log_w = torch.zeros(position.shape[:-1], dtype=torch.float64, device=xb.device)
+    step_size = torch.full((xb.shape[0],), settings.step_size, dtype=xb.dtype, device=xb.device)
+    acceptance = []
     for t in range(1, betas.numel()):
-        log_w += (betas[t] - betas[t - 1]).item() * log_ratio(z).double()
-        if t == betas.numel() - 1:
-            break  # the last transition would not change the weights
-        z, acc = hmc_step(z, target(betas[t].item()), eps, num_leapfrog)
-        accepts.append(acc.mean(0))
+        last = t == betas.numel() - 1  # the last transition would not change the weights
+        beta = betas[t].item()
+        log_ratio, state = chains.rescore(position, None if last else beta)
+        log_w += (betas[t] - betas[t - 1]).item() * log_ratio.double()
+        if last:
+            break
+        state, info = hmc_kernel(state, chains.log_target(beta), step_size, settings.num_leapfrog, generator)
+        position = state.position
+        mean_accept = info.acceptance_prob.mean(0)  # per datapoint, over its chains
+        acceptance.append(mean_accept)
         if bar is not None:
             bar.update(1)
-        if adapt_step_size:
-            eps = eps * torch.exp(0.1 * (acc.mean(0) - target_accept))
-    accept = (torch.stack(accepts).mean(0).double() if accepts
-              else torch.full((xb.shape[0],), float("nan"), dtype=torch.float64, device=xb.device))
-    return log_w, accept
-
-
-def _betas(betas, num_steps) -> torch.Tensor:
-    if isinstance(betas, str):
-        betas = schedule(num_steps, betas)
-    betas = torch.as_tensor(betas, dtype=torch.float64)
-    if betas.dim() != 1 or betas.numel() < 2 or betas[0] != 0 or betas[-1] != 1 or bool((betas.diff() <= 0).any()):
-        raise UsageError("betas must increase strictly from 0 to 1")
-    return betas
+        if settings.adapt_step_size:
+            step_size = step_size * torch.exp(0.1 * (mean_accept - settings.target_accept))
+    nan = torch.full((xb.shape[0],), float("nan"), dtype=torch.float64, device=xb.device)
+    accept_rate = torch.stack(acceptance).mean(0).double() if acceptance else nan
+    last_step_size = info.step_size.double() if acceptance else nan
+    return log_w, accept_rate, last_step_size
 
 
 def _start(vae, xb, start, num_chains):
     """The chains (:class:`_Chains`: which sites move, the densities along the path) and their
-    initial states ``(C, B, L)`` drawn from the start distribution."""
-    if start not in ("prior", "guide"):
-        raise UsageError(f"unknown start {start!r}; valid choices: prior, guide")
+    initial states ``(C, B, L)`` drawn from the start distribution (global RNG: the caller
+    seeds it)."""
+    if start not in STARTS:
+        raise UsageError(f"unknown start {start!r}; valid choices: {', '.join(STARTS)}")
     guide_net = getattr(vae, "guide_net", None)
     if start == "guide" and not getattr(guide_net, "scores_any_point", True):
         raise UsageError(
@@ -218,81 +482,85 @@ def _start(vae, xb, start, num_chains):
     return chains, chains.flatten(samples.latents).detach()
 
 
-def _estimate(name, log_w_parts, accept_parts, num_chains, reciprocal=False) -> Estimate:
+def _estimate(name, parts, num_chains, reciprocal=False) -> Estimate:
     """log-mean-exp of the weights over chains; with ``reciprocal`` the weights estimate
-    1/p(x) (reverse AIS) and the value is minus their log-mean-exp."""
-    log_w = torch.cat(log_w_parts, dim=1).cpu()
+    1/p(x) (reverse AIS) and the value is minus their log-mean-exp. ``parts``: the minibatches'
+    ``{"log_w", "accept", "step_size"}``."""
+    log_w = torch.cat([p["log_w"] for p in parts], dim=1).cpu()
     values = (torch.logsumexp(log_w, 0) - math.log(num_chains)) * (-1.0 if reciprocal else 1.0)
-    stats = {"log_mean_w": values, "ess": importance_ess(log_w), "accept_rate": torch.cat(accept_parts).cpu()}
+    # (a minibatch cached by an older version has no step size)
+    step_size = [p.get("step_size", torch.full_like(p["accept"], float("nan"))) for p in parts]
+    stats = {"log_mean_w": values, "ess": importance_ess(log_w),
+             "accept_rate": torch.cat([p["accept"] for p in parts]).cpu(), "step_size": torch.cat(step_size).cpu()}
     return _importance_estimate(name, stats, num_chains)
 
 
 def ais(
-    vae,
+    program,
     x: torch.Tensor,
-    num_chains: int = 16,
-    num_steps: int = 100,
-    betas: Union[str, Sequence[float], torch.Tensor] = "sigmoid",
-    start: str = "prior",
-    num_leapfrog: int = 10,
-    step_size: float = 0.05,
-    target_accept: float = 0.65,
-    adapt_step_size: bool = True,
+    settings: Optional[AISSettings] = None,
+    *,
     batch_size: int = 100,
     seed: Optional[int] = 0,
     progress: bool = False,
     cache=None,
+    **overrides,
 ) -> Estimate:
     """AIS estimate of :math:`\\log p(x)` per datapoint (nats).
 
-    :param int num_chains: independent chains per datapoint (the estimate's ``num_samples``).
-    :param int num_steps: number of intermediate distributions T (ignored if ``betas`` is a
-        sequence).
-    :param betas: ``"sigmoid"``, ``"linear"``, or an explicit increasing sequence from 0 to 1.
-    :param str start: ``"prior"`` or ``"guide"`` (q(z|x)) as the initial distribution r.
-    :param float step_size: initial HMC step size; with ``adapt_step_size`` it is adapted per
-        datapoint after every transition, multiplying by ``exp(0.1 (a - target_accept))``
-        where ``a`` is the mean acceptance probability over that datapoint's chains.
+    :param program: a :class:`~pvae.model.VAE` or a :class:`~pvae.engine.ModelGuidePair`.
+    :param settings: the :class:`AISSettings` (default: its defaults: 16 chains, 100 steps on
+        the sigmoid schedule from the prior, 10 leapfrog steps of initial size 0.05 adapted
+        towards acceptance 0.65).
+    :param overrides: fields of :class:`AISSettings` that replace those of ``settings``
+        (``num_chains=..., num_steps=..., betas=..., start=..., num_leapfrog=..., step_size=...,
+        target_accept=..., adapt_step_size=...``); another name is an error that lists them.
+    :param int batch_size: datapoints annealed together.
+    :param seed: minibatch ``i`` runs under the seed :func:`pvae.distributed.batch_seed`
+        ``(seed, i)``: the start states are drawn from the global RNG seeded with it (forked, so the
+        caller's RNG is untouched), and the HMC kernel draws from its own
+        :class:`torch.Generator` on the data's device, seeded from ``(that seed, a fixed stream
+        tag)``. The same seed gives the same estimate. ``seed=None`` draws from (and advances) the
+        global stream instead.
     :returns: :class:`~pvae.estimators.Estimate` named ``"ais"`` with ``extra["ess"]`` (over
-        chains) and ``extra["accept_rate"]``; Monte Carlo standard error by the delta method.
+        chains), ``extra["accept_rate"]`` (mean acceptance probability) and
+        ``extra["step_size"]`` (the step size the last transition used, per datapoint: with
+        ``adapt_step_size``, where the adaptation had taken it);
+        Monte Carlo standard error by the delta method.
 
-    Cost: ``(T - 1) * (num_leapfrog + 1)`` gradient evaluations of log p(x, z) per chain.
-    Parameters are not changed; ``seed`` fixes the draws without touching the global RNG.
-    ``progress`` shows a tqdm bar over batches and transitions. ``cache``: a
-    :class:`~pvae.estimators.BatchCache` to resume an interrupted run from.
+    Cost per chain: ``(T - 1) * (num_leapfrog + 1)`` gradient evaluations of the densities
+    (``num_leapfrog`` per HMC transition, one per temperature) and one more evaluation without
+    gradient. Parameters are not changed. ``progress`` shows a tqdm bar over batches and
+    transitions. ``cache``: a :class:`~pvae.estimators.BatchCache` to resume an interrupted run
+    from.
     """
-    num_chains = _check_positive_int("num_chains", num_chains)
+    settings = _settings("ais", settings, overrides)
     batch_size = _check_positive_int("batch_size", batch_size)
-    betas = _betas(betas, num_steps)
-    check_data(vae, x)
+    betas = settings.temperatures()
+    check_data(program, x)
     bar = None
     if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
         mine = len(distributed.my_batches(math.ceil(x.shape[0] / batch_size)))
-        bar = tqdm(total=mine * (betas.numel() - 2), desc=f"AIS {num_chains} chains", unit="step", leave=False)
+        bar = tqdm(total=mine * (betas.numel() - 2), desc=f"AIS {settings.num_chains} chains", unit="step",
+                   leave=False)
         if cache is not None:  # resumed minibatches
             bar.update(len(cache.batches) * (betas.numel() - 2))
 
-    def chains(_, xb):
-        runner, z0 = _start(vae, xb, start, num_chains)
-        lw, acc = _anneal(runner, z0, betas, num_leapfrog, step_size, target_accept, adapt_step_size, bar)
-        return {"log_w": lw, "accept": acc}
+    def minibatch(start, xb):  # runs under the minibatch's seed (per_batch)
+        chains, position = _start(program, xb, settings.start, settings.num_chains)
+        generator = _kernel_generator(distributed.batch_seed(seed, start // batch_size), position.device)
+        log_w, accept, step_size = _anneal(chains, position, betas, settings, generator, bar)
+        return {"log_w": log_w, "accept": accept, "step_size": step_size}
 
     try:
-        with _evaluating(vae):  # minibatch by minibatch, each under its own seed (shardable)
-            parts = per_batch(x, batch_size, seed, _device_of(vae) if is_streamed(x) else x.device, chains, cache)
+        with _evaluating(program):  # minibatch by minibatch, each under its own seed (shardable)
+            parts = per_batch(x, batch_size, seed, _device_of(program) if is_streamed(x) else x.device, minibatch, cache)
     finally:
         if bar is not None:
             bar.close()
-    return _estimate("ais", [p["log_w"] for p in parts], [p["accept"] for p in parts], num_chains)
-
-
-#: the annealing settings of :func:`ais` and their defaults (shared by :func:`bdmc`)
-_ANNEALING_DEFAULTS = {
-    name: p.default for name, p in inspect.signature(ais).parameters.items()
-    if name not in ("vae", "x", "batch_size", "seed", "progress", "cache")
-}
+    return _estimate("ais", parts, settings.num_chains)
 
 
 @dataclass(frozen=True)
@@ -309,7 +577,8 @@ class BDMCBounds:
         return self.upper.values - self.lower.values
 
 
-def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, **ais_options) -> BDMCBounds:
+def bdmc(program, x: torch.Tensor, z_exact, settings: Optional[AISSettings] = None, *,
+         seed: Optional[int] = 0, **overrides) -> BDMCBounds:
     r"""Bidirectional Monte Carlo (Grosse et al., 2015) on data simulated from the model.
 
     For :math:`z^* \sim p(z)`, :math:`x \sim p(x|z^*)`, :math:`z^*` is an exact posterior
@@ -321,30 +590,31 @@ def bdmc(vae, x: torch.Tensor, z_exact: torch.Tensor, seed: Optional[int] = 0, *
     :param z_exact: ``(B, L)`` the latent codes the data were simulated from (every reverse
         chain starts there), or for a program with several continuous latent sites a dict
         site -> ``(B, ...)``.
-    :param ais_options: the annealing settings of :func:`ais` (``num_chains``, ``num_steps``,
-        ``betas``, ``start``, ``num_leapfrog``, ``step_size``, ``target_accept``,
-        ``adapt_step_size``; its defaults), used by both directions.
+    :param settings: the :class:`AISSettings` of both directions (default: its defaults);
+        ``overrides`` (its field names, as for :func:`ais`) replace fields of it.
+    :param seed: the forward run is :func:`ais` with ``seed`` (all datapoints in one
+        minibatch); the reverse run's draws come from ``seed + 1`` (its kernel's generator is
+        made from it as for a minibatch of :func:`ais`). ``None``: the global stream.
     :returns: :class:`BDMCBounds` (``lower``, ``upper``, ``gap``).
     """
+    settings = _settings("bdmc", settings, overrides)
     if not isinstance(z_exact, dict) and (z_exact.dim() != 2 or z_exact.shape[0] != x.shape[0]):
         raise UsageError(f"z_exact must have shape ({x.shape[0]}, latent_dim), got {tuple(z_exact.shape)}")
-    unknown = sorted(set(ais_options) - set(_ANNEALING_DEFAULTS))
-    if unknown:
-        raise UsageTypeError(f"bdmc got unknown option(s) {unknown}; valid: {', '.join(_ANNEALING_DEFAULTS)}")
-    o = {**_ANNEALING_DEFAULTS, **ais_options}
-    lower = ais(vae, x, batch_size=x.shape[0], seed=seed, **o)
-    forward = _betas(o["betas"], o["num_steps"])
-    with _evaluating(vae), seeded(None if seed is None else seed + 1, x.device):
-        runner, z0 = _start(vae, x, o["start"], o["num_chains"])
+    lower = ais(program, x, settings, batch_size=x.shape[0], seed=seed)
+    forward = settings.temperatures()
+    reverse_seed = None if seed is None else seed + 1
+    with _evaluating(program), seeded(reverse_seed, x.device):
+        chains, position0 = _start(program, x, settings.start, settings.num_chains)
         if isinstance(z_exact, dict):
-            names = [name for name, _, _ in runner.layout]
+            names = [name for name, _, _ in chains.layout]
             if sorted(z_exact) != sorted(names):
                 raise UsageError(f"z_exact must give the continuous latent sites {names}, got {sorted(z_exact)}")
-            z_exact = runner.flatten({k: v[None] for k, v in z_exact.items()})[0]
-        if z0.shape[1:] != z_exact.shape:
-            raise UsageError(f"z_exact must have shape {tuple(z0.shape[1:])}, got {tuple(z_exact.shape)}")
-        z = z_exact.expand(o["num_chains"], *z_exact.shape).clone()
-        lw, acc = _anneal(runner, z, forward.flip(0), o["num_leapfrog"], o["step_size"], o["target_accept"],
-                          o["adapt_step_size"])
-    upper = _estimate("reverse-ais", [lw], [acc], o["num_chains"], reciprocal=True)
+            z_exact = chains.flatten({k: v[None] for k, v in z_exact.items()})[0]
+        if position0.shape[1:] != z_exact.shape:
+            raise UsageError(f"z_exact must have shape {tuple(position0.shape[1:])}, got {tuple(z_exact.shape)}")
+        position = z_exact.expand(settings.num_chains, *z_exact.shape).clone()
+        generator = _kernel_generator(reverse_seed, position.device)
+        log_w, accept, step_size = _anneal(chains, position, forward.flip(0), settings, generator)
+    upper = _estimate("reverse-ais", [{"log_w": log_w, "accept": accept, "step_size": step_size}],
+                      settings.num_chains, reciprocal=True)
     return BDMCBounds(lower, upper)
