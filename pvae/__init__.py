@@ -45,6 +45,9 @@ from pvae.inference.estimators import (
 from pvae.model import DATA_PLATE, LATENT_SITE, OBSERVED_SITE, VAE
 from pvae.parts import *  # noqa: F401,F403  (every registered part, its registry, Part and Option)
 from pvae.runs import REPORT_VERSION, EvaluationReport, Run, evaluate_run, load_run, train_run
+from pvae.inference.annealing import AISSettings
+from pvae.inference.evaluation import EvaluationSpec, evaluate
+from pvae.training.callbacks import Callback
 from pvae.training.loop import History, TrainStep, fit
 
 # The public API: what a notebook needs to build, train and evaluate a model. Every other name
@@ -58,9 +61,9 @@ __all__ = [
     "PRIORS", "GUIDES", "LIKELIHOODS", "NETS", "OBJECTIVES",
     "MLP", "StandardNormalPrior", "DiagonalGaussianGuide", "BernoulliLikelihood",
     # training
-    "fit", "Training", "make_objective", "History",
+    "fit", "Training", "Callback", "make_objective", "History",
     # evaluation
-    "evaluate_bounds", "bounds_by_k", "elbo", "iwae_bound", "naive_prior_estimate", "reconstruction_error",
+    "evaluate", "EvaluationSpec", "AISSettings", "evaluate_bounds", "bounds_by_k", "elbo", "iwae_bound", "naive_prior_estimate", "reconstruction_error",
     "ais", "bdmc",
     "importance_diagnostics", "to_inference_data", "active_units", "kl_per_dimension",
     # model/guide programs of the user's own

@@ -15,6 +15,7 @@ from pvae.config import (
     AUTOENCODER_LOSSES,
     MODELS,
     PART_REGISTRIES,
+    TRAINING_PARTS,
     RunConfig,
     Training,
     autoencoder_settings,
@@ -43,6 +44,9 @@ def _alias(parser, old: str, new: str, dest: str, type=int) -> None:
     parser.add_argument(old, dest=dest, type=type, action=_DeprecatedAlias, new_flag=new, help=argparse.SUPPRESS)
 
 
+__all__ = ["main"]
+
+
 class _SetOption(argparse.Action):
     """A generated flag: records ``(section, option, raw value, flag)``; the part's declared
     option parses the value once the part is known (:meth:`pvae.registry.Registry.part`)."""
@@ -56,7 +60,8 @@ class _SetOption(argparse.Action):
             print(f"pvae: {option_string} is deprecated and will be removed after pvae 0.2; use "
                   f"{self.deprecated_for}", file=sys.stderr)
         value = self.const if self.const is not None else values
-        getattr(namespace, self.dest).append((self.targets, value, option_string))
+        # a new list each time: the parser's default list must not collect the options of every parse
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), (self.targets, value, option_string)])
 
 
 #: sections whose options also get an unprefixed flag (``--beta``, ``--hidden``) when no other
@@ -72,6 +77,12 @@ _LEGACY_FLAGS = {
     "--gaussian-scale": ("--likelihood-scale-mode", (("likelihood", "scale_mode"),)),
     "--val-samples": ("--val-num-samples", (("training", "val_num_samples"),)),
     "--K": ("--particles", (("objective", "num_particles"),)),
+    "--weight-decay": ("--optimizer-weight-decay", (("training.optimizer", "weight_decay"),)),
+    "--momentum": ("--optimizer-momentum", (("training.optimizer", "momentum"),)),
+    "--lr-gamma": ("--lr-schedule-gamma", (("training.lr_schedule", "gamma"),)),
+    "--lr-step": ("--lr-schedule-step / --lr-schedule-patience",
+                  (("training.lr_schedule", "step"), ("training.lr_schedule", "patience"))),
+    "--lr-min": ("--lr-schedule-min-lr", (("training.lr_schedule", "min_lr"),)),
 }
 
 
@@ -103,6 +114,18 @@ def _add_option_flags(train) -> None:
     for name, option in Training.options().items():
         train.add_argument(option.flag, dest="options", action=_SetOption, targets=(("training", name),),
                            metavar=name.upper(), help=f"training: {option.describe()}")
+    for field, registry in TRAINING_PARTS.items():  # the training section's parts: --optimizer sgd --optimizer-momentum 0.9
+        flag = f"--{field.replace('_', '-')}"
+        train.add_argument(flag, dest="options", action=_SetOption, targets=(("training", field),),
+                           metavar="NAME", help=f"training: one of {registry.names()} (its options: {flag}-...)")
+        declared = {}
+        for part in registry.names():
+            for name, option in registry.options(part).items():
+                declared.setdefault(name, (option, []))[1].append(part)
+        for name, (option, parts) in declared.items():
+            train.add_argument(f"{flag}-{name.replace('_', '-')}", dest="options", action=_SetOption,
+                               targets=((f"training.{field}", name),), metavar=name.upper(),
+                               help=f"{field} option ({', '.join(parts)}): {option.describe()}")
     train.add_argument("--compile", dest="options", action=_SetOption, targets=(("training", "step"),),
                        const="compile", help="same as --step compile")
     for old, (new, targets) in _LEGACY_FLAGS.items():
@@ -208,7 +231,7 @@ def _config_from_args(args) -> RunConfig:
     for k in ("guide", "objective", "likelihood"):
         if k in changes:
             sections[k] = changes.pop(k)
-    training = {}
+    training, training_parts = {}, {}
     for targets, value, flag in args.options:
         if args.model == "autoencoder" and any(s in ("guide", "objective", "likelihood") for s, _ in targets):
             raise UsageError(f"--model autoencoder sets the guide, objective and likelihood (choose the loss with "
@@ -217,6 +240,9 @@ def _config_from_args(args) -> RunConfig:
         for section, option in targets:
             if section == "training":
                 training[option] = value
+                applied = True
+            elif section.startswith("training."):
+                training_parts.setdefault(section.split(".", 1)[1], []).append((option, value, flag, len(targets)))
                 applied = True
             elif len(targets) == 1 or option in PART_REGISTRIES[section].options(names[section]):
                 sections.setdefault(section, {"name": names[section]})[option] = value
@@ -230,6 +256,17 @@ def _config_from_args(args) -> RunConfig:
         if "hidden" in sections.get("net", {}):
             raise UsageError("give either --hidden or --layers/--units, not both")
         sections.setdefault("net", {"name": names["net"]})["hidden"] = (args.units,) * args.layers
+    for field, options in training_parts.items():  # options of the part chosen by the flags or the config
+        name = training.get(field) or getattr(base.training, field).name
+        declared = TRAINING_PARTS[field].options(name)
+        part = {"name": name}
+        for option, value, flag, num_targets in options:
+            if option in declared:
+                part[option] = value
+            elif num_targets == 1 or not any(o in declared for o, _, f, _ in options if f == flag):
+                raise UsageError(f"{flag}: the {field} {name!r} does not take {option}"
+                                 + (f"; it takes {', '.join(declared)}" if declared else "; it takes no options"))
+        training[field] = part
     if training:
         changes["training"] = training
     return base.replace(**changes, **sections)
@@ -262,33 +299,29 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
+    from pvae.inference.annealing import AISSettings
+    from pvae.inference.evaluation import EvaluationSpec
     from pvae.runs import evaluate_run
 
     device = distributed.init_from_env(args.device) or args.device  # launched by torchrun: join the group
-    report = evaluate_run(
-        args.run_dir,
-        split=args.split,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        chunk_size=args.chunk_size,
-        seed=args.seed,
-        device=device,
-        progress=not args.no_progress,
-        estimators=[e.strip() for e in args.estimators.split(",") if e.strip()],
-        num_chains=args.num_chains,
-        ais_steps=args.ais_steps,
-        ais_start=args.ais_start,
-        ais_schedule=args.ais_schedule,
+    spec = EvaluationSpec(
+        estimators=tuple(e.strip() for e in args.estimators.split(",") if e.strip()),
+        num_samples=args.num_samples, batch_size=args.batch_size, chunk_size=args.chunk_size, seed=args.seed,
         psis_datapoints=args.psis_datapoints,
-        data_path=args.data,
-        resume=not args.restart,
+        ais=AISSettings(num_chains=args.num_chains, num_steps=args.ais_steps, start=args.ais_start,
+                        betas=args.ais_schedule),
     )
+    report = evaluate_run(args.run_dir, spec, split=args.split, device=device, progress=not args.no_progress,
+                          data_path=args.data, resume=not args.restart)
     if distributed.is_main():
         print(report.summary())
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line (``pvae train|evaluate ...``) on ``argv`` (default ``sys.argv[1:]``);
+    returns the exit status: 0 done, 2 a usage error (one line, nothing left behind), 1 a bug,
+    130 interrupted."""
     parser = _parser()
     args = parser.parse_args(argv)
     clean = False  # whether every process can be expected at the group's exit barrier
@@ -314,6 +347,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):  # not a bug: a full disk
             print(f"pvae {args.command}: error: no space left on the device ({exc.filename or exc}); "
                   "free some space and run again", file=sys.stderr)
+            return 2
+        if isinstance(exc, (PermissionError, FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+            # a file the user named or a run directory's file cannot be read or written: not a bug
+            print(f"pvae {args.command}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "),
+                  file=sys.stderr)
             return 2
         traceback.print_exc()  # (every process: a failure may be one process's own)
         print(f"pvae {args.command}: internal error (a bug in pvae, not in your input): please report it "

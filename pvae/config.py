@@ -37,10 +37,15 @@ from pvae.training.objectives import OBJECTIVES
 from pvae.options import Option, Part, declared_options
 from pvae.parts.priors import PRIORS
 
+__all__ = ["Training", "RunConfig", "build_vae", "autoencoder_config", "section_options", "save_config",
+           "CONFIG_VERSION"]
+
 #: version of the config.json schema written by this pvae (1: pvae 0.1's flat file)
 CONFIG_VERSION = 2
 MODELS = ("vae", "autoencoder")
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
+from pvae.training.controls import TRAINING_PARTS  # noqa: E402,F401  (the training section's parts)
+
 #: config section -> registry of its parts
 PART_REGISTRIES = {"dataset": DATASETS, "net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS,
                    "objective": OBJECTIVES}
@@ -55,7 +60,7 @@ class Training:
     :param float lr: Adam learning rate.
     :param patience: stop after this many epochs without a better validation metric (null, off or 0: never).
     :param int seed: seeds the initial weights, the data order and the sampling.
-    :param str device: cpu, cuda or cuda:N.
+    :param device: cpu, cuda or cuda:N (null: where the model is; the command line's default is cpu).
     :param int val_num_samples: samples per datapoint for the validation bound.
     :param str val_bound: the validation metric (early stopping, best model): elbo, or iwae (L_K
         with K = val_num_samples, for models trained on L_K).
@@ -64,19 +69,21 @@ class Training:
     :param max_time: seconds for one training call; it stops after the epoch in which they run
         out, and a later --resume continues.
     :param int checkpoint_every: write the checkpoint every this many epochs (and after the last).
-    :param str optimizer: adam, adamw, sgd or adamax.
-    :param float weight_decay: the optimizer's weight decay (L2; decoupled for adamw).
-    :param float momentum: SGD's momentum.
-    :param str lr_schedule: constant, step (times lr_gamma every lr_step epochs), exponential (times
-        lr_gamma every epoch), cosine (to lr_min over the epochs), plateau (times lr_gamma after
-        lr_step epochs without a better validation metric) or iwae (Burda et al.: 3^i epochs at
-        lr 10^(-i/7), i = 0..7).
-    :param lr_gamma: the schedule's decay factor (null: 0.1 step, 0.99 exponential, 0.5 plateau).
-    :param int lr_step: epochs between decays (step) or without improvement (plateau).
-    :param float lr_min: the cosine schedule's final learning rate.
+    :param optimizer: the optimizer part (:data:`~pvae.training.controls.OPTIMIZERS`: adam, adamw,
+        sgd, adamax, with their options, e.g. ``{"name": "sgd", "momentum": 0.9}``).
+    :param lr_schedule: the learning-rate schedule part (:data:`~pvae.training.controls.SCHEDULES`:
+        constant, step, exponential, cosine, plateau, iwae, with their options, e.g.
+        ``{"name": "cosine", "min_lr": 1e-5}``).
     :param clip_grad_norm: clip the gradient's global norm to this value (null: no clipping).
     :param str precision: fp32, or bf16 (the networks under autocast; densities in float32).
     :param log: experiment trackers: tensorboard, mlflow (comma-separated; metrics.jsonl always).
+    :param str nonfinite: a step whose loss or gradient is NaN/inf is never applied; raise (stop
+        with an error at the next check) or skip (go on, counting skipped steps in the epoch's record).
+    :param int max_skipped_steps: with nonfinite skip, stop with an error after this many skipped
+        steps in a row.
+    :param check_every: check for non-finite steps every this many steps (each check is a host
+        synchronisation; null: once per epoch).
+    :param bool restore_best: at the end of training, load the parameters of the best validation epoch.
     """
 
     epochs: int = 600
@@ -84,31 +91,34 @@ class Training:
     lr: float = 1e-3
     patience: Optional[int] = 30
     seed: int = 0
-    device: str = "cpu"
+    device: Optional[str] = "cpu"
     val_num_samples: int = 1
     val_bound: Literal["elbo", "iwae"] = "elbo"
     step: Literal["auto", "eager", "compile", "cuda-graph"] = "auto"
     max_time: Optional[float] = None
     checkpoint_every: int = 1
-    optimizer: Literal["adam", "adamw", "sgd", "adamax"] = "adam"
-    weight_decay: float = 0.0
-    momentum: float = 0.0
-    lr_schedule: Literal["constant", "step", "exponential", "cosine", "plateau", "iwae"] = "constant"
-    lr_gamma: Optional[float] = None
-    lr_step: int = 100
-    lr_min: float = 0.0
+    optimizer: Part = Part("adam")
+    lr_schedule: Part = Part("constant")
     clip_grad_norm: Optional[float] = None
     precision: Literal["fp32", "bf16"] = "fp32"
     log: Tuple[Literal["tensorboard", "mlflow"], ...] = ()
+    nonfinite: Literal["raise", "skip"] = "raise"
+    max_skipped_steps: int = 100
+    check_every: Optional[int] = None
+    restore_best: bool = True
 
     def __post_init__(self):
+        from pvae.training.controls import SCHEDULES, TRAINING_PARTS
+
+        for name, registry in TRAINING_PARTS.items():
+            object.__setattr__(self, name, registry.part(getattr(self, name)))
         if isinstance(self.patience, str) and self.patience.strip().lower() in ("off", "never"):
             object.__setattr__(self, "patience", None)
         for name, option in self.options().items():
             object.__setattr__(self, name, option.coerce(getattr(self, name), "training"))
         if self.patience == 0:  # pvae 0.1's spelling of "never stop early"
             object.__setattr__(self, "patience", None)
-        for name in ("epochs", "batch_size", "val_num_samples", "checkpoint_every"):
+        for name in ("epochs", "batch_size", "val_num_samples", "checkpoint_every", "max_skipped_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"training: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.patience is not None and self.patience < 1:
@@ -117,30 +127,67 @@ class Training:
             raise UsageError(f"training: lr must be positive, got {self.lr!r}")
         if self.max_time is not None and not self.max_time > 0:
             raise UsageError(f"training: max_time must be a positive number of seconds or null, got {self.max_time!r}")
+        if self.check_every is not None and self.check_every < 1:
+            raise UsageError(f"training: check_every must be a positive integer or null, got {self.check_every!r}")
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise UsageError(f"training: clip_grad_norm must be positive or null, got {self.clip_grad_norm!r}")
-        from pvae.training.controls import LRSchedule
-
-        LRSchedule(self.lr_schedule, self.lr, self.lr_gamma, self.lr_step, self.lr_min, self.epochs)  # its checks
-        if self.momentum and self.optimizer != "sgd":
-            raise UsageError(f"training: momentum is an option of the sgd optimizer, not of {self.optimizer}")
-        if not 0 <= self.momentum < 1 or not self.weight_decay >= 0:
-            raise UsageError("training: momentum must be in [0, 1) and weight_decay >= 0")
+        SCHEDULES.build(self.lr_schedule, lr=self.lr, epochs=self.epochs)  # its checks
+        options = dict(self.optimizer.kwargs)
+        if not 0 <= options.get("momentum", 0.0) < 1 or not options.get("weight_decay", 0.0) >= 0:
+            raise UsageError("training: the optimizer's momentum must be in [0, 1) and weight_decay >= 0")
 
     @classmethod
     def options(cls) -> Dict[str, Option]:
-        return declared_options(cls)
+        """The settings that are not parts (each a flag ``--<name>``); the parts are
+        :data:`~pvae.training.controls.TRAINING_PARTS`."""
+        from pvae.training.controls import TRAINING_PARTS
+
+        return {k: v for k, v in declared_options(cls).items() if k not in TRAINING_PARTS}
 
     @classmethod
     def parse(cls, value) -> "Training":
+        """A Training from a mapping (a config's section; pvae 0.2's flat optimizer and schedule
+        keys are moved into their parts)."""
+        from pvae.training.controls import TRAINING_PARTS, nest_legacy_training
+
         if isinstance(value, Training):
             return value
         if not isinstance(value, dict):
             raise UsageError(f"training must be a mapping of training options, got {value!r}")
-        unknown = sorted(set(value) - set(cls.options()))
+        value = nest_legacy_training(value)
+        valid = [*cls.options(), *TRAINING_PARTS]
+        unknown = sorted(set(value) - set(valid))
         if unknown:
-            raise UsageError(f"training does not take {', '.join(unknown)}; it takes {', '.join(cls.options())}")
+            raise UsageError(f"training does not take {', '.join(unknown)}; it takes {', '.join(valid)}")
         return cls(**value)
+
+    def to_dict(self) -> dict:
+        """Plain values (the config file's ``training`` section)."""
+        from pvae.training.controls import TRAINING_PARTS
+
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if f.name in TRAINING_PARTS else list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **changes) -> "Training":
+        """A copy with ``changes`` (pvae 0.2's flat keys accepted); a part given as a mapping
+        without ``"name"`` (or with the current one) changes options of the current part."""
+        from pvae.training.controls import LEGACY_TRAINING_KEYS, TRAINING_PARTS, nest_legacy_training
+
+        current = self.to_dict()
+        if any(k in changes for k in LEGACY_TRAINING_KEYS):  # they refer to the parts chosen now
+            for field in TRAINING_PARTS:
+                changes.setdefault(field, {"name": current[field]["name"]})
+        changes = nest_legacy_training(changes)
+        for field in TRAINING_PARTS:
+            value = changes.get(field)
+            if isinstance(value, Part):
+                value = value.to_dict()
+            if isinstance(value, dict) and value.get("name", current[field]["name"]) == current[field]["name"]:
+                changes[field] = {**current[field], **value}
+        return Training.parse({**current, **changes})
 
 
 
@@ -242,7 +289,7 @@ class RunConfig:
         return cls.from_dict(values)
 
     def to_dict(self) -> dict:
-        training = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.training).items()}
+        training = self.training.to_dict()
         return {"version": CONFIG_VERSION, "model": self.model, "latent_dim": self.latent_dim,
                 **{section: getattr(self, section).to_dict() for section in PART_REGISTRIES},
                 "training": training}
@@ -258,7 +305,7 @@ class RunConfig:
             if key in PART_REGISTRIES and isinstance(value, dict) and value.get("name", out[key].name) == out[key].name:
                 value = {**out[key].to_dict(), **value}
             elif key == "training" and isinstance(value, dict):
-                value = {**dataclasses.asdict(self.training), **value}
+                value = self.training.replace(**value)
             out[key] = value
         return RunConfig(**out)
 
@@ -360,6 +407,7 @@ def build_vae(config: RunConfig, data_dim: int, image_shape: Optional[Sequence[i
 
 
 def save_config(config: RunConfig, run_dir) -> None:
+    """Write ``config`` as ``run_dir/config.json`` (atomically)."""
     from pvae.checkpoint import write_json
 
     write_json(config.to_dict(), Path(run_dir) / "config.json")

@@ -244,8 +244,10 @@ def test_evaluate_with_every_estimator(tmp_path, capsys):
     assert "ais (chains=3)" in out and "naive-prior-mc (K=100)" in out and "active units:" in out
     report = json.loads((run / "evaluation-test-K100.json").read_text())
     assert set(report["estimates"]) == {"elbo", "iwae", "naive", "ais", "reconstruction", "squared-error"}
-    assert report["ais_settings"] == {"num_chains": 3, "num_steps": 4, "schedule": "linear", "start": "guide",
-                                      "leapfrog_steps": 10, "target_accept": 0.65}
+    assert report["ais_settings"] == {"num_chains": 3, "num_steps": 4, "betas": "linear", "start": "guide",
+                                      "num_leapfrog": 10, "step_size": 0.05, "target_accept": 0.65,
+                                      "adapt_step_size": True}
+    assert report["spec"]["ais"] == report["ais_settings"] and report["spec"]["num_samples"] == 100
     assert report["psis"]["datapoints"] == 40 and 0 <= report["psis"]["fraction_above_0.7"] <= 1
     assert report["latent"]["latent_dim"] == 2
     assert (run / report["figure"]).stat().st_size > 0

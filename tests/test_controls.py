@@ -44,10 +44,9 @@ def test_schedules_follow_their_definitions():
         LRSchedule("linear")
 
 
-@pytest.mark.parametrize("schedule", ["step", "cosine"])
+@pytest.mark.parametrize("schedule", [{"name": "step", "step": 1, "gamma": 0.5}, "cosine"])
 def test_a_resumed_run_continues_its_schedule(digits, tmp_path, schedule):
-    kwargs = dict(batch_size=200, progress=False, lr=3e-3, lr_schedule=schedule, lr_step=1, lr_gamma=0.5,
-                  restore_best=False)
+    kwargs = dict(batch_size=200, progress=False, lr=3e-3, lr_schedule=schedule, restore_best=False)
     a = small_vae(digits)
     history = pvae.fit(a, digits.train, digits.valid, epochs=4, **kwargs)
     assert [r["lr"] for r in history.records][1] < 3e-3
@@ -66,11 +65,11 @@ def test_a_resumed_run_continues_its_schedule(digits, tmp_path, schedule):
 @pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
                                        ("sgd", torch.optim.SGD), ("adamax", torch.optim.Adamax)])
 def test_every_optimizer_trains(digits, name, cls, monkeypatch):
-    import pvae.train as train_module
+    import pvae.training.controls as controls
 
     made = []
-    original = train_module._optimizer
-    monkeypatch.setattr(train_module, "_optimizer", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
+    original = controls.make_optimizer  # what every registered optimizer builds with
+    monkeypatch.setattr(controls, "make_optimizer", lambda *a, **k: made.append(original(*a, **k)) or made[-1])
     vae = small_vae(digits)
     untrained = pvae.evaluate_bounds(vae, digits.valid, 1, seed=0)["elbo"].mean
     lr = 0.05 if name == "sgd" else 3e-3
@@ -157,3 +156,42 @@ def test_an_unknown_tracker_is_refused_before_anything_is_written(tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--dataset", "digits", "--epochs", "1", "--log", "wandb", "--run-dir", str(run)]) == 2
     assert not run.exists()
+
+
+def test_optimizers_and_schedules_are_parts_declared_once():
+    """Their options come from the factories' keyword parameters (one place): the config's nested
+    training section, the generated flags and the errors all follow from them."""
+    from pvae.cli import _config_from_args, _parser
+    from pvae.training.controls import OPTIMIZERS, SCHEDULES
+
+    assert set(OPTIMIZERS.options("sgd")) == {"momentum", "weight_decay"} and set(OPTIMIZERS.options("adam")) == {
+        "weight_decay"}
+    assert set(SCHEDULES.options("plateau")) == {"gamma", "patience"} and set(SCHEDULES.options("cosine")) == {"min_lr"}
+    training = pvae.Training(optimizer={"name": "sgd", "momentum": 0.9}, lr_schedule="cosine")
+    assert training.to_dict()["optimizer"] == {"name": "sgd", "momentum": 0.9, "weight_decay": 0.0}
+    assert training.to_dict()["lr_schedule"] == {"name": "cosine", "min_lr": 0.0}
+    args = _parser().parse_args(["train", "--optimizer", "sgd", "--optimizer-momentum", "0.5",
+                                 "--lr-schedule", "plateau", "--lr-schedule-patience", "4"])
+    args.run_dir = None
+    config = _config_from_args(args)
+    assert config.training.optimizer == pvae.Part("sgd", momentum=0.5, weight_decay=0.0)
+    assert config.training.lr_schedule == pvae.Part("plateau", gamma=0.5, patience=4)
+    with pytest.raises(pvae.UsageError, match="'adam' does not take momentum; it takes weight_decay"):
+        pvae.Training(optimizer={"name": "adam", "momentum": 0.9})
+    with pytest.raises(pvae.UsageError, match="unknown lr_schedule 'linear'"):
+        pvae.Training(lr_schedule="linear")
+
+
+def test_pvae_02_flat_training_keys_still_read():
+    """A config.json of pvae 0.2 kept the optimizer's and schedule's options as flat training keys:
+    they move into the parts (defaults of options a part does not take are dropped, other values are
+    an error), and fit's keywords of then still work."""
+    old = {"optimizer": "sgd", "weight_decay": 0.0, "momentum": 0.9, "lr_schedule": "step", "lr_gamma": 0.3,
+           "lr_step": 2, "lr_min": 0.0}
+    training = pvae.RunConfig.from_dict({"version": 2, "training": old}).training
+    assert training.optimizer == pvae.Part("sgd", momentum=0.9, weight_decay=0.0)
+    assert training.lr_schedule == pvae.Part("step", gamma=0.3, step=2)
+    with pytest.raises(pvae.UsageError, match="lr_min is not an option of the lr_schedule 'step'"):
+        pvae.RunConfig(training={**old, "lr_min": 0.1})
+    assert pvae.Training().replace(lr_schedule="plateau", lr_step=3).lr_schedule == pvae.Part(
+        "plateau", gamma=0.5, patience=3)

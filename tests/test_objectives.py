@@ -332,7 +332,7 @@ def test_dreg_with_a_flow_guide_is_refused_before_training(tmp_path):
     ("iwae", {"beta": 2.0}, "'iwae' does not take beta"),
     ("elbo", {"dreg": True}, "'elbo' does not take dreg"),
     ("infovae", {"info_alpha": 2.0}, "alpha must be <= 1"),
-    ("infovae", {"info_alpha": 0.0, "mmd_lambda": 0.5}, "alpha \\+ lambda - 1 >= 0"),
+    ("infovae", {"info_alpha": 0.0, "mmd_lambda": 0.5}, "info_alpha \\+ mmd_lambda - 1 >= 0"),
     ("elbo", {"momentum": 1}, "'elbo' does not take momentum; it takes num_particles, beta"),
     ("elbo", {"kl_warmup": -1.0}, "warm-up"),
 ])

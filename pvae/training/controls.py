@@ -1,5 +1,10 @@
-"""Training controls: optimizers by name, learning-rate schedules, mixed precision (the names each
-takes: :data:`OPTIMIZERS`, :data:`SCHEDULES`, :data:`PRECISIONS`).
+"""Training controls: optimizers and learning-rate schedules as parts, mixed precision.
+
+The optimizer and the schedule are the training section's parts (:data:`TRAINING_PARTS`): the
+registries :data:`OPTIMIZERS` and :data:`SCHEDULES` hold factories whose keyword parameters are
+their options (declared once: the config's nested section, the flags ``--optimizer-<option>`` and
+``--lr-schedule-<option>``, and the errors follow from them); :func:`nest_legacy_training` reads
+pvae 0.2's flat keys. :data:`PRECISIONS` are the precisions :func:`use_precision` takes.
 
 * :func:`make_optimizer` — ``adam`` (fused, on the device), ``adamw``, ``sgd`` (with momentum),
   ``adamax`` (Burda et al. 2016 trained the IWAE with Adam; Kingma & Ba's Adamax is its
@@ -7,7 +12,7 @@ takes: :data:`OPTIMIZERS`, :data:`SCHEDULES`, :data:`PRECISIONS`).
 * :class:`LRSchedule` — ``constant``; ``step`` (times ``gamma`` every ``step`` epochs);
   ``exponential`` (times ``gamma`` every epoch); ``cosine`` (from ``lr`` to ``min_lr`` over the
   run's epochs); ``plateau`` (times ``gamma`` after ``step`` epochs without a better validation
-  metric); ``iwae`` (Burda et al. 2016: stage i = 0..7 lasts 3^i epochs at ``lr * 10^(-i/7)``).
+  metric, ``patience`` in the part); ``iwae`` (Burda et al. 2016: stage i = 0..7 lasts 3^i epochs at ``lr * 10^(-i/7)``).
   The schedule is a function of the epochs done (and, for ``plateau``, of the validation record),
   so a resumed run continues it exactly; its state is in the checkpoint.
 * :func:`use_precision` — ``bf16``: the encoder's and decoder's forward passes run under
@@ -24,11 +29,14 @@ from typing import Optional
 import torch
 
 from pvae.errors import UsageError
+from pvae.options import Part
+from pvae.registry import Registry
 
-__all__ = ["make_optimizer", "set_lr", "LRSchedule", "use_precision", "OPTIMIZERS", "SCHEDULES", "PRECISIONS"]
+__all__ = ["make_optimizer", "set_lr", "LRSchedule", "use_precision", "OPTIMIZERS", "SCHEDULES", "PRECISIONS",
+           "TRAINING_PARTS", "nest_legacy_training"]
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "adamax")
-SCHEDULES = ("constant", "step", "exponential", "cosine", "plateau", "iwae")
+_OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "adamax")
+_SCHEDULE_NAMES = ("constant", "step", "exponential", "cosine", "plateau", "iwae")
 PRECISIONS = ("fp32", "bf16")
 #: each schedule's decay factor when ``gamma`` is not given
 DEFAULT_GAMMA = {"step": 0.1, "exponential": 0.99, "plateau": 0.5}
@@ -40,8 +48,8 @@ def make_optimizer(params, name: str = "adam", lr: float = 1e-3, weight_decay: f
     non-finite on the device, without a host synchronisation) where the device has one, and are
     capturable in a CUDA graph on CUDA; ``tensor_lr`` keeps the learning rate in a device tensor so
     that a schedule can change it under a CUDA graph."""
-    if name not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
+    if name not in _OPTIMIZER_NAMES:
+        raise UsageError(f"unknown optimizer {name!r}; valid choices: {', '.join(_OPTIMIZER_NAMES)}")
     if not weight_decay >= 0:
         raise UsageError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not momentum >= 0 or momentum >= 1:
@@ -75,7 +83,7 @@ def set_lr(optimizer, lr: float) -> None:
 class LRSchedule:
     """The learning rate after each epoch (see the module doc).
 
-    :param str kind: one of :data:`SCHEDULES`.
+    :param str kind: a name in :data:`SCHEDULES`.
     :param float lr: the initial learning rate.
     :param gamma: the decay factor (default per schedule, :data:`DEFAULT_GAMMA`).
     :param int step: epochs between decays (``step``) or without improvement (``plateau``).
@@ -85,8 +93,8 @@ class LRSchedule:
 
     def __init__(self, kind: str = "constant", lr: float = 1e-3, gamma: Optional[float] = None, step: int = 100,
                  min_lr: float = 0.0, epochs: int = 1):
-        if kind not in SCHEDULES:
-            raise UsageError(f"unknown lr_schedule {kind!r}; valid choices: {', '.join(SCHEDULES)}")
+        if kind not in _SCHEDULE_NAMES:
+            raise UsageError(f"unknown lr_schedule {kind!r}; valid choices: {', '.join(_SCHEDULE_NAMES)}")
         if gamma is not None and not 0 < gamma <= 1:
             raise UsageError(f"lr_gamma must be in (0, 1], got {gamma!r}")
         if isinstance(step, bool) or int(step) != step or step < 1:
@@ -173,3 +181,139 @@ def _leave_autocast(module, args, output):
     if isinstance(output, tuple):
         return tuple(o.float() if torch.is_tensor(o) and o.is_floating_point() else o for o in output)
     return output
+
+
+# ----------------------------------------------------------------------------- optimizers and
+# schedules as parts: registered once, their options declared by the factories' keyword parameters
+# (the training section's ``optimizer`` and ``lr_schedule``, flags --optimizer-<option> and
+# --lr-schedule-<option>)
+OPTIMIZERS: Registry = Registry("optimizer", context=("params", "lr", "device", "tensor_lr"), doc="""\
+Optimizers by name (the ``optimizer`` part of a run's training section): ``adam`` (fused, on the
+device), ``adamw``, ``sgd``, ``adamax``; each factory's keyword parameters are its options.""")
+SCHEDULES: Registry = Registry("lr_schedule", context=("lr", "epochs"), doc="""\
+Learning-rate schedules by name (the ``lr_schedule`` part of a run's training section): constant,
+step, exponential, cosine, plateau, iwae; each returns an :class:`LRSchedule`.""")
+
+
+@OPTIMIZERS.register("adam")
+def adam(params, lr, device=None, tensor_lr=False, weight_decay: float = 0.0):
+    """Adam (Kingma & Ba 2015), the fused kernel on the device where it has one.
+
+    :param float weight_decay: L2 penalty added to the gradient (>= 0).
+    """
+    return make_optimizer(params, "adam", lr, weight_decay, 0.0, device, tensor_lr)
+
+
+@OPTIMIZERS.register("adamw")
+def adamw(params, lr, device=None, tensor_lr=False, weight_decay: float = 0.0):
+    """AdamW (Loshchilov & Hutter 2019): Adam with decoupled weight decay.
+
+    :param float weight_decay: decoupled weight decay (>= 0).
+    """
+    return make_optimizer(params, "adamw", lr, weight_decay, 0.0, device, tensor_lr)
+
+
+@OPTIMIZERS.register("sgd")
+def sgd(params, lr, device=None, tensor_lr=False, momentum: float = 0.0, weight_decay: float = 0.0):
+    """Stochastic gradient descent.
+
+    :param float momentum: heavy-ball momentum in [0, 1).
+    :param float weight_decay: L2 penalty added to the gradient (>= 0).
+    """
+    return make_optimizer(params, "sgd", lr, weight_decay, momentum, device, tensor_lr)
+
+
+@OPTIMIZERS.register("adamax")
+def adamax(params, lr, device=None, tensor_lr=False, weight_decay: float = 0.0):
+    """Adamax (Kingma & Ba 2015): Adam's infinity-norm variant.
+
+    :param float weight_decay: L2 penalty added to the gradient (>= 0).
+    """
+    return make_optimizer(params, "adamax", lr, weight_decay, 0.0, device, tensor_lr)
+
+
+@SCHEDULES.register("constant")
+def constant(lr, epochs=1):
+    """The learning rate stays ``lr``."""
+    return LRSchedule("constant", lr, epochs=epochs)
+
+
+@SCHEDULES.register("step")
+def step(lr, epochs=1, gamma: float = 0.1, step: int = 100):
+    """Times ``gamma`` every ``step`` epochs.
+
+    :param float gamma: the decay factor, in (0, 1].
+    :param int step: epochs between decays.
+    """
+    return LRSchedule("step", lr, gamma, step, epochs=epochs)
+
+
+@SCHEDULES.register("exponential")
+def exponential(lr, epochs=1, gamma: float = 0.99):
+    """Times ``gamma`` every epoch.
+
+    :param float gamma: the decay factor per epoch, in (0, 1].
+    """
+    return LRSchedule("exponential", lr, gamma, epochs=epochs)
+
+
+@SCHEDULES.register("cosine")
+def cosine(lr, epochs=1, min_lr: float = 0.0):
+    """From ``lr`` to ``min_lr`` along a half cosine over the run's epochs.
+
+    :param float min_lr: the final learning rate, in [0, lr].
+    """
+    return LRSchedule("cosine", lr, min_lr=min_lr, epochs=epochs)
+
+
+@SCHEDULES.register("plateau")
+def plateau(lr, epochs=1, gamma: float = 0.5, patience: int = 100):
+    """Times ``gamma`` after ``patience`` epochs without a better validation metric.
+
+    :param float gamma: the decay factor, in (0, 1].
+    :param int patience: epochs without improvement before a decay.
+    """
+    return LRSchedule("plateau", lr, gamma, patience, epochs=epochs)
+
+
+@SCHEDULES.register("iwae")
+def iwae(lr, epochs=1):
+    """Burda et al. 2016: stage i = 0..7 lasts 3^i epochs at ``lr * 10^(-i/7)``."""
+    return LRSchedule("iwae", lr, epochs=epochs)
+
+
+#: the training section's parts: field -> registry
+TRAINING_PARTS = {"optimizer": OPTIMIZERS, "lr_schedule": SCHEDULES}
+#: pvae 0.2's flat training keys -> (part field, option(s) of that part), with their defaults then
+LEGACY_TRAINING_KEYS = {
+    "weight_decay": ("optimizer", ("weight_decay",), 0.0),
+    "momentum": ("optimizer", ("momentum",), 0.0),
+    "lr_gamma": ("lr_schedule", ("gamma",), None),
+    "lr_step": ("lr_schedule", ("step", "patience"), 100),
+    "lr_min": ("lr_schedule", ("min_lr",), 0.0),
+}
+
+
+def nest_legacy_training(values: dict) -> dict:
+    """A training mapping of pvae 0.2 (flat ``weight_decay``, ``lr_gamma``, ...) with those keys
+    moved into its ``optimizer`` and ``lr_schedule`` parts. A flat key the chosen part does not
+    take is dropped when it holds pvae 0.2's default (it had no effect then), else an error."""
+    values = dict(values)
+    for key, (field, options, default) in LEGACY_TRAINING_KEYS.items():
+        if key not in values:
+            continue
+        value = values.pop(key)
+        part = values.get(field, TRAINING_PART_DEFAULTS[field])
+        part = {"name": part} if isinstance(part, str) else (part.to_dict() if isinstance(part, Part) else dict(part))
+        takes = [o for o in options if o in TRAINING_PARTS[field].options(part["name"])]
+        if takes:
+            if value is not None:
+                part[takes[0]] = value
+        elif value != default:
+            raise UsageError(f"training: {key} is not an option of the {field} {part['name']!r} "
+                             f"(its options: {', '.join(TRAINING_PARTS[field].options(part['name'])) or 'none'})")
+        values[field] = part
+    return values
+
+
+TRAINING_PART_DEFAULTS = {"optimizer": "adam", "lr_schedule": "constant"}

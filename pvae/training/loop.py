@@ -2,13 +2,13 @@
 
 :class:`TrainStep` is one step — the objective's surrogate loss (by default the ELBO of
 ``vae.model``/``vae.guide``, equal to Pyro's ``Trace_ELBO`` on the same noise), backward, and
-a fused Adam update over ``vae.parameters()`` (the module form of Pyro's ELBOs: parameters stay
-in the model, not in Pyro's global parameter store) — with no host synchronisation, so it can
-be compiled or captured in a CUDA graph. :func:`fit` is the epoch loop around it: data order,
-KL schedules, device-side accumulation read back once per epoch, validation ELBO, early
-stopping, and an atomic checkpoint with model, optimizer and RNG states each epoch, so that
-``fit(..., resume=True)`` continues the same trajectory. No printing and no plotting here; the
-progress bar (tqdm) can be switched off.
+the optimizer's update over ``vae.parameters()`` (the module form of Pyro's ELBOs: parameters stay
+in the model, not in Pyro's global parameter store) — with no host synchronisation, so it can be
+compiled or captured in a CUDA graph. :func:`fit` is a short epoch loop around it (data order,
+KL schedules, device-side accumulation, the validation metric and the best model) that fires
+named events on callbacks (:mod:`pvae.training.callbacks`) for everything else: checkpoint and
+resume, learning-rate schedule, non-finite guard, early stopping, time limit, trackers, progress
+bar. Its settings are one :class:`~pvae.config.Training`; without one, :data:`FIT_DEFAULTS`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,43 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import pyro
 import torch
 
 from pvae import distributed
-from pvae.training.controls import LRSchedule, make_optimizer, set_lr, use_precision
+from pvae.training.controls import (
+    LEGACY_TRAINING_KEYS,
+    OPTIMIZERS,
+    SCHEDULES,
+    TRAINING_PARTS,
+    make_optimizer,
+    use_precision,
+)
 from pvae._rng import seeded
 from pvae.checkpoint import load_checkpoint, save_checkpoint, write_jsonl
-from pvae.errors import DivergenceError, RunExistsError, UsageError, UsageTypeError
+from pvae.errors import UsageError, UsageTypeError
 from pvae.inference.estimators import check_data, evaluate_bounds, reconstruction_error
+from pvae.training.callbacks import (
+    Callback,
+    Checkpoint,
+    EarlyStopping,
+    FitLoop,
+    LRScheduler,
+    NonFiniteGuard,
+    ProgressBar,
+    TimeLimit,
+    Trackers,
+)
 from pvae.training.objectives import Objective, call_objective, make_objective, takes_kl_weight
 from pvae.data.streaming import is_streamed
 from pvae.data.streaming import loader as stream_loader
+
+if TYPE_CHECKING:
+    from pvae.config import Training
+
+__all__ = ["fit", "History", "TrainStep", "train_epoch", "FIT_DEFAULTS"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -55,6 +78,8 @@ class History:
     #: True when this call of :func:`fit` stopped at its ``max_time``; the run is not finished
     #: (``fit(..., resume=True)`` continues it), unlike ``stopped_early``.
     time_limit_reached: bool = False
+    #: why this call of :func:`fit` stopped before its last epoch (None: it ran them all)
+    stop_reason: Optional[str] = None
 
     @property
     def train_objective(self) -> List[float]:
@@ -299,21 +324,6 @@ def _guarded_step(optimizer, found_inf):
         optimizer.step()
 
 
-def _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path) -> None:
-    """Read the device-side counters (one host synchronisation) and raise if asked to."""
-    if nonfinite != "raise":
-        return
-    n = int(skipped)
-    if n:
-        raise DivergenceError(
-            f"the training loss or gradient was NaN/inf at epoch {epoch}, step {int(first_bad)} "
-            f"({n} of the first {steps} steps of the epoch); those updates were skipped, so the "
-            "parameters never held a non-finite value"
-            + (f", and {ckpt_path} still holds epoch {epoch - 1}" if ckpt_path else "")
-            + "; try a lower learning rate, or fit(..., nonfinite='skip') to skip such steps and go on"
-        )
-
-
 def data_parallel_problem(objective, batch_size: int, num_train: int) -> Optional[UsageError]:
     """Why ``objective`` cannot be trained data-parallel over this process group in minibatches of
     ``batch_size`` (None when it can, or when not data-parallel)."""
@@ -382,298 +392,226 @@ def check_objective(objective, vae, train_data: torch.Tensor, batch_size: int,
         objective.check(vae, train_data[:2].to(vae.device))
 
 
-def fit(
-    vae,
-    train_data: torch.Tensor,
-    valid_data: Optional[torch.Tensor] = None,
-    *,
-    epochs: int = 10,
-    batch_size: int = 100,
-    lr: float = 1e-3,
-    objective: Union[str, Objective] = "elbo-analytic-kl",
-    num_particles: int = 1,
-    patience: Optional[int] = None,
-    seed: int = 0,
-    device: Optional[Union[str, torch.device]] = None,
-    run_dir: Optional[Union[str, Path]] = None,
-    resume: bool = False,
-    val_num_samples: int = 1,
-    restore_best: bool = True,
-    progress: bool = True,
-    step: str = "auto",
-    nonfinite: str = "raise",
-    check_every: Optional[int] = None,
-    max_time: Optional[float] = None,
-    checkpoint_every: int = 1,
-    val_bound: str = "elbo",
-    dynamic_binarization: bool = False,
-    loader_workers: Optional[int] = None,
-    optimizer: str = "adam",
-    weight_decay: float = 0.0,
-    momentum: float = 0.0,
-    lr_schedule: str = "constant",
-    lr_gamma: Optional[float] = None,
-    lr_step: int = 100,
-    lr_min: float = 0.0,
-    clip_grad_norm: Optional[float] = None,
-    precision: str = "fp32",
-    loggers: Sequence = (),
-) -> History:
-    """Train ``vae`` by minibatch SVI (auto-encoding variational Bayes).
+#: ``fit``'s keyword arguments that are not :class:`~pvae.config.Training` settings
+FIT_EXTRAS = ("num_particles", "dynamic_binarization", "loader_workers", "loggers")
+#: without ``training``, ``fit`` is a quick first look: 10 epochs, no early stopping, on the model's device
+FIT_DEFAULTS = {"epochs": 10, "patience": None, "device": None}
 
-    :param vae: a :class:`~pvae.model.VAE`, or a :class:`~pvae.engine.ModelGuidePair` of the
-        user's own (any Pyro program the engine scores: several latent sites, enumerated discrete
-        sites, covariates, a subsampled plate); trained in place.
-    :param train_data: ``(N, D)`` float tensor, :class:`~pvae.engine.WithCovariates` (data with
-        the covariates the programs read), or a :class:`~pvae.streaming.StreamedSplit`.
-    :param valid_data: optional ``(M, D)`` tensor for the per-epoch validation ELBO, early
-        stopping and best-model selection.
-    :param int epochs: total number of epochs (a resumed run continues up to this number).
-    :param int batch_size: minibatch size; the last minibatch of an epoch may be smaller.
-    :param float lr: Adam learning rate.
-    :param objective: an :class:`~pvae.objectives.Objective` or a registered name.
-    :param int num_particles: vectorized particles per datapoint (when ``objective`` is a name).
-    :param patience: stop after this many epochs without a better validation ELBO.
-    :param int seed: seeds the data order and the sampling; the caller's global RNG is
-        restored afterwards.
-    :param device: move the model and data there (default: where the model is).
-    :param run_dir: if given, write ``checkpoint.pt`` and ``metrics.jsonl`` there each epoch.
-    :param bool resume: continue from ``run_dir/checkpoint.pt`` (same trajectory as an
-        uninterrupted run). Without it, an existing checkpoint is an error, never overwritten.
-    :param int val_num_samples: samples per datapoint for the validation ELBO (fixed seed,
-        so epochs are compared on common random numbers; training draws are unaffected).
-    :param bool restore_best: at the end, load the parameters of the best validation epoch.
-    :param bool progress: show a tqdm progress bar.
-    :param str step: :class:`TrainStep` mode: ``"auto"`` (a CUDA graph on CUDA, eager
-        elsewhere), ``"eager"``, ``"compile"``, ``"cuda-graph"``.
-    :param str nonfinite: what to do when a step's loss or gradient is NaN/inf. Such an update
-        is never applied (it is skipped on the device). ``"raise"``: at the next check, raise
-        :class:`FloatingPointError` naming the epoch and the first bad step, before that epoch
-        is checkpointed; ``"skip"``: count the skipped steps in the epoch's record
-        (``nonfinite_steps``, ``first_nonfinite_step``) and go on.
-    :param check_every: read the device-side counters every this many steps (each read is a
-        host synchronisation); default once per epoch.
-    :param max_time: wall-clock seconds for this call: after the epoch in which they run out,
-        stop (that epoch is checkpointed; ``History.time_limit_reached`` is set) so that a
-        later ``resume=True`` call continues the same trajectory. Default: no limit.
-    :param int checkpoint_every: with ``run_dir``, write the checkpoint every this many epochs
-        (and always after the last epoch of the call); ``metrics.jsonl`` is written with it.
-        A resumed run restarts from the last checkpoint, so a crash loses at most this many
-        epochs. Raise it when an epoch takes less time than writing the checkpoint (a GPU).
-    :param str val_bound: the validation metric for early stopping and best-model selection:
-        ``"elbo"`` or ``"iwae"`` (L_K with K = ``val_num_samples``: for models trained on L_K,
-        whose ELBO falls while their bound still rises).
-    :param bool dynamic_binarization: ``train_data`` are probabilities in [0, 1] and every
-        minibatch is a fresh Bernoulli draw of them (dynamically binarized MNIST and Omniglot);
-        the draws come from the seeded training stream, so a resumed run draws the same bits.
-    :param loader_workers: for streamed data (:class:`~pvae.streaming.StreamedSplit`, data bigger
-        than memory), the DataLoader's worker processes (default: up to 4). Streamed data are read
-        in the same seeded order as in-memory data, so the run is the same.
-    :param str optimizer: adam, adamw, sgd or adamax (:func:`pvae.controls.make_optimizer`), with
-        ``weight_decay`` and (sgd) ``momentum``.
-    :param str lr_schedule: constant, step, exponential, cosine, plateau or iwae, with ``lr_gamma``
-        (decay factor), ``lr_step`` (epochs) and ``lr_min`` (:class:`pvae.controls.LRSchedule`);
-        the epoch's learning rate is in its record (``lr``).
-    :param clip_grad_norm: clip the gradient's global norm to this value (default: no clipping).
-    :param str precision: fp32, or bf16 (the networks under autocast, every density in float32;
-        :func:`pvae.controls.use_precision`).
-    :param loggers: experiment trackers (:mod:`pvae.tracking`): each epoch's record is passed to
-        their ``log_epoch`` (rank 0 only under torch.distributed).
+
+def fit(program, train_data, valid_data=None, training: Optional["Training"] = None, *,
+        objective: Union[str, Objective] = "elbo-analytic-kl", callbacks: Sequence[Callback] = (),
+        run_dir=None, resume: bool = False, progress: bool = True, **settings) -> History:
+    """Train ``program`` by minibatch SVI (auto-encoding variational Bayes): :class:`TrainStep`
+    over the shuffled training data each epoch, the validation metric after it, and named events
+    on ``callbacks`` (:mod:`pvae.training.callbacks`) for everything else.
+
+    :param program: a :class:`~pvae.model.VAE`, or a :class:`~pvae.inference.engine.ModelGuidePair`
+        of the user's own (any Pyro program the engine scores); trained in place.
+    :param train_data: ``(N, D)`` float tensor, :class:`~pvae.inference.engine.WithCovariates`, or a
+        :class:`~pvae.data.streaming.StreamedSplit`.
+    :param valid_data: optional ``(M, D)`` data for the per-epoch validation metric, early stopping
+        and best-model selection.
+    :param training: a :class:`~pvae.config.Training` (every setting: epochs, batch size, optimizer,
+        learning-rate schedule, patience, time limit, non-finite policy, ...). Its fields may also
+        be given as keywords (``fit(vae, train, valid, epochs=50, lr=3e-4)``), which override it.
+        Without ``training``, fit trains 10 epochs without early stopping on the model's device
+        (:data:`FIT_DEFAULTS`); ``Training()``'s own defaults are the command line's.
+    :param objective: an :class:`~pvae.training.objectives.Objective` or a registered name
+        (with keyword ``num_particles``).
+    :param callbacks: the user's own :class:`~pvae.training.callbacks.Callback` objects, run with
+        the built-in ones that ``training`` asks for.
+    :param run_dir: write ``checkpoint.pt`` and ``metrics.jsonl`` there
+        (:class:`~pvae.training.callbacks.Checkpoint`); with ``resume``, continue from it (the same
+        trajectory as an uninterrupted run); without, an existing checkpoint is an error.
+    :param bool progress: a tqdm progress bar.
+    :param settings: Training fields, and ``dynamic_binarization`` (``train_data`` are
+        probabilities in [0, 1]; every minibatch is a fresh seeded Bernoulli draw),
+        ``loader_workers`` (DataLoader workers for streamed data), ``loggers`` (experiment trackers,
+        :mod:`pvae.training.tracking`).
     :returns: :class:`History`.
-    :raises FloatingPointError: with ``nonfinite="raise"`` (the parameters never hold a
-        non-finite update and the last checkpoint is the previous epoch's).
+    :raises ~pvae.errors.DivergenceError: with ``nonfinite="raise"`` at a non-finite step (the
+        parameters never hold a non-finite update and the last checkpoint is the previous epoch's);
+        with ``"skip"`` after ``max_skipped_steps`` skipped steps in a row.
     """
+    loop, data = _prepare(program, train_data, valid_data, training, objective, callbacks, run_dir, resume,
+                          progress, settings)
+    training, device = loop.training, loop.device
+    train_data, valid_data = data["train"], data["valid"]
+    try:
+        # each process draws its own noise (rank 0 the one-process stream); all share the data order
+        with seeded(distributed.batch_seed(training.seed, distributed.rank()), device):
+            loop.fire("on_fit_start")
+            if loop.resumed_rng is not None:
+                _set_rng_state(loop.resumed_rng, loop.generator, device)
+            for epoch in range(loop.start_epoch + 1, training.epochs + 1):
+                if loop.history.stopped_early:
+                    break
+                loop.epoch = epoch
+                loop.fire("on_epoch_start")
+                t0 = time.perf_counter()
+                order = torch.randperm(train_data.shape[0], generator=loop.generator).to(device)
+                record = {"epoch": epoch, **train_epoch(loop, train_data, order, **data["epoch_options"]),
+                          "objective": loop.objective.name, "num_particles": loop.objective.num_particles}
+                if getattr(loop.objective, "has_kl_term", False):  # the KL weight at the epoch's last step
+                    record["kl_weight"] = loop.objective.kl_weight
+                record["val_metric"] = None
+                if valid_data is not None:
+                    metric, est = _validate(program, valid_data, training.val_num_samples, training.seed,
+                                            training.val_bound)
+                    record.update({"val_metric": metric, metric: est.mean, f"{metric}_stderr": est.stderr,
+                                   "val_num_samples": est.num_samples})
+                    if loop.history.best_epoch is None or est.mean > loop.history.best_val:
+                        loop.history.best_epoch = epoch
+                        loop.best_state = {k: v.detach().clone() for k, v in program.state_dict().items()}
+                record["seconds"] = time.perf_counter() - t0
+                record["device"] = str(device)  # a resumed run may continue elsewhere
+                loop.history.records.append(record)
+                loop.fire("on_epoch_end", record)
+                loop.fire("on_checkpoint")
+                if loop.stop_reason is not None:
+                    break
+    finally:
+        loop.fire("on_fit_end")
+        loop.train_step.release()  # (its DDP wrapper holds the process group: free it now, not at exit)
+        if hasattr(loop.objective, "set_progress"):
+            loop.objective.set_progress(math.inf)  # outside training, schedules are at full weight
+    loop.history.stop_reason = loop.stop_reason or ("stopped early" if loop.history.stopped_early else None)
+    if training.restore_best and loop.best_state is not None:
+        program.load_state_dict(loop.best_state)
+    return loop.history
+
+
+def _training_of(training, settings) -> Tuple["Training", dict]:
+    """``fit``'s Training (``training`` with keyword settings applied) and its extra keywords."""
+    from pvae.config import Training
+
+    extras = {k: settings.pop(k) for k in FIT_EXTRAS if k in settings}
+    known = {*Training.options(), *TRAINING_PARTS, *LEGACY_TRAINING_KEYS}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise UsageError(f"fit does not take {', '.join(unknown)}; it takes the Training settings "
+                         f"({', '.join(sorted(known - set(LEGACY_TRAINING_KEYS)))}) and {', '.join(FIT_EXTRAS)}")
+    if training is None:
+        return Training.parse({**FIT_DEFAULTS, **settings}), extras
+    return Training.parse(training).replace(**settings), extras
+
+
+def _prepare(program, train_data, valid_data, training, objective, callbacks, run_dir, resume, progress, settings):
+    """Check everything before anything is trained or written; build the optimizer, the step, the
+    built-in callbacks and the loop state."""
+    started = time.perf_counter()
+    training, extras = _training_of(training, settings)
+    dynamic = bool(extras.get("dynamic_binarization", False))
     if isinstance(objective, str):
-        objective = make_objective(objective, num_particles)
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or int(value) != value or value < 1:
-            raise UsageError(f"{name} must be a positive integer, got {value!r}")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise UsageError(f"lr must be positive and finite, got {lr!r}")
-    if patience is not None and patience < 1:
-        raise UsageError(f"patience must be a positive integer or None, got {patience!r}")
-    if nonfinite not in ("raise", "skip"):
-        raise UsageError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
-    if check_every is not None and (isinstance(check_every, bool) or int(check_every) != check_every or check_every < 1):
-        raise UsageError(f"check_every must be a positive integer or None, got {check_every!r}")
-    if val_bound not in ("elbo", "iwae"):
-        raise UsageError(f"val_bound must be 'elbo' or 'iwae', got {val_bound!r}")
-    if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
-        raise UsageError(f"clip_grad_norm must be a positive number or None, got {clip_grad_norm!r}")
-    schedule = LRSchedule(lr_schedule, lr, lr_gamma, lr_step, lr_min, epochs)
-    if max_time is not None and not (isinstance(max_time, (int, float)) and max_time > 0):
-        raise UsageError(f"max_time must be a positive number of seconds or None, got {max_time!r}")
-    if isinstance(checkpoint_every, bool) or int(checkpoint_every) != checkpoint_every or checkpoint_every < 1:
-        raise UsageError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
-    t_start = time.perf_counter()
+        objective = make_objective(objective, extras.get("num_particles", 1))
+    elif "num_particles" in extras:
+        raise UsageError("num_particles is an option of an objective given by name; this objective has its own")
     if distributed.active():
-        _check_distributed(objective, batch_size, train_data.shape[0], run_dir, epochs, checkpoint_every, patience)
-    device = torch.device(device) if device is not None else vae.device
-    vae.to(device)
+        _check_distributed(objective, training.batch_size, train_data.shape[0], run_dir, training.epochs,
+                           training.checkpoint_every, training.patience)
+    device = torch.device(training.device) if training.device is not None else program.device
+    program.to(device)
+    train_data, valid_data = _checked_data(program, train_data, valid_data, device, dynamic)
+    head = train_data[:2].to(device)
+    check_objective(objective, program, binary_view(head) if dynamic else head, training.batch_size,
+                    num_datapoints=train_data.shape[0])
+    use_precision(program, training.precision)
+    optimizer = OPTIMIZERS.build(training.optimizer, params=list(program.parameters()), lr=training.lr,
+                                 device=device, tensor_lr=device.type == "cuda" and training.lr_schedule.name != "constant")
+    schedule = SCHEDULES.build(training.lr_schedule, lr=training.lr, epochs=training.epochs)
+    steps_per_epoch = math.ceil(train_data.shape[0] / training.batch_size)
+    ckpt_path = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
+    builtin = [LRScheduler(schedule), NonFiniteGuard(training.nonfinite, training.check_every,
+                                                     training.max_skipped_steps, ckpt_path)]
+    if run_dir is not None:
+        builtin.append(Checkpoint(run_dir, training.checkpoint_every, resume,
+                                  _fit_args(training, objective, train_data, schedule, dynamic)))
+    if training.patience is not None:
+        builtin.append(EarlyStopping(training.patience))
+    if training.max_time is not None:
+        builtin.append(TimeLimit(training.max_time, started))
+    if extras.get("loggers"):
+        builtin.append(Trackers(extras["loggers"]))
+    if progress:
+        builtin.append(ProgressBar())
+    for callback in callbacks:
+        if not isinstance(callback, Callback):
+            raise UsageTypeError(f"callbacks must be pvae.Callback objects, got {type(callback).__name__}")
+    loop = FitLoop(program, objective, optimizer, training, History(), device, steps_per_epoch,
+                   [*builtin, *callbacks])
+    loop.generator = torch.Generator().manual_seed(int(training.seed))
+    loop.train_step = TrainStep(program, objective, optimizer, training.step, clip_grad_norm=training.clip_grad_norm)
+    program.train()
+    epoch_options = {"indexed": _needs_index(program), "dynamic_binarization": dynamic,
+                     "loader_workers": extras.get("loader_workers")}
+    return loop, {"train": train_data, "valid": valid_data, "epoch_options": epoch_options}
+
+
+def _checked_data(program, train_data, valid_data, device, dynamic):
+    """Check the data against the program once (the steps run without validation) and move
+    in-memory data to the device (streamed splits are read as they are used)."""
     for chunk in (train_data.chunks() if is_streamed(train_data) else [train_data]):
-        if dynamic_binarization:
+        if dynamic:
             check_probabilities(chunk, "training data")
-            vae.check_data(binary_view(chunk), "dynamically binarized training data")
+            program.check_data(binary_view(chunk), "dynamically binarized training data")
         else:
-            vae.check_data(chunk, "training data")
-    indexed = _needs_index(vae)
+            program.check_data(chunk, "training data")
+    indexed = _needs_index(program)
     if valid_data is not None:
-        check_data(vae, valid_data, "validation data")
+        check_data(program, valid_data, "validation data")
         if indexed:
             raise UsageError(
                 "a non-amortized guide has parameters only for the training datapoints, so it "
                 "cannot score validation data; pass valid_data=None (or refine a guide on the "
                 "validation data separately)"
             )
-    if indexed and getattr(getattr(vae, "guide_net", None), "num_datapoints", train_data.shape[0]) != train_data.shape[0]:
-        raise UsageError(
-            f"the non-amortized guide was built for {vae.guide_net.num_datapoints} datapoints, "
-            f"but the training data have {train_data.shape[0]}"
-        )
-    # in memory: the data move to the device once; streamed splits are read as they are used
+    num_datapoints = getattr(getattr(program, "guide_net", None), "num_datapoints", train_data.shape[0])
+    if indexed and num_datapoints != train_data.shape[0]:
+        raise UsageError(f"the non-amortized guide was built for {num_datapoints} datapoints, "
+                         f"but the training data have {train_data.shape[0]}")
     train_data = train_data if is_streamed(train_data) else train_data.to(device)
     valid_data = valid_data.to(device) if valid_data is not None and not is_streamed(valid_data) else valid_data
-    head = train_data[:2].to(device)
-    check_objective(objective, vae, binary_view(head) if dynamic_binarization else head, batch_size,
-                    num_datapoints=train_data.shape[0])
+    return train_data, valid_data
 
-    use_precision(vae, precision)
-    optimizer_name = optimizer
-    optimizer = _optimizer(vae, lr, optimizer_name, weight_decay, momentum,
-                           tensor_lr=device.type == "cuda" and lr_schedule != "constant")
-    generator = torch.Generator().manual_seed(int(seed))
-    history = History()
-    best_state = None
-    start_epoch = 0
-    ckpt_path = Path(run_dir) / CHECKPOINT_FILE if run_dir is not None else None
-    fit_args = {
-        "batch_size": int(batch_size),
-        "lr": float(lr),
-        "objective": objective.name,
-        "num_particles": objective.num_particles,
-        "seed": int(seed),
-        "num_train": int(train_data.shape[0]),
-        "data_dim": int(train_data.shape[1]),
-    }
+
+def _fit_args(training, objective, train_data, schedule, dynamic) -> dict:
+    """What must be the same to resume a run (recorded in its checkpoint). Settings are recorded
+    only when not their defaults, so that runs of earlier versions resume."""
+    fit_args = {"batch_size": int(training.batch_size), "lr": float(training.lr), "objective": objective.name,
+                "num_particles": objective.num_particles, "seed": int(training.seed),
+                "num_train": int(train_data.shape[0]), "data_dim": int(train_data.shape[1])}
     options = objective.options() if hasattr(objective, "options") else {}
     if options:  # beta, warm-up, DReG, InfoVAE weights: resuming with others is an error
         fit_args["objective_options"] = options
-    if val_bound != "elbo":  # early stopping on another metric is another run
-        fit_args["val_bound"] = val_bound
-    if dynamic_binarization:  # other training data
+    if training.val_bound != "elbo":  # early stopping on another metric is another run
+        fit_args["val_bound"] = training.val_bound
+    if dynamic:  # other training data
         fit_args["dynamic_binarization"] = True
-    # (recorded only when not the defaults, so that runs of earlier versions resume)
-    if optimizer_name != "adam" or weight_decay or momentum:
-        fit_args["optimizer"] = {"name": optimizer_name, "weight_decay": float(weight_decay), "momentum": float(momentum)}
-    if lr_schedule != "constant":
+    optimizer = dict(training.optimizer.kwargs)
+    if training.optimizer.name != "adam" or any(optimizer.values()):
+        fit_args["optimizer"] = {"name": training.optimizer.name, "weight_decay": float(optimizer.get("weight_decay", 0.0)),
+                                 "momentum": float(optimizer.get("momentum", 0.0))}
+    if training.lr_schedule.name != "constant":
         fit_args["lr_schedule"] = schedule.options()
-    if clip_grad_norm is not None:
-        fit_args["clip_grad_norm"] = float(clip_grad_norm)
-    if precision != "fp32":
-        fit_args["precision"] = precision
-    resumed_rng = None
-    if ckpt_path is not None and ckpt_path.exists():
-        if not resume:
-            raise RunExistsError(
-                f"{ckpt_path} already exists; pass resume=True to continue that run or "
-                "choose a new run directory (nothing was overwritten)"
-            )
-        history, best_state, start_epoch, resumed_rng = _resume(ckpt_path, fit_args, vae, optimizer, schedule)
-
-    steps_per_epoch = math.ceil(train_data.shape[0] / batch_size)
-    train_step = TrainStep(vae, objective, optimizer, step, clip_grad_norm=clip_grad_norm)  # the one step
-    bar = None
-    if progress and distributed.is_main():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=max(epochs - start_epoch, 0) * steps_per_epoch,
-            desc="pvae fit",
-            unit="step",
-            dynamic_ncols=True,
-        )
-    vae.train()
-    try:
-        # each process draws its own noise (rank 0 the one-process stream); all share the data order
-        with seeded(distributed.batch_seed(seed, distributed.rank()), device):
-            if resumed_rng is not None:
-                _set_rng_state(resumed_rng, generator, device)
-            for epoch in range(start_epoch + 1, epochs + 1):
-                if history.stopped_early:
-                    break
-                t0 = time.perf_counter()
-                order = torch.randperm(train_data.shape[0], generator=generator).to(device)
-                stats = train_epoch(train_step, objective, train_data, order, batch_size, epoch, indexed, bar,
-                                    nonfinite, check_every, ckpt_path, dynamic_binarization, loader_workers)
-                record = {
-                    "epoch": epoch,
-                    **stats,
-                    "objective": objective.name,
-                    "num_particles": objective.num_particles,
-                    # the KL weight at the epoch's last step
-                    **({"kl_weight": objective.kl_weight} if getattr(objective, "has_kl_term", False) else {}),
-                    "val_metric": None,
-                }
-                if valid_data is not None:
-                    metric, est = _validate(vae, valid_data, val_num_samples, seed, val_bound)
-                    record.update({
-                        "val_metric": metric,
-                        metric: est.mean,
-                        f"{metric}_stderr": est.stderr,
-                        "val_num_samples": est.num_samples,
-                    })
-                    if history.best_epoch is None or est.mean > history.best_val:
-                        history.best_epoch = epoch
-                        best_state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
-                record["lr"] = schedule.state["lr"]  # this epoch's
-                set_lr(optimizer, schedule.after_epoch(epoch, record.get(record["val_metric"]) if record["val_metric"] else None))
-                record["seconds"] = time.perf_counter() - t0
-                record["device"] = str(device)  # a resumed run may continue elsewhere
-                history.records.append(record)
-                if distributed.is_main():
-                    for logger in loggers:
-                        logger.log_epoch(record)
-                if patience is not None and history.best_epoch is not None:
-                    history.stopped_early = epoch - history.best_epoch >= patience
-                if bar is not None:
-                    postfix = {"epoch": epoch, "train": f"{record['train_objective']:.2f}"}
-                    if record["val_metric"] is not None:
-                        postfix[record["val_metric"]] = f"{record[record['val_metric']]:.2f}"
-                    bar.set_postfix(postfix)
-                out_of_time = max_time is not None and time.perf_counter() - t_start >= max_time and epoch < epochs
-                out_of_time = distributed.broadcast(out_of_time)  # every process stops after the same epoch
-                last = out_of_time or history.stopped_early or epoch == epochs
-                if ckpt_path is not None and (last or epoch % checkpoint_every == 0):  # (rank 0 writes)
-                    _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args,
-                                schedule)
-                if out_of_time:
-                    history.time_limit_reached = True
-                    break
-    finally:
-        train_step.release()  # (its DDP wrapper holds the process group: free it now, not at exit)
-        if bar is not None:
-            bar.close()
-        if hasattr(objective, "set_progress"):
-            objective.set_progress(math.inf)  # outside training, schedules are at full weight
-    if restore_best and best_state is not None:
-        vae.load_state_dict(best_state)
-    return history
+    if training.clip_grad_norm is not None:
+        fit_args["clip_grad_norm"] = float(training.clip_grad_norm)
+    if training.precision != "fp32":
+        fit_args["precision"] = training.precision
+    return fit_args
 
 
-def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=False, bar=None,
-                nonfinite="raise", check_every=None, ckpt_path=None, dynamic_binarization=False,
-                loader_workers=None) -> dict:
-    """One pass of ``train_step`` over ``data[order]`` in minibatches, with no host
-    synchronisation except the non-finite checks (once at the end, or every ``check_every``
-    steps). Returns the epoch's ``train_objective`` (mean value over the datapoints of the
-    applied steps) and, if any step was skipped, ``nonfinite_steps`` and
-    ``first_nonfinite_step`` (1-based)."""
+def train_epoch(loop, data, order, indexed=False, dynamic_binarization=False, loader_workers=None) -> dict:
+    """One pass of the loop's :class:`TrainStep` over ``data[order]`` in minibatches, with no host
+    synchronisation (callbacks receive each step's value and non-finite flag as device tensors).
+    Returns the epoch's ``train_objective`` (mean value over the datapoints of the applied steps)
+    and, if any step was skipped, ``nonfinite_steps`` and ``first_nonfinite_step`` (1-based)."""
+    objective, batch_size, epoch = loop.objective, loop.training.batch_size, loop.epoch
     device = order.device
     steps = math.ceil(order.numel() / batch_size)
     sharded = distributed.active()
     if sharded:  # this process's share of every global minibatch (all processes see the same order)
-        steps = sum(1 for idx in order.split(batch_size) if idx.numel() >= distributed.world_size())
         shares = [distributed.shard(idx) for idx in order.split(batch_size) if idx.numel() >= distributed.world_size()]
+        steps = len(shares)
         order = torch.cat([part for part, _ in shares]) if shares else order[:0]
         weights = [w for _, w in shares]
         sizes = [part.numel() for part, _ in shares]
@@ -688,7 +626,6 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
     applied = torch.zeros((), dtype=torch.float64, device=device)
     skipped = torch.zeros((), device=device)
     first_bad = torch.full((), -1.0, device=device)
-    step_no = torch.zeros((), device=device)
     # (the step runs without distribution validation: fit checks the data once)
     for step, (idx, xb) in enumerate(batches):
         if dynamic_binarization:  # a fresh draw from the seeded training stream
@@ -698,17 +635,13 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
             objective.set_progress(epoch - 1 + step / steps)
             weight = objective.kl_weight
         # a non-amortized guide is addressed by the datapoints' positions
-        value, found_inf = train_step(xb, idx if indexed else None, weight, weights[step]) if sharded else \
-            train_step(xb, idx if indexed else None, weight)
-        step_no += 1
-        first_bad = torch.where((first_bad < 0) & (found_inf > 0), step_no, first_bad)
+        value, found_inf = loop.train_step(xb, idx if indexed else None, weight, weights[step]) if sharded else \
+            loop.train_step(xb, idx if indexed else None, weight)
+        first_bad = torch.where((first_bad < 0) & (found_inf > 0), float(step + 1), first_bad)
         skipped += found_inf
         total += torch.where(found_inf > 0, 0.0, value.double()) * xb.shape[0]
         applied += (1 - found_inf.double()) * xb.shape[0]
-        if bar is not None:
-            bar.update(1)
-        if check_every is not None and (step + 1) % check_every == 0:
-            _check_finite(nonfinite, skipped, first_bad, epoch, step + 1, ckpt_path)
+        loop.fire("on_step_end", step, value, found_inf)
     if sharded:  # the epoch's totals over every process (one collective per epoch)
         totals = torch.stack([total, applied, skipped.double(), first_bad.double()]).cpu()
         gathered = torch.stack(distributed.gather(totals))
@@ -716,7 +649,6 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
         skipped = gathered[:, 2].max()
         bad = gathered[:, 3][gathered[:, 3] > 0]
         first_bad = bad.min() if bad.numel() else torch.tensor(-1.0)
-    _check_finite(nonfinite, skipped, first_bad, epoch, steps, ckpt_path)
     num_skipped = int(skipped)
     stats = {"train_objective": float(total / applied) if num_skipped < steps else math.nan}
     if num_skipped:
@@ -724,16 +656,17 @@ def train_epoch(train_step, objective, data, order, batch_size, epoch, indexed=F
     return stats
 
 
-def _resume(ckpt_path, fit_args, vae, optimizer, schedule=None):
-    """Load a run's checkpoint into ``vae`` and ``optimizer`` after checking it was trained
-    with the same settings; returns ``(history, best_state, epoch, rng_state)``."""
+def _resume(ckpt_path, fit_args, loop) -> None:
+    """Load a run's checkpoint into the loop (model, optimizer, history, best model, epoch, random
+    states, every resumable callback's state) after checking it was trained with the same settings."""
     ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("fit") != fit_args:
         raise UsageError(
             f"cannot resume {ckpt_path}: it was trained with {ckpt.get('fit')}, "
             f"but this call uses {fit_args}"
         )
-    vae.load_state_dict(ckpt["model"])
+    loop.program.load_state_dict(ckpt["model"])
+    optimizer = loop.optimizer
     # the moments and step counts come from the checkpoint; how the update runs (fused kernel,
     # capturable) is this optimizer's: a checkpoint of pvae 0.1's plain Adam or from another
     # device must not switch it
@@ -749,38 +682,38 @@ def _resume(ckpt_path, fit_args, vae, optimizer, schedule=None):
     for state in optimizer.state.values():  # fused Adam keeps its step count on the device
         if torch.is_tensor(state.get("step")) and state["step"].device != device:
             state["step"] = state["step"].to(device)
-    history = History(ckpt["history"], ckpt["best_epoch"], ckpt["stopped_early"])
-    if schedule is not None and ckpt.get("lr_schedule") is not None:  # where the schedule was
-        schedule.state = dict(ckpt["lr_schedule"])
-        set_lr(optimizer, schedule.state["lr"])
-    return history, ckpt["best_model"], int(ckpt["epoch"]), ckpt["rng"]
+    loop.history = History(ckpt["history"], ckpt["best_epoch"], ckpt["stopped_early"])
+    loop.best_state, loop.start_epoch, loop.resumed_rng = ckpt["best_model"], int(ckpt["epoch"]), ckpt["rng"]
+    loop.epoch = loop.start_epoch
+    for callback in loop.callbacks:
+        if callback.state_key is not None and ckpt.get(callback.state_key) is not None:
+            callback.load_state_dict(ckpt[callback.state_key])
 
 
-def _checkpoint(ckpt_path, epoch, vae, optimizer, generator, device, history, best_state, fit_args,
-                schedule=None) -> None:
-    """Atomically write the epoch's checkpoint (model, optimizer, RNG, history) and the log.
-    Under torch.distributed every process calls it (to hand over its random state) and rank 0
-    writes."""
-    rng = _rng_state(generator, device)
+def _checkpoint(ckpt_path, loop, fit_args) -> None:
+    """Atomically write the epoch's checkpoint (model, optimizer, random states, history, every
+    resumable callback's state) and the log. Under torch.distributed every process calls it (to
+    hand over its random state) and rank 0 writes."""
+    rng = _rng_state(loop.generator, loop.device)
     if distributed.active():
         states = distributed.gather({k: v.cpu() for k, v in rng.items()})
         if not distributed.is_main():
             return
         rng = {"ranks": states}
-    save_checkpoint(
-        {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": epoch,
-            "model": vae.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng,
-            "history": history.records,
-            "best_epoch": history.best_epoch,
-            "best_model": best_state,
-            "stopped_early": history.stopped_early,
-            "fit": fit_args,
-            "lr_schedule": schedule.state if schedule is not None else None,
-        },
-        ckpt_path,
-    )
-    write_jsonl(history.records, ckpt_path.parent / METRICS_FILE)
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": loop.epoch,
+        "model": loop.program.state_dict(),
+        "optimizer": loop.optimizer.state_dict(),
+        "rng": rng,
+        "history": loop.history.records,
+        "best_epoch": loop.history.best_epoch,
+        "best_model": loop.best_state,
+        "stopped_early": loop.history.stopped_early,
+        "fit": fit_args,
+    }
+    for callback in loop.callbacks:
+        if callback.state_key is not None:
+            state[callback.state_key] = callback.state_dict()
+    save_checkpoint(state, ckpt_path)
+    write_jsonl(loop.history.records, ckpt_path.parent / METRICS_FILE)

@@ -581,21 +581,21 @@ class InfoVAEObjective(Objective):
     min_batch_size = 2
     per_datapoint = False  # the MMD is a U-statistic over the minibatch's codes
 
-    def __init__(self, num_particles: int = 1, alpha: float = 0.0, lam: float = 1000.0,
+    def __init__(self, num_particles: int = 1, info_alpha: float = 0.0, mmd_lambda: float = 1000.0,
                  kl_schedule: Optional[KLSchedule] = None):
         super().__init__("infovae", num_particles, kl_schedule)
-        alpha, lam = float(alpha), float(lam)
+        alpha, lam = float(info_alpha), float(mmd_lambda)  # (the one name of each: the config's and the flags')
         if not (math.isfinite(alpha) and alpha <= 1):
-            raise UsageError(f"InfoVAE alpha must be <= 1 (1 - alpha weights the KL), got {alpha!r}")
+            raise UsageError(f"InfoVAE info_alpha must be <= 1 (1 - info_alpha weights the KL), got {alpha!r}")
         if not (math.isfinite(lam) and alpha + lam - 1 >= 0):
             raise UsageError(
-                f"InfoVAE needs alpha + lambda - 1 >= 0 (the weight of the MMD term), got alpha={alpha}, "
-                f"lambda={lam}"
+                f"InfoVAE needs info_alpha + mmd_lambda - 1 >= 0 (the weight of the MMD term), got "
+                f"info_alpha={alpha}, mmd_lambda={lam}"
             )
-        self.alpha, self.lam = alpha, lam
+        self.info_alpha, self.mmd_lambda = alpha, lam
 
     def options(self) -> dict:
-        return {**super().options(), "info_alpha": self.alpha, "mmd_lambda": self.lam}
+        return {**super().options(), "info_alpha": self.info_alpha, "mmd_lambda": self.mmd_lambda}
 
     def loss_and_value(self, vae, x, index=None, kl_weight=None):
         weight = self.kl_weight if kl_weight is None else kl_weight
@@ -622,7 +622,8 @@ class InfoVAEObjective(Objective):
             z_p.append(draw.reshape(z.shape[0], z.shape[1], -1))
         z_q, z_p = torch.cat(z_q, -1), torch.cat(z_p, -1)  # (P, B, L)
         mmd = torch.stack([mmd_squared(a, b) for a, b in zip(z_q, z_p)]).mean()
-        value = (expected_loglik - (1 - self.alpha) * weight * kl).mean() - (self.alpha + self.lam - 1) * mmd
+        value = ((expected_loglik - (1 - self.info_alpha) * weight * kl).mean()
+                 - (self.info_alpha + self.mmd_lambda - 1) * mmd)
         return -value, value.detach()
 
 
