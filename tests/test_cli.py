@@ -343,3 +343,16 @@ def test_a_bug_is_not_reported_as_a_usage_error(tmp_path, capsys, monkeypatch):
     (tmp_path / "bad.json").write_text("{not json")
     assert main(["train", "--config", str(tmp_path / "bad.json")]) == 2
     assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_run_file_that_cannot_be_read_is_a_usage_error_not_a_bug(tmp_path, capsys):
+    """A checkpoint replaced by a folder (an OSError, not damaged bytes): one line naming the
+    problem and the file, exit 2, no traceback and no 'internal error'."""
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--run-dir", str(run), *FAST]) == 0
+    capsys.readouterr()
+    (run / "checkpoint.pt").unlink()
+    (run / "checkpoint.pt").mkdir()
+    assert main(["evaluate", str(run), "--num-samples", "3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.pt" in err and "internal error" not in err and "Traceback" not in err
