@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--num-samples", dest="num_samples", type=int, default=1000,
                     help="num_samples: importance samples per datapoint (K of L_K)")
     _alias(ev, "--K", "--num-samples", "num_samples")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
     ev.add_argument("--data", type=Path, help="score other data (a file or image folder, read with the run's own "
                     "file options); its dimension must match the model's")
     ev.add_argument("--batch-size", type=int, default=100, help="datapoints per batch")

@@ -108,7 +108,7 @@ class Training:
     restore_best: bool = True
 
     def __post_init__(self):
-        from pvae.training.controls import SCHEDULES, TRAINING_PARTS
+        from pvae.training.controls import SCHEDULES
 
         for name, registry in TRAINING_PARTS.items():
             object.__setattr__(self, name, registry.part(getattr(self, name)))
@@ -140,7 +140,6 @@ class Training:
     def options(cls) -> Dict[str, Option]:
         """The settings that are not parts (each a flag ``--<name>``); the parts are
         :data:`~pvae.training.controls.TRAINING_PARTS`."""
-        from pvae.training.controls import TRAINING_PARTS
 
         return {k: v for k, v in declared_options(cls).items() if k not in TRAINING_PARTS}
 
@@ -148,7 +147,7 @@ class Training:
     def parse(cls, value) -> "Training":
         """A Training from a mapping (a config's section; pvae 0.2's flat optimizer and schedule
         keys are moved into their parts)."""
-        from pvae.training.controls import TRAINING_PARTS, nest_legacy_training
+        from pvae.training.controls import nest_legacy_training
 
         if isinstance(value, Training):
             return value
@@ -163,7 +162,6 @@ class Training:
 
     def to_dict(self) -> dict:
         """Plain values (the config file's ``training`` section)."""
-        from pvae.training.controls import TRAINING_PARTS
 
         out = {}
         for f in dataclasses.fields(self):
@@ -174,7 +172,7 @@ class Training:
     def replace(self, **changes) -> "Training":
         """A copy with ``changes`` (pvae 0.2's flat keys accepted); a part given as a mapping
         without ``"name"`` (or with the current one) changes options of the current part."""
-        from pvae.training.controls import LEGACY_TRAINING_KEYS, TRAINING_PARTS, nest_legacy_training
+        from pvae.training.controls import LEGACY_TRAINING_KEYS, nest_legacy_training
 
         current = self.to_dict()
         if any(k in changes for k in LEGACY_TRAINING_KEYS):  # they refer to the parts chosen now
@@ -238,6 +236,10 @@ class RunConfig:
             if section == "dataset":
                 value = _binarize_compat(value)
             object.__setattr__(self, section, registry.part(value))
+        if self.dataset.name == "file" and self.dataset["standardize"] == "auto":  # decided here, recorded
+            table = Path(str(self.dataset["path"])).suffix.lower() in (".csv", ".tsv")
+            mode = "on" if table and self.likelihood.name == "gaussian" else "off"
+            object.__setattr__(self, "dataset", Part("file", **{**self.dataset.kwargs, "standardize": mode}))
         if self.dataset.name == "file" and self.dataset["path"]:  # a run names its file absolutely
             path = str(Path(self.dataset["path"]).expanduser().resolve())
             object.__setattr__(self, "dataset", Part("file", **{**self.dataset.kwargs, "path": path}))
@@ -268,6 +270,9 @@ class RunConfig:
             values = translate_v1(values)
         elif version != CONFIG_VERSION:
             raise UsageError(f"config version {version!r} is not known to this pvae (it reads 1 and {CONFIG_VERSION})")
+        dataset = values.get("dataset")
+        if isinstance(dataset, dict) and dataset.get("name") == "file" and "standardize" not in dataset:
+            values["dataset"] = {**dataset, "standardize": "off"}  # (pvae 0.2 read tables as they are)
         keys = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(values) - set(keys))
         if unknown:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import platform
 import sys
 import time
@@ -150,6 +151,7 @@ def train_run(
     data = dataset if dataset is not None else load_dataset(config.dataset)
     with seeded(training.seed):  # initial weights are a function of the config's seed
         vae = build_vae(config, data.data_dim, data.image_shape)
+    _warn_about_column_scales(config, data)
     train_seen = data.split("train")  # as the model sees it (one draw of dynamically binarized data)
     check_data(vae, train_seen, f"{data.name} training data")  # (streamed data: a chunk at a time)
     check_data(vae, data.valid, f"{data.name} validation data")
@@ -187,6 +189,24 @@ def _fit_run(vae, data, objective, training, device, run_dir, resume, progress, 
     return fit(vae, data.train, data.valid, dataclasses.replace(training, device=str(device)), objective=objective,
                run_dir=run_dir, resume=resume, progress=progress, dynamic_binarization=data.dynamic_binarization,
                loggers=trackers)
+
+
+#: a Gaussian likelihood's one noise scale cannot fit columns whose spreads differ by more than this
+SCALE_RATIO_WARNING = 100.0
+
+
+def _warn_about_column_scales(config: RunConfig, data: Dataset) -> None:
+    """Warn when a Gaussian likelihood meets unstandardized columns in very different units."""
+    if config.likelihood.name != "gaussian" or data.streamed or "standardization" in (data.source or {}):
+        return
+    spread = data.train.double().std(0, unbiased=False)
+    live = spread[spread > 0]
+    if live.numel() > 1 and float(live.max() / live.min()) > SCALE_RATIO_WARNING:
+        widest, narrowest = int(spread.argmax()), int(torch.where(spread > 0, spread, math.inf).argmin())
+        warnings.warn(f"the columns of {data.name} have spreads from {float(live.min()):.3g} (column {narrowest}) "
+                      f"to {float(live.max()):.3g} (column {widest}); a Gaussian likelihood's one noise scale cannot "
+                      "fit both: standardize them (--standardize on, or Dataset.standardized())", UserWarning,
+                      stacklevel=3)
 
 
 def _check_resumable(run_dir: Path, config: RunConfig, training, resume: bool) -> None:
@@ -280,7 +300,10 @@ def _evaluation_data(run_dir: Path, config: RunConfig, dataset: Optional[Dataset
             raise UsageError("give either dataset or data_path, not both")
         trained_on = config.dataset
         options = {k: v for k, v in trained_on.kwargs.items() if k != "path"} if trained_on.name == "file" else {}
-        dataset = load_dataset({"name": "file", **options, "path": str(data_path)})
+        dataset = load_dataset({"name": "file", **options, "path": str(data_path), "standardize": "off"})
+        stats = ((record or {}).get("file") or {}).get("standardization")
+        if stats is not None:  # the run's own column statistics, not the other file's
+            dataset = dataset.standardized(stats)
     from_registry = dataset is None
     if from_registry:
         trained_file = record["file"] if record is not None and record.get("source") == "file" else None
@@ -331,7 +354,8 @@ def evaluate_run(run_dir, spec: Optional[EvaluationSpec] = None, *, split: str =
     files first."""
     spec = EvaluationSpec.of(spec, **settings)
     keep = write and spec.seed is not None and not distributed.active()
-    stem = EvaluationReport.stem_for(split, spec.num_samples)
+    scored = _scored_name(data_path)
+    stem = EvaluationReport.stem_for(split, spec.num_samples, scored)
     partials = _partial_files(Path(run_dir), stem, keep, resume)
     # what cached minibatches were computed from (hashed before loading, so that a checkpoint
     # rewritten meanwhile cannot be cached under the new one's hash)
@@ -350,13 +374,36 @@ def evaluate_run(run_dir, spec: Optional[EvaluationSpec] = None, *, split: str =
     caches = {}
     cache = _cache_maker(Path(run_dir), stem, split, spec, x, data_note, origin, progress, caches) if keep else None
     report = EvaluationReport(run_dir=str(run_dir), dataset=data.name, model=run.config.model, split=split,
-                              data=data_note, environment=evaluation_environment(run.vae.device))
+                              data=data_note, scored=scored, environment=evaluation_environment(run.vae.device))
     evaluate(run.vae, x, spec, labels=data.split_labels(split), progress=progress, report=report, cache=cache)
+    _file_units(report, data)
     if write and distributed.is_main():  # (every process of a sharded evaluation holds the same report)
         report.save()
     for finished in caches.values():  # the report holds their results now
         finished.discard()
     return report
+
+
+def _scored_name(data_path) -> Optional[str]:
+    """The name another file goes by in a report's file name (None: the run's data)."""
+    if data_path is None:
+        return None
+    name = Path(data_path).name  # other.csv -> other_csv (a dot would read as the report's suffix)
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "data"
+
+
+def _file_units(report: EvaluationReport, data: Dataset) -> None:
+    """For standardized columns: the estimates also in the file's own units (the map's
+    log-determinant is a constant per datapoint)."""
+    stats = (data.source or {}).get("standardization")
+    if stats is None:
+        return
+    shift = stats["log_abs_det_jacobian"]
+    report.data["units"] = {
+        "estimates": "standardized columns", "log_abs_det_jacobian": shift,
+        "in_file_units": {name: est.mean + shift for name, est in report.estimates.items()
+                          if name in ("elbo", "iwae", "naive", "ais")},
+    }
 
 
 def _partial_files(run_dir: Path, stem: str, keep: bool, resume: bool):

@@ -23,6 +23,12 @@ from pvae.errors import UsageError
 __all__ = ["Dataset", "binarized", "fixed_binarization", "SPLITS", "BINARIZE_MODES"]
 
 SPLITS = ("train", "valid", "test")
+#: the name of every datapoint of a data set at once (``Dataset.split("all")``)
+ALL = "all"
+
+
+def _refuse_all_streamed():
+    raise UsageError("split 'all' of streamed data (bigger than memory) is not supported; evaluate each split")
 
 
 @dataclass(frozen=True)
@@ -64,9 +70,12 @@ class Dataset:
 
     def split(self, name: str) -> torch.Tensor:
         """The examples of one split as the model sees them (for dynamically binarized data, the
-        training split as one fixed seeded draw)."""
+        training split as one fixed seeded draw); ``"all"``: the three splits in one tensor
+        (train, valid, test: every datapoint of the data set once)."""
+        if name == ALL:
+            return torch.cat([self.split(s) for s in SPLITS]) if not self.streamed else _refuse_all_streamed()
         if name not in SPLITS:
-            raise UsageError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}")
+            raise UsageError(f"unknown split {name!r}; valid choices: {', '.join(SPLITS)}, {ALL}")
         if name == "train" and self.dynamic_binarization:
             return fixed_binarization(self.train, seed=1)
         return getattr(self, name)
@@ -84,8 +93,38 @@ class Dataset:
         return h.hexdigest()
 
     def split_labels(self, name: str) -> Optional[torch.Tensor]:
+        """The labels of a split (``"all"``: of the three, in :meth:`split`'s order), or None."""
+        if name == ALL:
+            parts = [self.split_labels(s) for s in SPLITS]
+            return None if any(p is None for p in parts) else torch.cat(parts)
         self.split(name)
         return None if self.labels is None else self.labels.get(name)
+
+    def standardized(self, stats: Optional[dict] = None) -> "Dataset":
+        """Every split with each column shifted and scaled, ``(x - mean) / scale``: by the training
+        split's column means and standard deviations (a constant column keeps scale 1), or by
+        ``stats`` (``{"mean": [...], "scale": [...]}``, e.g. the ones a run was trained with). The
+        statistics are recorded in ``source["standardization"]`` with the log-determinant of the
+        map, ``-sum(log scale)``: a log-density of standardized data plus it is the log-density of
+        the data in their own units."""
+        if self.streamed:
+            raise UsageError("standardizing streamed data is not supported; standardize the file before")
+        if stats is None:
+            train = self.train.double()
+            mean = train.mean(0)
+            scale = train.std(0, unbiased=False) if train.shape[0] > 1 else torch.ones_like(mean)
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            stats = {"mean": mean.tolist(), "scale": scale.tolist(), "from": "the training split"}
+        mean = torch.tensor(stats["mean"], dtype=torch.float64)
+        scale = torch.tensor(stats["scale"], dtype=torch.float64)
+        if mean.shape != (self.data_dim,) or scale.shape != (self.data_dim,) or not bool((scale > 0).all()):
+            raise UsageError(f"standardization statistics for {mean.numel()} columns (positive scales) cannot "
+                             f"be applied to data with {self.data_dim} columns")
+        record = {**stats, "log_abs_det_jacobian": float(-scale.log().sum())}
+        splits = {s: ((getattr(self, s).double() - mean) / scale).to(getattr(self, s).dtype) for s in SPLITS}
+        binary = all(bool(((t == 0) | (t == 1)).all()) for t in splits.values())
+        return dataclasses.replace(self, **splits, binary=binary,
+                                   source={**(self.source or {}), "standardization": record})
 
 
 def fixed_binarization(probabilities: torch.Tensor, seed: int = 0) -> torch.Tensor:

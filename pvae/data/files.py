@@ -331,6 +331,7 @@ def load_file(
     label_column: Optional[str] = None,
     binarize: Literal["none", "threshold", "static", "dynamic"] = "none",
     stream: Literal["auto", "never", "always"] = "auto",
+    standardize: Literal["auto", "on", "off"] = "auto",
 ):
     """Read a data file or image folder into a :class:`~pvae.data.Dataset` (see the module doc).
 
@@ -345,6 +346,11 @@ def load_file(
     :param str stream: read a .npy file or an image folder on demand instead of into memory:
         auto (when the data would exceed the memory budget, $PVAE_MEMORY_BUDGET_GB or a quarter of
         the machine's memory), never, or always.
+    :param str standardize: shift and scale every column by the training split's mean and standard
+        deviation (:meth:`~pvae.data.Dataset.standardized`; the statistics are recorded in the run
+        and applied to every split and to data evaluated later): on, off, or auto (a run decides:
+        on for a CSV/TSV table under a Gaussian likelihood, whose single noise scale cannot fit
+        columns in different units; off when the file is loaded on its own).
     """
 
     if not path:
@@ -354,7 +360,14 @@ def load_file(
         raise DataFileError(f"data file {path} does not exist")
     if stream not in ("auto", "never", "always"):
         raise UsageError(f"unknown stream mode {stream!r}; valid choices: auto, never, always")
+    if standardize not in ("auto", "on", "off"):
+        raise UsageError(f"unknown standardize mode {standardize!r}; valid choices: auto, on, off")
+    if standardize == "on" and _binarize_option(binarize) != "none":
+        raise UsageError("standardize and binarize exclude each other: standardized columns are not in [0, 1]")
     if _should_stream(path, stream, image_size):
+        if standardize == "on":
+            raise UsageError(f"{path} is read on demand (bigger than memory); standardize is not supported for "
+                             "streamed data: standardize the file before, or pass --dataset-stream never")
         return _load_streamed(path, split, split_seed, image_size, image_shape, binarize)
     arrays = _read(path, label_column, image_size)
     labels = None
@@ -392,7 +405,8 @@ def load_file(
     source = {"path": str(path), "bytes": _size(path), "sha256": file_sha256(path), **how,
               "binarize": binarize, "image_shape": list(shape) if shape else None}
     data = Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, **tensors)
-    return binarized(data, binarize)
+    data = binarized(data, binarize)
+    return data.standardized() if standardize == "on" else data
 
 
 # ------------------------------------------------------------------------------ streaming

@@ -270,6 +270,7 @@ class EvaluationReport:
     chunk_size: Optional[int] = None
     num_samples: int = 0
     spec: Optional[dict] = None  # the EvaluationSpec that ran, as plain values
+    scored: Optional[str] = None  # other data than the run's own: its name (in the file name of the report)
     estimates: Dict[str, Estimate] = field(default_factory=dict)
     skipped: Dict[str, str] = field(default_factory=dict)
     latent: dict = field(default_factory=dict)
@@ -294,11 +295,15 @@ class EvaluationReport:
 
     @property
     def stem(self) -> str:
-        return self.stem_for(self.split, self.num_samples)
+        """The report's file name without suffix: ``evaluation-<split>-K<K>`` for the run's own
+        data, ``evaluation-<data>-<split>-K<K>`` for other data (``scored``), so that scoring other
+        data never overwrites the run's own report."""
+        return self.stem_for(self.split, self.num_samples, self.scored)
 
     @staticmethod
-    def stem_for(split: str, num_samples: int) -> str:
-        return f"evaluation-{split}-K{num_samples}"
+    def stem_for(split: str, num_samples: int, scored: Optional[str] = None) -> str:
+        """:attr:`stem` of a report of these settings."""
+        return f"evaluation-{scored}-{split}-K{num_samples}" if scored else f"evaluation-{split}-K{num_samples}"
 
     def to_dict(self) -> dict:
         return {
@@ -310,7 +315,7 @@ class EvaluationReport:
             "nll_iwae": self.nll_iwae, "bits_per_dim_iwae": self.bits_per_dim_iwae,
             "skipped": self.skipped, "latent": self.latent, "psis": self.psis,
             "ais_settings": self.ais_settings, "figure": self.figure, "by_label": self.by_label,
-            "environment": self.environment, "spec": self.spec,
+            "environment": self.environment, "spec": self.spec, "scored": self.scored,
         }
 
     def save(self, run_dir=None) -> Path:

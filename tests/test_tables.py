@@ -1,0 +1,94 @@
+"""Tables in different units (issue 27): standardized columns under a Gaussian likelihood, the
+statistics recorded and reused, both units reported, a warning when a table is left raw; whole-file
+evaluation of other data that never overwrites the run's own report."""
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import pvae
+from pvae.cli import main
+
+FAST = ["--latent-dim", "2", "--hidden", "16", "--no-progress", "--epochs", "2"]
+
+
+def _wine(path, n=178, seed=0):
+    """A wine-like table: columns in very different units and a text-free integer label column."""
+    rng = np.random.default_rng(seed)
+    columns = np.c_[rng.normal(13, 0.8, n), rng.normal(750, 300, n), rng.normal(0.3, 0.1, n)]
+    np.savetxt(path, np.c_[columns, rng.integers(0, 3, n)], delimiter=",", header="alcohol,proline,acid,kind",
+               comments="")
+    return columns
+
+
+def test_a_gaussian_run_on_a_table_standardizes_with_the_training_split(tmp_path):
+    columns = _wine(tmp_path / "wine.csv")
+    config = pvae.RunConfig(dataset={"name": "file", "path": str(tmp_path / "wine.csv"), "label_column": "kind"},
+                            likelihood="gaussian", latent_dim=2, net={"hidden": (16,)})
+    assert config.dataset["standardize"] == "on"  # auto, decided and recorded by the config
+    data = pvae.load_dataset(config.dataset)
+    stats = data.source["standardization"]
+    torch.testing.assert_close(data.train.double().mean(0), torch.zeros(3, dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(data.train.double().std(0, unbiased=False), torch.ones(3, dtype=torch.float64),
+                               atol=1e-6, rtol=0)
+    raw = pvae.load_dataset({"name": "file", "path": str(tmp_path / "wine.csv"), "label_column": "kind"})
+    assert "standardization" not in raw.source  # loaded on its own: as it is
+    torch.testing.assert_close(torch.tensor(stats["mean"], dtype=torch.float64), raw.train.double().mean(0))
+    assert stats["log_abs_det_jacobian"] == pytest.approx(-sum(math.log(s) for s in stats["scale"]))
+    # the same statistics for every split (the valid split's mean is not zero)
+    torch.testing.assert_close(data.valid.double(), (raw.valid.double() - torch.tensor(stats["mean"], dtype=torch.float64))
+                               / torch.tensor(stats["scale"], dtype=torch.float64), atol=1e-5, rtol=1e-5)
+    assert abs(float(np.log(columns.std(0)).sum()) + stats["log_abs_det_jacobian"]) < 0.5  # about the columns' scales
+    bernoulli = pvae.RunConfig(dataset={"name": "file", "path": str(tmp_path / "wine.csv")}, likelihood="bernoulli")
+    assert bernoulli.dataset["standardize"] == "off"
+    old = pvae.RunConfig.from_dict({"version": 2, "dataset": {"name": "file", "path": str(tmp_path / "wine.csv")},
+                                    "likelihood": "gaussian"})
+    assert old.dataset["standardize"] == "off"  # a pvae 0.2 run read its table as it was
+
+
+def test_a_raw_table_under_a_gaussian_likelihood_warns(tmp_path):
+    _wine(tmp_path / "wine.csv")
+    config = pvae.RunConfig(dataset={"name": "file", "path": str(tmp_path / "wine.csv"), "label_column": "kind",
+                                     "standardize": "off"},
+                            likelihood="gaussian", latent_dim=2, net={"hidden": (16,)}, training={"epochs": 1})
+    with pytest.warns(UserWarning, match="spreads from .* standardize"):
+        pvae.train_run(config, tmp_path / "run", progress=False)
+    on = config.replace(dataset={"standardize": "on"})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*spreads from", category=UserWarning)
+        pvae.train_run(on, tmp_path / "run-on", progress=False)
+
+
+def test_evaluating_another_file_scores_all_of_it_in_the_runs_units_and_keeps_the_runs_report(tmp_path, capsys):
+    _wine(tmp_path / "wine.csv")
+    _wine(tmp_path / "other.csv", n=40, seed=1)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "wine.csv"), "--label-column", "kind", "--likelihood", "gaussian",
+                 "--run-dir", str(run), *FAST]) == 0
+    assert main(["evaluate", str(run), "--num-samples", "5", "--psis-datapoints", "0", "--no-progress"]) == 0
+    own = (run / "evaluation-test-K5.json").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "other.csv"), "--split", "all", "--num-samples", "5",
+                 "--psis-datapoints", "0", "--no-progress"]) == 0
+    assert (run / "evaluation-test-K5.json").read_text() == own  # the run's own report is untouched
+    report = json.loads((run / "evaluation-other_csv-all-K5.json").read_text())
+    assert report["num_datapoints"] == 40 and report["split"] == "all" and report["scored"] == "other_csv"
+    recorded = json.loads((run / "data.json").read_text())["file"]["standardization"]
+    units = report["data"]["units"]
+    assert units["log_abs_det_jacobian"] == pytest.approx(recorded["log_abs_det_jacobian"])  # the run's, not other.csv's
+    assert units["in_file_units"]["iwae"] == pytest.approx(report["estimates"]["iwae"]["mean"]
+                                                           + recorded["log_abs_det_jacobian"])
+
+
+def test_the_whole_data_set_is_one_split():
+    data = pvae.load_dataset("digits")
+    whole = data.split("all")
+    assert whole.shape[0] == sum(data.split(s).shape[0] for s in ("train", "valid", "test"))
+    assert torch.equal(whole[-data.test.shape[0]:], data.test)
+    assert data.split_labels("all").shape[0] == whole.shape[0]
+    with pytest.raises(pvae.UsageError, match="unknown split 'every'.*all"):
+        data.split("every")
