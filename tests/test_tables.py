@@ -92,3 +92,42 @@ def test_the_whole_data_set_is_one_split():
     assert data.split_labels("all").shape[0] == whole.shape[0]
     with pytest.raises(pvae.UsageError, match="unknown split 'every'.*all"):
         data.split("every")
+
+
+def test_the_readmes_own_data_lines_run_on_files_of_the_kinds_they_describe(tmp_path, monkeypatch, capsys):
+    """README's "Your own data" command lines, run as written (with flags for a 1-epoch run added)
+    in a folder holding what they describe: grey uint8 images in a .npy, a numeric table with a
+    text label column, a folder of PNGs in class subfolders, and another .npy to score."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from PIL import Image
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Your own data"):]
+    section = section[: section.index("\n## ", 10)]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    lines = [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("pvae ")]
+    assert len(lines) == 5
+    rng = np.random.RandomState(0)
+    grey = (rng.rand(60, 8, 8) * 255).astype(np.uint8)  # grey levels, not 0/255
+    np.save(tmp_path / "images.npy", grey)
+    np.save(tmp_path / "more_images.npy", (rng.rand(25, 8, 8) * 255).astype(np.uint8))
+    columns = _wine(tmp_path / "raw.csv", n=60)
+    rows = [",".join(f"{v:.4f}" for v in row) + f",{'red' if i % 3 else 'white'}" for i, row in enumerate(columns)]
+    (tmp_path / "table.csv").write_text("alcohol,proline,acid,kind\n" + "\n".join(rows) + "\n")
+    for i in range(20):
+        sub = tmp_path / "pngs" / ("cats" if i % 2 else "dogs")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grey[i]).save(sub / f"{i:02d}.png")
+    monkeypatch.chdir(tmp_path)
+    fast = {"train": ["--epochs", "1", "--latent-dim", "2", "--no-progress"],
+            "evaluate": ["--num-samples", "3", "--psis-datapoints", "0", "--no-progress"]}
+    for line in lines:
+        argv = shlex.split(line)[1:]
+        extra = fast[argv[0]] + (["--hidden", "16"] if argv[0] == "train" and "conv" not in argv else [])
+        assert main(argv + extra) == 0, (line, capsys.readouterr().err[-2000:])
+    report = json.loads((tmp_path / "runs" / "images" / "evaluation-more_images_npy-all-K3.json").read_text())
+    assert report["num_datapoints"] == 25
+    assert (tmp_path / "runs" / "images" / "evaluation-test-K3.json").exists()
