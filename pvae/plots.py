@@ -11,6 +11,7 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
+import matplotlib
 from matplotlib.figure import Figure
 
 __all__ = [
@@ -86,12 +87,18 @@ def samples(vae, image_shape: Tuple[int, int], n: int = 50, seed: int = 0) -> Fi
     return image_grid(vae.sample(n, seed=seed), image_shape, ncols=10, title="samples E[x|z], z ~ p(z)")
 
 
+#: up to this many classes, labels are drawn as categories with a legend (more: a colour bar)
+MAX_LEGEND_CLASSES = 20
+
+
 def latent_scatter(
-    z: torch.Tensor, labels: Optional[torch.Tensor] = None, title: str = "latent means E_q[z|x]"
+    z: torch.Tensor, labels: Optional[torch.Tensor] = None, title: str = "latent means E_q[z|x]",
+    label_names: Optional[Sequence[str]] = None,
 ) -> Figure:
     """Scatter of 2-D latent codes, coloured by label; higher-dimensional codes are projected
     on their first two principal components (the axis labels say which); a 1-D code is drawn
-    against the datapoint's position."""
+    against the datapoint's position. Up to :data:`MAX_LEGEND_CLASSES` classes are categories with
+    a legend (``label_names``, or the label values); more get a colour bar."""
     z = z.detach().cpu().double()
     if z.shape[-1] == 1:
         xy, axis = torch.stack([z[:, 0], torch.arange(z.shape[0], dtype=z.dtype)], 1), ("z1", "datapoint")
@@ -104,8 +111,17 @@ def latent_scatter(
     fig = Figure(figsize=(5, 4.5), layout="constrained")
     ax = fig.add_subplot()
     kwargs = {"s": 6, "alpha": 0.7}
-    if labels is not None:
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=labels.cpu().numpy(), cmap="tab10", **kwargs)
+    values = labels.cpu().numpy() if labels is not None else None
+    classes = sorted(set(values.tolist())) if values is not None else []
+    if values is not None and len(classes) <= MAX_LEGEND_CLASSES:
+        palette = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+        for i, value in enumerate(classes):
+            chosen = torch.from_numpy(values == value)
+            name = label_names[value] if label_names is not None and 0 <= value < len(label_names) else str(value)
+            ax.scatter(xy[chosen, 0], xy[chosen, 1], color=palette(i), label=name, **kwargs)
+        ax.legend(title="label", markerscale=2, fontsize="small", loc="best")
+    elif values is not None:
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=values, cmap="viridis", **kwargs)
         fig.colorbar(sc, ax=ax, label="label")
     else:
         ax.scatter(xy[:, 0], xy[:, 1], **kwargs)

@@ -238,7 +238,8 @@ def _write_run_files(run_dir: Path, config: RunConfig, device, command, data: Da
     record = {"name": data.name, "source": "python" if dataset is not None else
               ("file" if user_file else "registry"), "file": data.source if user_file else None,
               "image_shape": list(data.image_shape) if data.image_shape else None,
-              "fingerprint": data.fingerprint()}
+              "fingerprint": data.fingerprint(),
+              "label_names": list(data.label_names) if data.label_names is not None else None}
     if data.source is not None and not user_file:  # a named benchmark's file and its SHA-256
         record["benchmark"] = data.source
     write_json(record, run_dir / DATA_FILE)
@@ -264,7 +265,8 @@ def write_figures(vae: VAE, data: Dataset, history: History, run_dir) -> None:
     if data.image_shape is not None:
         figures["reconstructions.png"] = plots.reconstructions(vae, valid, data.image_shape)
         figures["samples.png"] = plots.samples(vae, data.image_shape)
-    figures["latent.png"] = plots.latent_scatter(vae.encode(valid), None if labels is None else labels[:FIGURE_DATAPOINTS])
+    figures["latent.png"] = plots.latent_scatter(vae.encode(valid), None if labels is None else labels[:FIGURE_DATAPOINTS],
+                                                 label_names=data.label_names)
     for name, fig in figures.items():
         fig.savefig(run_dir / name, dpi=100)
 
@@ -375,7 +377,8 @@ def evaluate_run(run_dir, spec: Optional[EvaluationSpec] = None, *, split: str =
     cache = _cache_maker(Path(run_dir), stem, split, spec, x, data_note, origin, progress, caches) if keep else None
     report = EvaluationReport(run_dir=str(run_dir), dataset=data.name, model=run.config.model, split=split,
                               data=data_note, scored=scored, environment=evaluation_environment(run.vae.device))
-    evaluate(run.vae, x, spec, labels=data.split_labels(split), progress=progress, report=report, cache=cache)
+    evaluate(run.vae, x, spec, labels=data.split_labels(split), label_names=data.label_names, progress=progress,
+             report=report, cache=cache)
     _file_units(report, data)
     if write and distributed.is_main():  # (every process of a sharded evaluation holds the same report)
         report.save()

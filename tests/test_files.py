@@ -123,7 +123,7 @@ def test_evaluation_uses_exactly_the_training_file_or_other_data_on_request(exam
     other = tmp_path / "other.npy"
     np.save(other, (np.random.RandomState(3).rand(30, 8, 8) < 0.5).astype(np.uint8) * 255)
     assert main(["evaluate", str(run), "--data", str(other), "--num-samples", "3", "--no-progress"]) == 0
-    report = json.loads((run / "evaluation-test-K3.json").read_text())
+    report = json.loads((run / "evaluation-other_npy-test-K3.json").read_text())  # named after what it scored
     assert report["data"]["training_data"] is False and report["dataset"] == "other.npy"
     np.save(tmp_path / "wide.npy", np.zeros((30, 9, 9), dtype=np.uint8))
     assert main(["evaluate", str(run), "--data", str(tmp_path / "wide.npy"), "--no-progress"]) == 2

@@ -131,3 +131,40 @@ def test_the_readmes_own_data_lines_run_on_files_of_the_kinds_they_describe(tmp_
     report = json.loads((tmp_path / "runs" / "images" / "evaluation-more_images_npy-all-K3.json").read_text())
     assert report["num_datapoints"] == 25
     assert (tmp_path / "runs" / "images" / "evaluation-test-K3.json").exists()
+
+
+def test_label_names_are_kept_in_the_data_the_run_the_figure_and_the_reports(tmp_path):
+    """A CSV's text labels and image class folders keep their names: Dataset.label_names,
+    data.json, the report's per-label rows and the latent figure's legend (categories, not a colour
+    bar)."""
+    from PIL import Image
+
+    columns = _wine(tmp_path / "raw.csv", n=60)
+    kinds = ["red", "white", "rosé"]
+    rows = [",".join(f"{v:.4f}" for v in row) + f",{kinds[i % 3]}" for i, row in enumerate(columns)]
+    (tmp_path / "table.csv").write_text("alcohol,proline,acid,kind\n" + "\n".join(rows) + "\n")
+    data = pvae.load_dataset({"name": "file", "path": str(tmp_path / "table.csv"), "label_column": "kind"})
+    assert data.label_names == ("red", "rosé", "white")
+    assert {data.label_name(v) for v in data.labels["train"].tolist()} <= set(kinds)
+    numbered = tmp_path / "numbered.csv"
+    numbered.write_text("a,b,kind\n" + "\n".join(f"{i}.0,{i % 5}.5,{[2, 10, 1][i % 3]}" for i in range(30)) + "\n")
+    assert pvae.load_dataset({"name": "file", "path": str(numbered), "label_column": "kind"}).label_names == (
+        "1", "2", "10")  # integers in their numeric order
+    for i in range(12):
+        sub = tmp_path / "pngs" / ("cats" if i % 2 else "dogs")
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((np.random.RandomState(i).rand(8, 8) > 0.5).astype(np.uint8) * 255).save(sub / f"{i}.png")
+    assert pvae.load_dataset({"name": "file", "path": str(tmp_path / "pngs")}).label_names == ("cats", "dogs")
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "table.csv"), "--label-column", "kind", "--likelihood", "gaussian",
+                 "--run-dir", str(run), *FAST]) == 0
+    assert json.loads((run / "data.json").read_text())["label_names"] == ["red", "rosé", "white"]
+    assert main(["evaluate", str(run), "--split", "all", "--num-samples", "3", "--psis-datapoints", "0",
+                 "--no-progress"]) == 0
+    report = json.loads((run / "evaluation-all-K3.json").read_text())
+    assert set(report["by_label"]) == set(kinds) and sum(r["num_datapoints"] for r in report["by_label"].values()) == 60
+    figure = pvae.plots.latent_scatter(torch.randn(60, 2), data.split_labels("all"), label_names=data.label_names)
+    legend = figure.axes[0].get_legend()
+    assert legend is not None and [t.get_text() for t in legend.get_texts()] == ["red", "rosé", "white"]
+    assert len(figure.axes) == 1  # no colour bar

@@ -39,6 +39,8 @@ class Dataset:
     :ivar train, valid, test: float tensors ``(N, D)``, or for data bigger than memory
         :class:`~pvae.streaming.StreamedSplit` views read on demand (``streamed``).
     :ivar labels: dict split -> int64 tensor ``(N,)``, or None when unlabelled.
+    :ivar label_names: the name of each label value (a CSV column's values, image class folders),
+        or None (the values are their own names).
     :ivar image_shape: ``(H, W)`` for image data (for plots), else None.
     :ivar bool binary: all values are 0 or 1.
     :ivar source: where the data came from: for a user's file its path, size, SHA-256 and split;
@@ -58,6 +60,7 @@ class Dataset:
     binary: bool = False
     source: Optional[dict] = None
     dynamic_binarization: bool = False
+    label_names: Optional[Tuple[str, ...]] = None
 
     @property
     def streamed(self) -> bool:
@@ -99,6 +102,11 @@ class Dataset:
             return None if any(p is None for p in parts) else torch.cat(parts)
         self.split(name)
         return None if self.labels is None else self.labels.get(name)
+
+    def label_name(self, value: int) -> str:
+        """The name of label ``value`` (its number as text when the data set has no names)."""
+        names = self.label_names
+        return names[int(value)] if names is not None and 0 <= int(value) < len(names) else str(int(value))
 
     def standardized(self, stats: Optional[dict] = None) -> "Dataset":
         """Every split with each column shifted and scaled, ``(x - mean) / scale``: by the training

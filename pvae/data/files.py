@@ -164,9 +164,18 @@ def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
             labels.append(row[label_index].strip())
     out = {"all": np.asarray(values, dtype=np.float64)}
     if labels:
-        names = sorted(set(labels))
+        names = _label_order(set(labels))
         out["all_labels"] = np.asarray([names.index(v) for v in labels])
+        out["label_names"] = np.asarray(names, dtype=object)
     return out
+
+
+def _label_order(names) -> List[str]:
+    """Label values in a stable order: numerically when they are all integers, else as text."""
+    names = list(names)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=int)
+    return sorted(names)
 
 
 def _read_images(folder: Path, image_size: Optional[Tuple[int, ...]]) -> Dict[str, np.ndarray]:
@@ -203,6 +212,7 @@ def _read_images(folder: Path, image_size: Optional[Tuple[int, ...]]) -> Dict[st
     classes = sorted({p.parent.relative_to(folder).parts[0] for p in files if p.parent != folder})
     if classes and all(p.parent != folder for p in files):
         out["all_labels"] = np.asarray([classes.index(p.relative_to(folder).parts[0]) for p in files])
+        out["label_names"] = np.asarray(classes, dtype=object)  # the class folders' names
     return out
 
 
@@ -404,7 +414,9 @@ def load_file(
     binary = all(bool(((t == 0) | (t == 1)).all()) for t in tensors.values())
     source = {"path": str(path), "bytes": _size(path), "sha256": file_sha256(path), **how,
               "binarize": binarize, "image_shape": list(shape) if shape else None}
-    data = Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, **tensors)
+    names = tuple(str(n) for n in arrays["label_names"]) if "label_names" in arrays and labels else None
+    data = Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, label_names=names,
+                   **tensors)
     data = binarized(data, binarize)
     return data.standardized() if standardize == "on" else data
 

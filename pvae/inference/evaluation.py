@@ -128,14 +128,15 @@ def _guide_has_density(program, x) -> Tuple[bool, bool]:
 
 
 def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Optional[torch.Tensor] = None,
-             progress: bool = False, report: Optional["EvaluationReport"] = None,
+             label_names=None, progress: bool = False, report: Optional["EvaluationReport"] = None,
              cache: Optional[Callable] = None, **settings) -> "EvaluationReport":
     """Evaluate ``program`` (a :class:`~pvae.model.VAE` or any
     :class:`~pvae.inference.engine.ModelGuidePair`) on ``data`` (``(N, D)``) as ``spec`` says
     (keywords: :meth:`EvaluationSpec.of`). Always: the latent diagnostics (active units and KL per
     dimension, per site for a program with several) and, for a ``VAE``, the reconstruction error at
     the encoder's code. Guide-based bounds are skipped, with the reason in ``report.skipped``, for a
-    guide without a density. ``labels``: also report each estimate per label. ``report``: fill
+    guide without a density. ``labels``: also report each estimate per label (keyed by
+    ``label_names[label]`` when given, e.g. a data set's :attr:`~pvae.data.Dataset.label_names`). ``report``: fill
     this report (its identifying fields set by the caller); ``cache(name, **settings)``: a
     resumable record of an estimator's minibatches (:func:`pvae.runs.evaluate_run` keeps them in
     the run directory)."""
@@ -177,7 +178,7 @@ def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Op
     report.estimates = dict(estimates)
     report.data_dim = int(x.shape[-1])
     if labels is not None:
-        report.by_label = _by_label(estimates, labels.cpu())
+        report.by_label = _by_label(estimates, labels.cpu(), label_names)
     _psis(report, program, x, spec, chunk_size, has_density)
     with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
         warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)
@@ -223,8 +224,9 @@ def _psis(report, program, x, spec, chunk_size, has_density) -> None:
     }
 
 
-def _by_label(estimates: Dict[str, Estimate], labels: torch.Tensor) -> dict:
-    """Per label: the number of datapoints and each estimate's mean and standard error over them."""
+def _by_label(estimates: Dict[str, Estimate], labels: torch.Tensor, names=None) -> dict:
+    """Per label (by its name when ``names`` are given): the number of datapoints and each
+    estimate's mean and standard error over them."""
     out = {}
     for label in labels.unique().tolist():
         mask = labels == label
@@ -233,7 +235,7 @@ def _by_label(estimates: Dict[str, Estimate], labels: torch.Tensor) -> dict:
             values = est.values.detach().cpu().double()[mask]
             row[name] = {"mean": float(values.mean()),
                          "stderr": float(values.std() / math.sqrt(values.numel())) if values.numel() > 1 else None}
-        out[str(label)] = row
+        out[str(names[label]) if names is not None and 0 <= label < len(names) else str(label)] = row
     return out
 
 
