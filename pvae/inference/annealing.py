@@ -540,7 +540,9 @@ def ais(
     check_data(program, x)
     bar = None
     if progress and distributed.is_main():
-        from tqdm.auto import tqdm
+        from pvae._progress import progress_bar_class
+
+        tqdm = progress_bar_class()
 
         mine = len(distributed.my_batches(math.ceil(x.shape[0] / batch_size)))
         bar = tqdm(total=mine * (betas.numel() - 2), desc=f"AIS {settings.num_chains} chains", unit="step",

@@ -284,7 +284,9 @@ def inference_gaps(
     vae.eval()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from pvae._progress import progress_bar_class
+
+        tqdm = progress_bar_class()
 
         bar = tqdm(total=refine_steps * math.ceil(x.shape[0] / batch_size), desc="refine q*", leave=False)
     locs, pre_scales = [], []

@@ -267,7 +267,9 @@ def _weight_statistics(
     check_data(vae, x)
     bar = None
     if progress and distributed.is_main():
-        from tqdm.auto import tqdm
+        from pvae._progress import progress_bar_class
+
+        tqdm = progress_bar_class()
 
         mine = distributed.my_batches(math.ceil(x.shape[0] / batch_size))  # this process's share
         bar = tqdm(total=sum(min(batch_size, x.shape[0] - i * batch_size) for i in mine), desc=desc, unit="x",

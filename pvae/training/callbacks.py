@@ -336,7 +336,9 @@ class ProgressBar(Callback):
 
     def on_fit_start(self, loop):
         if distributed.is_main():
-            from tqdm.auto import tqdm
+            from pvae._progress import progress_bar_class
+
+            tqdm = progress_bar_class()
 
             total = max(loop.epochs - loop.start_epoch, 0) * loop.steps_per_epoch
             self.bar = tqdm(total=total, desc=self.desc, unit="step", dynamic_ncols=True)
