@@ -15,23 +15,28 @@ from conftest import MNIST_AVAILABLE
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# A smoke run measures nothing: scripts that set their own thread count (default 2) get one, as the
+# rest of the suite does (conftest.py); with two, a loaded machine made bench_hierarchy --quick
+# take 28-42 s instead of 4.
+ONE_THREAD = ["--threads", "1"]
+
 # script -> smoke-size arguments ({tmp} is a temporary folder)
 SCRIPTS = {
     "experiments/aevb_binarized_mnist.py": [
         "--epochs", "1", "--K", "3", "--K-elbo", "2", "--test-limit", "50", "--seeds", "0,1", "--train-limit", "2000",
-        "--out-dir", "{tmp}/out", "--summary", "{tmp}/summary.json",
+        "--out-dir", "{tmp}/out", "--summary", "{tmp}/summary.json", *ONE_THREAD,
     ],
-    "benchmarks/bench_train_step.py": ["--blocks", "2", "--steps-per-block", "2", "--out", "{tmp}/bench.json"],
+    "benchmarks/bench_train_step.py": ["--blocks", "2", "--steps-per-block", "2", "--out", "{tmp}/bench.json", *ONE_THREAD],
     "benchmarks/bench_iwae.py": [
         "--run-dir", "{tmp}/none", "--K", "7", "--images", "30", "--block", "10", "--ais-images", "4",
-        "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json",
+        "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json", *ONE_THREAD,
     ],
     "benchmarks/gpu_suite.py": ["--smoke", "--device", "cpu", "--out", "{tmp}/gpu_suite.json"],
-    "benchmarks/bench_hierarchy.py": ["--quick", "--out", "{tmp}/bench.json"],
-    "paper/build.py": ["--out", "{tmp}/tables.md"],
+    "benchmarks/bench_hierarchy.py": ["--quick", "--out", "{tmp}/bench.json", *ONE_THREAD],
+    "paper/build.py": ["--pdf", "--out", "{tmp}/tables.md"],  # the PDF build too (checked below)
     "experiments/inference_gaps_mnist.py": [
         "--run-dir", "{tmp}/run", "--train-missing", "digits", "--images", "3", "--K", "5", "--refine-steps", "2", "--particles", "2",
-        "--summary", "{tmp}/summary.json",
+        "--summary", "{tmp}/summary.json", *ONE_THREAD,
     ],
     "experiments/objectives_mnist.py": [
         "--dataset", "digits", "--latent-dim", "2", "--hidden", "16", "--epochs", "1", "--K", "3",
@@ -86,17 +91,29 @@ def test_every_cli_command_is_tested():
         assert f'main(["{command}"' in cli_tests, f"pvae {command} has no CLI test"
 
 
+_SMOKE_RUNS = {}  # script -> (its process, its folder): tests that read a smoke run's results share it
+
+
+def smoke_run(script, tmp_path_factory):
+    """Run ``script`` with its smoke arguments in a fresh folder (the working directory and
+    {tmp}), once per session: the smoke test and a test that checks the results share the run."""
+    if script not in _SMOKE_RUNS:
+        folder = tmp_path_factory.mktemp(Path(script).stem)
+        args = [a.format(tmp=folder) for a in SCRIPTS[script]]
+        proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=folder, capture_output=True,
+                              text=True, timeout=600)
+        _SMOKE_RUNS[script] = proc, folder
+    return _SMOKE_RUNS[script]
+
+
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
-def test_script_runs_at_smoke_size(script, tmp_path):
+def test_script_runs_at_smoke_size(script, tmp_path_factory):
+    """Each script runs at its smoke size, exits 0 and writes result files (JSON ones parse)."""
     if script in NEEDS_MNIST and not MNIST_AVAILABLE:
         pytest.skip("needs binarized MNIST in the data cache")
-    args = [a.format(tmp=tmp_path) for a in SCRIPTS[script]]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=tmp_path, capture_output=True, text=True,
-        timeout=600,
-    )
+    proc, folder = smoke_run(script, tmp_path_factory)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    outputs = [p for p in tmp_path.rglob("*") if p.is_file()]
+    outputs = [p for p in folder.rglob("*") if p.is_file()]
     assert outputs, "the script wrote no result file"
     for path in outputs:
         if path.suffix == ".json":
@@ -163,16 +180,16 @@ def _paper_build():
     return build
 
 
-def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path):
+def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path_factory):
     """`paper/build.py --pdf`: pandoc writes Typst and the typst package compiles it (both are
     test dependencies, so the PDF build runs in CI). The committed result files give at least
     ten pages and four figures; a missing figure or a Typst syntax pandoc emits that this typst
-    does not know fails the compile, which fails here. The same files build the same bytes."""
+    does not know fails the compile, which fails here. The same files build the same bytes.
+    (The build is the script's smoke run, shared with test_script_runs_at_smoke_size.)"""
     import re
 
-    out = tmp_path / "tables.md"
-    proc = subprocess.run([sys.executable, "paper/build.py", "--pdf", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True)
+    assert SCRIPTS["paper/build.py"][:1] == ["--pdf"]
+    proc, tmp_path = smoke_run("paper/build.py", tmp_path_factory)
     assert proc.returncode == 0, proc.stderr[-2000:]
     pdf = (tmp_path / "paper.pdf").read_bytes()
     assert pdf.startswith(b"%PDF-")
@@ -204,16 +221,15 @@ def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
     assert "(test bounds computed on the CPU; as every report records)" in build.converged_table(summary)
 
 
-def test_hierarchy_benchmark_sides_agree_at_smoke_size(tmp_path):
+def test_hierarchy_benchmark_sides_agree_at_smoke_size(tmp_path_factory):
     """benchmarks/bench_hierarchy.py --quick: the user's Pyro pair (pvae's trace path) and the
     hand-written PyTorch model give the same loss and gradient (float64) and the same per-image
     ELBO and L_K (float32) on the same noise; the result carries both ratios, the issue's targets
-    and the provenance, and a smoke run gives no verdict."""
-    out = tmp_path / "bench.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_hierarchy.py"), "--quick", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
-    )
+    and the provenance, and a smoke run gives no verdict. (The script's smoke run, shared with
+    test_script_runs_at_smoke_size.)"""
+    assert SCRIPTS["benchmarks/bench_hierarchy.py"] == ["--quick", "--out", "{tmp}/bench.json", *ONE_THREAD]
+    proc, folder = smoke_run("benchmarks/bench_hierarchy.py", tmp_path_factory)
+    out = folder / "bench.json"
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     step, bounds = result["checks"]["step"], result["checks"]["bounds"]
