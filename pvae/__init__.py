@@ -16,6 +16,15 @@ derived from the model and guide programs by :func:`pvae.log_weights`)::
 
 __version__ = "0.2.0.dev0"
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():
+    # Pyro's MCMC logger imports tqdm.auto when pyro is imported, which in a notebook without
+    # ipywidgets warns (naming the site-packages path) though nothing of pvae uses that bar: pvae
+    # picks its own bars (pvae._progress), so the warning says nothing a pvae user can act on.
+    _warnings.filterwarnings("ignore", message="IProgress not found")
+    import pyro  # noqa: F401
+
 from pvae import data, inference, parts, training
 from pvae.inference import estimators
 from pvae.inference.annealing import BDMCBounds, ais, bdmc
