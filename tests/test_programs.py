@@ -16,6 +16,7 @@ bits and the KL per dimension limited to one site.
 """
 
 import math
+import zlib
 
 import pyro
 import pyro.distributions as dist
@@ -380,7 +381,9 @@ FUZZ = [(n, d, c, s) for n in (1, 2, 3) for d in ("none", "model", "guide", "sam
 
 @pytest.mark.parametrize("num_continuous,discrete,covariates,subsample", FUZZ)
 def test_fuzz_over_user_programs(num_continuous, discrete, covariates, subsample):
-    seed = hash((num_continuous, discrete, covariates, subsample)) % 1000
+    # a seed fixed by the case (Python's hash of a tuple with a str changes from process to process,
+    # so each run drew other programs and a failure could not be reproduced)
+    seed = zlib.crc32(repr((num_continuous, discrete, covariates, subsample)).encode()) % 1000
     pair = _fuzz_program(num_continuous, discrete, covariates, subsample, seed)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(6, 3, generator=g)
