@@ -143,7 +143,7 @@ def test_cli_evaluate_resumes_and_restart_discards(run_dir, monkeypatch, capsys)
 
 
 def test_progress_bar_of_a_resumed_evaluation_counts_the_resumed_minibatches(run_dir, monkeypatch, capsys):
-    import tqdm.auto
+    import pvae._progress
 
     bars = []
 
@@ -163,7 +163,7 @@ def test_progress_bar_of_a_resumed_evaluation_counts_the_resumed_minibatches(run
         with pytest.raises(Interrupt):
             _evaluate(run_dir)
     capsys.readouterr()
-    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    monkeypatch.setattr(pvae._progress, "progress_bar_class", lambda: Bar)  # the bar pvae draws
     report = pvae.evaluate_run(run_dir, num_samples=20, batch_size=BATCH, chunk_size=20, progress=True,
                                psis_datapoints=0)
     assert "resuming bounds: 2 minibatch(es)" in capsys.readouterr().err

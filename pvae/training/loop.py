@@ -486,6 +486,8 @@ def _training_of(training, settings) -> Tuple["Training", dict]:
     from pvae.config import Training
 
     extras = {k: settings.pop(k) for k in FIT_EXTRAS if k in settings}
+    if isinstance(settings.get("device"), torch.device):  # (fit's device= took a torch.device)
+        settings["device"] = str(settings["device"])
     known = {*Training.options(), *TRAINING_PARTS, *LEGACY_TRAINING_KEYS}
     unknown = sorted(set(settings) - known)
     if unknown:
