@@ -120,34 +120,67 @@ def load_checkpoint(path: os.PathLike) -> dict:
 @contextlib.contextmanager
 def run_lock(run_dir: os.PathLike):
     """Hold an exclusive lock on ``run_dir`` (``run_dir/.lock``, ``fcntl.flock``) while training
-    writes there; a second process is refused with a :class:`RunLockedError`. The operating
-    system releases the lock when the process ends, however it ends (a killed run leaves no
-    stale lock)."""
+    writes there; a second process is refused with a :class:`RunLockedError`. The holder removes
+    the file when it releases the lock, so a finished run directory holds no ``.lock``; the
+    operating system releases the lock when the process ends, however it ends (a killed run
+    leaves at most an unlocked file, which the next run takes over).
+
+    The removal is safe against a second process that opened the file before it was removed:
+    after taking the lock, a process checks that the path still names the file it locked (the
+    same inode) and otherwise opens the path anew, so two processes never hold locks on two
+    different files for one run directory."""
     path = Path(run_dir)
     path.mkdir(parents=True, exist_ok=True)
     lock = path / ".lock"
-    fh = open(lock, "a+")
     try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no protection, as before
+        fcntl = None
+    while True:
+        fh = open(lock, "a+")
+        if fcntl is None:
+            break
         try:
-            import fcntl
-
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # no flock (Windows): no protection, as before
-            pass
         except OSError as exc:
             fh.seek(0)
             owner = fh.read().strip() or "unknown"
+            fh.close()
             raise RunLockedError(
                 f"{path} is in use by another pvae process (pid {owner}); wait for it to finish or "
                 "choose another --run-dir"
             ) from exc
+        if _same_file(lock, fh):
+            break
+        fh.close()  # the holder removed (and maybe someone recreated) the file meanwhile: lock the path's file
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(str(os.getpid()))
         fh.flush()
         yield
     finally:
-        fh.close()
+        if fcntl is None:  # Windows: no lock, and an open file cannot be removed
+            fh.close()
+        # only the holder removes the file, before it releases the lock (closes the file): a process
+        # that opened the file meanwhile then finds the path gone or naming another file, and retries
+        try:
+            if fcntl is None or _same_file(lock, fh):
+                os.unlink(lock)
+        except OSError:  # the folder was removed or is not writable: nothing left to tidy
+            pass
+        if fcntl is not None:
+            fh.close()
+
+
+def _same_file(path: Path, fh) -> bool:
+    """Whether ``path`` names the file open as ``fh``."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fh.fileno())
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
 class RunLockedError(UsageError):

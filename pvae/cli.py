@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
+import re
+import shlex
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from pvae.config import (
     AUTOENCODER_LOSSES,
@@ -24,6 +27,9 @@ from pvae.config import (
 from pvae import distributed
 from pvae.data import DATASETS
 from pvae.errors import UsageError
+from pvae.inference.annealing import AISSettings
+from pvae.inference.evaluation import EvaluationSpec
+from pvae.registry import Registry
 
 
 class _DeprecatedAlias(argparse.Action):
@@ -86,114 +92,209 @@ _LEGACY_FLAGS = {
 }
 
 
-def _add_option_flags(train) -> None:
-    """Generate the flags of every part option and training setting from their declarations."""
+def _show(value: Any, switch: bool = False) -> str:
+    """A default as a user types it (``switch``: a flag without a value, on or off)."""
+    if isinstance(value, bool):
+        return ("on" if value else "off") if switch else str(value).lower()
+    if value is None or value == "" or value == ():
+        return "none"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _defaults(by_part: Dict[str, Any], every_part: bool, switch: bool = False) -> str:
+    """``(default: X)`` when every part takes the option with one default, else each default
+    with the parts it belongs to: ``(default: 50 for vamp)``, ``(default: 0.99 for exponential;
+    0.5 for plateau; 0.1 for step)``."""
+    shown: Dict[str, List[str]] = {}
+    for part, value in by_part.items():
+        shown.setdefault(_show(value, switch), []).append(part)
+    if every_part and len(shown) == 1:
+        return f"(default: {next(iter(shown))})"
+    return "(default: " + "; ".join(f"{value} for {', '.join(parts)}" for value, parts in shown.items()) + ")"
+
+
+def _help(option, default: str) -> str:
+    """An option's help: its ``:param:`` text, its choices, and ``default`` last (``%`` escaped
+    for argparse)."""
+    choices = f" (one of {', '.join(map(str, option.choices))})" if option.choices else ""
+    return f"{option.help}{choices} {default}".strip().replace("%", "%%")
+
+
+#: the train command's groups of flags: config section -> (title, description)
+_GROUPS = {
+    "model": ("model", "what is trained (a --config file's values, changed by the flags given)"),
+    "dataset": ("dataset", "the data: --dataset NAME (or --data FILE) and the options of the data sets that "
+                "take them (each option's default names them)"),
+    "net": ("net", "the encoder and decoder networks: --net NAME and its options"),
+    "prior": ("prior", "the prior p(z): --prior NAME and its options"),
+    "guide": ("guide", "the guide q(z|x): --guide NAME and its options"),
+    "likelihood": ("likelihood", "the likelihood p(x|z): --likelihood NAME and its options"),
+    "objective": ("objective", "the training objective: --objective NAME and its options"),
+    "training": ("training", "how the model is trained (pvae.Training; defaults: Training()'s)"),
+    "training.optimizer": ("training: optimizer", "--optimizer NAME and its options"),
+    "training.lr_schedule": ("training: learning-rate schedule", "--lr-schedule NAME and its options"),
+    "run": ("run directory and progress", None),
+}
+
+
+def _add_option_flags(train, groups=None) -> None:
+    """Generate the flags of every part option and training setting from their declarations,
+    each in its section's group of ``groups`` (section -> argument group; default: ``train``).
+    argparse keeps no default for them (``_config_from_args`` applies the flags given to the
+    config): the defaults are in the help."""
+    groups = groups or {}
     by_name = {}  # option name -> sections declaring it
-    declared = {}  # (section, option) -> (Option, [part names])
+    declared = {}  # (section, option) -> (Option, {part name: default})
     for section in PART_REGISTRIES:
         for part, options in section_options(section).items():
             for name, option in options.items():
                 by_name.setdefault(name, set()).add(section)
-                declared.setdefault((section, name), (option, []))[1].append(part)
+                declared.setdefault((section, name), (option, {}))[1][part] = option.default
     for (section, name), (option, parts) in declared.items():
+        group = groups.get(section, train)
         flags = [f"--{section}-{name.replace('_', '-')}"]
         if section in _UNPREFIXED_SECTIONS and by_name[name] == {section} and name not in _PREFIXED_ONLY:
             flags.insert(0, option.flag)
         if (section, name) == ("objective", "num_particles"):
             flags.insert(0, "--particles")  # the vocabulary's short spelling
-        which = "all" if len(parts) == len(PART_REGISTRIES[section].names()) else ", ".join(parts)
-        help_ = f"{section} option ({which}): {option.describe()}"
+        every = len(parts) == len(PART_REGISTRIES[section].names())
         if option.type is bool:
-            train.add_argument(*flags, dest="options", action=_SetOption, targets=((section, name),), const=True,
-                               help=help_)
-            train.add_argument(*(f"--no-{f[2:]}" for f in flags), dest="options", action=_SetOption,
+            group.add_argument(*flags, dest="options", action=_SetOption, targets=((section, name),), const=True,
+                               help=_help(option, _defaults(parts, every, switch=True)))
+            group.add_argument(*(f"--no-{f[2:]}" for f in flags), dest="options", action=_SetOption,
                                targets=((section, name),), const=False, help=argparse.SUPPRESS)
         else:
-            train.add_argument(*flags, dest="options", action=_SetOption, targets=((section, name),),
-                               metavar=name.upper(), help=help_)
+            group.add_argument(*flags, dest="options", action=_SetOption, targets=((section, name),),
+                               metavar=name.upper(), help=_help(option, _defaults(parts, every)))
+    training, defaults = groups.get("training", train), Training()
     for name, option in Training.options().items():
-        train.add_argument(option.flag, dest="options", action=_SetOption, targets=(("training", name),),
-                           metavar=name.upper(), help=f"training: {option.describe()}")
+        training.add_argument(option.flag, dest="options", action=_SetOption, targets=(("training", name),),
+                              metavar=name.upper(), help=_help(option, f"(default: {_show(getattr(defaults, name))})"))
+    training.add_argument("--compile", dest="options", action=_SetOption, targets=(("training", "step"),),
+                          const="compile", help="same as --step compile (default: off)")
     for field, registry in TRAINING_PARTS.items():  # the training section's parts: --optimizer sgd --optimizer-momentum 0.9
+        group = groups.get(f"training.{field}", train)
         flag = f"--{field.replace('_', '-')}"
-        train.add_argument(flag, dest="options", action=_SetOption, targets=(("training", field),),
-                           metavar="NAME", help=f"training: one of {registry.names()} (its options: {flag}-...)")
+        group.add_argument(flag, dest="options", action=_SetOption, targets=(("training", field),),
+                           metavar="NAME", help=f"one of {', '.join(registry.names())} "
+                           f"(default: {getattr(defaults, field).name})")
         declared = {}
         for part in registry.names():
             for name, option in registry.options(part).items():
-                declared.setdefault(name, (option, []))[1].append(part)
+                declared.setdefault(name, (option, {}))[1][part] = option.default
         for name, (option, parts) in declared.items():
-            train.add_argument(f"{flag}-{name.replace('_', '-')}", dest="options", action=_SetOption,
+            group.add_argument(f"{flag}-{name.replace('_', '-')}", dest="options", action=_SetOption,
                                targets=((f"training.{field}", name),), metavar=name.upper(),
-                               help=f"{field} option ({', '.join(parts)}): {option.describe()}")
-    train.add_argument("--compile", dest="options", action=_SetOption, targets=(("training", "step"),),
-                       const="compile", help="same as --step compile")
+                               help=_help(option, _defaults(parts, len(parts) == len(registry.names()))))
     for old, (new, targets) in _LEGACY_FLAGS.items():
         train.add_argument(old, dest="options", action=_SetOption, targets=targets, deprecated_for=new,
                            help=argparse.SUPPRESS)
     train.set_defaults(options=[])
 
 
+def _version() -> str:
+    import pyro
+    import torch
+
+    from pvae import __version__
+
+    return f"pvae {__version__} (torch {torch.__version__}, pyro {pyro.__version__})"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pvae", description="Auto-encoding variational Bayes with Pyro."
     )
+    parser.add_argument("--version", action="version", version=_version(),
+                        help="print the versions of pvae, torch and pyro and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser(
         "train",
         help="train a VAE and write a run directory",
-        description="Train a VAE. Without arguments: the 8x8 digits data set, about a minute on 2 CPU cores.",
+        description="Train a VAE. Without arguments: the 8x8 digits data set, about a minute on 2 CPU cores. "
+        "The flags are grouped by config section; a part's options apply to the parts named in their "
+        "default, e.g. --prior-pseudo-inputs (default: 50 for vamp) to --prior vamp.",
     )
-    train.add_argument("--config", type=Path, help="JSON run config; flags override its values")
-    train.add_argument("--data", type=Path, help="your own data: a .npy, .npz, .pt, .csv or .tsv file or a folder "
-                       "of images (same as --dataset file --dataset-path PATH; see --split, --image-size)")
-    train.add_argument("--model", choices=MODELS,
-                       help="'autoencoder': the plain deterministic autoencoder (delta guide, reconstruction loss)")
-    train.add_argument("--loss", choices=sorted(AUTOENCODER_LOSSES),
-                       help="autoencoder reconstruction loss: bce (binary cross-entropy) or mse (squared error)")
-    train.add_argument("--latent-dim", "--code-size", dest="latent_dim", type=int, help="size of z (the code layer)")
-    train.add_argument("--layers", type=int, help="number of hidden layers (with --units; instead of --hidden)")
-    train.add_argument("--units", type=int, help="units per hidden layer (with --layers)")
+    groups = {key: train.add_argument_group(title, description) for key, (title, description) in _GROUPS.items()}
+    fields = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    model = groups["model"]
+    model.add_argument("--config", type=Path, help="JSON run config; flags override its values (default: none: "
+                       "pvae.RunConfig()'s values)")
+    model.add_argument("--model", choices=MODELS,
+                       help="'autoencoder': the plain deterministic autoencoder (delta guide, reconstruction loss; "
+                       f"it sets the guide, objective and likelihood) (default: {fields['model']})")
+    model.add_argument("--loss", choices=sorted(AUTOENCODER_LOSSES),
+                       help="autoencoder reconstruction loss: bce (binary cross-entropy) or mse (squared error) "
+                       "(default: bce)")
+    model.add_argument("--latent-dim", "--code-size", dest="latent_dim", type=int,
+                       help=f"size of z (the code layer) (default: {fields['latent_dim']})")
+    groups["dataset"].add_argument(
+        "--data", type=Path, help="your own data: a .npy, .npz, .pt, .csv or .tsv file or a folder of images (same as "
+        "--dataset file --dataset-path PATH; see --split, --image-size) (default: none)")
     for section, registry in PART_REGISTRIES.items():
-        train.add_argument(f"--{section}", help=f"one of {registry.names()} (its options: --{section}-...)")
-    _add_option_flags(train)
-    train.add_argument("--run-dir", type=Path, help="default: runs/<dataset>-<time>")
-    train.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
-    train.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        groups[section].add_argument(f"--{section}", metavar="NAME",
+                                     help=f"one of {', '.join(registry.names())} (default: {fields[section].name})")
+    groups["net"].add_argument("--layers", type=int,
+                               help="number of hidden layers (with --units; instead of --hidden) (default: none)")
+    groups["net"].add_argument("--units", type=int, help="units per hidden layer (with --layers) (default: none)")
+    _add_option_flags(train, groups)
+    run = groups["run"]
+    run.add_argument("--run-dir", type=Path, help="the run directory (default: runs/<dataset>-<time>)")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --run-dir, with its config.json (default: off)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar (default: shown)")
 
     ev = sub.add_parser(
         "evaluate",
         help="estimates of log p(x) (ELBO, L_K, AIS, naive) and diagnostics of a trained run",
         description="Report the ELBO, the importance-weighted bound L_K and optionally AIS and the naive "
         "prior estimate (nats per datapoint, with standard errors), active units, KL and PSIS k-hat on a "
-        "split; write evaluation-<split>-K<K>.json and .png in RUN_DIR.",
+        "split; write evaluation-<split>-K<K>.json and .png in RUN_DIR. Defaults: pvae.EvaluationSpec()'s "
+        "and pvae.AISSettings()'s.",
     )
-    ev.add_argument("run_dir", type=Path)
-    ev.add_argument("--num-samples", dest="num_samples", type=int, default=1000,
-                    help="num_samples: importance samples per datapoint (K of L_K)")
+    spec, ais = EvaluationSpec(), AISSettings()
+    ev.add_argument("run_dir", type=Path, help="a run directory written by pvae train")
+    what = ev.add_argument_group("estimates")
+    what.add_argument("--estimators", default=",".join(spec.estimators),
+                      help=f"comma-separated, any of elbo,iwae,naive,ais (default: {','.join(spec.estimators)})")
+    what.add_argument("--num-samples", dest="num_samples", type=int, default=spec.num_samples,
+                      help=f"num_samples: importance samples per datapoint (K of L_K) (default: {spec.num_samples})")
     _alias(ev, "--K", "--num-samples", "num_samples")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
-    ev.add_argument("--data", type=Path, help="score other data (a file or image folder, read with the run's own "
-                    "file options); its dimension must match the model's")
-    ev.add_argument("--batch-size", type=int, default=100, help="datapoints per batch")
-    ev.add_argument("--chunk-size", type=int, default=None,
-                    help="samples per chunk (default: from a memory budget on the device)")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--device", default="cpu")
-    ev.add_argument("--estimators", default="elbo,iwae",
-                    help="comma-separated, any of elbo,iwae,naive,ais (default elbo,iwae)")
-    ev.add_argument("--chains", dest="num_chains", type=int, default=16, help="num_chains: AIS chains per datapoint")
+    what.add_argument("--psis-datapoints", type=int, default=spec.psis_datapoints,
+                      help="datapoints for PSIS k-hat of the guide (a seeded random N of the split; 0: off) "
+                      f"(default: {spec.psis_datapoints})")
+    annealing = ev.add_argument_group("annealed importance sampling (--estimators ...,ais)")
+    annealing.add_argument("--chains", dest="num_chains", type=int, default=ais.num_chains,
+                           help=f"num_chains: AIS chains per datapoint (default: {ais.num_chains})")
     _alias(ev, "--ais-chains", "--chains", "num_chains")
-    ev.add_argument("--ais-steps", type=int, default=100, help="AIS annealing steps")
-    ev.add_argument("--ais-start", default="prior", choices=["prior", "guide"], help="AIS initial distribution")
-    ev.add_argument("--ais-schedule", default="sigmoid", choices=["sigmoid", "linear"], help="AIS temperature schedule")
-    ev.add_argument("--psis-datapoints", type=int, default=500,
-                    help="datapoints for PSIS k-hat of the guide (a seeded random N of the split; 0: off)")
-    ev.add_argument("--restart", action="store_true",
-                    help="discard the finished minibatches of an interrupted evaluation with these settings "
-                    "(by default it resumes from them)")
-    ev.add_argument("--no-progress", action="store_true")
+    annealing.add_argument("--ais-steps", type=int, default=ais.num_steps,
+                           help=f"AIS annealing steps (default: {ais.num_steps})")
+    annealing.add_argument("--ais-start", default=ais.start, choices=["prior", "guide"],
+                           help=f"AIS initial distribution (default: {ais.start})")
+    annealing.add_argument("--ais-schedule", default=ais.betas, choices=["sigmoid", "linear"],
+                           help=f"AIS temperature schedule (default: {ais.betas})")
+    data = ev.add_argument_group("data")
+    data.add_argument("--split", default="test", choices=["train", "valid", "test", "all"],
+                      help="the split to evaluate (default: test)")
+    data.add_argument("--data", type=Path, help="score other data (a file or image folder, read with the run's own "
+                      "file options); its dimension must match the model's (default: none: the run's data)")
+    compute = ev.add_argument_group("computation")
+    compute.add_argument("--batch-size", type=int, default=spec.batch_size,
+                         help=f"datapoints per batch (default: {spec.batch_size})")
+    compute.add_argument("--chunk-size", type=int, default=spec.chunk_size,
+                         help=f"samples per chunk (default: {_show(spec.chunk_size)}: from a memory budget on the "
+                         "device)")
+    compute.add_argument("--seed", type=int, default=spec.seed,
+                         help=f"minibatch i draws from seed (seed, i) (default: {spec.seed})")
+    compute.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    run = ev.add_argument_group("resume and progress")
+    run.add_argument("--restart", action="store_true",
+                     help="discard the finished minibatches of an interrupted evaluation with these settings "
+                     "(default: off: it resumes from them)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: shown)")
     return parser
 
 
@@ -272,16 +373,95 @@ def _config_from_args(args) -> RunConfig:
     return base.replace(**changes, **sections)
 
 
+def _sections_of(exc: BaseException) -> Optional[set]:
+    """The config sections whose options an error from building the config or the model is
+    about: that of the innermost method on its traceback of a part (a registered class), of a
+    part registry, or of ``Training`` / ``RunConfig``; None when it was raised outside them
+    (reading data, devices, training itself)."""
+    registries = {id(registry): section for section, registry in PART_REGISTRIES.items()}
+    registries.update({id(registry): f"training.{field}" for field, registry in TRAINING_PARTS.items()})
+    classes = [(registry.get(name), section) for section, registry in PART_REGISTRIES.items()
+               for name in registry.names() if isinstance(registry.get(name), type)]
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):  # innermost first
+        owner = frame.f_locals.get("self")
+        if owner is None:
+            continue
+        if isinstance(owner, Registry) and id(owner) in registries:
+            return {registries[id(owner)]}
+        part = next((section for cls, section in classes if isinstance(owner, cls)), None)
+        if part is not None:
+            return {part}
+        if isinstance(owner, Training):
+            return {"training", *(f"training.{field}" for field in TRAINING_PARTS)}
+        if isinstance(owner, RunConfig):
+            return {"model"}
+    return None
+
+
+def _names_of(section: str, option: str) -> set:
+    """The names an error message may call an option by: its own and pvae 0.2's flat training
+    keys (``lr_gamma`` for the schedule's ``gamma``)."""
+    from pvae.training.controls import LEGACY_TRAINING_KEYS
+
+    names = {option}
+    if section.startswith("training."):
+        field = section.split(".", 1)[1]
+        names |= {key for key, (part, options, _) in LEGACY_TRAINING_KEYS.items()
+                  if part == field and option in options}
+    return names
+
+
+def _name_the_flags(exc: UsageError, args) -> None:
+    """Say which flag a user typed when an error from building the config or the model names an
+    option that a flag set (``--prior-num-components 0: num_components must be a positive
+    integer``): the message is changed in place, the exception keeps its type."""
+    message = str(exc)
+    sections = _sections_of(exc)
+    if not sections:
+        return
+    given = [(section, option, flag, flag if isinstance(value, bool) else f"{flag} {shlex.quote(str(value))}")
+             for targets, value, flag in args.options for section, option in targets]  # (.., as typed)
+    if args.latent_dim is not None:
+        given.append(("model", "latent_dim", "--latent-dim", f"--latent-dim {args.latent_dim}"))
+    if args.layers is not None and args.units is not None:
+        given.append(("net", "hidden", "--layers", f"--layers {args.layers} --units {args.units}"))
+    named, seen = [], set()  # (section, flag, as typed); the options seen
+    for section, option, flag, typed in reversed(given):  # the last flag that sets an option is the one applied
+        if (section, option) in seen:
+            continue
+        seen.add((section, option))
+        if section not in sections or flag in message:
+            continue
+        if section == "training" and option in TRAINING_PARTS:  # --optimizer NAME: the part, not an option
+            continue
+        if any(re.search(rf"(?<![A-Za-z0-9]){re.escape(name)}(?![A-Za-z0-9])", message)
+               for name in _names_of(section, option)):
+            named.insert(0, (section, flag, typed))
+    if any(section == "training" for section, _, _ in named):  # Training's own check of its own setting
+        named = [n for n in named if n[0] == "training"]
+    if named:
+        exc.args = (f"{', '.join(typed for _, _, typed in named)}: {message}", *exc.args[1:])
+
+
 def _train(args) -> int:
     from pvae.runs import train_run
 
-    config = _config_from_args(args)
-    device = distributed.init_from_env(config.training.device)  # launched by torchrun: join the group
-    data_name = Path(config.dataset["path"]).stem if config.dataset.name == "file" else config.dataset.name
-    run_dir = args.run_dir or Path("runs") / f"{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = distributed.broadcast(run_dir)  # rank 0's name (the clocks of the processes may differ)
-    run = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress, command=sys.argv,
-                    device=device)
+    try:
+        config = _config_from_args(args)
+        device = distributed.init_from_env(config.training.device)  # launched by torchrun: join the group
+        data_name = Path(config.dataset["path"]).stem if config.dataset.name == "file" else config.dataset.name
+        run_dir = args.run_dir or Path("runs") / f"{data_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir = distributed.broadcast(run_dir)  # rank 0's name (the clocks of the processes may differ)
+        run = train_run(config, run_dir, resume=args.resume, progress=not args.no_progress, command=sys.argv,
+                        device=device)
+    except UsageError as exc:  # an option's check names the option: say which flag set it
+        _name_the_flags(exc, args)
+        raise
     if not distributed.is_main():
         return 0
     history = run.history
@@ -293,24 +473,59 @@ def _train(args) -> int:
         "best_val": history.best_val,
         "stopped_early": history.stopped_early,
         "time_limit_reached": history.time_limit_reached,
+        "stop_reason": history.stop_reason,
     }
     print(json.dumps(summary, indent=2))
+    print(_finished_line(history, run_dir, run.config.training.epochs), file=sys.stderr)
     return 0
 
 
+def _finished_line(history, run_dir, epochs: int) -> str:
+    """One line for the user at the end of ``pvae train``: the best epoch and its validation
+    metric, why training stopped, where the run is and the command to run next."""
+    done = len(history.records)
+    if history.best_epoch is not None:
+        best = f"best {history.val_metric} {history.best_val:.3f} at epoch {history.best_epoch}"
+    else:
+        best = "no validation metric (no validation data)"
+    if history.stop_reason is not None:  # early stopping, the time limit, a callback's reason
+        why = f"stopped after epoch {done} of {epochs}: {history.stop_reason}"
+    elif history.time_limit_reached:
+        why = f"stopped at the time limit after epoch {done} of {epochs}"
+    else:
+        why = f"trained all {epochs} epoch{'s' if epochs != 1 else ''}"
+    where = shlex.quote(str(run_dir))
+    then = (f"continue: pvae train --run-dir {where} --resume" if history.time_limit_reached
+            else f"next: pvae evaluate {where}")
+    return f"pvae train: {best}; {why}; the run is in {where}; {then}"
+
+
+#: settings of EvaluationSpec and AISSettings -> (the evaluate flag that sets it, its dest)
+_EVALUATE_FLAGS = {"num_samples": ("--num-samples", "num_samples"), "batch_size": ("--batch-size", "batch_size"),
+                   "chunk_size": ("--chunk-size", "chunk_size"),
+                   "psis_datapoints": ("--psis-datapoints", "psis_datapoints"),
+                   "estimators": ("--estimators", "estimators"), "num_chains": ("--chains", "num_chains"),
+                   "num_steps": ("--ais-steps", "ais_steps")}
+
+
 def _evaluate(args) -> int:
-    from pvae.inference.annealing import AISSettings
-    from pvae.inference.evaluation import EvaluationSpec
     from pvae.runs import evaluate_run
 
     device = distributed.init_from_env(args.device) or args.device  # launched by torchrun: join the group
-    spec = EvaluationSpec(
-        estimators=tuple(e.strip() for e in args.estimators.split(",") if e.strip()),
-        num_samples=args.num_samples, batch_size=args.batch_size, chunk_size=args.chunk_size, seed=args.seed,
-        psis_datapoints=args.psis_datapoints,
-        ais=AISSettings(num_chains=args.num_chains, num_steps=args.ais_steps, start=args.ais_start,
-                        betas=args.ais_schedule),
-    )
+    try:
+        spec = EvaluationSpec(
+            estimators=tuple(e.strip() for e in args.estimators.split(",") if e.strip()),
+            num_samples=args.num_samples, batch_size=args.batch_size, chunk_size=args.chunk_size, seed=args.seed,
+            psis_datapoints=args.psis_datapoints,
+            ais=AISSettings(num_chains=args.num_chains, num_steps=args.ais_steps, start=args.ais_start,
+                            betas=args.ais_schedule),
+        )
+    except UsageError as exc:  # it names the setting: say which flag set it
+        field = re.search(r"(?:EvaluationSpec|AISSettings)\.(\w+)", str(exc))
+        flag, dest = _EVALUATE_FLAGS.get(field.group(1) if field else "", (None, None))
+        if flag is not None:
+            exc.args = (f"{flag} {getattr(args, dest)}: {exc}", *exc.args[1:])
+        raise
     report = evaluate_run(args.run_dir, spec, split=args.split, device=device, progress=not args.no_progress,
                           data_path=args.data, resume=not args.restart)
     if distributed.is_main():

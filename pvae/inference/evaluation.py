@@ -177,6 +177,8 @@ def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Op
             report.ais_settings = spec.ais.to_dict()
     report.estimates = dict(estimates)
     report.data_dim = int(x.shape[-1])
+    if report.discrete is None:
+        report.discrete = _likelihood_is_discrete(program, device)
     if labels is not None:
         report.by_label = _by_label(estimates, labels.cpu(), label_names)
     _psis(report, program, x, spec, chunk_size, has_density)
@@ -184,6 +186,35 @@ def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Op
         warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)
         report.latent = latent_diagnostics(program, x)
     return report
+
+
+def _likelihood_is_discrete(program, device) -> Optional[bool]:
+    """Whether ``program``'s likelihood is a probability mass function of discrete data (its
+    log p(x) is then a code length, and bits/dim means something); None when that cannot be told
+    (a program without a pvae likelihood, or one that cannot be probed)."""
+    from pvae.parts.likelihoods import (
+        BernoulliLikelihood,
+        ContinuousBernoulliLikelihood,
+        DiscretizedLogisticLikelihood,
+        GaussianLikelihood,
+        Likelihood,
+        PoissonLikelihood,
+    )
+
+    likelihood = getattr(program, "likelihood", None)
+    if not isinstance(likelihood, Likelihood):
+        return None
+    if isinstance(likelihood, (BernoulliLikelihood, PoissonLikelihood, DiscretizedLogisticLikelihood)):
+        return True  # (the discretized logistic's support reads as [0, 1]: its log-probabilities are log-masses)
+    if isinstance(likelihood, (GaussianLikelihood, ContinuousBernoulliLikelihood)):
+        return False
+    try:  # a likelihood of one's own: its distribution's support says
+        with torch.no_grad():
+            support = likelihood(torch.zeros(likelihood.param_dim, device=device)).support
+    except Exception:  # noqa: BLE001 (a probe: whatever it meets, the answer is "cannot tell")
+        return None
+    discrete = getattr(support, "is_discrete", None)
+    return bool(discrete) if discrete is not None else None
 
 
 def _ais_refusal(settings, program, has_density, scores_any_point) -> Optional[str]:
@@ -283,6 +314,11 @@ class EvaluationReport:
     khat: Optional[torch.Tensor] = field(default=None, repr=False)  # per datapoint, for the figure
     figure: Optional[str] = None
     environment: Optional[dict] = None  # versions, machine and device (see evaluation_environment)
+    #: whether the data are discrete under a probability mass function (Bernoulli, Poisson,
+    #: discretized logistic): only then is -log p(x) a code length and bits/dim shown by
+    #: :meth:`summary`; False for densities (Gaussian, continuous Bernoulli); None: unknown, not
+    #: shown. :func:`evaluate` sets it from the program's likelihood when it is None.
+    discrete: Optional[bool] = None
 
     @property
     def nll_iwae(self) -> Optional[float]:
@@ -366,6 +402,8 @@ class EvaluationReport:
         for name, why in self.skipped.items():
             lines.append(f"  {name}: skipped ({why})")
         if self.nll_iwae is not None:
-            bpd = "" if self.bits_per_dim_iwae is None else f", {self.bits_per_dim_iwae:.4f} bits/dim"
+            # bits/dim is a code length: only for discrete data under a probability mass function
+            bpd = "" if self.bits_per_dim_iwae is None or self.discrete is not True else \
+                f", {self.bits_per_dim_iwae:.4f} bits/dim"
             lines.append(f"  -log p(x) ≈ {self.nll_iwae:.3f} nats (from L_{self.num_samples}){bpd}")
         return "\n".join(lines)
