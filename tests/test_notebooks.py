@@ -9,11 +9,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 #: what an absolute path of a developer's machine looks like in a text output
 MACHINE_PATH = re.compile(r"(?<![\w.])(/(?:work|root|home|tmp|Users|private|var/folders)/[^\s'\"]*|[A-Z]:\\\\[^\s'\"]+)")
-#: notebooks executed before outputs were cleaned of machine paths, and why they are not re-executed yet
-NOT_YET_REEXECUTED = {
-    "05_swap_priors_and_guides.ipynb": "its full-size execution takes about 35 minutes (a tqdm warning names a "
-                                       "site-packages path); re-execute with python notebooks/execute.py",
-}
 
 
 def text_outputs(notebook: Path):
@@ -37,9 +32,7 @@ def test_the_pattern_finds_machine_paths():
         assert not MACHINE_PATH.search(text), text
 
 
-NOTEBOOKS = [pytest.param(p, id=p.name, marks=[pytest.mark.xfail(reason=NOT_YET_REEXECUTED[p.name], strict=True)]
-                          if p.name in NOT_YET_REEXECUTED else [])
-             for p in sorted((ROOT / "notebooks").glob("*.ipynb"))]
+NOTEBOOKS = [pytest.param(p, id=p.name) for p in sorted((ROOT / "notebooks").glob("*.ipynb"))]
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS)
