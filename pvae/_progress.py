@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+__all__ = ["progress_bar_class"]
+
 
 def progress_bar_class():
     """``tqdm.notebook.tqdm`` inside a Jupyter kernel with ipywidgets installed, else ``tqdm.std.tqdm``."""

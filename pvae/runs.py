@@ -196,8 +196,10 @@ SCALE_RATIO_WARNING = 100.0
 
 
 def _warn_about_column_scales(config: RunConfig, data: Dataset) -> None:
-    """Warn when a Gaussian likelihood meets unstandardized columns in very different units."""
+    """Warn when a Gaussian likelihood meets unstandardized table columns in very different units."""
     if config.likelihood.name != "gaussian" or data.streamed or "standardization" in (data.source or {}):
+        return
+    if data.image_shape is not None:  # pixels share one unit (near-constant border pixels are no sign of trouble)
         return
     spread = data.train.double().std(0, unbiased=False)
     live = spread[spread > 0]
