@@ -102,6 +102,8 @@ class FitLoop:
     :ivar int epoch: the current epoch (1-based); ``start_epoch``: the last epoch done before this call.
     :ivar int steps_per_epoch: minibatches per epoch.
     :ivar stop_reason: why the loop stops after this epoch (None: it goes on).
+    :ivar epoch_nonfinite: ``(skipped steps, first skipped step or -1)`` of this epoch so far, device
+        tensors the epoch loop keeps (reading them is a host synchronisation).
     """
 
     def __init__(self, program, objective, optimizer, training, history, device, steps_per_epoch, callbacks):
@@ -117,6 +119,7 @@ class FitLoop:
         self.best_state = None
         self.generator = None
         self.resumed_rng = None
+        self.epoch_nonfinite = None
 
     @property
     def epochs(self) -> int:
@@ -259,19 +262,12 @@ class NonFiniteGuard(Callback):
         self.run = zero + self._resumed["run"]  # consecutive skipped steps so far
         self.run_start = zero + self._resumed["run_start"]  # global step (1-based) where that run began
         self.global_step = int(self._resumed["global_step"])
-        self.epoch_skipped, self.epoch_first_bad = zero.clone(), zero - 1
-
-    def on_epoch_start(self, loop):
-        self.epoch_skipped.zero_()
-        self.epoch_first_bad.fill_(-1)
 
     def on_step_end(self, loop, step, value, nonfinite):
         self.global_step += 1
         bad = nonfinite > 0
         self.run_start = torch.where(bad & (self.run == 0), float(self.global_step), self.run_start)
         self.run = torch.where(bad, self.run + 1, torch.zeros_like(self.run))
-        self.epoch_first_bad = torch.where((self.epoch_first_bad < 0) & bad, float(step + 1), self.epoch_first_bad)
-        self.epoch_skipped += nonfinite
         every = self.check_every if self.policy == "raise" else min(self.check_every or self.max_consecutive,
                                                                   self.max_consecutive)
         if every is not None and (step + 1) % every == 0:
@@ -279,9 +275,10 @@ class NonFiniteGuard(Callback):
 
     def _check(self, loop, steps) -> None:
         if self.policy == "raise":
-            n = int(self.epoch_skipped)
+            skipped, first_bad = loop.epoch_nonfinite  # (counted by the epoch loop)
+            n = int(skipped)
             if n:
-                raise DivergenceError(self._message(loop, n, steps, int(self.epoch_first_bad)))
+                raise DivergenceError(self._message(loop, n, steps, int(first_bad)))
         elif int(self.run) >= self.max_consecutive:
             raise DivergenceError(
                 f"{int(self.run)} consecutive training steps were NaN/inf and skipped (from step "

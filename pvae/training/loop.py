@@ -641,6 +641,7 @@ def train_epoch(loop, data, order, indexed=False, dynamic_binarization=False, lo
             loop.train_step(xb, idx if indexed else None, weight)
         first_bad = torch.where((first_bad < 0) & (found_inf > 0), float(step + 1), first_bad)
         skipped += found_inf
+        loop.epoch_nonfinite = (skipped, first_bad)  # this process's counts so far (device tensors)
         total += torch.where(found_inf > 0, 0.0, value.double()) * xb.shape[0]
         applied += (1 - found_inf.double()) * xb.shape[0]
         loop.fire("on_step_end", step, value, found_inf)
