@@ -139,3 +139,11 @@ def test_fit_takes_one_training_object_and_keywords_override_it(digits):
     assert len(history.records) == 2
     history = pvae.fit(small_vae(digits), digits.train, training=training, epochs=1, progress=False)
     assert len(history.records) == 1
+
+
+def test_a_mid_epoch_check_names_the_first_bad_step(digits):
+    """check_every=2 with the third step NaN: raise mode stops at the step-4 check (not at the end
+    of the epoch), naming step 3 and counting 1 of the first 4 steps."""
+    with pytest.raises(pvae.DivergenceError, match=r"epoch 1, step 3 \(1 of the first 4 steps"):
+        pvae.fit(small_vae(digits), digits.train, epochs=1, objective=_NaNWhen(lambda call: call == 3),
+                 progress=False, check_every=2)
