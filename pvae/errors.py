@@ -41,3 +41,12 @@ class NotARunError(UsageError, FileNotFoundError):
 
 class DiskFullError(UsageError, OSError):
     """No space left where a file was being written; the previous file is intact."""
+
+
+def rows_phrase(indices) -> str:
+    """How every message names rows of an array or tensor: their count and the first few
+    indices, counted from 0 as NumPy and PyTorch index them (a CSV file's errors name its
+    *lines* instead, counted from 1 as an editor shows them)."""
+    indices = [int(i) for i in indices]
+    shown = ", ".join(str(i) for i in indices[:5]) + (", ..." if len(indices) > 5 else "")
+    return f"{len(indices)} row(s) (row index {shown}, counting from 0)"

@@ -39,7 +39,7 @@ from torch import nn
 
 from pvae._rng import seeded
 from pvae.inference.engine import WeightedSamples, is_point_mass, params_quiet
-from pvae.errors import UsageError, UsageTypeError
+from pvae.errors import UsageError, UsageTypeError, rows_phrase
 from pvae.parts.guides import Guide
 from pvae.parts.likelihoods import Likelihood
 from pvae.parts.priors import Prior
@@ -182,8 +182,7 @@ class VAE(nn.Module):
         if not bool(finite.all()):
             rows = (~finite).any(-1).nonzero().flatten()
             raise UsageError(
-                f"{what} contain NaN or infinite values in {rows.numel()} row(s) "
-                f"(first: {rows[:5].tolist()}); clean or drop those rows"
+                f"{what} contain NaN or infinite values in {rows_phrase(rows)}; clean or drop those rows"
             )
         self.likelihood.check_data(x)
 

@@ -240,7 +240,7 @@ def test_fit_refuses_non_probabilities_to_binarize_and_grey_training_data_withou
     with pytest.raises(pvae.UsageError, match="binarize"):
         pvae.fit(vae, x, epochs=1, progress=False)
     x[3, 1] = 1.5
-    with pytest.raises(pvae.UsageError, match=r"probabilities in \[0, 1\].*first: \[3\]"):
+    with pytest.raises(pvae.UsageError, match=r"probabilities in \[0, 1\].*row index 3, counting from 0"):
         pvae.fit(vae, x, epochs=1, progress=False, dynamic_binarization=True)
 
 

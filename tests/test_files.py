@@ -70,9 +70,9 @@ def test_npz_pt_csv_tsv_and_image_folders(tmp_path, examples):
 
 @pytest.mark.parametrize("make, match", [
     (lambda p: np.save(p / "x.npy", np.array([[0.0, 1.0], [np.nan, 0.0], [1.0, 1.0]] * 4)),
-     r"NaN or infinite values in 4 row\(s\) \(first: \["),
+     r"NaN or infinite values in 4 row\(s\) \(row index 1, 4, 7, 10, counting from 0\)"),
     (lambda p: (p / "x.csv").write_text("a,b\n1,2\n3\n"), "line 3 has 1 columns, expected 2"),
-    (lambda p: (p / "x.csv").write_text("1,2\n3,oops\n"), "line 2 has a non-numeric value 'oops'"),
+    (lambda p: (p / "x.csv").write_text("1,2\n3,oops\n"), "line 2, column 2 holds the non-numeric value 'oops'"),
     (lambda p: np.save(p / "x.npy", np.zeros((2, 3))), "leave the valid, test split empty"),
     (lambda p: np.savez(p / "x.npz", train=np.zeros((3, 2)), test=np.zeros((3, 2))), r"not \['valid'\]"),
     (lambda p: (p / "x.txt").write_text("1 2"), "unknown data format '.txt'"),
@@ -83,6 +83,40 @@ def test_bad_files_are_refused_with_the_problem_named(tmp_path, make, match):
     target = next(p for p in tmp_path.iterdir())
     with pytest.raises(DataFileError, match=match):
         load_file(target)
+
+
+@pytest.mark.parametrize("text, match", [
+    # an empty cell is a missing value, named as such, with its line and column
+    ("alcohol,ash,kind\n1,2,a\n3,,b\n", r"line 3, column 'ash' is empty \(a missing value\)"),
+    # lines as an editor counts them: blank lines and the header included
+    ("alcohol,ash,kind\n1,2,a\n\n\n3,x,b\n", r"line 5, column 'ash' holds the non-numeric value 'x'"),
+    # "nan" parses as a float: still a missing value, on its line (not a row index of the array)
+    ("alcohol,ash,kind\n1,2,a\n3,4,b\n5,nan,c\n", r"line 4, column 'ash' holds 'nan' \(not a finite number\)"),
+    # a text column that is not the label column: the hint names the flag
+    ("a,colour\n1,red\n", r"line 2, column 'colour' holds the non-numeric value 'red'.*--label-column colour"),
+    # a row with no label
+    ("alcohol,ash,kind\n1,2,a\n3,4, \n", r"line 3, label column 'kind' is empty"),
+    # no header: columns by number, counted from 1
+    ("1,2,3\n4,,6\n", r"line 2, column 2 is empty"),
+    # a quoted cell over two lines: the next row's line is still right
+    ('a,b,kind\n1,2,"two\nlines"\n3,?,c\n', r"line 4, column 'b' holds the non-numeric value '\?'"),
+    ("a,b\n", r"holds a header \(a, b\) but no rows"),
+])
+def test_csv_errors_name_the_line_and_the_column(tmp_path, text, match):
+    (tmp_path / "x.csv").write_text(text)
+    with pytest.raises(DataFileError, match=match):
+        load_file(tmp_path / "x.csv", label_column="kind" if "kind" in text else None)
+
+
+def test_negative_values_under_bernoulli_suggest_a_likelihood_for_reals_not_binarizing(tmp_path, capsys):
+    rng = np.random.RandomState(0)
+    np.savetxt(tmp_path / "reals.csv", rng.randn(40, 3), delimiter=",", header="a,b,c", comments="")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "reals.csv"), "--run-dir", str(run), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "not probabilities or grey levels" in err and "--likelihood gaussian" in err
+    assert "--binarize" not in err
+    assert not run.exists()
 
 
 def test_images_of_different_sizes_need_image_size(tmp_path):
@@ -140,7 +174,7 @@ def test_grey_data_under_a_bernoulli_likelihood_name_the_fixes_and_write_nothing
     run = tmp_path / "run"
     assert main(["train", "--data", str(tmp_path / "grey.npy"), "--run-dir", str(run), *SMALL]) == 2
     err = capsys.readouterr().err
-    assert "--binarize" in err and "continuous-bernoulli" in err and "gaussian" in err
+    assert "grey levels in [0, 1]" in err and "--binarize" in err and "continuous-bernoulli" in err
     assert not run.exists()
     assert main(["train", "--data", str(tmp_path / "grey.npy"), "--binarize", "threshold", "--run-dir", str(run), *SMALL]) == 0
     assert json.loads((run / "config.json").read_text())["dataset"]["binarize"] == "threshold"

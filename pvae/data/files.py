@@ -34,7 +34,7 @@ import torch
 
 from pvae.checkpoint import TORCH_LOAD_ERRORS
 from pvae.data.dataset import Dataset, _binarize_option, binarized
-from pvae.errors import UsageError
+from pvae.errors import UsageError, rows_phrase
 
 __all__ = ["load_file", "write_examples", "file_sha256", "DataFileError", "ARRAY_SUFFIXES", "IMAGE_SUFFIXES"]
 
@@ -119,10 +119,19 @@ def _named_arrays(mapping, path) -> Dict[str, np.ndarray]:
 
 
 def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
+    """A numeric table, an optional header and one optional label column. Every error names
+    the file's *line* (counted from 1, as an editor shows it, blank lines included) and the
+    column (by its header name where there is one, else its number counted from 1)."""
     delimiter = "\t" if path.suffix == ".tsv" else ","
     with open(path, newline="") as fh:
-        rows = [row for row in csv.reader(fh, delimiter=delimiter) if row and any(c.strip() for c in row)]
-    if not rows:
+        reader = csv.reader(fh, delimiter=delimiter)
+        numbered = []  # (line where the row starts, cells); blank lines are skipped, not renumbered
+        line = 1
+        for row in reader:
+            if row and any(c.strip() for c in row):
+                numbered.append((line, row))
+            line = reader.line_num + 1
+    if not numbered:
         raise DataFileError(f"{path} holds no rows")
 
     def numeric(cell):
@@ -133,14 +142,19 @@ def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
             return False
 
     header = None
-    if not all(numeric(c) for c in rows[0]):
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
-    width = len(header) if header else len(rows[0])
-    for i, row in enumerate(rows):
+    if not all(numeric(c) for c in numbered[0][1]):
+        header, numbered = [c.strip() for c in numbered[0][1]], numbered[1:]
+        if not numbered:
+            raise DataFileError(f"{path} holds a header ({', '.join(header)}) but no rows")
+    width = len(header) if header else len(numbered[0][1])
+    for line, row in numbered:
         if len(row) != width:
-            line = i + (2 if header else 1)
             raise DataFileError(f"{path}: line {line} has {len(row)} columns, expected {width} "
                                 "(ragged rows); fix the file so that every row has the same columns")
+
+    def column(j):
+        return f"column {header[j]!r}" if header and header[j] else f"column {j + 1}"
+
     label_index = None
     if label_column is not None:
         if header and label_column in header:
@@ -150,18 +164,33 @@ def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
         else:
             raise DataFileError(f"{path}: no label column {label_column!r}"
                                 + (f"; columns: {', '.join(header)}" if header else " (the file has no header; give a column index)"))
+    kept = [j for j in range(width) if j != label_index]
     values, labels = [], []
-    for i, row in enumerate(rows):
-        line = i + (2 if header else 1)
-        try:
-            numbers = [float(c) for j, c in enumerate(row) if j != label_index]
-        except ValueError:
-            bad = next(c for j, c in enumerate(row) if j != label_index and not numeric(c))
-            raise DataFileError(f"{path}: line {line} has a non-numeric value {bad!r}; only numeric columns "
-                                "(and one --label-column) can be modelled") from None
+    for line, row in numbered:
+        numbers = []
+        for j in kept:
+            cell = row[j]
+            try:
+                number = float(cell)
+            except ValueError:
+                if not cell.strip():
+                    raise DataFileError(f"{path}: line {line}, {column(j)} is empty (a missing value); fill it "
+                                        "in or drop the row: pvae models complete rows only") from None
+                hint = (f"; if {column(j)} holds labels, pass --label-column {header[j] if header else j}"
+                        if label_index is None else "")
+                raise DataFileError(f"{path}: line {line}, {column(j)} holds the non-numeric value {cell!r}; only "
+                                    f"numeric columns (and one --label-column) can be modelled{hint}") from None
+            if not math.isfinite(number):
+                raise DataFileError(f"{path}: line {line}, {column(j)} holds {cell.strip()!r} (not a finite "
+                                    "number); fill it in or drop the row: pvae models complete rows only")
+            numbers.append(number)
         values.append(numbers)
         if label_index is not None:
-            labels.append(row[label_index].strip())
+            label = row[label_index].strip()
+            if not label:
+                raise DataFileError(f"{path}: line {line}, label {column(label_index)} is empty; every row "
+                                    "needs a label (or leave --label-column out)")
+            labels.append(label)
     out = {"all": np.asarray(values, dtype=np.float64)}
     if labels:
         names = _label_order(set(labels))
@@ -313,8 +342,8 @@ def _check_finite(array: np.ndarray, path, split: str) -> None:
     bad = ~np.isfinite(array).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
-        raise DataFileError(f"{path}: {split} has NaN or infinite values in {rows.size} row(s) "
-                            f"(first: {rows[:5].tolist()}); clean or drop those rows")
+        raise DataFileError(f"{path}: {split} has NaN or infinite values in {rows_phrase(rows)}; "
+                            "clean or drop those rows")
 
 
 def _split(n: int, fractions, seed: int, path) -> Dict[str, np.ndarray]:
@@ -543,8 +572,8 @@ def _load_streamed(path: Path, split, split_seed, image_size, image_shape, binar
                 low = lo if low is None else min(low, lo)
                 high = hi if high is None else max(high, hi)
         if bad_rows:
-            raise DataFileError(f"{path}: the data has NaN or infinite values in {len(bad_rows)} row(s) "
-                                f"(first: {bad_rows[:5]}); clean or drop those rows")
+            raise DataFileError(f"{path}: the data has NaN or infinite values in {rows_phrase(bad_rows)}; "
+                                "clean or drop those rows")
         eight_bit = _eight_bit(array.dtype, shape is not None, low, high)
         source = MemmapSource(path, functools.partial(_stored_to_float, channels_last=channels_last,
                                                       eight_bit=eight_bit))

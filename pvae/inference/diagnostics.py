@@ -22,7 +22,7 @@ import torch
 
 from pvae.inference import engine
 from pvae._rng import seeded
-from pvae.errors import DivergenceError, UsageError
+from pvae.errors import DivergenceError, UsageError, rows_phrase
 from pvae.inference.estimators import (
     DEFAULT_CHUNK_SIZE,
     check_data,
@@ -189,8 +189,8 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
         bad = ~torch.isfinite(means).all(-1)
         if bool(bad.any()):
             raise DivergenceError(
-                f"the guide's mean E_q[z|x] is NaN or infinite for {int(bad.sum())} of {x.shape[0]} datapoints "
-                f"(first: {bad.nonzero().flatten()[:5].tolist()}); the model's parameters or these inputs are "
+                f"the guide's mean E_q[z|x] is NaN or infinite for {rows_phrase(bad.nonzero().flatten())} "
+                f"of {x.shape[0]}; the model's parameters or these inputs are "
                 "broken, so no latent diagnostic can be measured"
             )
         splits = _diagonal_gaussians(vae, x[:2])[1] is None  # the KL splits over dimensions

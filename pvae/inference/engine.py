@@ -52,7 +52,7 @@ from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.util import site_is_subsample
 
-from pvae.errors import UsageError
+from pvae.errors import UsageError, rows_phrase
 
 __all__ = [
     "ModelGuidePair", "WithCovariates", "WeightedSamples", "log_weights", "log_density",
@@ -321,8 +321,8 @@ class ModelGuidePair(torch.nn.Module):
             raise UsageError(f"{what} must be a non-empty floating-point tensor (batch first)")
         if not bool(torch.isfinite(tensor).all()):
             rows = (~torch.isfinite(tensor)).reshape(tensor.shape[0], -1).any(-1).nonzero().flatten()
-            raise UsageError(f"{what} contain NaN or infinite values in {rows.numel()} row(s) "
-                             f"(first: {rows[:5].tolist()}); clean or drop those rows")
+            raise UsageError(f"{what} contain NaN or infinite values in {rows_phrase(rows)}; "
+                             "clean or drop those rows")
         for name, c in covariates.items():
             if c.is_floating_point() and not bool(torch.isfinite(c).all()):
                 raise UsageError(f"covariate {name!r} of the {what} contains NaN or infinite values")

@@ -84,10 +84,19 @@ class BernoulliLikelihood(Likelihood):
     def check_data(self, x: torch.Tensor) -> None:
         if not bool(((x == 0) | (x == 1)).all()):
             bad = x[(x != 0) & (x != 1)].flatten()[:3].tolist()
+            low, high = float(x.min()), float(x.max())
+            if low < 0 or high > 1:  # not grey levels: binarizing would be the wrong fix
+                raise UsageError(
+                    "the Bernoulli likelihood needs binary data (every value 0 or 1), but the data range over "
+                    f"[{low:g}, {high:g}] (e.g. {bad}): they are not probabilities or grey levels, so choose a "
+                    "likelihood for real values: 'gaussian' (--likelihood gaussian; tables are standardized "
+                    "by default), or 'poisson' for counts"
+                )
             raise UsageError(
                 "the Bernoulli likelihood needs binary data (every value 0 or 1), but the data "
-                f"contain other values (e.g. {bad}); binarize the data (--binarize threshold, static or dynamic), or choose a "
-                "likelihood for them: 'continuous-bernoulli' (values in [0, 1]) or 'gaussian' (any reals)"
+                f"contain grey levels in [0, 1] (e.g. {bad}); binarize them (--binarize threshold, static or "
+                "dynamic), or choose a likelihood for them: 'continuous-bernoulli' or 'discretized-logistic' "
+                "(8-bit grey levels)"
             )
 
     def mean(self, params: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from pvae.training.controls import (
 )
 from pvae._rng import seeded
 from pvae.checkpoint import load_checkpoint, save_checkpoint, write_jsonl
-from pvae.errors import UsageError, UsageTypeError
+from pvae.errors import UsageError, UsageTypeError, rows_phrase
 from pvae.inference.estimators import check_data, evaluate_bounds, reconstruction_error
 from pvae.training.callbacks import (
     Callback,
@@ -364,8 +364,8 @@ def check_probabilities(x: torch.Tensor, what: str) -> None:
     bad = ~((x >= 0) & (x <= 1))  # NaN is bad too
     if bool(bad.any()):
         rows = bad.reshape(x.shape[0], -1).any(-1).nonzero().flatten()
-        raise UsageError(f"{what} to binarize dynamically must be probabilities in [0, 1], but {rows.numel()} "
-                         f"row(s) are not (first: {rows[:5].tolist()})")
+        raise UsageError(f"{what} to binarize dynamically must be probabilities in [0, 1], but "
+                         f"{rows_phrase(rows)} are not")
 
 
 def binary_view(x: torch.Tensor) -> torch.Tensor:
