@@ -72,7 +72,7 @@ class _SetOption(argparse.Action):
 
 #: sections whose options also get an unprefixed flag (``--beta``, ``--hidden``) when no other
 #: section declares an option of that name
-_UNPREFIXED_SECTIONS = ("dataset", "net", "objective")
+_UNPREFIXED_SECTIONS = ("model", "dataset", "net", "objective")
 #: options that keep their prefix even when unique (a bare --path would say nothing)
 _PREFIXED_ONLY = ("path",)
 #: spellings of pvae 0.1 that now have another name: flag -> (new flag, targets)
@@ -223,9 +223,10 @@ def _parser() -> argparse.ArgumentParser:
     model = groups["model"]
     model.add_argument("--config", type=Path, help="JSON run config; flags override its values (default: none: "
                        "pvae.RunConfig()'s values)")
-    model.add_argument("--model", choices=MODELS,
-                       help="'autoencoder': the plain deterministic autoencoder (delta guide, reconstruction loss; "
-                       f"it sets the guide, objective and likelihood) (default: {fields['model']})")
+    model.add_argument("--model", choices=MODELS.names(), metavar="NAME",
+                       help=f"one of {', '.join(MODELS.names())}: 'autoencoder' is the plain deterministic autoencoder "
+                       "(delta guide, reconstruction loss; it sets the guide, objective and likelihood); hvae, cvae, "
+                       f"m2 and mixture are the model families of pvae.families (default: {fields['model'].name})")
     model.add_argument("--loss", choices=sorted(AUTOENCODER_LOSSES),
                        help="autoencoder reconstruction loss: bce (binary cross-entropy) or mse (squared error) "
                        "(default: bce)")
@@ -235,6 +236,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data", type=Path, help="your own data: a .npy, .npz, .pt, .csv or .tsv file or a folder of images (same as "
         "--dataset file --dataset-path PATH; see --split, --image-size) (default: none)")
     for section, registry in PART_REGISTRIES.items():
+        if section == "model":  # (--model above)
+            continue
         groups[section].add_argument(f"--{section}", metavar="NAME",
                                      help=f"one of {', '.join(registry.names())} (default: {fields[section].name})")
     groups["net"].add_argument("--layers", type=int,
@@ -307,7 +310,7 @@ def _config_from_args(args) -> RunConfig:
         base = RunConfig.load(saved)
     else:
         base = RunConfig()
-    changes = {k: getattr(args, k) for k in ("model", "latent_dim") if getattr(args, k) is not None}
+    changes = {k: getattr(args, k) for k in ("latent_dim",) if getattr(args, k) is not None}
     if args.data is not None:
         if args.dataset not in (None, "file"):
             raise UsageError(f"--data reads your own file; it conflicts with --dataset {args.dataset}")

@@ -42,12 +42,12 @@ __all__ = ["Training", "RunConfig", "build_vae", "autoencoder_config", "section_
 
 #: version of the config.json schema written by this pvae (1: pvae 0.1's flat file)
 CONFIG_VERSION = 2
-MODELS = ("vae", "autoencoder")
+from pvae.families import MODELS  # noqa: E402  (the model part: vae, autoencoder, hvae, ...)
 STEP_MODES = ("auto", "eager", "compile", "cuda-graph")
 from pvae.training.controls import TRAINING_PARTS  # noqa: E402,F401  (the training section's parts)
 
 #: config section -> registry of its parts
-PART_REGISTRIES = {"dataset": DATASETS, "net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS,
+PART_REGISTRIES = {"model": MODELS, "dataset": DATASETS, "net": NETS, "prior": PRIORS, "guide": GUIDES, "likelihood": LIKELIHOODS,
                    "objective": OBJECTIVES}
 
 
@@ -215,7 +215,7 @@ class RunConfig:
     """
 
     dataset: Part = Part("digits")
-    model: str = "vae"
+    model: Part = Part("vae")
     latent_dim: int = 8
     net: Part = Part("mlp")
     prior: Part = Part("standard-normal")
@@ -225,8 +225,6 @@ class RunConfig:
     training: Training = Training()
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise UsageError(f"unknown model {self.model!r}; valid choices: {', '.join(MODELS)}")
         object.__setattr__(self, "latent_dim", _check_positive_int("latent_dim", self.latent_dim))
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for section, registry in PART_REGISTRIES.items():
@@ -245,7 +243,7 @@ class RunConfig:
             object.__setattr__(self, "dataset", Part("file", **{**self.dataset.kwargs, "path": path}))
         object.__setattr__(self, "training", Training.parse(self.training))
         self.build_objective()  # validates the values (beta >= 0, ...)
-        if self.model == "autoencoder" and (self.guide.name, self.objective.name) != ("delta", "reconstruction"):
+        if self.model.name == "autoencoder" and (self.guide.name, self.objective.name) != ("delta", "reconstruction"):
             raise UsageError(
                 "model 'autoencoder' is the deterministic autoencoder: guide 'delta' with objective "
                 f"'reconstruction' (got guide {self.guide.name!r}, objective {self.objective.name!r}); "
@@ -295,7 +293,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         training = self.training.to_dict()
-        return {"version": CONFIG_VERSION, "model": self.model, "latent_dim": self.latent_dim,
+        return {"version": CONFIG_VERSION, "latent_dim": self.latent_dim,
                 **{section: getattr(self, section).to_dict() for section in PART_REGISTRIES},
                 "training": training}
 
@@ -336,7 +334,7 @@ V1_PART_KEYS = {
 
 
 #: the part names pvae 0.1 used when a key was missing (frozen: later defaults may differ)
-V1_DEFAULT_PARTS = {"dataset": "digits", "net": "mlp", "prior": "standard-normal", "guide": "diagonal",
+V1_DEFAULT_PARTS = {"model": "vae", "dataset": "digits", "net": "mlp", "prior": "standard-normal", "guide": "diagonal",
                     "likelihood": "bernoulli", "objective": "elbo"}
 
 

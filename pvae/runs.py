@@ -28,7 +28,9 @@ import torch
 from pvae import distributed
 from pvae._rng import seeded
 from pvae.checkpoint import TORCH_LOAD_ERRORS, load_checkpoint, run_lock, write_json
-from pvae.config import RunConfig, build_vae, save_config
+from pvae import families
+from pvae.config import RunConfig, save_config
+from pvae.families import build_program
 from pvae.data import Dataset, load_dataset
 from pvae.errors import NotARunError, RunExistsError, UsageError
 from pvae.inference.estimators import (
@@ -149,12 +151,18 @@ def train_run(
     training = config.training
     device = resolve_device(device or training.device)
     data = dataset if dataset is not None else load_dataset(config.dataset)
+    config = families.resolve(config, data)  # options that depend on the data (classes, ...), recorded
     with seeded(training.seed):  # initial weights are a function of the config's seed
-        vae = build_vae(config, data.data_dim, data.image_shape)
+        vae = build_program(config, data.data_dim, data.image_shape)
     _warn_about_column_scales(config, data)
-    train_seen = data.split("train")  # as the model sees it (one draw of dynamically binarized data)
+    if config.model.name in ("vae", "autoencoder"):
+        train_x, valid_x = data.train, data.valid
+        train_seen = data.split("train")  # as the model sees it (one draw of dynamically binarized data)
+    else:  # a family's data carry the covariates its programs read (labels, masks)
+        train_x = train_seen = families.model_data(config, data, "train", training=True)
+        valid_x = families.model_data(config, data, "valid")
     check_data(vae, train_seen, f"{data.name} training data")  # (streamed data: a chunk at a time)
-    check_data(vae, data.valid, f"{data.name} validation data")
+    check_data(vae, valid_x, f"{data.name} validation data")
     objective = config.build_objective()
     check_objective(objective, vae, train_seen, training.batch_size)
     main = distributed.is_main()
@@ -174,9 +182,10 @@ def train_run(
         distributed.barrier()
         trackers = make_trackers(training.log, run_dir, config.to_dict()) if main and training.log else []
         try:
-            history = _fit_run(vae, data, objective, training, device, run_dir, resume, progress, trackers)
+            history = _fit_run(vae, data, train_x, valid_x, objective, training, device, run_dir, resume, progress,
+                               trackers)
             if main:
-                write_figures(vae, data, history, run_dir)
+                write_figures(vae, data, history, run_dir, config)
                 for tracker in trackers:
                     tracker.log_run_files(len(history.records))
         finally:
@@ -185,8 +194,8 @@ def train_run(
     return Run(run_dir, config, vae, history)
 
 
-def _fit_run(vae, data, objective, training, device, run_dir, resume, progress, trackers) -> History:
-    return fit(vae, data.train, data.valid, dataclasses.replace(training, device=str(device)), objective=objective,
+def _fit_run(vae, data, train_x, valid_x, objective, training, device, run_dir, resume, progress, trackers) -> History:
+    return fit(vae, train_x, valid_x, dataclasses.replace(training, device=str(device)), objective=objective,
                run_dir=run_dir, resume=resume, progress=progress, dynamic_binarization=data.dynamic_binarization,
                loggers=trackers)
 
@@ -242,6 +251,9 @@ def _write_run_files(run_dir: Path, config: RunConfig, device, command, data: Da
               "image_shape": list(data.image_shape) if data.image_shape else None,
               "fingerprint": data.fingerprint(),
               "label_names": list(data.label_names) if data.label_names is not None else None}
+    labelled = families.labelled_record(config, data)
+    if labelled is not None:  # M2: which training labels were known
+        record["labelled"] = labelled
     if data.source is not None and not user_file:  # a named benchmark's file and its SHA-256
         record["benchmark"] = data.source
     write_json(record, run_dir / DATA_FILE)
@@ -256,12 +268,18 @@ RESUMABLE_CHANGES = ("epochs", "step", "max_time", "checkpoint_every", "device",
 FIGURE_DATAPOINTS = 10000
 
 
-def write_figures(vae: VAE, data: Dataset, history: History, run_dir) -> None:
-    """ELBO curves, reconstructions, samples and a latent scatter of the validation split."""
+def write_figures(vae: VAE, data: Dataset, history: History, run_dir, config: Optional[RunConfig] = None) -> None:
+    """ELBO curves, reconstructions, samples and a latent scatter of the validation split (a
+    family's own: :func:`pvae.families.write_family_figures`)."""
     from pvae import plots
 
     run_dir = Path(run_dir)
     figures = {"elbo_curves.png": plots.elbo_curves(history.records)}
+    if config is not None and config.model.name not in ("vae", "autoencoder"):
+        figures.update(families.write_family_figures(vae, config, data, run_dir))
+        for name, fig in figures.items():
+            fig.savefig(run_dir / name, dpi=100)
+        return
     valid = data.valid[:FIGURE_DATAPOINTS].to(vae.device)  # (a streamed split reads only these)
     labels = data.split_labels("valid")
     if data.image_shape is not None:
@@ -288,7 +306,7 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Run:
     state = ckpt["best_model"] if best and ckpt.get("best_model") is not None else ckpt["model"]
     record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else {}
     image_shape = tuple(record["image_shape"]) if record.get("image_shape") else None
-    vae = build_vae(config, ckpt["fit"]["data_dim"], image_shape)
+    vae = build_program(config, ckpt["fit"]["data_dim"], image_shape)
     vae.load_state_dict(state)
     vae.to(resolve_device(device))
     vae.eval()
@@ -370,14 +388,14 @@ def evaluate_run(run_dir, spec: Optional[EvaluationSpec] = None, *, split: str =
     if data.data_dim != run.vae.data_dim:
         raise UsageError(f"data set {data.name!r} has {data.data_dim} values per datapoint but the model of "
                          f"{run_dir} takes {run.vae.data_dim}; evaluate data of the same kind")
-    x = data.split(split).to(run.vae.device)
+    x = families.model_data(run.config, data, split).to(run.vae.device)
     if spec.chunk_size is None:  # the automatic chunk size depends on free memory: an interrupted
         chunk = (_chunk_size_of(partials) if keep and resume else None)  # evaluation resumes with its own
         spec = dataclasses.replace(spec, chunk_size=chunk or auto_chunk_size(run.vae, spec.batch_size,
                                                                               spec.num_samples, run.vae.device))
     caches = {}
     cache = _cache_maker(Path(run_dir), stem, split, spec, x, data_note, origin, progress, caches) if keep else None
-    report = EvaluationReport(run_dir=str(run_dir), dataset=data.name, model=run.config.model, split=split,
+    report = EvaluationReport(run_dir=str(run_dir), dataset=data.name, model=run.config.model.name, split=split,
                               data=data_note, scored=scored, environment=evaluation_environment(run.vae.device))
     evaluate(run.vae, x, spec, labels=data.split_labels(split), label_names=data.label_names, progress=progress,
              report=report, cache=cache)

@@ -137,7 +137,7 @@ def test_plain_autoencoder_from_the_command_line(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["validation_metric"] == "val_reconstruction"
     config = json.loads((run / "config.json").read_text())
-    assert (config["model"], config["guide"]["name"], config["objective"]["name"], config["likelihood"]["name"]) == (
+    assert (config["model"]["name"], config["guide"]["name"], config["objective"]["name"], config["likelihood"]["name"]) == (
         "autoencoder", "delta", "reconstruction", "gaussian")
     assert config["latent_dim"] == 4 and config["net"]["hidden"] == [32]
     assert main(["evaluate", str(run), "--no-progress"]) == 0

@@ -36,7 +36,7 @@ from pvae.inference.estimators import (
     reconstruction_error,
 )
 
-__all__ = ["EvaluationSpec", "EvaluationReport", "evaluate", "ESTIMATORS", "REPORT_VERSION"]
+__all__ = ["EvaluationSpec", "EvaluationReport", "evaluate", "classification_error", "ESTIMATORS", "REPORT_VERSION"]
 
 #: the estimators an evaluation can run
 ESTIMATORS = ("elbo", "iwae", "naive", "ais")
@@ -181,11 +181,25 @@ def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Op
         report.discrete = _likelihood_is_discrete(program, device)
     if labels is not None:
         report.by_label = _by_label(estimates, labels.cpu(), label_names)
+        if getattr(program, "predicts_labels", False):
+            report.classification = classification_error(program, x, labels, spec.batch_size)
     _psis(report, program, x, spec, chunk_size, has_density)
     with warnings.catch_warnings():  # the collapse message goes into the report (and the CLI prints it)
         warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)
         report.latent = latent_diagnostics(program, x)
     return report
+
+
+def classification_error(program, x, labels: torch.Tensor, batch_size: int = 1000) -> dict:
+    """The error rate of ``program.classify`` (e.g. M2's argmax over y of q(y|x)) on ``x``
+    against ``labels``."""
+    tensor = x.x if hasattr(x, "covariates") else x
+    with torch.no_grad():
+        predicted = torch.cat([program.classify(xb) for xb in tensor.split(batch_size)]).cpu()
+    errors = int((predicted != labels.cpu().long()).sum())
+    n = int(labels.shape[0])
+    return {"error": errors / n, "num_errors": errors, "num_datapoints": n,
+            "classifier": "argmax_y q(y|x)"}
 
 
 def _likelihood_is_discrete(program, device) -> Optional[bool]:
@@ -319,6 +333,9 @@ class EvaluationReport:
     #: :meth:`summary`; False for densities (Gaussian, continuous Bernoulli); None: unknown, not
     #: shown. :func:`evaluate` sets it from the program's likelihood when it is None.
     discrete: Optional[bool] = None
+    #: for a program that predicts labels (``predicts_labels``, ``classify(x)``: M2's q(y|x)) and labelled data: the
+    #: test error of ``argmax_y q(y|x)`` (``{"error", "num_datapoints", "num_errors", "classifier"}``)
+    classification: Optional[dict] = None
 
     @property
     def nll_iwae(self) -> Optional[float]:
@@ -354,6 +371,7 @@ class EvaluationReport:
             "skipped": self.skipped, "latent": self.latent, "psis": self.psis,
             "ais_settings": self.ais_settings, "figure": self.figure, "by_label": self.by_label,
             "environment": self.environment, "spec": self.spec, "scored": self.scored,
+            "classification": self.classification,
         }
 
     def save(self, run_dir=None) -> Path:
@@ -389,6 +407,11 @@ class EvaluationReport:
         if latent:
             kl = "" if latent.get("kl_total") is None else f", KL(q(z|x)||p(z)) {latent['kl_total']:.2f} nats"
             lines.append(f"  active units: {latent['active_units']} of {latent['latent_dim']}{kl}")
+            if latent.get("per_site"):  # a hierarchy's levels (top first, in the guide's order)
+                levels = [f"{name} {site['active_units']}/{site['latent_dim']}"
+                          + ("" if site.get("kl_total") is None else f" (KL {site['kl_total']:.2f})")
+                          for name, site in latent["per_site"].items()]
+                lines.append(f"  per level: {', '.join(levels)}")
             if latent.get("posterior_collapse"):
                 lines.append(f"  warning: {latent['posterior_collapse']}")
         if self.psis:
@@ -401,6 +424,10 @@ class EvaluationReport:
             lines.append(f"  figure: {Path(self.run_dir) / self.figure}")
         for name, why in self.skipped.items():
             lines.append(f"  {name}: skipped ({why})")
+        if self.classification:
+            c = self.classification
+            lines.append(f"  classification error of {c['classifier']}: {c['error']:.2%} "
+                         f"({c['num_errors']} of {c['num_datapoints']})")
         if self.nll_iwae is not None:
             # bits/dim is a code length: only for discrete data under a probability mass function
             bpd = "" if self.bits_per_dim_iwae is None or self.discrete is not True else \

@@ -152,7 +152,7 @@ def use_precision(vae, precision: str = "fp32") -> None:
                              "model/guide pair of your own, use torch.autocast inside your networks")
         vae.precision = precision
         return
-    nets = [vae.decoder, getattr(vae.guide_net, "encoder", None)]
+    nets = [vae.decoder, getattr(getattr(vae, "guide_net", None), "encoder", None)]
     for net in nets:
         if net is None:
             continue
