@@ -125,9 +125,20 @@ def evaluate(name: str, root: Path, device: str, num_samples: int, log) -> None:
     subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
-def summary(names, root: Path, num_samples: int, device: str = "cpu") -> dict:
+def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: dict = None) -> dict:
+    """One entry per run from its directory under ``root``; a run whose directory is not here (a
+    fresh checkout: run directories are not committed) keeps its entry from ``previous`` (the
+    results file as it was), marked with the commit that wrote that entry."""
     out = {"benchmark": "converged reproductions (issue 15)", "provenance": provenance(torch.device(device)), "runs": {}}
+    previous = previous or {}
     for name in names:
+        old = previous.get("runs", {}).get(name)
+        if not (run_dir_of(name, root) / "metrics.jsonl").exists() and old and old.get("status") != "not started":
+            carried = dict(old)
+            carried.setdefault("carried_over_from_commit", previous.get("provenance", {}).get("git_commit"))
+            carried["published_nll"], carried["published_note"] = PUBLISHED.get(name, (None, ""))
+            out["runs"][name] = carried
+            continue
         entry = {"config": f"experiments/reproduce/{name}.json", **state_of(name, root)}
         env = run_dir_of(name, root) / "env.json"
         if env.exists():  # the machine and versions the run was (last) trained with
@@ -196,7 +207,8 @@ def main(argv=None):
                 if state_of(name, args.root).get("done") and not report.exists():
                     with open(args.root / f"{name}.log", "a") as log:
                         evaluate(name, args.root, args.device, args.num_samples, log)
-    result = summary(names, args.root, args.num_samples, args.device)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else None
+    result = summary(names, args.root, args.num_samples, args.device, previous)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({n: {k: r.get(k) for k in ("status", "epochs_run", "validation_metric", "best_val")}

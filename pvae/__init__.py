@@ -25,7 +25,7 @@ with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message="IProgress not found")
     import pyro  # noqa: F401
 
-from pvae import data, inference, parts, training
+from pvae import data, families, inference, parts, training
 from pvae.inference import estimators
 from pvae.inference.annealing import BDMCBounds, ais, bdmc
 from pvae.config import CONFIG_VERSION, RunConfig, Training, autoencoder_config, build_vae
@@ -58,15 +58,16 @@ from pvae.inference.annealing import AISSettings
 from pvae.inference.evaluation import EvaluationSpec, evaluate
 from pvae.training.callbacks import Callback
 from pvae.training.loop import History, TrainStep, fit
+from pvae.families import build_program
 
 # The public API: what a notebook needs to build, train and evaluate a model. Every other name
 # imported above stays importable (``from pvae import Run`` keeps working) and is public in the
 # ``__all__`` of the module it lives in (:mod:`pvae.parts.guides`, :mod:`pvae.inference.engine`, ...).
 __all__ = [
     # subpackages and modules
-    "data", "inference", "parts", "plots", "training",
+    "data", "families", "inference", "parts", "plots", "training",
     # building a model
-    "VAE", "build_vae", "autoencoder_config", "Part",
+    "VAE", "build_vae", "build_program", "autoencoder_config", "Part",
     "PRIORS", "GUIDES", "LIKELIHOODS", "NETS", "OBJECTIVES",
     "MLP", "StandardNormalPrior", "DiagonalGaussianGuide", "BernoulliLikelihood",
     # training

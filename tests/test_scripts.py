@@ -50,6 +50,10 @@ SCRIPTS = {
         "{tmp}/run", "--train-missing", "digits", "--images", "6", "--chains", "2", "--steps", "3",
         "--num-samples", "5", "--batch-size", "4", "--out", "{tmp}/ais.json",
     ],
+    "experiments/families_digits.py": [
+        "--runs", "hvae,m2-100,mixture-relaxed", "--epochs", "1", "--K", "3", "--ais-steps", "2", "--ais-chains", "2",
+        "--hidden", "16", "--out-dir", "{tmp}/out", "--summary", "{tmp}/families.json", *ONE_THREAD,
+    ],
     "experiments/bounds_subset.py": [
         "{tmp}/run", "--train-missing", "digits", "--images", "6", "--num-samples", "10", "--ks", "1,5,10",
         "--batch-size", "4", "--out", "{tmp}/bounds.json",

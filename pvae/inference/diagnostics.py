@@ -218,11 +218,34 @@ def latent_diagnostics(vae, x: torch.Tensor, threshold: float = 0.01, batch_size
         "posterior_collapse": collapse,
     }
     if len(codes) > 1:  # several latent sites (a hierarchy's levels): each one's share
+        if kl_sites is not None:
+            site_kl, how = {name: float(kl_sites[name].sum()) for name in codes}, "closed form"
+        else:  # no closed form somewhere (a VampPrior on the top level): E_q[log q - log p] per site
+            site_kl, how = _sampled_site_kl(vae, x, list(codes), batch_size), f"Monte Carlo, {SITE_KL_DRAWS} draws"
         out["per_site"] = {
             name: {"active_units": int((c.var(0, unbiased=True) > threshold).sum()), "latent_dim": int(c.shape[-1]),
-                   "kl_total": None if kl_sites is None else float(kl_sites[name].sum())}
+                   "kl_total": site_kl.get(name), "kl_estimator": how}
             for name, c in codes.items()}
     return out
+
+
+#: draws per datapoint of the sampled per-site KL (sites without a closed-form KL)
+SITE_KL_DRAWS = 64
+
+
+def _sampled_site_kl(vae, x, names, batch_size: int, seed: int = 0) -> Dict[str, float]:
+    r"""Per latent site, :math:`E_x E_q[\log q(z_s|\cdot) - \log p(z_s|\cdot)]` from
+    :data:`SITE_KL_DRAWS` draws per datapoint (the site's share of the sampled KL; for a lower
+    level, its conditional KL averaged over the levels above)."""
+    totals = {name: 0.0 for name in names}
+    with torch.no_grad(), seeded(seed, x.device):
+        for xb in x.split(batch_size):
+            terms = engine.log_weights(vae, xb, SITE_KL_DRAWS, enumerate=False).site_terms
+            for name in names:
+                if name in terms:
+                    log_p, log_q = terms[name]
+                    totals[name] += float((log_q - log_p).double().mean(0).sum())
+    return {name: total / x.shape[0] for name, total in totals.items()}
 
 
 def inference_gaps(
