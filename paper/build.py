@@ -240,6 +240,41 @@ def converged_table(summary) -> str:
     return "\n".join(lines + ["", "Protocol differences and published references:", ""] + notes) + "\n"
 
 
+def families_table(summary) -> str:
+    """Table 11: the model families of issue 25 on binarized digits (short runs, not converged)."""
+    if summary is None:
+        return "_Model families: no result file (run experiments/families_digits.py)._\n"
+    prov, settings = summary["provenance"], summary["settings"]
+    lines = [
+        f"**Table 11.** Model families on the binarized 8×8 digits ({settings['test_images']} test digits), from "
+        f"`experiments/families_digits.py` at commit {_commit(prov)} (load average at the start "
+        f"{prov['load_average_1_5_15'][0]:.2f}): the same 256-256 MLPs, {settings['epochs']} epochs at most "
+        "(early stopping, patience 50), 8 latent units in total; ELBO, L_K and the naive prior estimate with "
+        f"K = {settings['K']} per digit, AIS with {settings['ais_chains']} chains of {settings['ais_steps']} steps "
+        "(HMC over every continuous level; a discrete label summed out inside the density). Short runs on a small "
+        "data set, not converged numbers. The CVAE's bounds are of log p(x | label), not comparable with the "
+        "others'. Nats per digit, ± s.e. over digits.",
+        "",
+        "| run | epochs (best) | test ELBO | L_K | naive | AIS | active units (per level) | test error of q(y\\|x) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def est(row, name):
+        e = row["estimates"].get(name)
+        return f"{e['mean']:.2f} ± {e['stderr']:.2f}" if e else "—"
+
+    for name, row in summary["rows"].items():
+        latent = row["latent"]
+        levels = "; ".join(f"{site} {v['active_units']}/{v['latent_dim']}" for site, v in (latent.get("per_site") or {}).items())
+        units = f"{latent['active_units']} of {latent['latent_dim']}" + (f" ({levels})" if levels else "")
+        error = row.get("classification")
+        label = name + (" (log p(x\\|c))" if row.get("conditional") else "")
+        lines.append(f"| {label} | {row['epochs_run']} ({row['best_epoch']}) | "
+                     f"{est(row, 'elbo')} | {est(row, 'iwae')} | {est(row, 'naive')} | {est(row, 'ais')} | {units} | "
+                     + (f"{error['error']:.1%}" if error else "—") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _evaluated_elsewhere(summary) -> str:
     """The runs whose report says its bounds were computed on another device than the CPU."""
     other = {name: r["evaluated_with"]["device"] for name, r in summary["runs"].items()
@@ -497,6 +532,7 @@ def main(argv=None):
     text += objectives_table(_load(args.experiments / "objectives_mnist.json")) + "\n"
     reproduce = _load(args.experiments / "reproduce.json")
     text += converged_table(reproduce)
+    text += "\n" + families_table(_load(args.experiments / "families_digits.json"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure = curves_figure(reproduce, args.out.parent)
     if figure is not None:

@@ -238,6 +238,16 @@ class RunConfig:
             table = Path(str(self.dataset["path"])).suffix.lower() in (".csv", ".tsv")
             mode = "on" if table and self.likelihood.name == "gaussian" else "off"
             object.__setattr__(self, "dataset", Part("file", **{**self.dataset.kwargs, "standardize": mode}))
+        if self.model.name == "cvae" and self.model["condition"] != "label":  # a table's columns as the covariate
+            columns = tuple(c.strip() for c in str(self.model["condition"]).split(",") if c.strip())
+            if self.dataset.name != "file":
+                raise UsageError(f"--condition {self.model['condition']} names columns of your own table (--data "
+                                 "FILE.csv); a registered data set is conditioned on its labels (--condition label)")
+            given = tuple(self.dataset["covariate_columns"])
+            if given and given != columns:
+                raise UsageError(f"--condition {','.join(columns)} and --dataset-covariate-columns {','.join(given)} "
+                                 "disagree; give the columns once (--condition)")
+            object.__setattr__(self, "dataset", Part("file", **{**self.dataset.kwargs, "covariate_columns": columns}))
         if self.dataset.name == "file" and self.dataset["path"]:  # a run names its file absolutely
             path = str(Path(self.dataset["path"]).expanduser().resolve())
             object.__setattr__(self, "dataset", Part("file", **{**self.dataset.kwargs, "path": path}))

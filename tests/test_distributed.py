@@ -202,3 +202,21 @@ def test_a_process_that_finished_cleanly_leaves_even_when_its_peer_failed(tmp_pa
     out = proc.stdout + proc.stderr
     assert "rank 1 left" in out, out[-3000:]
     assert "exitcode  : 3" in out, out[-3000:]  # rank 0's failure is the one reported
+
+
+@pytest.mark.parametrize("family", [["--model", "hvae", "--levels", "2"], ["--model", "m2", "--labelled", "100"],
+                                    ["--model", "cvae"]])
+def test_each_model_family_trains_and_evaluates_on_two_processes(tmp_path, family):
+    """A family's covariates (labels, M2's mask of known labels) are sharded with the data: two
+    processes train one epoch and evaluate sharded, as one process would (finite bounds, the
+    report's datapoints all there)."""
+    run = tmp_path / "run"
+    _torchrun([*TRAIN, *family, "--epochs", "1", "--run-dir", str(run)])
+    env = json.loads((run / "env.json").read_text())
+    assert env["world_size"] == 2
+    _torchrun(["evaluate", str(run), "--num-samples", "3", "--no-progress"])
+    report = json.loads((run / "evaluation-test-K3.json").read_text())
+    assert report["num_datapoints"] == 300 and all(
+        abs(v["mean"]) < 1e4 for v in report["estimates"].values())
+    if family[1] == "m2":
+        assert report["classification"]["num_datapoints"] == 300

@@ -268,3 +268,57 @@ def test_the_sampled_kl_per_level_agrees_with_the_closed_form_where_both_exist()
         stderr = float((log_q - log_p).double().std() / (log_q.numel() ** 0.5))
         tol = mc_tolerance(float((stderr ** 2 + closed_err[i] ** 2) ** 0.5))
         assert abs(sampled[site] - float(closed[i])) < tol, (site, sampled[site], float(closed[i]), tol)
+
+
+def _table(path, n=60):
+    """A table whose covariate column 'row' is each row's number and 'double' twice a data column."""
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randn(n, generator=rng)
+    with open(path, "w") as fh:
+        fh.write("a,row,b,double,kind\n")
+        for i in range(n):
+            fh.write(f"{float(a[i]):.5f},{i},{float(a[i]) + 1:.5f},{2 * float(a[i]):.5f},{'xy'[i % 2]}\n")
+
+
+def test_a_tables_covariate_columns_are_read_beside_the_data_row_for_row(tmp_path):
+    from pvae.data.files import DataFileError, load_file
+
+    _table(tmp_path / "t.csv")
+    data = load_file(tmp_path / "t.csv", label_column="kind", covariate_columns=("row", "double"))
+    assert data.data_dim == 2 and data.covariate_names == ("row", "double")
+    for split in ("train", "valid", "test"):
+        x, c = data.split(split), data.split_covariates(split)
+        assert c.shape == (x.shape[0], 2)
+        assert torch.allclose(c[:, 1], 2 * x[:, 0], atol=1e-4)  # the same rows, in the same order
+        assert torch.equal(data.split_labels(split), (c[:, 0].long() % 2))
+    plain = load_file(tmp_path / "t.csv", label_column="kind", covariate_columns=("double",))
+    assert plain.fingerprint() != data.fingerprint()
+    with pytest.raises(DataFileError, match="no covariate column 'nope'; columns: a, row, b, double, kind"):
+        load_file(tmp_path / "t.csv", label_column="kind", covariate_columns=("nope",))
+    with pytest.raises(DataFileError, match="both the label column and a covariate column"):
+        load_file(tmp_path / "t.csv", label_column="kind", covariate_columns=("kind",))
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((10, 3)))
+    with pytest.raises(DataFileError, match="covariate columns are read from tables"):
+        load_file(tmp_path / "x.npy", covariate_columns=("0",))
+
+
+def test_a_cvae_conditions_on_columns_of_a_users_table_from_the_command_line(tmp_path, capsys):
+    _table(tmp_path / "t.csv")
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "t.csv"), "--label-column", "kind", "--likelihood", "gaussian",
+            "--model", "cvae", "--condition", "row,double", "--run-dir", str(run), *TINY]
+    assert main(argv) == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert config["dataset"]["covariate_columns"] == ["row", "double"] and config["model"]["covariate_dim"] == 2
+    stats = json.loads((run / "data.json").read_text())["file"]["standardization"]
+    assert len(stats["covariates"]["mean"]) == 2  # the covariates standardized by the training split's statistics
+    assert main(["evaluate", str(run), "--num-samples", "3", "--no-progress"]) == 0
+    assert main(["evaluate", str(run), "--data", str(tmp_path / "t.csv"), "--split", "all", "--num-samples", "3",
+                 "--no-progress"]) == 0
+    report = json.loads((run / "evaluation-t_csv-all-K3.json").read_text())
+    assert report["num_datapoints"] == 60
+    assert main(["train", "--dataset", "digits", "--model", "cvae", "--condition", "row", "--run-dir",
+                 str(tmp_path / "bad"), *TINY]) == 2
+    assert "names columns of your own table" in capsys.readouterr().err

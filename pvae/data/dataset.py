@@ -45,6 +45,9 @@ class Dataset:
     :ivar bool binary: all values are 0 or 1.
     :ivar source: where the data came from: for a user's file its path, size, SHA-256 and split;
         for a named benchmark its files and their SHA-256; else None.
+    :ivar covariates: dict split -> float tensor ``(N, C)`` of observed covariates read beside the
+        data (a table's covariate columns, what a conditional VAE conditions on), or None.
+    :ivar covariate_names: the covariate columns' names, or None.
     :ivar bool dynamic_binarization: ``train`` holds probabilities in [0, 1] and training draws a
         fresh Bernoulli sample of every minibatch (``fit(..., dynamic_binarization=True)``);
         ``valid`` and ``test`` are fixed binary draws. ``split("train")`` is then one fixed seeded
@@ -61,6 +64,8 @@ class Dataset:
     source: Optional[dict] = None
     dynamic_binarization: bool = False
     label_names: Optional[Tuple[str, ...]] = None
+    covariates: Optional[dict] = None
+    covariate_names: Optional[Tuple[str, ...]] = None
 
     @property
     def streamed(self) -> bool:
@@ -93,7 +98,20 @@ class Dataset:
                 t.update_hash(h)
             else:
                 h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        for name in SPLITS if self.covariates else ():  # (data without covariates keep their fingerprint)
+            c = self.covariates[name]
+            h.update(f"covariates {name}{tuple(c.shape)}".encode())
+            h.update(c.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return h.hexdigest()
+
+    def split_covariates(self, name: str) -> Optional[torch.Tensor]:
+        """The covariates of a split (``"all"``: of the three, in :meth:`split`'s order), or None."""
+        if self.covariates is None:
+            return None
+        if name == ALL:
+            return torch.cat([self.covariates[s] for s in SPLITS])
+        self.split(name)
+        return self.covariates[name]
 
     def split_labels(self, name: str) -> Optional[torch.Tensor]:
         """The labels of a split (``"all"``: of the three, in :meth:`split`'s order), or None."""
@@ -131,7 +149,19 @@ class Dataset:
         record = {**stats, "log_abs_det_jacobian": float(-scale.log().sum())}
         splits = {s: ((getattr(self, s).double() - mean) / scale).to(getattr(self, s).dtype) for s in SPLITS}
         binary = all(bool(((t == 0) | (t == 1)).all()) for t in splits.values())
-        return dataclasses.replace(self, **splits, binary=binary,
+        covariates = self.covariates
+        if covariates is not None:  # covariates in the networks' scale too (by the training split's own statistics)
+            cstats = stats.get("covariates")
+            if cstats is None:
+                train = covariates["train"].double()
+                cscale = train.std(0, unbiased=False) if train.shape[0] > 1 else torch.ones(train.shape[-1])
+                cstats = {"mean": train.mean(0).tolist(),
+                          "scale": torch.where(cscale > 0, cscale, torch.ones_like(cscale)).tolist()}
+                record["covariates"] = cstats
+            cmean = torch.tensor(cstats["mean"], dtype=torch.float64)
+            cscale = torch.tensor(cstats["scale"], dtype=torch.float64)
+            covariates = {s: ((c.double() - cmean) / cscale).to(c.dtype) for s, c in covariates.items()}
+        return dataclasses.replace(self, **splits, binary=binary, covariates=covariates,
                                    source={**(self.source or {}), "standardization": record})
 
 

@@ -118,7 +118,7 @@ def _named_arrays(mapping, path) -> Dict[str, np.ndarray]:
     return out
 
 
-def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
+def _read_csv(path: Path, label_column: Optional[str], covariate_columns=()) -> Dict[str, np.ndarray]:
     """A numeric table, an optional header and one optional label column. Every error names
     the file's *line* (counted from 1, as an editor shows it, blank lines included) and the
     column (by its header name where there is one, else its number counted from 1)."""
@@ -155,20 +155,25 @@ def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
     def column(j):
         return f"column {header[j]!r}" if header and header[j] else f"column {j + 1}"
 
-    label_index = None
-    if label_column is not None:
-        if header and label_column in header:
-            label_index = header.index(label_column)
-        elif label_column.lstrip("-").isdigit() and -width <= int(label_column) < width:
-            label_index = int(label_column) % width
-        else:
-            raise DataFileError(f"{path}: no label column {label_column!r}"
-                                + (f"; columns: {', '.join(header)}" if header else " (the file has no header; give a column index)"))
-    kept = [j for j in range(width) if j != label_index]
+    def index_of(name, what):
+        if header and name in header:
+            return header.index(name)
+        if name.lstrip("-").isdigit() and -width <= int(name) < width:
+            return int(name) % width
+        raise DataFileError(f"{path}: no {what} {name!r}"
+                            + (f"; columns: {', '.join(header)}" if header else " (the file has no header; give a column index)"))
+
+    label_index = None if label_column is None else index_of(label_column, "label column")
+    covariate_index = [index_of(str(c), "covariate column") for c in covariate_columns]
+    if label_index is not None and label_index in covariate_index:
+        raise DataFileError(f"{path}: {column(label_index)} is both the label column and a covariate column")
+    kept = [j for j in range(width) if j != label_index and j not in covariate_index]
+    if not kept:
+        raise DataFileError(f"{path}: no column is left to model once the label and covariate columns are set apart")
     values, labels = [], []
     for line, row in numbered:
         numbers = []
-        for j in kept:
+        for j in kept + covariate_index:
             cell = row[j]
             try:
                 number = float(cell)
@@ -191,7 +196,11 @@ def _read_csv(path: Path, label_column: Optional[str]) -> Dict[str, np.ndarray]:
                 raise DataFileError(f"{path}: line {line}, label {column(label_index)} is empty; every row "
                                     "needs a label (or leave --label-column out)")
             labels.append(label)
-    out = {"all": np.asarray(values, dtype=np.float64)}
+    table = np.asarray(values, dtype=np.float64).reshape(len(values), len(kept) + len(covariate_index))
+    out = {"all": table[:, : len(kept)]}
+    if covariate_index:
+        out["all_covariates"] = table[:, len(kept):]
+        out["covariate_names"] = np.asarray([header[j] if header else str(j) for j in covariate_index], dtype=object)
     if labels:
         names = _label_order(set(labels))
         out["all_labels"] = np.asarray([names.index(v) for v in labels])
@@ -245,10 +254,13 @@ def _read_images(folder: Path, image_size: Optional[Tuple[int, ...]]) -> Dict[st
     return out
 
 
-def _read(path: Path, label_column: Optional[str], image_size) -> Dict[str, np.ndarray]:
+def _read(path: Path, label_column: Optional[str], image_size, covariate_columns=()) -> Dict[str, np.ndarray]:
+    suffix = path.suffix.lower()
+    if covariate_columns and (path.is_dir() or suffix not in (".csv", ".tsv")):
+        raise DataFileError(f"{path}: covariate columns are read from tables (.csv or .tsv); this is "
+                            + ("a folder of images" if path.is_dir() else f"a {suffix} file"))
     if path.is_dir():
         return _read_images(path, image_size)
-    suffix = path.suffix.lower()
     if suffix not in _READ_ERRORS:
         raise DataFileError(f"{path}: unknown data format {suffix!r}; use one of {', '.join(ARRAY_SUFFIXES)} "
                             "or a folder of images")
@@ -257,7 +269,7 @@ def _read(path: Path, label_column: Optional[str], image_size) -> Dict[str, np.n
         if suffix == ".npy":
             return {"all": np.load(path, allow_pickle=False)}
         if suffix in (".csv", ".tsv"):
-            return _read_csv(path, label_column)
+            return _read_csv(path, label_column, covariate_columns)
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 stored = {k: npz[k] for k in npz.files}
@@ -371,6 +383,7 @@ def load_file(
     binarize: Literal["none", "threshold", "static", "dynamic"] = "none",
     stream: Literal["auto", "never", "always"] = "auto",
     standardize: Literal["auto", "on", "off"] = "auto",
+    covariate_columns: Tuple[str, ...] = (),
 ):
     """Read a data file or image folder into a :class:`~pvae.data.Dataset` (see the module doc).
 
@@ -390,6 +403,9 @@ def load_file(
         and applied to every split and to data evaluated later): on, off, or auto (a run decides:
         on for a CSV/TSV table under a Gaussian likelihood, whose single noise scale cannot fit
         columns in different units; off when the file is loaded on its own).
+    :param covariate_columns: CSV/TSV columns (names or indices) read as covariates, not modelled:
+        what a conditional VAE conditions on (``--model cvae --condition COLUMN,...`` sets them).
+        They are standardized with the data when standardize is on.
     """
 
     if not path:
@@ -408,14 +424,20 @@ def load_file(
             raise UsageError(f"{path} is read on demand (bigger than memory); standardize is not supported for "
                              "streamed data: standardize the file before, or pass --dataset-stream never")
         return _load_streamed(path, split, split_seed, image_size, image_shape, binarize)
-    arrays = _read(path, label_column, image_size)
-    labels = None
+    covariate_columns = tuple(str(c) for c in covariate_columns)
+    if covariate_columns and _should_stream(path, stream, image_size):
+        raise UsageError(f"{path}: covariate columns need the table in memory; pass --dataset-stream never")
+    arrays = _read(path, label_column, image_size, covariate_columns)
+    labels, covariates = None, None
     if "all" in arrays:
         flat, shape = _as_images(arrays["all"], path, image_shape)
         flat = _to_float(flat, shape is not None)
         _check_finite(flat, path, "the data")
         parts = _split(flat.shape[0], split, split_seed, path)
         tensors = {name: torch.from_numpy(np.ascontiguousarray(flat[idx])) for name, idx in parts.items()}
+        if "all_covariates" in arrays:
+            cov = arrays["all_covariates"].astype(np.float32)
+            covariates = {name: torch.from_numpy(np.ascontiguousarray(cov[idx])) for name, idx in parts.items()}
         if "all_labels" in arrays:
             lab = np.asarray(arrays["all_labels"]).reshape(-1)
             if lab.shape[0] != flat.shape[0]:
@@ -444,8 +466,9 @@ def load_file(
     source = {"path": str(path), "bytes": _size(path), "sha256": file_sha256(path), **how,
               "binarize": binarize, "image_shape": list(shape) if shape else None}
     names = tuple(str(n) for n in arrays["label_names"]) if "label_names" in arrays and labels else None
+    covariate_names = tuple(str(n) for n in arrays["covariate_names"]) if covariates else None
     data = Dataset(path.name, labels=labels, image_shape=shape, binary=binary, source=source, label_names=names,
-                   **tensors)
+                   covariates=covariates, covariate_names=covariate_names, **tensors)
     data = binarized(data, binarize)
     return data.standardized() if standardize == "on" else data
 

@@ -101,11 +101,12 @@ def hierarchical(config, data_dim: int, image_shape=None, levels: int = 2,
 
 
 @MODELS.register("cvae")
-def conditional(config, data_dim: int, image_shape=None, condition: Literal["label"] = "label",
+def conditional(config, data_dim: int, image_shape=None, condition: str = "label",
                 covariate_dim: int = 0, conditional_prior: bool = True):
     """A conditional VAE p(z|c) p(x|z, c), q(z|x, c).
 
-    :param str condition: the covariate c: label (the data set's labels, one-hot).
+    :param str condition: the covariate c: label (the data set's labels, one-hot), or columns of
+        your own table (names or indices, comma-separated), read beside the data and not modelled.
     :param int covariate_dim: size of c (0: from the data, the number of classes).
     :param bool conditional_prior: learn p(z|c) (else N(0, I)).
     """
@@ -186,7 +187,11 @@ def resolve(config, data):
     the classification weight) and checked (enough labels per class): what the run records."""
     name, model = config.model.name, config.model
     if name == "cvae" and model["covariate_dim"] == 0:
-        return config.replace(model={"covariate_dim": _num_classes(data, name)})
+        if model["condition"] == "label":
+            return config.replace(model={"covariate_dim": _num_classes(data, name)})
+        if data.covariates is None:
+            raise UsageError(f"--condition {model['condition']}: the data set {data.name!r} has no covariate columns")
+        return config.replace(model={"covariate_dim": int(data.covariates["train"].shape[-1])})
     if name == "m2":
         classes = model["classes"] or _num_classes(data, name)
         n_train = data.train.shape[0]
@@ -242,8 +247,11 @@ def model_data(config, data, split: str, training: bool = False):
     x = data.split(split)
     name = config.model.name
     if name == "cvae":
-        labels = data.split_labels(split)
-        c = torch.nn.functional.one_hot(labels.long(), config.model["covariate_dim"]).to(torch.float32)
+        if config.model["condition"] == "label":
+            labels = data.split_labels(split)
+            c = torch.nn.functional.one_hot(labels.long(), config.model["covariate_dim"]).to(torch.float32)
+        else:  # the table's covariate columns
+            c = data.split_covariates(split).to(torch.float32)
         if data.dynamic_binarization and split == "train":
             raise UsageError("model 'cvae' trains on fixed data: dynamic binarization is not supported with it yet; "
                              "binarize statically (--binarize static)")
@@ -280,7 +288,7 @@ def write_family_figures(program, config, data, run_dir) -> dict:
                     torch.cat([x[:10], program.reconstruct(x[:10], c[:10])]), shape, ncols=10,
                     title="data (top) and reconstructions E[x|z, c]")
                 classes = config.model["covariate_dim"]
-                grid_c = torch.eye(classes).repeat_interleave(10, 0)
+                grid_c = torch.eye(classes).repeat_interleave(10, 0)  # (image data: the labels' one-hot codes)
                 figures["samples_per_class.png"] = plots.image_grid(
                     program.sample(grid_c, seed=0), shape, ncols=10, title="samples E[x|z, c], z ~ p(z|c), a row per class")
         else:
