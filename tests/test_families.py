@@ -219,6 +219,11 @@ def test_each_family_trains_and_evaluates_from_the_command_line(tmp_path, flags,
         assert config["model"]["classes"] == 10 and config["model"]["classification_weight"] == pytest.approx(
             0.1 * 1197 / 100)
         assert 0 <= report["classification"]["error"] <= 1 and report["classification"]["num_datapoints"] == 300
+        # a resumed run resolves to the same config (classes, alpha, the same known labels)
+        argv = ["train", "--dataset", "digits", "--run-dir", str(run), *flags, *TINY]
+        argv[argv.index("--epochs") + 1] = "2"
+        assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+        assert json.loads((run / "data.json").read_text())["labelled"] == record
     else:
         assert report["classification"] is None
 

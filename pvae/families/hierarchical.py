@@ -118,7 +118,8 @@ class HierarchicalVAE(FamilyModel):
             top = self.top_guide
         else:
             width = hidden[-1]
-            act = "softplus" if activation == "gated" else activation  # (gated layers need a width pair)
+            # between the bottom-up blocks an elementwise activation ("gated" is a layer, not one: softplus then)
+            act = "softplus" if activation == "gated" else activation
             self.up = nn.ModuleList([MLP(D if i == 0 else width, width, hidden[:-1], activation) for i in range(L)])
             self.up_act = _elementwise(act)()
             self.heads = nn.ModuleList([nn.Linear(width, 2 * d) for d in level_dims])
