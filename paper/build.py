@@ -272,7 +272,8 @@ def families_table(summary) -> str:
         lines.append(f"| {label} | {row['epochs_run']} ({row['best_epoch']}) | "
                      f"{est(row, 'elbo')} | {est(row, 'iwae')} | {est(row, 'naive')} | {est(row, 'ais')} | {units} | "
                      + (f"{error['error']:.1%}" if error else "—") + " |")
-    return "\n".join(lines) + "\n"
+    notes = [f"- {name}: no AIS: {row['ais_not_run']}" for name, row in summary["rows"].items() if row.get("ais_not_run")]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def _evaluated_elsewhere(summary) -> str:
