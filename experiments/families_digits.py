@@ -62,6 +62,23 @@ NO_AIS = {
 }
 
 
+def _finished(run: Path, epochs: int, patience: int = 50) -> bool:
+    metrics = run / "metrics.jsonl"
+    if not (run / "checkpoint.pt").exists() or not metrics.exists():
+        return False
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if not records:
+        return False
+    best = max(records, key=lambda r: r[r["val_metric"]])
+    return records[-1]["epoch"] >= epochs or records[-1]["epoch"] - best["epoch"] >= patience
+
+
+def _training_commits(run: Path) -> list:
+    """The code commit of every sitting that trained ``run`` (from its env.json), oldest first."""
+    env = json.loads((run / "env.json").read_text())
+    return [s.get("git_commit") for s in env.get("earlier_sittings", [])] + [env.get("git_commit")]
+
+
 def _evaluated(report_file: Path, estimators: str, args) -> bool:
     """Whether ``report_file`` holds an evaluation with these settings."""
     if not report_file.exists():
@@ -96,10 +113,11 @@ def main(argv=None):
         run = args.out_dir / name
         common = ["--dataset", "digits", "--hidden", args.hidden, "--lr", "1e-3", "--epochs", str(args.epochs),
                   "--patience", "50", "--objective", "elbo", "--seed", "0", "--no-progress"]
-        code = pvae_main(["train", "--run-dir", str(run), *(["--resume"] if (run / "config.json").exists() else []),
-                          *common, *RUNS[name]])
-        if code != 0:
-            raise SystemExit(f"training {name} failed (exit {code})")
+        if not _finished(run, args.epochs):  # (a finished run is not resumed: its env.json names the sittings that trained it)
+            code = pvae_main(["train", "--run-dir", str(run), *(["--resume"] if (run / "config.json").exists() else []),
+                              *common, *RUNS[name]])
+            if code != 0:
+                raise SystemExit(f"training {name} failed (exit {code})")
         estimators = "elbo,iwae,naive" + ("" if name in NO_AIS else ",ais")
         report_file = run / f"evaluation-test-K{args.K}.json"
         if not _evaluated(report_file, estimators, args):  # (a finished evaluation with these settings is reused)
@@ -119,6 +137,8 @@ def main(argv=None):
             "estimates": {k: {"mean": v["mean"], "stderr": v["stderr"], "estimator": v["estimator"],
                               "num_samples": v["num_samples"]} for k, v in report["estimates"].items()},
             "latent": {k: report["latent"].get(k) for k in ("active_units", "latent_dim", "kl_total", "per_site")},
+            "trained_with_commits": _training_commits(run),
+            "evaluated_with_commit": (report.get("environment") or {}).get("git_commit"),
             "classification": report.get("classification"),
             "conditional": name == "cvae",
             "ais_not_run": NO_AIS.get(name),

@@ -75,6 +75,24 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def source_commit() -> Optional[str]:
+    """The git commit of the pvae source tree this process imported, with ``-dirty`` when tracked
+    files differ from it; None outside a git checkout (an installed wheel) or without git."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        return None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
 def _machine(device: torch.device) -> dict:
     """Versions, machine and device: what :func:`environment` and :func:`evaluation_environment` share."""
     import numpy
@@ -93,6 +111,9 @@ def _machine(device: torch.device) -> dict:
         "torch_num_threads": torch.get_num_threads(),
         "world_size": distributed.world_size(),  # processes working together (torch.distributed)
     }
+    commit = source_commit()
+    if commit is not None:  # the code that ran, when pvae runs from a git checkout
+        facts["git_commit"] = commit
     if distributed.active():
         facts["distributed_backend"] = torch.distributed.get_backend()
     if device.type == "cuda":
@@ -244,7 +265,18 @@ def _write_run_files(run_dir: Path, config: RunConfig, device, command, data: Da
     """The run's config, environment and data record (before training)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir)
-    write_json(environment(config, device, command), run_dir / ENV_FILE)
+    env = environment(config, device, command)
+    previous = run_dir / ENV_FILE
+    if previous.exists():  # a resumed run: each earlier sitting's code, machine and start are kept
+        try:
+            before = json.loads(previous.read_text())
+        except (OSError, ValueError):
+            before = {}
+        earlier = before.pop("earlier_sittings", [])
+        env["earlier_sittings"] = [*earlier, {k: before.get(k) for k in ("started", "git_commit", "device",
+                                                                          "cuda_device", "world_size", "command")
+                                              if k in before}]
+    write_json(env, run_dir / ENV_FILE)
     user_file = data.source is not None and "path" in data.source
     record = {"name": data.name, "source": "python" if dataset is not None else
               ("file" if user_file else "registry"), "file": data.source if user_file else None,

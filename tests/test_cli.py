@@ -356,3 +356,20 @@ def test_a_run_file_that_cannot_be_read_is_a_usage_error_not_a_bug(tmp_path, cap
     assert main(["evaluate", str(run), "--num-samples", "3", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "checkpoint.pt" in err and "internal error" not in err and "Traceback" not in err
+
+
+def test_env_json_records_the_code_commit_and_keeps_earlier_sittings(tmp_path):
+    """Provenance of a trained model: the commit of the code that trained it (a git checkout, as
+    in CI and in the experiments), each sitting of a resumed run kept."""
+    run = tmp_path / "run"
+    argv = ["train", "--dataset", "digits", "--latent-dim", "2", "--hidden", "8", "--run-dir", str(run), "--no-progress"]
+    assert main([*argv, "--epochs", "1"]) == 0
+    first = json.loads((run / "env.json").read_text())
+    assert len(first["git_commit"].split("-")[0]) == 40 and "earlier_sittings" not in first
+    assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    second = json.loads((run / "env.json").read_text())
+    assert second["earlier_sittings"] == [{k: first[k] for k in ("started", "git_commit", "device", "world_size",
+                                                                   "command")}]
+    assert main(["evaluate", str(run), "--num-samples", "2", "--no-progress"]) == 0
+    report = json.loads((run / "evaluation-test-K2.json").read_text())
+    assert report["environment"]["git_commit"] == second["git_commit"]
