@@ -149,7 +149,9 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
         if env.exists():  # the machine and versions the run was (last) trained with
             values = json.loads(env.read_text())
             entry["trained_with"] = {k: values.get(k) for k in
-                                     ("pvae", "torch", "pyro", "device", "cuda_device", "platform", "started")}
+                                     ("pvae", "torch", "pyro", "device", "cuda_device", "platform", "started",
+                                      "git_commit", "torch_num_threads")}
+            entry["trained_with"]["earlier_sittings"] = values.get("earlier_sittings", [])
         published, note = PUBLISHED.get(name, (None, ""))
         entry["published_nll"] = published
         entry["published_note"] = note
