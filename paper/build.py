@@ -233,7 +233,7 @@ def converged_table(summary) -> str:
             + (f"{r['epochs_run']} ({r['best_epoch']})" if r.get("epochs_run") else "—") + " | "
             + (f"{elbo['mean']:.2f} ± {elbo['stderr']:.2f}" if elbo else "not evaluated") + " | "
             + (f"{-iwae['mean']:.2f} ± {iwae['stderr']:.2f}" if iwae else "not evaluated") + " | "
-            + (f"{published:.2f}" if published is not None else "none comparable") + " | "
+            + (f"{published:.2f}" if published is not None else "— (see note)") + " | "
             + (f"{-iwae['mean'] - published:+.2f}" if iwae and published is not None else "—") + " | "
             + (", ".join(r.get("devices") or []) or "—") + " |")
     notes = [f"- {name}: {r['published_note']}" for name, r in summary["runs"].items() if r.get("published_note")]
