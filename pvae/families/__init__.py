@@ -1,19 +1,19 @@
 """Model families: what ``--model`` (the config's ``model`` part) builds.
 
-=============  =====================================================================================
-``vae``        :class:`pvae.VAE` from the prior, guide, likelihood and nets parts (the default)
-``autoencoder`` the plain deterministic autoencoder (delta guide, reconstruction loss)
-``hvae``       :class:`~pvae.families.hierarchical.HierarchicalVAE`: ``levels`` stochastic levels,
-               ``variant`` tomczak (Tomczak & Welling 2018) or ladder (Sønderby et al. 2016); the
-               prior part is the top level's (VampPrior included)
-``cvae``       :class:`~pvae.families.conditional.ConditionalVAE` on the data set's labels
-               (one-hot) as the covariate
-``m2``         :class:`~pvae.families.labels.CategoricalVAE` with the label in the decoder
-               (Kingma et al. 2014's M2), ``labelled`` labels known in training, the rest
-               summed out exactly
-``mixture``    :class:`~pvae.families.labels.CategoricalVAE` with the label as a mixture
-               component of the prior, enumerated exactly (``relaxed``: Gumbel-softmax training)
-=============  =====================================================================================
+===============  =====================================================================================
+``vae``          :class:`pvae.VAE` from the prior, guide, likelihood and nets parts (the default)
+``autoencoder``  the plain deterministic autoencoder (delta guide, reconstruction loss)
+``hvae``         :class:`~pvae.families.hierarchical.HierarchicalVAE`: ``levels`` stochastic levels,
+                 ``variant`` tomczak (Tomczak & Welling 2018) or ladder (Sønderby et al. 2016); the
+                 prior part is the top level's (VampPrior included)
+``cvae``         :class:`~pvae.families.conditional.ConditionalVAE` on the data set's labels
+                 (one-hot), or on columns of the user's table, as the covariate
+``m2``           :class:`~pvae.families.labels.CategoricalVAE` with the label in the decoder
+                 (Kingma et al. 2014's M2), ``labelled`` labels known in training, the rest
+                 summed out exactly
+``mixture``      :class:`~pvae.families.labels.CategoricalVAE` with the label as a mixture
+                 component of the prior, enumerated exactly (``relaxed``: Gumbel-softmax training)
+===============  =====================================================================================
 
 Each entry is a part like any other: its options are the factory's keyword parameters, in the
 config (``{"model": {"name": "hvae", "levels": 2}}``) and as flags (``--model hvae --levels 2``).
