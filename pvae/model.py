@@ -44,11 +44,33 @@ from pvae.parts.guides import Guide
 from pvae.parts.likelihoods import Likelihood
 from pvae.parts.priors import Prior
 
-__all__ = ["VAE", "Program", "program", "LATENT_SITE", "OBSERVED_SITE", "DATA_PLATE"]
+__all__ = ["VAE", "Program", "program", "check_data_tensor", "LATENT_SITE", "OBSERVED_SITE", "DATA_PLATE"]
 
 LATENT_SITE = "z"
 OBSERVED_SITE = "x"
 DATA_PLATE = "data"
+
+def check_data_tensor(x, data_dim: int, what: str = "data") -> None:
+    """That ``x`` is a non-empty, finite floating-point tensor of shape ``(batch, data_dim)``
+    (the checks every pvae model makes before its likelihood checks the support)."""
+    if not isinstance(x, torch.Tensor):
+        raise UsageTypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise UsageTypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[-1] != data_dim:
+        raise UsageError(
+            f"{what} must have shape (batch, {data_dim}), got {tuple(x.shape)}; "
+            "flatten images to vectors of the model's data_dim"
+        )
+    if x.shape[0] == 0:
+        raise UsageError(f"{what} hold no datapoints (shape {tuple(x.shape)}); pass at least one row")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        rows = (~finite).any(-1).nonzero().flatten()
+        raise UsageError(
+            f"{what} contain NaN or infinite values in {rows_phrase(rows)}; clean or drop those rows"
+        )
+
 
 def _announce(module: nn.Module, prefix: str) -> None:
     """Emit a Pyro ``param`` site for every parameter of ``module``, named
@@ -167,23 +189,7 @@ class VAE(nn.Module):
         Checks: a floating-point tensor of shape ``(batch, data_dim)``, finite, and inside
         the likelihood's support.
         """
-        if not isinstance(x, torch.Tensor):
-            raise UsageTypeError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise UsageTypeError(f"{what} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.dim() != 2 or x.shape[-1] != self.data_dim:
-            raise UsageError(
-                f"{what} must have shape (batch, {self.data_dim}), got {tuple(x.shape)}; "
-                "flatten images to vectors of the model's data_dim"
-            )
-        if x.shape[0] == 0:
-            raise UsageError(f"{what} hold no datapoints (shape {tuple(x.shape)}); pass at least one row")
-        finite = torch.isfinite(x)
-        if not bool(finite.all()):
-            rows = (~finite).any(-1).nonzero().flatten()
-            raise UsageError(
-                f"{what} contain NaN or infinite values in {rows_phrase(rows)}; clean or drop those rows"
-            )
+        check_data_tensor(x, self.data_dim, what)
         self.likelihood.check_data(x)
 
     # ------------------------------------------------------------------ densities (fast path)

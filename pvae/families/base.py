@@ -6,6 +6,7 @@ A family is a :class:`torch.nn.Module` with two Pyro programs, ``model(x, index=
 objectives, bounds, AIS, diagnostics — reads the programs' traces, so a family needs no code of
 its own there. The programs announce the module's parameters to Pyro (as :class:`pvae.VAE`'s
 do), so ``SVI(fam.model, fam.guide, pyro.optim.Adam(...), Trace_ELBO())`` also trains it.
+Their Gaussian heads share :func:`loc_scale` / :func:`diagonal_normal` and :data:`MIN_SCALE`.
 """
 
 from __future__ import annotations
@@ -15,11 +16,29 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pvae.errors import UsageError, UsageTypeError, rows_phrase
-from pvae.inference.engine import unpack
-from pvae.model import DATA_PLATE, program
+import pyro.distributions as dist
 
-__all__ = ["FamilyModel", "cat_broadcast", "one_hot"]
+from pvae.errors import UsageError
+from pvae.inference.engine import unpack
+from pvae.model import DATA_PLATE, check_data_tensor, program
+from pvae.parts.guides import DiagonalGaussianGuide, _positive
+
+__all__ = ["FamilyModel", "cat_broadcast", "one_hot", "loc_scale", "diagonal_normal", "MIN_SCALE"]
+
+#: the smallest scale of every Gaussian a family's network outputs (the diagonal guide's)
+MIN_SCALE = DiagonalGaussianGuide.min_scale
+
+
+def loc_scale(params: torch.Tensor, dim: int):
+    """A Gaussian head's ``(loc, scale)``: the first ``dim`` outputs, and ``softplus`` of the next
+    ``dim`` plus :data:`MIN_SCALE` (as :class:`~pvae.parts.guides.DiagonalGaussianGuide` does)."""
+    loc, pre = params.split(dim, -1)
+    return loc, _positive(pre, MIN_SCALE)
+
+
+def diagonal_normal(params: torch.Tensor, dim: int) -> dist.Distribution:
+    """The diagonal Gaussian of a head's outputs (:func:`loc_scale`), event shape ``(dim,)``."""
+    return dist.Normal(*loc_scale(params, dim)).to_event(1)
 
 
 def cat_broadcast(*tensors: torch.Tensor) -> torch.Tensor:
@@ -77,18 +96,7 @@ class FamilyModel(nn.Module):
         """That ``x`` (a tensor, or :class:`~pvae.WithCovariates` carrying the covariates the
         programs need) is finite ``(B, data_dim)`` floating-point data in the likelihood's support."""
         tensor, covariates = unpack(x)
-        if not isinstance(tensor, torch.Tensor):
-            raise UsageTypeError(f"{what} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise UsageTypeError(f"{what} must be a floating-point tensor, got dtype {tensor.dtype}")
-        if tensor.dim() != 2 or tensor.shape[-1] != self.data_dim:
-            raise UsageError(f"{what} must have shape (batch, {self.data_dim}), got {tuple(tensor.shape)}")
-        if tensor.shape[0] == 0:
-            raise UsageError(f"{what} hold no datapoints (shape {tuple(tensor.shape)}); pass at least one row")
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            rows = (~finite).any(-1).nonzero().flatten()
-            raise UsageError(f"{what} contain NaN or infinite values in {rows_phrase(rows)}; clean or drop those rows")
+        check_data_tensor(tensor, self.data_dim, what)
         missing = [name for name in self.required_covariates if name not in covariates]
         if missing:
             raise UsageError(f"{type(self).__name__} needs the covariate(s) {', '.join(missing)} with the {what}: "

@@ -16,19 +16,11 @@ import pyro.distributions as dist
 import torch
 
 from pvae.errors import UsageError
-from pvae.families.base import FamilyModel, cat_broadcast
+from pvae.families.base import FamilyModel, cat_broadcast, diagonal_normal
 from pvae.model import DATA_PLATE, OBSERVED_SITE
 from pvae.parts.nets import MLP
 
 __all__ = ["ConditionalVAE"]
-
-_MIN_SCALE = 1e-4
-
-
-def _normal(params: torch.Tensor, dim: int) -> dist.Distribution:
-    loc, pre = params.split(dim, -1)
-    return dist.Normal(loc, torch.nn.functional.softplus(pre) + _MIN_SCALE).to_event(1)
-
 
 class ConditionalVAE(FamilyModel):
     """A VAE conditioned on a covariate vector ``c`` of ``covariate_dim`` numbers.
@@ -68,7 +60,7 @@ class ConditionalVAE(FamilyModel):
         if self.prior_net is None:
             zeros = torch.zeros(self.latent_dim, dtype=c.dtype, device=c.device)
             return dist.Normal(zeros, 1.0).to_event(1)
-        return _normal(self.prior_net(c), self.latent_dim)
+        return diagonal_normal(self.prior_net(c), self.latent_dim)
 
     def _need(self, c):
         if c is None:
@@ -87,7 +79,7 @@ class ConditionalVAE(FamilyModel):
         """``z ~ q(z|x, c)``."""
         c = self._need(c)
         with pyro.plate(DATA_PLATE, x.shape[0], dim=-1):
-            pyro.sample("z", _normal(self.encoder(cat_broadcast(x, c)), self.latent_dim))
+            pyro.sample("z", diagonal_normal(self.encoder(cat_broadcast(x, c)), self.latent_dim))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,10 @@ from typing import Callable, Literal, Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pvae.errors import UsageError
-from pvae.families.base import FamilyModel, cat_broadcast
+from pvae.families.base import FamilyModel, cat_broadcast, loc_scale
 from pvae.model import DATA_PLATE, OBSERVED_SITE
 from pvae.parts.guides import DiagonalGaussianGuide
 from pvae.parts.nets import MLP, _elementwise
@@ -41,17 +40,11 @@ from pvae.parts.nets import MLP, _elementwise
 __all__ = ["HierarchicalVAE", "level_site", "VARIANTS"]
 
 VARIANTS = ("tomczak", "ladder")
-MIN_SCALE = 1e-4
 
 
 def level_site(level: int) -> str:
     """The sample site of level ``level`` (1 is next to the data)."""
     return f"z{level}"
-
-
-def _gaussian(params: torch.Tensor, dim: int):
-    loc, pre = params.split(dim, -1)
-    return loc, F.softplus(pre) + MIN_SCALE
 
 
 class _LadderTop(nn.Module):
@@ -142,7 +135,7 @@ class HierarchicalVAE(FamilyModel):
     # ------------------------------------------------------------------ networks
     def transition(self, level: int, above: torch.Tensor) -> dist.Distribution:
         r""":math:`p(z_l | z_{l+1})` for ``level`` l < L."""
-        loc, scale = _gaussian(self.transitions[level - 1](above), self.level_dims[level - 1])
+        loc, scale = loc_scale(self.transitions[level - 1](above), self.level_dims[level - 1])
         return dist.Normal(loc, scale).to_event(1)
 
     def _bottom_up(self, x: torch.Tensor):
@@ -150,8 +143,17 @@ class HierarchicalVAE(FamilyModel):
         out, h = [], x
         for up, head, d in zip(self.up, self.heads, self.level_dims):
             h = self.up_act(up(h))
-            out.append(_gaussian(head(h), d))
+            out.append(loc_scale(head(h), d))
         return out
+
+    def _ladder_level(self, level: int, bottom_up, above: torch.Tensor):
+        r"""The ladder guide's ``(loc, scale)`` at ``level`` < L: the bottom-up Gaussian and
+        :math:`p(z_l|z_{l+1})` combined by precision weighting."""
+        p = self.transition(level, above).base_dist
+        loc_u, scale_u = bottom_up[level - 1]
+        precision_u, precision_p = scale_u.pow(-2), p.scale.pow(-2)
+        var = 1.0 / (precision_u + precision_p)
+        return var * (loc_u * precision_u + p.loc * precision_p), var.sqrt()
 
     def _decoder_input(self, levels: dict) -> torch.Tensor:
         if self.variant == "ladder":
@@ -177,19 +179,14 @@ class HierarchicalVAE(FamilyModel):
             if self.variant == "tomczak":
                 z = pyro.sample(level_site(L), self.top_guide(x))
                 for level in range(L - 1, 0, -1):
-                    loc, scale = _gaussian(self.lower_guides[level - 1](cat_broadcast(x, z)), self.level_dims[level - 1])
+                    loc, scale = loc_scale(self.lower_guides[level - 1](cat_broadcast(x, z)), self.level_dims[level - 1])
                     z = pyro.sample(level_site(level), dist.Normal(loc, scale).to_event(1))
                 return
             up = self._bottom_up(x)
             loc, scale = up[-1]
             z = pyro.sample(level_site(L), dist.Normal(loc, scale).to_event(1))
             for level in range(L - 1, 0, -1):
-                p = self.transition(level, z).base_dist
-                loc_u, scale_u = up[level - 1]
-                precision_u, precision_p = scale_u.pow(-2), p.scale.pow(-2)
-                var = 1.0 / (precision_u + precision_p)
-                loc = var * (loc_u * precision_u + p.loc * precision_p)
-                z = pyro.sample(level_site(level), dist.Normal(loc, var.sqrt()).to_event(1))
+                z = pyro.sample(level_site(level), dist.Normal(*self._ladder_level(level, up, z)).to_event(1))
 
     # ------------------------------------------------------------------ conveniences
     @torch.no_grad()
@@ -217,14 +214,11 @@ class HierarchicalVAE(FamilyModel):
         if self.variant == "tomczak":
             levels = {L: self.top_guide.mean(x)}
             for level in range(L - 1, 0, -1):
-                levels[level] = _gaussian(self.lower_guides[level - 1](cat_broadcast(x, levels[level + 1])),
+                levels[level] = loc_scale(self.lower_guides[level - 1](cat_broadcast(x, levels[level + 1])),
                                           self.level_dims[level - 1])[0]
         else:
             up = self._bottom_up(x)
             levels = {L: up[-1][0]}
             for level in range(L - 1, 0, -1):
-                p = self.transition(level, levels[level + 1]).base_dist
-                loc_u, scale_u = up[level - 1]
-                pu, pp = scale_u.pow(-2), p.scale.pow(-2)
-                levels[level] = (loc_u * pu + p.loc * pp) / (pu + pp)
+                levels[level] = self._ladder_level(level, up, levels[level + 1])[0]
         return self.likelihood.mean(self.decoder(self._decoder_input(levels)))

@@ -43,7 +43,7 @@ from pyro import poutine
 from torch import nn
 
 from pvae.errors import UsageError
-from pvae.families.base import FamilyModel, cat_broadcast, one_hot
+from pvae.families.base import MIN_SCALE, FamilyModel, cat_broadcast, diagonal_normal, one_hot
 from pvae.model import DATA_PLATE, OBSERVED_SITE
 from pvae.parts.nets import MLP
 
@@ -51,12 +51,6 @@ __all__ = ["CategoricalVAE", "LABEL_SITE", "PLACES"]
 
 LABEL_SITE = "y"
 PLACES = ("decoder", "prior")
-_MIN_SCALE = 1e-4  # as the guides' scales
-
-
-def _normal(params: torch.Tensor, dim: int) -> dist.Distribution:
-    loc, pre = params.split(dim, -1)
-    return dist.Normal(loc, torch.nn.functional.softplus(pre) + _MIN_SCALE).to_event(1)
 
 
 class CategoricalVAE(FamilyModel):
@@ -135,7 +129,7 @@ class CategoricalVAE(FamilyModel):
             zeros = torch.zeros(self.latent_dim, dtype=code.dtype, device=code.device)
             return dist.Normal(zeros, 1.0).to_event(1)
         loc = code @ self.component_loc
-        scale = code @ (torch.nn.functional.softplus(self.component_pre_scale) + _MIN_SCALE)
+        scale = code @ (torch.nn.functional.softplus(self.component_pre_scale) + MIN_SCALE)
         return dist.Normal(loc, scale).to_event(1)
 
     def _decoder_input(self, z, code):
@@ -197,7 +191,7 @@ class CategoricalVAE(FamilyModel):
                                        infer={"enumerate": "parallel"})
                 label = torch.where(observed, y.long(), free)
             code = self._code(label, x.dtype)
-            pyro.sample("z", _normal(self.encoder(cat_broadcast(x, code)), self.latent_dim))
+            pyro.sample("z", diagonal_normal(self.encoder(cat_broadcast(x, code)), self.latent_dim))
 
     # ------------------------------------------------------------------ conveniences
     @torch.no_grad()
