@@ -103,6 +103,7 @@ API_PAGES = [
     ("pvae.config", "pvae.config: run configs, options, registries",
      ["pvae.config", "pvae.options", "pvae.registry"]),
     ("pvae.runs", "pvae.runs: run directories and the command line", ["pvae.runs", "pvae.cli"]),
+    ("pvae.pretrained", "pvae.pretrained: converged models shipped with pvae", ["pvae.pretrained"]),
     ("pvae.errors", "pvae.errors", ["pvae.errors"]),
     ("pvae.plots", "pvae.plots: figures", ["pvae.plots"]),
     ("pvae.testing", "pvae.testing: exact references", ["pvae.testing"]),

@@ -152,6 +152,10 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
                                      ("pvae", "torch", "pyro", "device", "cuda_device", "platform", "started",
                                       "git_commit", "torch_num_threads")}
             entry["trained_with"]["earlier_sittings"] = values.get("earlier_sittings", [])
+        checkpoint = run_dir_of(name, root) / "checkpoint.pt"
+        if entry.get("done") and checkpoint.exists():  # the weights every number below came from
+            entry["checkpoint_sha256"] = _sha256(checkpoint)
+        entry["superseded"] = _superseded(old, entry)
         published, note = PUBLISHED.get(name, (None, ""))
         entry["published_nll"] = published
         entry["published_note"] = note
@@ -169,6 +173,33 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
                 entry["gap_to_published_nats"] = -estimates["iwae"]["mean"] - published
         out["runs"][name] = entry
     return out
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _superseded(old, entry) -> list:
+    """Earlier runs of this name that the run directory here replaced (e.g. runs whose checkpoints
+    were never kept), in brief, so that the file still says what they gave and where they came from."""
+    if not old:
+        return []
+    earlier = list(old.get("superseded", []))
+    same = old.get("trained_with", {}).get("started") == entry.get("trained_with", {}).get("started")
+    if not same and old.get("status") != "not started":
+        brief = {k: old.get(k) for k in ("status", "epochs_run", "best_epoch", "best_val", "devices",
+                                          "trained_with", "carried_over_from_commit", "checkpoint_sha256")}
+        for key in ("test_elbo", "test_iwae"):
+            if isinstance(old.get(key), dict):
+                brief[key] = {k: old[key].get(k) for k in ("mean", "stderr", "mc_stderr_of_mean", "num_samples")}
+        earlier.append(brief)
+    return earlier
 
 
 def main(argv=None):

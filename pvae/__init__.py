@@ -25,7 +25,7 @@ with _warnings.catch_warnings():
     _warnings.filterwarnings("ignore", message="IProgress not found")
     import pyro  # noqa: F401
 
-from pvae import data, families, inference, parts, training
+from pvae import data, families, inference, parts, pretrained, training
 from pvae.inference import estimators
 from pvae.inference.annealing import BDMCBounds, ais, bdmc
 from pvae.config import CONFIG_VERSION, RunConfig, Training, autoencoder_config, build_vae
@@ -65,7 +65,7 @@ from pvae.families import build_program
 # ``__all__`` of the module it lives in (:mod:`pvae.parts.guides`, :mod:`pvae.inference.engine`, ...).
 __all__ = [
     # subpackages and modules
-    "data", "families", "inference", "parts", "plots", "training",
+    "data", "families", "inference", "parts", "plots", "pretrained", "training",
     # building a model
     "VAE", "build_vae", "build_program", "autoencoder_config", "Part",
     "PRIORS", "GUIDES", "LIKELIHOODS", "NETS", "OBJECTIVES",

@@ -259,7 +259,10 @@ def _parser() -> argparse.ArgumentParser:
         "and pvae.AISSettings()'s.",
     )
     spec, ais = EvaluationSpec(), AISSettings()
-    ev.add_argument("run_dir", type=Path, help="a run directory written by pvae train")
+    ev.add_argument("run_dir", help="a run directory written by pvae train, or pretrained:NAME for a model "
+                    "shipped with pvae (pvae.pretrained.available(); also pretrained:FOLDER or pretrained:URL of an "
+                    "exported model): the report is written into a verified copy in the cache folder "
+                    "($PVAE_PRETRAINED_DIR, default ~/.cache/pvae/pretrained)")
     what = ev.add_argument_group("estimates")
     what.add_argument("--estimators", default=",".join(spec.estimators),
                       help=f"comma-separated, any of elbo,iwae,naive,ais (default: {','.join(spec.estimators)})")
@@ -511,6 +514,10 @@ _EVALUATE_FLAGS = {"num_samples": ("--num-samples", "num_samples"), "batch_size"
                    "num_steps": ("--ais-steps", "ais_steps")}
 
 
+#: ``pvae evaluate pretrained:NAME`` evaluates a pretrained model (pvae.pretrained)
+PRETRAINED_PREFIX = "pretrained:"
+
+
 def _evaluate(args) -> int:
     from pvae.runs import evaluate_run
 
@@ -529,7 +536,12 @@ def _evaluate(args) -> int:
         if flag is not None:
             exc.args = (f"{flag} {getattr(args, dest)}: {exc}", *exc.args[1:])
         raise
-    report = evaluate_run(args.run_dir, spec, split=args.split, device=device, progress=not args.no_progress,
+    run_dir = Path(args.run_dir)
+    if args.run_dir.startswith(PRETRAINED_PREFIX):
+        from pvae import pretrained
+
+        run_dir = pretrained.writable_copy(args.run_dir[len(PRETRAINED_PREFIX):])
+    report = evaluate_run(run_dir, spec, split=args.split, device=device, progress=not args.no_progress,
                           data_path=args.data, resume=not args.restart)
     if distributed.is_main():
         print(report.summary())

@@ -325,24 +325,41 @@ def write_figures(vae: VAE, data: Dataset, history: History, run_dir, config: Op
 
 def load_run(run_dir, device: str = "cpu", best: bool = True) -> Run:
     """Rebuild a run directory's model (from ``config.json`` and ``checkpoint.pt``) and its
-    history. Run directories of pvae 0.1 load too (their flat config is translated).
+    history. Run directories of pvae 0.1 load too (their flat config is translated), and so do
+    exported runs (:func:`pvae.pretrained.export`: ``model.safetensors`` with the best weights in
+    place of the checkpoint; check them first with :func:`pvae.pretrained.verify`, as
+    :func:`pvae.pretrained.load_run` does).
 
-    :param bool best: load the best-validation weights (else the last epoch's).
+    :param bool best: load the best-validation weights (else the last epoch's; an exported run
+        holds only the best).
     """
+    from pvae import pretrained
+
     run_dir = Path(run_dir)
-    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+    exported = not (run_dir / CHECKPOINT_FILE).exists() and (run_dir / pretrained.WEIGHTS_FILE).exists()
+    for name in (CONFIG_FILE, pretrained.WEIGHTS_FILE if exported else CHECKPOINT_FILE):
         if not (run_dir / name).exists():
             raise NotARunError(f"{run_dir} is not a pvae run directory: {name} is missing")
     config = RunConfig.load(run_dir / CONFIG_FILE)
-    ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
-    state = ckpt["best_model"] if best and ckpt.get("best_model") is not None else ckpt["model"]
+    if exported:
+        from safetensors.torch import load_file
+
+        manifest = json.loads((run_dir / pretrained.MANIFEST_FILE).read_text())
+        state = load_file(str(run_dir / pretrained.WEIGHTS_FILE))
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        data_dim, training = manifest["data_dim"], manifest["training"]
+        history = History(records, training["best_epoch"], training["stopped_early"])
+    else:
+        ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        state = ckpt["best_model"] if best and ckpt.get("best_model") is not None else ckpt["model"]
+        data_dim = ckpt["fit"]["data_dim"]
+        history = History(ckpt["history"], ckpt.get("best_epoch"), ckpt.get("stopped_early", False))
     record = json.loads((run_dir / DATA_FILE).read_text()) if (run_dir / DATA_FILE).exists() else {}
     image_shape = tuple(record["image_shape"]) if record.get("image_shape") else None
-    vae = build_program(config, ckpt["fit"]["data_dim"], image_shape)
+    vae = build_program(config, data_dim, image_shape)
     vae.load_state_dict(state)
     vae.to(resolve_device(device))
     vae.eval()
-    history = History(ckpt["history"], ckpt.get("best_epoch"), ckpt.get("stopped_early", False))
     return Run(run_dir, config, vae, history)
 
 
@@ -413,7 +430,8 @@ def evaluate_run(run_dir, spec: Optional[EvaluationSpec] = None, *, split: str =
     partials = _partial_files(Path(run_dir), stem, keep, resume)
     # what cached minibatches were computed from (hashed before loading, so that a checkpoint
     # rewritten meanwhile cannot be cached under the new one's hash)
-    origin = ({name: file_sha256(Path(run_dir) / name) for name in (CHECKPOINT_FILE, CONFIG_FILE)
+    origin = ({name: file_sha256(Path(run_dir) / name)
+               for name in (CHECKPOINT_FILE, "model.safetensors", CONFIG_FILE)
                if (Path(run_dir) / name).exists()} if keep else {})
     run = load_run(run_dir, device)
     data, data_note = _evaluation_data(Path(run_dir), run.config, dataset, data_path)

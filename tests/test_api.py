@@ -93,7 +93,8 @@ def own_doc(obj):
 
 # ----------------------------------------------------------------------------------- pvae.__all__
 def test_the_public_api_is_a_curated_list_of_names_that_resolve():
-    assert 30 <= len(pvae.__all__) <= 50, len(pvae.__all__)
+    names = [n for n in pvae.__all__ if not inspect.ismodule(getattr(pvae, n))]  # besides the subpackages
+    assert 30 <= len(names) <= 50, len(names)
     assert len(set(pvae.__all__)) == len(pvae.__all__), "a name listed twice"
     assert not [n for n in pvae.__all__ if n.startswith("_")]
     for name in pvae.__all__:

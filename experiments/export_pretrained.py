@@ -1,0 +1,108 @@
+"""Export the converged reproductions as pvae's bundled pretrained models (issue 26 item 1).
+
+For each finished, evaluated run of ``experiments/reproduce.py`` named below: refuses a run that
+was trained from an uncommitted tree (its ``env.json`` commit ends in ``-dirty`` or is missing) or
+that has no ``pvae evaluate --num-samples 5000`` report; computes a reference estimate on the
+first test images (L_5000, seed 0: what ``tests/test_pretrained.py`` re-estimates with another
+seed); and writes ``pvae/pretrained/models/<name>/`` with :func:`pvae.pretrained.export` (weights as
+safetensors, the run's config, data record and history, its evaluation report, and a manifest with
+every file's SHA-256, the training commit and the checkpoint's SHA-256). An existing export of the
+same run is replaced.
+
+    PVAE_DATA_DIR=../shared/data python experiments/export_pretrained.py
+    PVAE_DATA_DIR=../shared/data python experiments/export_pretrained.py vamp-binarized-mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+import pvae  # noqa: E402
+from pvae import pretrained  # noqa: E402
+
+#: bundled name -> (the run of experiments/reproduce.py, description)
+MODELS = {
+    "standard-binarized-mnist": (
+        "vae-standard-analytic",
+        "VAE with a standard normal prior, diagonal Gaussian guide, gated MLP 300-300, 40 latent units, "
+        "closed-form KL, Tomczak & Welling's protocol (KL warm-up 100 epochs, early stopping); static "
+        "binarized MNIST"),
+    "vamp-binarized-mnist": (
+        "vae-vamp",
+        "VAE with a VampPrior (500 pseudo-inputs), diagonal Gaussian guide, gated MLP 300-300, 40 latent "
+        "units, Tomczak & Welling's protocol; static binarized MNIST"),
+    "iaf-binarized-mnist": (
+        "vae-iaf",
+        "VAE with an inverse autoregressive flow guide, standard normal prior, gated MLP 300-300, 40 "
+        "latent units, Tomczak & Welling's protocol; static binarized MNIST"),
+}
+#: the reference estimate that a quick check reproduces (tests/test_pretrained.py)
+SUBSET = {"estimator": "iwae", "num_datapoints": 100, "num_samples": 5000, "seed": 0}
+
+
+def reference_subset(run) -> dict:
+    x = pvae.load_dataset(run.config.dataset).test[:SUBSET["num_datapoints"]]
+    spec = pvae.EvaluationSpec(estimators=("iwae",), num_samples=SUBSET["num_samples"], seed=SUBSET["seed"],
+                               psis_datapoints=0)
+    estimate = pvae.evaluate(run.vae, x, spec).estimates["iwae"]
+    return {**SUBSET, "datapoints": f"the first {SUBSET['num_datapoints']} test images", "mean": estimate.mean,
+            "mc_stderr_of_mean": estimate.mc_stderr_of_mean, "stderr": estimate.stderr,
+            "computed_with": pvae.runs.source_commit()}
+
+
+def export_one(name: str, root: Path, num_samples: int) -> Path:
+    run_name, description = MODELS[name]
+    run_dir = root / run_name
+    env = json.loads((run_dir / "env.json").read_text())
+    commit = env.get("git_commit") or ""
+    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise SystemExit(f"{run_dir} was trained from {commit or 'an unrecorded tree'!r}, not a committed one: "
+                         "retrain it from a clean checkout")
+    report = run_dir / f"evaluation-test-K{num_samples}.json"
+    if not report.exists():
+        raise SystemExit(f"{run_dir} has no {report.name}: pvae evaluate {run_dir} --num-samples {num_samples}")
+    torch.manual_seed(0)
+    extra = {"reference_subset": reference_subset(pvae.load_run(run_dir))}
+    target = pretrained.MODELS_DIR / name
+    staging = target.with_name(f".{name}-new")
+    if staging.exists():
+        shutil.rmtree(staging)
+    pretrained.export(run_dir, staging, description=description, name=name, reproduces=run_name,
+                      evaluation=report, extra=extra)
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    pretrained.verify(target)
+    return target
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", default=None, help=f"default: all of {sorted(MODELS)}")
+    parser.add_argument("--root", type=Path, default=ROOT / "results" / "reproduce",
+                        help="where experiments/reproduce.py keeps its run directories")
+    parser.add_argument("--num-samples", type=int, default=5000)
+    args = parser.parse_args(argv)
+    pretrained.MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    for name in args.names or sorted(MODELS):
+        if name not in MODELS:
+            parser.error(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+        target = export_one(name, args.root, args.num_samples)
+        sizes = {p.name: p.stat().st_size for p in target.iterdir()}
+        print(f"{name}: {target} ({sum(sizes.values()) / 2 ** 20:.1f} MB; weights "
+              f"{sizes[pretrained.WEIGHTS_FILE] / 2 ** 20:.1f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

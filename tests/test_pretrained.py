@@ -1,0 +1,226 @@
+"""Pretrained models (issue 26 item 1): export a run, load it back bit for bit, verify every file,
+refuse tampered or unlisted files, download from a URL into the cache, evaluate through the CLI;
+and the bundled converged models: their manifests, their provenance, and a fresh evaluation of a
+subset of the test images against their reference evaluation (the paper's Table 9 row), within
+Monte Carlo error."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import math
+import re
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+import pvae
+from pvae import pretrained
+from pvae.cli import main as cli
+from pvae.errors import UsageError
+
+from conftest import requires_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, digits):
+    """A two-epoch run on the digits, its evaluation, and its export."""
+    base = tmp_path_factory.mktemp("pretrained")
+    config = pvae.RunConfig(dataset="digits", latent_dim=2, net={"hidden": (16,)}, training={"epochs": 2})
+    run_dir = base / "run"
+    pvae.train_run(config, run_dir, progress=False)
+    report = pvae.evaluate_run(run_dir, num_samples=20, progress=False)
+    out = pretrained.export(run_dir, base / "tiny-digits", description="two epochs on the digits",
+                            evaluation=run_dir / f"{report.stem}.json")
+    return run_dir, out
+
+
+def test_an_exported_run_loads_the_best_weights_and_history_of_the_run(exported):
+    run_dir, out = exported
+    original, loaded = pvae.load_run(run_dir), pretrained.load_run(out)
+    assert original.vae.state_dict().keys() == loaded.vae.state_dict().keys()
+    for key, value in original.vae.state_dict().items():
+        assert torch.equal(value, loaded.vae.state_dict()[key]), key
+    assert loaded.history.records == original.history.records
+    assert loaded.history.best_epoch == original.history.best_epoch
+    assert loaded.config == original.config
+    assert not loaded.vae.training
+    manifest = json.loads((out / pretrained.MANIFEST_FILE).read_text())
+    assert manifest["checkpoint_sha256"] == pvae.data.files.file_sha256(run_dir / "checkpoint.pt")
+    assert set(manifest["files"]) == {*pretrained.REQUIRED_FILES, pretrained.REFERENCE_FILE}
+    assert manifest["evaluation"]["num_samples"] == 20
+    assert "per_example" not in manifest["evaluation"]["estimates"]["iwae"]
+    assert manifest["trained_with"]["git_commit"] == json.loads((run_dir / "env.json").read_text())["git_commit"]
+    # nothing in the folder is a pickle: the weights are safetensors
+    assert (out / pretrained.WEIGHTS_FILE).read_bytes()[8:9] == b"{"
+
+
+def test_export_refuses_an_existing_folder_and_leaves_nothing_behind(exported, tmp_path):
+    run_dir, out = exported
+    with pytest.raises(UsageError, match="exists"):
+        pretrained.export(run_dir, out, description="again")
+    (tmp_path / "x").mkdir()
+    with pytest.raises(FileNotFoundError):
+        pretrained.export(tmp_path / "x", tmp_path / "y", description="not a run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # no staging folder left
+
+
+def _copy(out: Path, tmp_path: Path) -> Path:
+    target = tmp_path / out.name
+    shutil.copytree(out, target)
+    return target
+
+
+def test_a_changed_byte_in_any_file_is_refused_before_loading(exported, tmp_path):
+    _, out = exported
+    for name in pretrained.REQUIRED_FILES:
+        copy = _copy(out, tmp_path / name)
+        data = bytearray((copy / name).read_bytes())
+        data[len(data) // 2] ^= 1
+        (copy / name).write_bytes(bytes(data))
+        with pytest.raises(pretrained.PretrainedChecksumError, match=re.escape(name) + ".*SHA-256"):
+            pretrained.load(copy)
+
+
+def test_a_manifest_that_names_files_outside_its_folder_or_lacks_the_weights_is_refused(exported, tmp_path):
+    _, out = exported
+    copy = _copy(out, tmp_path)
+    manifest = json.loads((copy / pretrained.MANIFEST_FILE).read_text())
+    for files, message in (({**manifest["files"], "../escape": "0" * 64}, "plain file names"),
+                           ({k: v for k, v in manifest["files"].items() if k != pretrained.WEIGHTS_FILE},
+                            "does not list model.safetensors")):
+        (copy / pretrained.MANIFEST_FILE).write_text(json.dumps({**manifest, "files": files}))
+        with pytest.raises(UsageError, match=message):
+            pretrained.load(copy)
+
+
+def test_a_pinned_manifest_hash_that_differs_is_refused(exported):
+    _, out = exported
+    with pytest.raises(pretrained.PretrainedChecksumError, match="pinned"):
+        pretrained.load(out, sha256="0" * 64)
+    pinned = pvae.data.files.file_sha256(out / pretrained.MANIFEST_FILE)
+    assert pretrained.load(out, sha256=pinned) is not None
+
+
+def test_an_unknown_name_lists_the_bundled_models():
+    with pytest.raises(UsageError, match="unknown pretrained model 'no-such-model'"):
+        pretrained.load("no-such-model")
+
+
+@pytest.fixture()
+def served(exported, tmp_path):
+    """The exported folder served over HTTP from a local server; yields (url, folder served)."""
+    _, out = exported
+    root = tmp_path / "www"
+    served = _copy(out, root)
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{out.name}/", served
+    server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_a_model_published_at_a_url_is_downloaded_into_the_cache_verified_and_reused(served, exported, tmp_path):
+    url, folder = served
+    cache = tmp_path / "cache"
+    vae = pretrained.load(url, cache=cache)
+    reference = pretrained.load(exported[1])
+    for key, value in reference.state_dict().items():
+        assert torch.equal(value, vae.state_dict()[key])
+    (downloaded,) = cache.iterdir()
+    assert downloaded.name.startswith("tiny-digits-")
+    pretrained.verify(downloaded)
+    # the server now serves other weights: the cached, verified copy is used, nothing is downloaded
+    (folder / pretrained.WEIGHTS_FILE).write_bytes(b"not the model")
+    assert pretrained.load(url, cache=cache) is not None
+    # a fresh cache: the tampered weights fail their checksum and nothing lands in the cache
+    with pytest.raises(pretrained.PretrainedChecksumError, match="model.safetensors"):
+        pretrained.load(url, cache=tmp_path / "cache2")
+    assert list((tmp_path / "cache2").iterdir()) == []
+    with pytest.raises(UsageError, match="could not download"):
+        pretrained.load(url.replace("tiny-digits", "absent"), cache=tmp_path / "cache3")
+
+
+def test_pvae_evaluate_pretrained_writes_its_report_in_a_copy_not_the_bundled_folder(exported, tmp_path,
+                                                                                    monkeypatch, capsys):
+    _, out = exported
+    models = tmp_path / "models"
+    shutil.copytree(out, models / out.name)
+    monkeypatch.setattr(pretrained, "MODELS_DIR", models)
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    assert list(pretrained.available()) == ["tiny-digits"]
+    before = sorted(p.name for p in (models / out.name).iterdir())
+    assert cli(["evaluate", "pretrained:tiny-digits", "--num-samples", "7", "--no-progress",
+                "--psis-datapoints", "0"]) == 0
+    assert "tiny-digits" in capsys.readouterr().out
+    assert sorted(p.name for p in (models / out.name).iterdir()) == before
+    report = json.loads((tmp_path / "cache" / "tiny-digits" / "evaluation-test-K7.json").read_text())
+    assert report["estimates"]["iwae"]["num_samples"] == 7
+    # the copy is verified again on the next call; a damaged copy is replaced, not used
+    (tmp_path / "cache" / "tiny-digits" / pretrained.WEIGHTS_FILE).write_bytes(b"damaged")
+    assert cli(["evaluate", "pretrained:tiny-digits", "--num-samples", "7", "--no-progress",
+                "--psis-datapoints", "0"]) == 0
+    pretrained.verify(tmp_path / "cache" / "tiny-digits")
+    assert cli(["evaluate", "pretrained:nothing-like-it", "--no-progress"]) == 2
+
+
+# ------------------------------------------------------------------- the bundled converged models
+BUNDLED = sorted(pretrained.available())
+#: what every bundled model must reproduce: the runs of the paper's Table 9
+REPRODUCE = ROOT / "experiments" / "results" / "reproduce.json"
+
+
+def test_models_are_bundled_and_packaged():
+    assert BUNDLED, "no pretrained model is bundled"
+    toml = (ROOT / "pyproject.toml").read_text()
+    assert '"pvae.pretrained"' in toml and "models/*/*" in toml
+
+
+@pytest.mark.parametrize("name", BUNDLED)
+def test_a_bundled_model_records_where_it_came_from_and_is_its_table_9_row(name):
+    folder = pretrained.MODELS_DIR / name
+    manifest = pretrained.verify(folder)
+    for file in manifest["files"]:
+        assert (folder / file).stat().st_size <= 8 * 2 ** 20, f"{file} is over 8 MB"
+    commit = manifest["trained_with"]["git_commit"]
+    assert re.fullmatch(r"[0-9a-f]{40}", commit or ""), f"trained from {commit!r}, not a committed tree"
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest["checkpoint_sha256"])
+    if (ROOT / ".git").exists():  # the training commit is in this repository's history
+        subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, check=True)
+    evaluation = manifest["evaluation"]
+    assert evaluation["num_samples"] == 5000 and evaluation["num_datapoints"] == 10000
+    row = json.loads(REPRODUCE.read_text())["runs"][manifest["reproduces"]]
+    assert row["test_iwae"]["mean"] == evaluation["estimates"]["iwae"]["mean"]
+    assert row["test_elbo"]["mean"] == evaluation["estimates"]["elbo"]["mean"]
+    assert row["trained_with"]["git_commit"] == commit
+    assert row.get("checkpoint_sha256") == manifest["checkpoint_sha256"]
+
+
+@requires_mnist
+@pytest.mark.parametrize("name", BUNDLED)
+def test_a_fresh_evaluation_of_a_bundled_model_matches_its_reference_within_monte_carlo_error(name):
+    """L_5000 on the first test images, from another seed, against the manifest's reference
+    estimate of the same images (written when the model was exported): the difference of two
+    independent Monte Carlo estimates of the same number, within 4.5 of its standard errors."""
+    run = pretrained.load_run(name)
+    check = json.loads((pretrained.MODELS_DIR / name / pretrained.MANIFEST_FILE).read_text())["reference_subset"]
+    x = pvae.load_dataset(run.config.dataset).test[:check["num_datapoints"]]
+    spec = pvae.EvaluationSpec(estimators=("iwae",), num_samples=check["num_samples"], seed=check["seed"] + 1,
+                               psis_datapoints=0)
+    fresh = pvae.evaluate(run.vae, x, spec).estimates["iwae"]
+    assert fresh.num_samples == 5000 and 0 < fresh.mc_stderr_of_mean < 0.2
+    tolerance = 4.5 * math.hypot(fresh.mc_stderr_of_mean, check["mc_stderr_of_mean"])
+    assert abs(fresh.mean - check["mean"]) <= tolerance, (fresh.mean, check["mean"], tolerance)
