@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import math
 from pathlib import Path
 
@@ -28,25 +29,32 @@ def aevb_table(summary) -> str:
     lines = [
         f"**Table 1.** {summary['experiment']}; {summary['config']['epochs']} epochs, Adam "
         f"{summary['config']['lr']}, batch {summary['config']['batch_size']}, {summary['threads']} CPU threads; "
-        f"{summary['test_set']}. Test ELBO from {summary['K_elbo']} samples per image (nats per image).",
+        f"{summary['test_set']}. Test ELBO from {summary['K_elbo']} samples per image (nats per image). "
+        + (f"Training time: {summary['timing']}; commit {_commit(summary['provenance'])}, 1-minute load average "
+           f"{summary['provenance']['load_average_1_5_15'][0]:.2f} at the start and "
+           f"{summary['load_average_end'][0]:.2f} at the end." if summary.get("provenance") else
+           "This result file predates the engine, the sync-free step and fused Adam, and records no commit: "
+           "its timings describe older code (rerun experiments/aevb_binarized_mnist.py)."),
         "",
-        "| seed | pvae test ELBO | hand-written test ELBO | pvae train s | hand-written train s |",
-        "| --- | --- | --- | --- | --- |",
+        "| seed | pvae test ELBO | hand-written test ELBO | pvae train s | hand-written train s | pvae / hand-written |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in summary["runs"]:
         lines.append(
             f"| {r['seed']} | {r['pvae_test_elbo']:.2f} | {r['handwritten_test_elbo']:.2f} | "
-            f"{r['pvae_train_seconds']:.0f} | {r['handwritten_train_seconds']:.0f} |"
+            f"{r['pvae_train_seconds']:.0f} | {r['handwritten_train_seconds']:.0f} | "
+            f"{r['pvae_train_seconds'] / r['handwritten_train_seconds']:.3f} |"
         )
     p, h = summary["pvae_test_elbo"], summary["handwritten_test_elbo"]
     sd = lambda s: f" (sd {s['sd']:.2f})" if s.get("sd") is not None else ""  # noqa: E731
-    lines.append(f"| mean | {p['mean']:.2f}{sd(p)} | {h['mean']:.2f}{sd(h)} | | |")
+    ratios = [r["pvae_train_seconds"] / r["handwritten_train_seconds"] for r in summary["runs"]]
+    lines.append(f"| mean | {p['mean']:.2f}{sd(p)} | {h['mean']:.2f}{sd(h)} | | | "
+                 f"{statistics.median(ratios):.3f} ({min(ratios):.3f}–{max(ratios):.3f}) |")
     k = summary["K"]
     lines += [
         "",
         f"**Table 2.** Seed {first['seed']}: bounds from the same K = {k} importance samples per image "
-        "(mean ± standard error over images, nats). No timings: this result file predates the engine's "
-        "fast path and sync-free step (and the recording of git commits); current speeds are in Tables 3 and 5.",
+        "(mean ± standard error over images, nats).",
         "",
         "| model | ELBO | L_K (IWAE) | −log p(x) estimate |",
         "| --- | --- | --- | --- |",
@@ -81,17 +89,34 @@ def grid_table(grid) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _spread(summary: dict, fmt: str = "{:.3f}") -> str:
+    """A quantity over repeats: its median and range (``median (min–max)``)."""
+    return f"{fmt.format(summary['median'])} ({fmt.format(summary['min'])}–{fmt.format(summary['max'])})"
+
+
+def _loads(bench) -> str:
+    loads = [r["repeat"]["load_average_before"][0] for r in bench["repeats"]]
+    return f"1-minute load average before each repeat {', '.join(f'{x:.2f}' for x in loads)}"
+
+
 def bench_table(bench) -> str:
     if bench is None:
-        return "_Training-step benchmark: no result file (run benchmarks/bench_train_step.py)._\n"
-    m, prov = bench["median_step_ms"], bench["provenance_start"]
-    rows = "".join(f"| {name} | {bench['sides'].get(name, '')} | {ms:.2f} | {m['pvae'] / ms:.3f} |\n"
-                   for name, ms in m.items())
+        return "_Training-step benchmark: no result file (run benchmarks/repeat_timings.py train-step)._\n"
+    if "repeats" not in bench:
+        return "_Training-step benchmark: the result file predates repeated timings (rerun " \
+               "benchmarks/repeat_timings.py train-step)._\n"
+    first, n = bench["repeats"][0], len(bench["repeats"])
+    prov = bench["provenance"]
+    sides = list(first["median_step_ms"])
+    ms = {side: statistics.median(r["median_step_ms"][side] for r in bench["repeats"]) for side in sides}
+    ratio = {side: bench["summary"].get(f"pvae/{side}") for side in sides}
+    rows = "".join(f"| {name} | {first['sides'].get(name, '')} | {ms[name]:.2f} | "
+                   f"{_spread(ratio[name]) if ratio[name] else '1'} |\n" for name in sides)
     return (
-        f"**Table 3.** {bench['benchmark']}; {bench['data']}; device {prov['device']}, "
-        f"{bench['threads']} threads; median over {bench['blocks']} blocks of {bench['steps_per_block']} "
-        f"steps, the sides' order rotating; commit {prov['git_commit'][:10]}, load average at start "
-        f"{prov['load_average_1_5_15'][0]:.2f}.\n\n"
+        f"**Table 3.** {first['benchmark']}; {first['data']}; device {prov['device']}, "
+        f"{first['threads']} threads; each repeat the median over {first['blocks']} blocks of "
+        f"{first['steps_per_block']} steps, the sides' order rotating; {n} repeats in fresh processes: ms per step "
+        f"is the median over repeats, the ratio its median (range); commit {_commit(prov)}, {_loads(bench)}.\n\n"
         "| side | what | ms per step | pvae / side |\n| --- | --- | --- | --- |\n" + rows
     )
 
@@ -129,27 +154,34 @@ def gpu_table(suite) -> str:
 
 def iwae_bench_table(bench) -> str:
     if bench is None:
-        return "_IWAE/AIS benchmark: no result file (run benchmarks/bench_iwae.py)._\n"
-    i, a = bench["iwae"], bench["ais"]
+        return "_IWAE/AIS benchmark: no result file (run benchmarks/repeat_timings.py iwae)._\n"
+    if "repeats" not in bench:
+        return "_IWAE/AIS benchmark: the result file predates repeated timings (rerun " \
+               "benchmarks/repeat_timings.py iwae)._\n"
+    first, n = bench["repeats"][0], len(bench["repeats"])
+    i, a = first["iwae"], first["ais"]
+    seconds = lambda key: statistics.median(r["iwae"][key + "_seconds"] for r in bench["repeats"])  # noqa: E731
     row = lambda name, key: (f"| {name} | {i[key + '_elbo']['mean']:.2f} ± {i[key + '_elbo']['stderr']:.2f} | "  # noqa: E731
                              f"{i[key + '_iwae']['mean']:.2f} ± {i[key + '_iwae']['stderr']:.2f} | "
-                             f"{i[key + '_seconds']:.0f} |")
+                             f"{seconds(key):.0f} |")
     k = i["K"]
+    ratio, ais_seconds = bench["summary"]["pvae/handwritten (L_K time)"], bench["summary"]["AIS seconds per image"]
     return "\n".join([
-        f"**Table 5.** Importance-weighted bound with K = {k} on {i['images']} {bench['data']} images, "
-        f"{bench['model']}; batch {i['batch_size']} images, chunks of {i['chunk_size']} samples, "
-        f"{bench['threads']} CPU threads, implementations alternating batch by batch "
-        "(nats per image, ± s.e. over images).",
+        f"**Table 5.** Importance-weighted bound with K = {k} on {i['images']} {first['data']} images, "
+        f"{first['model']}; batch {i['batch_size']} images, chunks of {i['chunk_size']} samples, "
+        f"{first['threads']} CPU threads, implementations alternating batch by batch; {n} repeats in fresh "
+        f"processes (estimates from the first, seconds the median over repeats, the ratio's median and range); "
+        f"commit {_commit(bench['provenance'])}, {_loads(bench)} (nats per image, ± s.e. over images).",
         "",
         f"| implementation | ELBO (mean of K log-weights) | L_{k} | seconds |",
         "| --- | --- | --- | --- |",
         row("pvae `evaluate_bounds`", "pvae"),
         row("hand-written PyTorch", "handwritten"),
-        f"| ratio pvae / hand-written | | | {i['ratio']:.3f} |",
+        f"| ratio pvae / hand-written | | | {_spread(ratio)} |",
         "",
         f"**Table 6.** AIS on the first {a['images']} test images: {a['schedule']}; "
         f"{a['gradient_evaluations_per_datapoint']} gradient evaluations of log p(x, z) per image, "
-        f"{a['seconds_per_datapoint']:.2f} s per image ({bench['threads']} threads).",
+        f"{_spread(ais_seconds, '{:.2f}')} s per image over the repeats ({first['threads']} threads).",
         "",
         "| estimator (same images) | mean ± s.e. (nats) | Monte Carlo s.e. of the mean |",
         "| --- | --- | --- |",

@@ -31,6 +31,10 @@ SCRIPTS = {
         "--run-dir", "{tmp}/none", "--K", "7", "--images", "30", "--block", "10", "--ais-images", "4",
         "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json", *ONE_THREAD,
     ],
+    "benchmarks/repeat_timings.py": [
+        "train-step", "--repeats", "2", "--max-load", "1000", "--out-dir", "{tmp}", "--",
+        "--blocks", "2", "--steps-per-block", "2", *ONE_THREAD,
+    ],
     "benchmarks/gpu_suite.py": ["--smoke", "--device", "cpu", "--out", "{tmp}/gpu_suite.json"],
     "benchmarks/bench_hierarchy.py": ["--quick", "--out", "{tmp}/bench.json", *ONE_THREAD],
     "paper/build.py": ["--pdf", "--out", "{tmp}/tables.md"],  # the PDF build too (checked below)
