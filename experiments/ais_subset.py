@@ -38,7 +38,8 @@ def resume_state(partial: Path, args, fresh: dict) -> dict:
     """The state saved by an interrupted run of this script with the same arguments and checkpoint,
     else ``fresh`` (a partial file from other settings is refused: mixing them would be silent)."""
     settings = {k: str(v) for k, v in sorted(vars(args).items())}
-    settings["checkpoint_sha256"] = file_sha256(Path(args.run_dir) / "checkpoint.pt")
+    weights = Path(args.run_dir) / "checkpoint.pt"  # (an exported model, pvae.pretrained: its weights file)
+    settings["checkpoint_sha256"] = file_sha256(weights if weights.exists() else Path(args.run_dir) / "model.safetensors")
     if not partial.exists():
         return {**fresh, "settings": settings}
     done = torch.load(partial, weights_only=False)
@@ -125,7 +126,7 @@ def main(argv=None):
     result = {
         "experiment": "AIS vs L_K on a random test subset (issue 15)",
         "provenance": done.get("provenance", started),
-        "run_dir": str(args.run_dir), "data": note,
+        "run_dir": str(args.run_dir), "checkpoint_sha256": done["settings"]["checkpoint_sha256"], "data": note,
         "subset": subset,
         "ais": {**summary(values["ais"]), "chains": args.chains, "intermediate_distributions": args.steps,
                 "start": "guide", "mean_accept_rate": float(torch.cat(done["accept"]).mean())},

@@ -102,7 +102,7 @@ def main(argv=None):
     result = {
         "experiment": "bounds against K, PSIS k-hat, samples and reconstructions on a random test subset (issue 15)",
         "provenance": done.get("provenance", started),
-        "run_dir": str(args.run_dir), "data": note, "subset": subset,
+        "run_dir": str(args.run_dir), "checkpoint_sha256": done["settings"]["checkpoint_sha256"], "data": note, "subset": subset,
         "num_samples": args.num_samples,
         "how": f"{args.num_samples} draws from the guide per image (seed {args.seed} + position of the minibatch); "
                "L_K averaged over the num_samples/K disjoint groups of K draws",

@@ -169,6 +169,12 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
             for key in ("elbo", "iwae"):
                 if key in estimates:
                     entry[f"test_{key}"] = estimates[key]
+            latent = values.get("latent") or {}
+            if "active_units" in latent:  # Burda et al.'s count, on the test images, from the same report
+                entry["test_active_units"] = {k: latent.get(k) for k in
+                                              ("active_units", "latent_dim", "activity_threshold", "kl_total")}
+            if values.get("psis"):
+                entry["test_psis"] = {k: v for k, v in values["psis"].items() if not isinstance(v, list)}
             if "iwae" in estimates and published is not None:
                 entry["gap_to_published_nats"] = -estimates["iwae"]["mean"] - published
         out["runs"][name] = entry

@@ -11,15 +11,70 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import math
+import re
+import statistics
+import sys
 from pathlib import Path
+from typing import Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+#: a number quoted in the prose: ``{{ EXPR }}`` or ``{{ EXPR | FORMAT }}``, where EXPR is arithmetic
+#: (+ - * / parentheses, abs, min, max, median, share_above(list, x)) over values of result files,
+#: each written ``stem:path`` —
+#: ``stem`` a file of experiments/results or benchmarks/results without ``.json``, ``path`` its keys
+#: joined by dots (a key with other characters in double quotes, a list index as a number) — and
+#: FORMAT a Python format spec (default ``.2f``): ``{{ -reproduce:runs.vae-vamp.test_iwae.mean | .1f }}``
+PLACEHOLDER = re.compile(r"\{\{(.+?)\}\}", re.S)
+_REFERENCE = re.compile(r'([A-Za-z_][\w\-]*):((?:[\w\-]+|"[^"]*")(?:\.(?:[\w\-]+|"[^"]*"))*)')
+#: what a placeholder may compute with (besides + - * /): a list value (e.g. per-image k-hat) only
+#: through share_above or median
+_FUNCTIONS = {"abs": abs, "min": min, "max": max,
+              "median": lambda *values: statistics.median(values[0] if len(values) == 1 else values),
+              "share_above": lambda values, threshold: sum(v > threshold for v in values) / len(values)}
+_ARITHMETIC = re.compile(r"^(?:[\d\s.eE+\-*/(),\[\]]|" + "|".join(_FUNCTIONS) + r")*$")
+
+
+def _value_of(stem: str, path: str, folders) -> float:
+    for folder in folders:
+        if (folder / f"{stem}.json").exists():
+            value = json.loads((folder / f"{stem}.json").read_text())
+            break
+    else:
+        raise KeyError(f"no result file {stem}.json")
+    for key in re.findall(r'"([^"]*)"|([\w\-]+)', path):
+        key = key[0] or key[1]
+        value = value[int(key)] if isinstance(value, list) else value[key]
+    numbers = value if isinstance(value, list) else [value]
+    if not numbers or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in numbers):
+        raise KeyError(f"{stem}:{path} is {str(value)[:80]}, not a number or a list of numbers")
+    return [float(v) for v in value] if isinstance(value, list) else float(value)
+
+
+def fill_numbers(text: str, folders) -> Tuple[str, list]:
+    """Replace every placeholder of ``text`` by its value from the result files; returns the text
+    and the placeholders that could not be filled (each left in the text, marked)."""
+    missing = []
+
+    def fill(match):
+        expr, _, spec = match.group(1).partition("|")
+        try:
+            arithmetic = _REFERENCE.sub(lambda m: repr(_value_of(m.group(1), m.group(2), folders)), expr)
+            if not _ARITHMETIC.match(arithmetic):
+                raise KeyError(f"not arithmetic over result values: {expr.strip()!r}")
+            value = eval(arithmetic, {"__builtins__": {}, **_FUNCTIONS})  # noqa: S307
+            return format(value, spec.strip() or ".2f")
+        except (KeyError, IndexError, ValueError, TypeError, SyntaxError, ZeroDivisionError) as exc:
+            missing.append(f"{match.group(0)}: {exc}")
+            return f"**[no value: {match.group(1).strip()}]**"
+
+    return PLACEHOLDER.sub(fill, text), missing
 
 
 def aevb_table(summary) -> str:
@@ -455,7 +510,9 @@ def figures_text(bounds, ais, reproduce, out_dir: Path) -> str:
                  f"L_{k_max} {b[k_max]['mean']:.2f} (± {b[k_max]['stderr']:.2f} over images).{ais_line} "
                  "The full test set's L_5000 and the published value are over all 10,000 test images, whose mean "
                  "differs from the subset's (the subset's s.e. over images is given above); they are drawn for "
-                 f"scale, not as the same quantity. Commit {_commit(bounds['provenance'])}.]({path.name})\n")
+                 f"scale, not as the same quantity. Commit {_commit(bounds['provenance'])}."
+                 + (f" Computed on {which}." if (which := _which_model(Path(bounds['run_dir']).name, bounds, reproduce))
+                    else "") + f"]({path.name})\n")
     path = samples_figure(bounds, out_dir)
     if path is not None:
         text += (f"\n![**Figure 3.** {Path(bounds['run_dir']).name}: 48 seeded samples (likelihood means) and the "
@@ -471,7 +528,21 @@ def figures_text(bounds, ais, reproduce, out_dir: Path) -> str:
     return text
 
 
-def subset_table(rows) -> str:
+def _which_model(name: str, result: dict, reproduce) -> str:
+    """Whether a subset result was computed on the checkpoint that Table 9's row of ``name`` comes
+    from ("" if so), else what it was computed on."""
+    row = ((reproduce or {}).get("runs") or {}).get(name) or {}
+    if result.get("checkpoint_sha256") and result["checkpoint_sha256"] == row.get("checkpoint_sha256"):
+        return ""
+    if result.get("checkpoint_sha256"):
+        return "another checkpoint than Table 9's row (an earlier run of this name)"
+    return ("an earlier run of this name, superseded in Table 9 (the result file predates the recording of "
+            "checkpoint hashes, and that run's checkpoint was not kept)" if row.get("superseded") else
+            "the run of Table 9's row by its directory (the result file predates the recording of checkpoint "
+            "hashes)")
+
+
+def subset_table(rows, reproduce=None) -> str:
     """Table 10: each converged model's bounds, AIS and k-hat on the same seeded random test subset
     (from its bounds_subset and ais_subset result files)."""
     rows = [(name, b, a) for name, b, a in rows if b is not None]
@@ -485,7 +556,10 @@ def subset_table(rows) -> str:
         f"({first['subset']['images']} images: {first['subset']['how']}): ELBO and L_K from the same "
         f"{first['num_samples']} guide draws per image (L_1 is the ELBO), AIS on the same images, and the "
         "fraction of images whose PSIS k̂ exceeds 0.7. Means in nats per image (± s.e. over images for the "
-        "ELBO and the largest K; the paired AIS − L_K column is ± its own s.e.).",
+        "ELBO and the largest K; the paired AIS − L_K column is ± its own s.e.)."
+        + "".join(f" {name}: computed on {which}." for name, which in
+                  ((name, _which_model(name, b, reproduce)) for name, b, _ in rows) if which)
+        + "".join(f" {name}, AIS file: {a['note']}" for name, _, a in rows if a and a.get("note")),
         "",
         "| run | ELBO | " + " | ".join(f"L_{k}" for k in ks) + " | AIS | AIS − L_K (paired) | AIS higher on | "
         "k̂ > 0.7 | commit |",
@@ -582,9 +656,11 @@ def main(argv=None):
     chosen = next((c for c in candidates if c[2] is not None), candidates[0] if candidates else None)
     if chosen is not None:
         text += figures_text(chosen[1], chosen[2], reproduce, args.out.parent)
-    text += "\n" + subset_table(candidates)
+    text += "\n" + subset_table(candidates, reproduce)
     args.out.write_text(text)
-    source = (ROOT / "paper" / "paper.md").read_text()
+    source, missing = fill_numbers((ROOT / "paper" / "paper.md").read_text(), (args.experiments, args.benchmarks))
+    for line in missing:
+        print(f"paper/build.py: unfilled number {line}", file=sys.stderr)
     (args.out.parent / "paper.md").write_text(source.replace("<!-- include: generated/tables.md -->", text))
     print(text)
     if args.html:  # one command from result files to a readable paper with its figures

@@ -210,6 +210,25 @@ def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path_factory):
     assert build.build_pdf(tmp_path / "paper.md").read_bytes() == pdf  # no creation date in it
 
 
+def test_every_number_in_the_papers_prose_is_filled_from_a_committed_result_file(tmp_path_factory):
+    """The prose quotes results as placeholders that paper/build.py fills from the result files:
+    the committed files fill every one (none left marked), the filled text carries no braces, and
+    a placeholder naming a missing key, a missing file or anything but arithmetic is left marked
+    and reported, never evaluated."""
+    proc, tmp_path = smoke_run("paper/build.py", tmp_path_factory)
+    assert "unfilled number" not in proc.stderr, proc.stderr[-2000:]
+    paper = (tmp_path / "paper.md").read_text()
+    assert "{{" not in paper and "[no value:" not in paper
+    build = _paper_build()
+    folders = (ROOT / "experiments" / "results", ROOT / "benchmarks" / "results")
+    text, missing = build.fill_numbers("{{ -reproduce:runs.vae-vamp.test_iwae.mean | .1f }}", folders)
+    assert not missing and float(text) > 80
+    for bad in ("{{ reproduce:runs.no-such-run.test_iwae.mean }}", "{{ no_such_file:x }}",
+                "{{ __import__('os') }}", "{{ reproduce:provenance.git_commit }}"):
+        text, missing = build.fill_numbers(bad, folders)
+        assert text.startswith("**[no value:") and len(missing) == 1, (bad, text)
+
+
 def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
     """Table 9's caption says its test bounds are the CPU's; a report that records another device
     (CUDA draws other numbers from the same seed) must be named there."""
