@@ -62,6 +62,20 @@ def _settle(max_load: float, wait: float = 300.0) -> bool:
     return True
 
 
+def _cpu_seconds() -> tuple:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process's finished
+    children) — their changes over a repeat give the CPU time that anything else took meanwhile."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    try:
+        fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
+    except (OSError, ValueError, IndexError):
+        busy = float("nan")
+    return busy, children.ru_utime + children.ru_stime
+
+
 def summarize(values) -> dict:
     return {"values": values, "median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -92,9 +106,17 @@ def main(argv=None):
             cmd = [sys.executable, str(HERE / script), *args.extra, "--out", str(out)]
             print(f"{time.strftime('%H:%M:%S')} repeat {r}/{args.repeats} (load {load[0]:.2f}): {' '.join(cmd)}",
                   flush=True)
+            busy, own = _cpu_seconds()
+            t0 = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            wall = time.perf_counter() - t0
+            busy_after, own_after = _cpu_seconds()
             result = json.loads(out.read_text())
-            result["repeat"] = {"index": r, "load_average_before": load, "machine_settled": settled}
+            # the load average lags (right after a repeat it still shows that repeat's threads); the
+            # CPU time that other processes took during the repeat says whether the machine was idle
+            result["repeat"] = {"index": r, "load_average_before": load, "machine_settled": settled,
+                                "wall_seconds": wall,
+                                "other_cpu_seconds": (busy_after - busy) - (own_after - own)}
             repeats.append(result)
             per_image = out.with_name(out.stem + "_per_image.csv")
             if r == 1 and per_image.exists():
