@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 #: folders of result files: the scripts write them, so a change there is not a change of the code
-RESULT_FOLDERS = ("experiments/results/", "benchmarks/results/", "paper/generated/")
+from pvae.runs import RESULT_FOLDERS  # noqa: E402
 
 
 def git_commit() -> str:

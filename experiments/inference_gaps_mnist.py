@@ -20,9 +20,13 @@ from pathlib import Path
 
 import torch
 
-import pvae
-from pvae.checkpoint import write_json
-from pvae.diagnostics import inference_gaps
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from _provenance import provenance  # noqa: E402
+
+import pvae  # noqa: E402
+from pvae.checkpoint import write_json  # noqa: E402
+from pvae.data.files import file_sha256  # noqa: E402
+from pvae.diagnostics import inference_gaps  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,13 +56,16 @@ def main(argv=None):
     run = pvae.load_run(args.run_dir)
     config, vae = run.config, run.vae
     x = pvae.load_dataset(config.dataset).test[: args.images]
+    started = provenance(torch.device("cpu"))
     t0 = time.perf_counter()
     gaps = inference_gaps(vae, x, num_samples=args.K, refine_steps=args.refine_steps, lr=args.lr,
                           num_particles=args.particles)
     seconds = time.perf_counter() - t0
     write_json({
         "experiment": "inference-gap decomposition (Cremer et al., 2018)",
+        "provenance": started,
         "run_dir": str(args.run_dir),
+        "checkpoint_sha256": file_sha256(args.run_dir / "checkpoint.pt"),
         "images": f"first {x.shape[0]} test images of {config.dataset.name}",
         "settings": gaps["settings"],
         "seconds": seconds,

@@ -81,13 +81,14 @@ def aevb_table(summary) -> str:
     if summary is None:
         return "_AEVB experiment: no result file (run experiments/aevb_binarized_mnist.py)._\n"
     first = summary["runs"][0]
+    training = summary["config"].get("training", summary["config"])  # (nested since config version 2)
     lines = [
-        f"**Table 1.** {summary['experiment']}; {summary['config']['epochs']} epochs, Adam "
-        f"{summary['config']['lr']}, batch {summary['config']['batch_size']}, {summary['threads']} CPU threads; "
+        f"**Table 1.** {summary['experiment']}; {training['epochs']} epochs, Adam "
+        f"{training['lr']}, batch {training['batch_size']}, {summary['threads']} CPU threads; "
         f"{summary['test_set']}. Test ELBO from {summary['K_elbo']} samples per image (nats per image). "
         + (f"Training time: {summary['timing']}; commit {_commit(summary['provenance'])}, 1-minute load average "
            f"{summary['provenance']['load_average_1_5_15'][0]:.2f} at the start and "
-           f"{summary['load_average_end'][0]:.2f} at the end." if summary.get("provenance") else
+           f"{summary['load_average_end'][0]:.2f} at the end (its own two threads)." if summary.get("provenance") else
            "This result file predates the engine, the sync-free step and fused Adam, and records no commit: "
            "its timings describe older code (rerun experiments/aevb_binarized_mnist.py)."),
         "",
@@ -151,7 +152,13 @@ def _spread(summary: dict, fmt: str = "{:.3f}") -> str:
 
 def _loads(bench) -> str:
     loads = [r["repeat"]["load_average_before"][0] for r in bench["repeats"]]
-    return f"1-minute load average before each repeat {', '.join(f'{x:.2f}' for x in loads)}"
+    text = (f"1-minute load average before each repeat {', '.join(f'{x:.2f}' for x in loads)} (after the "
+            "first it still counts the previous repeat's own threads)")
+    other = [r["repeat"].get("other_cpu_seconds") for r in bench["repeats"]]
+    if all(o is not None for o in other):
+        text += (f"; CPU time taken by other processes during each repeat "
+                 f"{', '.join(f'{o:.0f}' for o in other)} s")
+    return text
 
 
 def bench_table(bench) -> str:
@@ -284,7 +291,10 @@ def gaps_table(gaps) -> str:
         f"estimated by {st['log_marginal']}. The amortization gap leans low (a better-optimized q* would "
         "raise ELBO[q*] and widen it). The approximation gap has no reliable direction: estimating log p(x) "
         "by a stochastic lower bound pushes it down, while an under-optimized q* pushes it up. "
-        "Nats per image (± s.e. over images).",
+        "Nats per image (± s.e. over images). "
+        + (f"Commit {_commit(gaps['provenance'])}; the model's checkpoint SHA-256 {gaps['checkpoint_sha256'][:12]}."
+           if gaps.get("provenance") else "This result file records neither its commit nor the checkpoint it "
+           "evaluated (it predates both records)."),
         "",
         "| quantity | value |",
         "| --- | --- |",

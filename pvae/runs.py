@@ -75,9 +75,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+#: folders of the repository's result files (written by its scripts): a change there is not a
+#: change of the code, and does not make :func:`source_commit` dirty
+RESULT_FOLDERS = ("experiments/results/", "benchmarks/results/", "paper/generated/")
+
+
 def source_commit() -> Optional[str]:
     """The git commit of the pvae source tree this process imported, with ``-dirty`` when tracked
-    files differ from it; None outside a git checkout (an installed wheel) or without git."""
+    files other than result files (:data:`RESULT_FOLDERS`) differ from it; None outside a git
+    checkout (an installed wheel) or without git."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -86,10 +92,11 @@ def source_commit() -> Optional[str]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                 capture_output=True, text=True, check=True, timeout=10).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return None
+    dirty = [line for line in changed if not line[3:].startswith(RESULT_FOLDERS)]
     return commit + ("-dirty" if dirty else "")
 
 
