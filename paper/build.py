@@ -319,9 +319,11 @@ def converged_table(summary) -> str:
         f"{_commit(prov)}; the device each run was trained on in the last column (test bounds "
         f"computed on the CPU{_evaluated_elsewhere(summary)}; {_evaluation_records(summary)}). Nats per image.",
         "",
-        "| run | status | epochs (best) | test ELBO | test −log p(x) (L_5000) | published | ours − published | trained on |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| run | status | epochs (best) | test ELBO | test −log p(x) (L_5000) | published | ours − published | trained on "
+        "| trained at, checkpoint |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    shipped = _pretrained_names()
     for name, r in summary["runs"].items():
         elbo, iwae = r.get("test_elbo"), r.get("test_iwae")
         published = r.get("published_nll")
@@ -332,9 +334,51 @@ def converged_table(summary) -> str:
             + (f"{-iwae['mean']:.2f} ± {iwae['stderr']:.2f}" if iwae else "not evaluated") + " | "
             + (f"{published:.2f}" if published is not None else "— (see note)") + " | "
             + (f"{-iwae['mean'] - published:+.2f}" if iwae and published is not None else "—") + " | "
-            + (", ".join(r.get("devices") or []) or "—") + " |")
+            + (", ".join(r.get("devices") or []) or "—") + " | " + _trained_at(name, r, shipped) + " |")
     notes = [f"- {name}: {r['published_note']}" for name, r in summary["runs"].items() if r.get("published_note")]
-    return "\n".join(lines + ["", "Protocol differences and published references:", ""] + notes) + "\n"
+    notes += [f"- {name} supersedes {_superseded_text(old)}" for name, r in summary["runs"].items()
+              for old in r.get("superseded") or []]
+    notes += [f"- {name}: a rerun with a kept checkpoint is in progress ({r['rerun_in_progress']['epochs_run']} "
+              "epochs so far); the row is the earlier run's until it finishes" for name, r in summary["runs"].items()
+              if r.get("rerun_in_progress")]
+    return "\n".join(lines + ["", "Protocol differences and published references, and the runs a row replaced:",
+                              ""] + notes) + "\n"
+
+
+def _pretrained_names() -> dict:
+    """run of Table 9 -> the name of the pretrained model exported from it (pvae/pretrained/models)."""
+    out = {}
+    for manifest in sorted((ROOT / "pvae" / "pretrained" / "models").glob("*/manifest.json")):
+        values = json.loads(manifest.read_text())
+        out[values.get("reproduces")] = (values["name"], values.get("checkpoint_sha256"))
+    return out
+
+
+def _trained_at(name: str, r: dict, shipped: dict) -> str:
+    """The commit that trained a row's run and its checkpoint (shipped as a pretrained model?)."""
+    commit = (r.get("trained_with") or {}).get("git_commit")
+    if r.get("status") == "in progress":
+        return "commit " + (_commit({"git_commit": commit}) if commit else "not recorded") + "; in progress"
+    if not r.get("checkpoint_sha256"):
+        where = f"carried over from {r['carried_over_from_commit'][:12]}" if r.get("carried_over_from_commit") else ""
+        return ("commit " + (_commit({"git_commit": commit}) if commit else "not recorded")
+                + "; checkpoint not kept" + (f" ({where})" if where else "")) if r.get("status") != "not started" else "—"
+    text = f"commit {_commit({'git_commit': commit or 'unknown'})}, SHA-256 {r['checkpoint_sha256'][:12]}"
+    model, sha = shipped.get(name, (None, None))
+    if model and sha == r["checkpoint_sha256"]:
+        text += f"; pretrained `{model}`"
+    return text
+
+
+def _superseded_text(old: dict) -> str:
+    iwae = old.get("test_iwae") or {}
+    trained = old.get("trained_with") or {}
+    return (f"a run of the same name ({old.get('epochs_run')} epochs, best {old.get('best_epoch')}"
+            + (f"; test −log p(x) {-iwae['mean']:.2f} ± {iwae['stderr']:.2f}" if iwae.get("mean") is not None else "")
+            + f"; trained on {trained.get('device') or ', '.join(old.get('devices') or []) or 'an unrecorded device'}"
+            + (f" at commit {_commit({'git_commit': trained['git_commit']})}" if trained.get("git_commit") else
+               ", commit not recorded")
+            + "), whose checkpoint was not kept")
 
 
 def families_table(summary) -> str:
