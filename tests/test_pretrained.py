@@ -58,6 +58,7 @@ def test_an_exported_run_loads_the_best_weights_and_history_of_the_run(exported)
     assert manifest["evaluation"]["num_samples"] == 20
     assert "per_example" not in manifest["evaluation"]["estimates"]["iwae"]
     assert manifest["trained_with"]["git_commit"] == json.loads((run_dir / "env.json").read_text())["git_commit"]
+    assert manifest["name"] == "tiny-digits" and manifest["training"]["epochs_run"] == 2
     # nothing in the folder is a pickle: the weights are safetensors
     assert (out / pretrained.WEIGHTS_FILE).read_bytes()[8:9] == b"{"
 

@@ -36,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import urllib.parse
 import urllib.request
@@ -278,8 +279,8 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
     try:
         save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                    for k, v in state.items()}, str(staging / WEIGHTS_FILE), metadata={"format": "pvae"})
-        for name in ("config.json", "data.json", "metrics.jsonl"):
-            shutil.copyfile(run_dir / name, staging / name)
+        for file in ("config.json", "data.json", "metrics.jsonl"):
+            shutil.copyfile(run_dir / file, staging / file)
         summary = None
         if evaluation is not None:
             report = json.loads(Path(evaluation).read_text())
@@ -295,10 +296,11 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
             "format": FORMAT, "name": name or out_dir.name, "description": description, "reproduces": reproduces,
             "data_dim": ckpt["fit"]["data_dim"],
             "parameters": int(sum(v.numel() for v in state.values())), "dtype": "float32",
+            # (the median epoch, not the sum: a run paused or resumed has long epochs in its record)
             "training": {"epochs_run": records[-1]["epoch"], "best_epoch": ckpt.get("best_epoch"),
                          "stopped_early": bool(ckpt.get("stopped_early", False)), "validation_metric": metric,
                          "best_val": max(r[metric] for r in records),
-                         "train_seconds": sum(r["seconds"] for r in records)},
+                         "median_epoch_seconds": statistics.median(r["seconds"] for r in records)},
             "trained_with": {k: env.get(k) for k in ("git_commit", "pvae", "torch", "pyro", "device", "cuda_device",
                                                      "torch_num_threads", "platform", "started", "earlier_sittings")},
             "checkpoint_sha256": file_sha256(run_dir / CHECKPOINT_FILE),
@@ -308,6 +310,10 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
         }
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         verify(staging)
+        mask = os.umask(0)
+        os.umask(mask)
+        for path in (staging, *staging.iterdir()):  # (mkdtemp and safetensors make them private)
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
         os.replace(staging, out_dir)
     finally:
         if staging.exists():
