@@ -225,3 +225,15 @@ def test_a_fresh_evaluation_of_a_bundled_model_matches_its_reference_within_mont
     assert fresh.num_samples == 5000 and 0 < fresh.mc_stderr_of_mean < 0.2
     tolerance = 4.5 * math.hypot(fresh.mc_stderr_of_mean, check["mc_stderr_of_mean"])
     assert abs(fresh.mean - check["mean"]) <= tolerance, (fresh.mean, check["mean"], tolerance)
+
+
+def test_the_readme_quotes_table_9_as_its_result_file_has_it():
+    """README's only result numbers (the default objective's evidence) are Table 9's rows of the
+    two ELBO estimators, as the committed result file holds them."""
+    readme = (ROOT / "README.md").read_text()
+    quoted = re.search(r"ends with test L_5000 −(\d+\.\d+) ± (\d+\.\d+) and −(\d+\.\d+) ± (\d+\.\d+)", readme)
+    assert quoted, "README no longer quotes the two runs"
+    runs = json.loads(REPRODUCE.read_text())["runs"]
+    expected = [f"{value:.2f}" for name in ("vae-standard-analytic", "vae-standard-trace")
+                for value in (-runs[name]["test_iwae"]["mean"], runs[name]["test_iwae"]["stderr"])]
+    assert list(quoted.groups()) == expected
