@@ -61,12 +61,13 @@ def reference_subset(run) -> dict:
             "computed_with": pvae.runs.source_commit()}
 
 
-def export_one(name: str, root: Path, num_samples: int) -> Path:
+def export_one(name: str, root: Path, num_samples: int, models_dir: Path = pretrained.MODELS_DIR,
+               allow_uncommitted: bool = False) -> Path:
     run_name, description = MODELS[name]
     run_dir = root / run_name
     env = json.loads((run_dir / "env.json").read_text())
     commit = env.get("git_commit") or ""
-    if not re.fullmatch(r"[0-9a-f]{40}", commit):
+    if not allow_uncommitted and not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise SystemExit(f"{run_dir} was trained from {commit or 'an unrecorded tree'!r}, not a committed one: "
                          "retrain it from a clean checkout")
     report = run_dir / f"evaluation-test-K{num_samples}.json"
@@ -74,7 +75,7 @@ def export_one(name: str, root: Path, num_samples: int) -> Path:
         raise SystemExit(f"{run_dir} has no {report.name}: pvae evaluate {run_dir} --num-samples {num_samples}")
     torch.manual_seed(0)
     extra = {"reference_subset": reference_subset(pvae.load_run(run_dir))}
-    target = pretrained.MODELS_DIR / name
+    target = models_dir / name
     staging = target.with_name(f".{name}-new")
     if staging.exists():
         shutil.rmtree(staging)
@@ -93,12 +94,22 @@ def main(argv=None):
     parser.add_argument("--root", type=Path, default=ROOT / "results" / "reproduce",
                         help="where experiments/reproduce.py keeps its run directories")
     parser.add_argument("--num-samples", type=int, default=5000)
+    parser.add_argument("--models-dir", type=Path, default=pretrained.MODELS_DIR, help="where the exports go")
+    parser.add_argument("--smoke", type=Path, help="a smoke run: train one epoch on the digits in this folder, "
+                        "evaluate it with --num-samples and export it (any tree) into --models-dir")
     args = parser.parse_args(argv)
-    pretrained.MODELS_DIR.mkdir(parents=True, exist_ok=True)
+    if args.smoke is not None:
+        config = pvae.RunConfig(dataset="digits", latent_dim=2, net={"hidden": (16,)}, training={"epochs": 1})
+        pvae.train_run(config, args.smoke / "smoke-run", progress=False)
+        pvae.evaluate_run(args.smoke / "smoke-run", num_samples=args.num_samples, progress=False)
+        MODELS["smoke-digits"] = ("smoke-run", "one epoch on the digits (a smoke run)")
+        SUBSET["num_samples"] = args.num_samples
+        args.names, args.root = ["smoke-digits"], args.smoke
+    args.models_dir.mkdir(parents=True, exist_ok=True)
     for name in args.names or sorted(MODELS):
         if name not in MODELS:
             parser.error(f"unknown model {name!r}; choose from {sorted(MODELS)}")
-        target = export_one(name, args.root, args.num_samples)
+        target = export_one(name, args.root, args.num_samples, args.models_dir, allow_uncommitted=args.smoke is not None)
         sizes = {p.name: p.stat().st_size for p in target.iterdir()}
         print(f"{name}: {target} ({sum(sizes.values()) / 2 ** 20:.1f} MB; weights "
               f"{sizes[pretrained.WEIGHTS_FILE] / 2 ** 20:.1f} MB)", flush=True)

@@ -31,6 +31,7 @@ SCRIPTS = {
         "--run-dir", "{tmp}/none", "--K", "7", "--images", "30", "--block", "10", "--ais-images", "4",
         "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json", *ONE_THREAD,
     ],
+    "experiments/export_pretrained.py": ["--smoke", "{tmp}", "--num-samples", "5", "--models-dir", "{tmp}/models"],
     "benchmarks/repeat_timings.py": [
         "train-step", "--repeats", "2", "--max-load", "1000", "--out-dir", "{tmp}", "--",
         "--blocks", "2", "--steps-per-block", "2", *ONE_THREAD,

@@ -2,10 +2,10 @@
 
     import pvae
     pvae.pretrained.available()                       # name -> description, training and test numbers
-    vae = pvae.pretrained.load("vamp-binarized-mnist")  # the model, in eval mode, on the CPU
-    run = pvae.pretrained.load_run("vamp-binarized-mnist")  # + its config and training history
+    vae = pvae.pretrained.load("standard-binarized-mnist")  # the model, in eval mode, on the CPU
+    run = pvae.pretrained.load_run("standard-binarized-mnist")  # + its config and training history
 
-    $ pvae evaluate pretrained:vamp-binarized-mnist --num-samples 5000
+    $ pvae evaluate pretrained:standard-binarized-mnist --num-samples 5000
 
 A pretrained model is an *exported run* (:func:`export`): a folder with ``config.json``,
 ``data.json``, ``metrics.jsonl`` (the training history), ``model.safetensors`` (the best-validation
@@ -250,7 +250,7 @@ def load_run(source, device: str = "cpu", *, cache=None, sha256: Optional[str] =
 
 def load(source, device: str = "cpu", *, cache=None, sha256: Optional[str] = None):
     """The model of a pretrained run (a :class:`~pvae.model.VAE` or a family's model), in eval
-    mode on ``device``: ``pvae.pretrained.load("vamp-binarized-mnist")``."""
+    mode on ``device``: ``pvae.pretrained.load("standard-binarized-mnist")``."""
     return load_run(source, device, cache=cache, sha256=sha256).vae
 
 
