@@ -613,7 +613,8 @@ def subset_table(rows, reproduce=None) -> str:
         "ELBO and the largest K; the paired AIS − L_K column is ± its own s.e.)."
         + "".join(f" {name}: computed on {which}." for name, which in
                   ((name, _which_model(name, b, reproduce)) for name, b, _ in rows) if which)
-        + "".join(f" {name}, AIS file: {a['note']}" for name, _, a in rows if a and a.get("note")),
+        + "".join(f" {name}, AIS file: its commit was {note[0].lower() + note[1:]}" for name, _, a in rows
+                  if a and (note := a.get("note") or a.get("provenance", {}).get("note"))),
         "",
         "| run | ELBO | " + " | ".join(f"L_{k}" for k in ks) + " | AIS | AIS − L_K (paired) | AIS higher on | "
         "k̂ > 0.7 | commit |",
