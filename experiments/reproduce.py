@@ -36,6 +36,9 @@ CONFIGS = HERE / "reproduce"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from _provenance import provenance  # noqa: E402
 
+sys.path.insert(0, str(ROOT))
+from pvae.data.files import file_sha256  # noqa: E402
+
 #: Published test -log p(x) (nats) on static binarized MNIST, with source and protocol notes.
 PUBLISHED = {
     "vae-standard-trace": (88.56, "Tomczak & Welling 2018, Table 2, VAE (L=1) standard prior; their ELBO "
@@ -164,7 +167,7 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
             entry["trained_with"]["earlier_sittings"] = values.get("earlier_sittings", [])
         checkpoint = run_dir_of(name, root) / "checkpoint.pt"
         if entry.get("done") and checkpoint.exists():  # the weights every number below came from
-            entry["checkpoint_sha256"] = _sha256(checkpoint)
+            entry["checkpoint_sha256"] = file_sha256(checkpoint)
         entry["superseded"] = _superseded(old, entry)
         published, note = PUBLISHED.get(name, (None, ""))
         entry["published_nll"] = published
@@ -189,16 +192,6 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
                 entry["gap_to_published_nats"] = -estimates["iwae"]["mean"] - published
         out["runs"][name] = entry
     return out
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _superseded(old, entry) -> list:

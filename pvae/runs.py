@@ -48,6 +48,7 @@ from pvae.inference.evaluation import (  # noqa: F401  (ESTIMATORS, PSIS_MIN_SAM
     evaluate,
 )
 from pvae.model import VAE
+from pvae.pretrained import MANIFEST_FILE, WEIGHTS_FILE
 from pvae.training.tracking import check_trackers, make_trackers
 from pvae.training.loop import CHECKPOINT_FILE, History, check_objective, data_parallel_problem, fit
 
@@ -340,19 +341,17 @@ def load_run(run_dir, device: str = "cpu", best: bool = True) -> Run:
     :param bool best: load the best-validation weights (else the last epoch's; an exported run
         holds only the best).
     """
-    from pvae import pretrained
-
     run_dir = Path(run_dir)
-    exported = not (run_dir / CHECKPOINT_FILE).exists() and (run_dir / pretrained.WEIGHTS_FILE).exists()
-    for name in (CONFIG_FILE, pretrained.WEIGHTS_FILE if exported else CHECKPOINT_FILE):
+    exported = not (run_dir / CHECKPOINT_FILE).exists() and (run_dir / WEIGHTS_FILE).exists()
+    for name in (CONFIG_FILE, WEIGHTS_FILE if exported else CHECKPOINT_FILE):
         if not (run_dir / name).exists():
             raise NotARunError(f"{run_dir} is not a pvae run directory: {name} is missing")
     config = RunConfig.load(run_dir / CONFIG_FILE)
     if exported:
         from safetensors.torch import load_file
 
-        manifest = json.loads((run_dir / pretrained.MANIFEST_FILE).read_text())
-        state = load_file(str(run_dir / pretrained.WEIGHTS_FILE))
+        manifest = json.loads((run_dir / MANIFEST_FILE).read_text())
+        state = load_file(str(run_dir / WEIGHTS_FILE))
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
         data_dim, training = manifest["data_dim"], manifest["training"]
         history = History(records, training["best_epoch"], training["stopped_early"])
@@ -438,7 +437,7 @@ def evaluate_run(run_dir, spec: Optional[EvaluationSpec] = None, *, split: str =
     # what cached minibatches were computed from (hashed before loading, so that a checkpoint
     # rewritten meanwhile cannot be cached under the new one's hash)
     origin = ({name: file_sha256(Path(run_dir) / name)
-               for name in (CHECKPOINT_FILE, "model.safetensors", CONFIG_FILE)
+               for name in (CHECKPOINT_FILE, WEIGHTS_FILE, CONFIG_FILE)
                if (Path(run_dir) / name).exists()} if keep else {})
     run = load_run(run_dir, device)
     data, data_note = _evaluation_data(Path(run_dir), run.config, dataset, data_path)

@@ -39,10 +39,10 @@ import shutil
 import statistics
 import tempfile
 import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
+from pvae.data import _download  # atomic: a temporary file beside the target, renamed when complete
 from pvae.data.files import file_sha256
 from pvae.errors import UsageError
 
@@ -98,16 +98,22 @@ def _manifest(folder: Path) -> dict:
     return manifest
 
 
+def _check_pin(manifest: Path, sha256: Optional[str], where) -> None:
+    """Refuse a manifest whose SHA-256 is not the pinned one (no pin: nothing to check)."""
+    if sha256 is None:
+        return
+    actual = file_sha256(manifest) if manifest.is_file() else None
+    if actual != sha256.lower():
+        raise PretrainedChecksumError(f"{where} has SHA-256 {actual}, not the pinned {sha256}; it is not the model "
+                                      "you asked for")
+
+
 def verify(folder, sha256: Optional[str] = None) -> dict:
     """Check every file of an exported model against its manifest (and the manifest against
     ``sha256`` when given); returns the manifest. Raises :class:`PretrainedChecksumError` naming
     the file, the expected and the actual SHA-256."""
     folder = Path(folder)
-    if sha256 is not None:
-        actual = file_sha256(folder / MANIFEST_FILE) if (folder / MANIFEST_FILE).is_file() else None
-        if actual != sha256.lower():
-            raise PretrainedChecksumError(f"{folder / MANIFEST_FILE} has SHA-256 {actual}, not the pinned {sha256}; "
-                                          "it is not the model you asked for")
+    _check_pin(folder / MANIFEST_FILE, sha256, folder / MANIFEST_FILE)
     manifest = _manifest(folder)
     for name, expected in manifest["files"].items():
         path = folder / name
@@ -135,46 +141,39 @@ def _is_url(source: str) -> bool:
     return urllib.parse.urlparse(source).scheme in ("http", "https")
 
 
-def _download(url: str, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, out, 1 << 20)
-        os.replace(tmp, target)
-    except BaseException:  # Ctrl-C too: remove the partial file, re-raise
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _fetch_url(url: str, root: Path, sha256: Optional[str]) -> Path:
-    """Download an exported model's folder into ``root`` (a temporary folder renamed into place
-    once every file is verified); a verified copy already there is reused."""
+    """Download an exported model's folder into ``root``; a verified copy already there is reused."""
     base = url if url.endswith("/") else url + "/"
     digest = hashlib.sha256(base.encode()).hexdigest()[:12]
     stem = Path(urllib.parse.urlparse(base).path.rstrip("/")).name or "model"
-    target = root / f"{stem if _PLAIN_NAME.match(stem) else 'model'}-{digest}"
+
+    def download(staging: Path) -> None:
+        try:
+            _download(urllib.parse.urljoin(base, MANIFEST_FILE), staging / MANIFEST_FILE)
+            # the pin first: the file names of a manifest are trusted only once it is the pinned one
+            _check_pin(staging / MANIFEST_FILE, sha256, f"the manifest at {base}{MANIFEST_FILE}")
+            for name in _manifest(staging)["files"]:
+                _download(urllib.parse.urljoin(base, name), staging / name)
+        except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
+            raise UsageError(f"could not download the model at {base}: {exc}") from exc
+
+    return _verified_folder(root / f"{stem if _PLAIN_NAME.match(stem) else 'model'}-{digest}", sha256, download)
+
+
+def _verified_folder(target: Path, sha256: Optional[str], fill: Callable[[Path], None]) -> Path:
+    """``target`` if it holds a verified model (pinned to ``sha256`` when given), else a fresh one:
+    ``fill`` writes the files into a staging folder beside it, which is verified and renamed into
+    place (a damaged or other copy at ``target`` is replaced; a failure leaves nothing behind)."""
     if target.is_dir():
         try:
             verify(target, sha256)
             return target
         except UsageError:
-            shutil.rmtree(target)  # a damaged or different copy: fetch it again
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".{target.name}-"))
+            shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        try:
-            _download(urllib.parse.urljoin(base, MANIFEST_FILE), staging / MANIFEST_FILE)
-            if sha256 is not None:  # check the pin before trusting the file names the manifest lists
-                actual = file_sha256(staging / MANIFEST_FILE)
-                if actual != sha256.lower():
-                    raise PretrainedChecksumError(
-                        f"the manifest at {base}{MANIFEST_FILE} has SHA-256 {actual}, not the pinned "
-                        f"{sha256}; it is not the model you asked for")
-            for name in _manifest(staging)["files"]:
-                _download(urllib.parse.urljoin(base, name), staging / name)
-        except OSError as exc:  # urllib's URLError and HTTPError are OSErrors
-            raise UsageError(f"could not download the model at {base}: {exc}") from exc
+        fill(staging)
         verify(staging, sha256)
         _move_into_place(staging, target, sha256)
     finally:
@@ -219,25 +218,12 @@ def writable_copy(source, *, cache=None, sha256: Optional[str] = None) -> Path:
     folder = locate(source, cache=cache, sha256=sha256)
     if folder.parent != MODELS_DIR:
         return folder
-    target = cache_dir(cache) / folder.name
-    manifest_sha = file_sha256(folder / MANIFEST_FILE)
-    if target.is_dir():
-        try:
-            verify(target, manifest_sha)
-            return target
-        except UsageError:
-            shutil.rmtree(target)  # an older or damaged copy
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{folder.name}-"))
-    try:
+
+    def copy(staging: Path) -> None:
         for name in (MANIFEST_FILE, *_manifest(folder)["files"]):
             shutil.copyfile(folder / name, staging / name)
-        verify(staging, manifest_sha)
-        _move_into_place(staging, target, manifest_sha)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return target
+
+    return _verified_folder(cache_dir(cache) / folder.name, file_sha256(folder / MANIFEST_FILE), copy)
 
 
 def load_run(source, device: str = "cpu", *, cache=None, sha256: Optional[str] = None):
