@@ -81,13 +81,13 @@ def resolve_device(name: str) -> torch.device:
 RESULT_FOLDERS = ("experiments/results/", "benchmarks/results/", "paper/generated/")
 
 
-def source_commit() -> Optional[str]:
-    """The git commit of the pvae source tree this process imported, with ``-dirty`` when tracked
-    files other than result files (:data:`RESULT_FOLDERS`) differ from it; None outside a git
-    checkout (an installed wheel) or without git."""
+def source_commit(root=None) -> Optional[str]:
+    """The git commit of the pvae source tree this process imported (or of the checkout at
+    ``root``), with ``-dirty`` when tracked files other than result files (:data:`RESULT_FOLDERS`)
+    differ from it; None outside a git checkout (an installed wheel) or without git."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
     if not (root / ".git").exists():
         return None
     try:
