@@ -478,8 +478,12 @@ def _save(fig, path: Path) -> Path:
 
 
 def same_images(bounds, ais) -> bool:
-    """Whether an AIS result is on the bounds result's model and images (so the two can be paired)."""
-    return ais is not None and ais.get("subset") == bounds.get("subset") and ais.get("run_dir") == bounds.get("run_dir")
+    """Whether an AIS result is on the bounds result's model and images (so the two can be paired):
+    the same images, the same run directory and the same checkpoint (a rerun of a name writes a new
+    checkpoint into the same directory; a file that predates checkpoint hashes pairs only with another
+    such file)."""
+    return (ais is not None and ais.get("subset") == bounds.get("subset") and ais.get("run_dir") == bounds.get("run_dir")
+            and ais.get("checkpoint_sha256") == bounds.get("checkpoint_sha256"))
 
 
 def bounds_figure(bounds, ais, reproduce, out_dir: Path):

@@ -251,6 +251,20 @@ def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
     assert "(test bounds computed on the CPU; as every report records)" in build.converged_table(summary)
 
 
+def test_an_ais_result_on_another_checkpoint_is_not_paired_with_the_bounds_of_a_rerun():
+    """A rerun writes a new checkpoint into the same run directory: Table 10 and Figure 2 pair AIS
+    with the bounds only when both files name the same checkpoint (or both predate the hashes)."""
+    build = _paper_build()
+    subset = {"images": 1000, "seed": 0}
+    bounds = {"subset": subset, "run_dir": "results/reproduce/vae-vamp", "checkpoint_sha256": "a" * 64}
+    assert build.same_images(bounds, dict(bounds))
+    assert not build.same_images(bounds, {**bounds, "checkpoint_sha256": "b" * 64})
+    assert not build.same_images(bounds, {k: v for k, v in bounds.items() if k != "checkpoint_sha256"})
+    assert not build.same_images(bounds, {**bounds, "subset": {**subset, "seed": 1}})
+    legacy = {"subset": subset, "run_dir": "results/reproduce/vae-vamp"}
+    assert build.same_images(legacy, dict(legacy))
+
+
 def test_hierarchy_benchmark_sides_agree_at_smoke_size(tmp_path_factory):
     """benchmarks/bench_hierarchy.py --quick: the user's Pyro pair (pvae's trace path) and the
     hand-written PyTorch model give the same loss and gradient (float64) and the same per-image
