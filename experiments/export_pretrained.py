@@ -1,7 +1,8 @@
 """Export the converged reproductions as pvae's bundled pretrained models (issue 26 item 1).
 
 For each finished, evaluated run of ``experiments/reproduce.py`` named below: refuses a run that
-was trained from an uncommitted tree (its ``env.json`` commit ends in ``-dirty`` or is missing) or
+was trained from an uncommitted tree in any of its sittings (an ``env.json`` commit, its own or an
+earlier sitting's, ends in ``-dirty`` or is missing) or
 that has no ``pvae evaluate --num-samples 5000`` report; computes a reference estimate on the
 first test images (L_5000, seed 0: what ``tests/test_pretrained.py`` re-estimates with another
 seed); and writes ``pvae/pretrained/models/<name>/`` with :func:`pvae.pretrained.export` (weights as
@@ -66,10 +67,13 @@ def export_one(name: str, root: Path, num_samples: int, models_dir: Path = pretr
     run_name, description = MODELS[name]
     run_dir = root / run_name
     env = json.loads((run_dir / "env.json").read_text())
-    commit = env.get("git_commit") or ""
-    if not allow_uncommitted and not re.fullmatch(r"[0-9a-f]{40}", commit):
-        raise SystemExit(f"{run_dir} was trained from {commit or 'an unrecorded tree'!r}, not a committed one: "
-                         "retrain it from a clean checkout")
+    # every sitting of a resumed run: one from an uncommitted tree is enough to leave the weights untraceable
+    sittings = [*env.get("earlier_sittings", []), env]
+    for number, sitting in enumerate(sittings, 1):
+        commit = sitting.get("git_commit") or ""
+        if not allow_uncommitted and not re.fullmatch(r"[0-9a-f]{40}", commit):
+            raise SystemExit(f"{run_dir}: sitting {number} of {len(sittings)} was trained from "
+                             f"{commit or 'an unrecorded tree'!r}, not a committed one: retrain it from a clean checkout")
     report = run_dir / f"evaluation-test-K{num_samples}.json"
     if not report.exists():
         raise SystemExit(f"{run_dir} has no {report.name}: pvae evaluate {run_dir} --num-samples {num_samples}")

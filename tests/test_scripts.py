@@ -251,6 +251,30 @@ def test_the_converged_table_names_runs_whose_bounds_were_computed_on_a_gpu():
     assert "(test bounds computed on the CPU; as every report records)" in build.converged_table(summary)
 
 
+def test_export_refuses_a_run_any_sitting_of_which_was_trained_from_an_uncommitted_tree(tmp_path):
+    """A resumed run records each earlier sitting's commit; the weights are traceable only if every
+    sitting ran committed code, so one dirty sitting is refused, as is a dirty last one."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("export_pretrained", ROOT / "experiments" / "export_pretrained.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run_dir = tmp_path / "vae-vamp"
+    run_dir.mkdir()
+    clean = "a" * 40
+    for env, bad in (({"git_commit": clean, "earlier_sittings": [{"git_commit": clean}, {"git_commit": clean + "-dirty"}]},
+                      "sitting 2 of 3"),
+                     ({"git_commit": clean + "-dirty", "earlier_sittings": [{"git_commit": clean}]}, "sitting 2 of 2"),
+                     ({"earlier_sittings": []}, "sitting 1 of 1")):
+        (run_dir / "env.json").write_text(json.dumps(env))
+        with pytest.raises(SystemExit, match=bad):
+            script.export_one("vamp-binarized-mnist", tmp_path, 5000, tmp_path / "models")
+    # every sitting committed: it gets past the check (and stops at the missing evaluation report)
+    (run_dir / "env.json").write_text(json.dumps({"git_commit": clean, "earlier_sittings": [{"git_commit": clean}]}))
+    with pytest.raises(SystemExit, match="evaluation-test-K5000"):
+        script.export_one("vamp-binarized-mnist", tmp_path, 5000, tmp_path / "models")
+    assert not (tmp_path / "models").exists()
+
+
 def test_an_ais_result_on_another_checkpoint_is_not_paired_with_the_bounds_of_a_rerun():
     """A rerun writes a new checkpoint into the same run directory: Table 10 and Figure 2 pair AIS
     with the bounds only when both files name the same checkpoint (or both predate the hashes)."""
