@@ -197,10 +197,12 @@ def test_a_bundled_model_records_where_it_came_from_and_is_its_table_9_row(name)
     for file in manifest["files"]:
         assert (folder / file).stat().st_size <= 8 * 2 ** 20, f"{file} is over 8 MB"
     commit = manifest["trained_with"]["git_commit"]
-    assert re.fullmatch(r"[0-9a-f]{40}", commit or ""), f"trained from {commit!r}, not a committed tree"
+    # a resumed run: every sitting ran committed code that is in this repository's history
+    for sitting in (commit, *(s.get("git_commit") for s in manifest["trained_with"].get("earlier_sittings", []))):
+        assert re.fullmatch(r"[0-9a-f]{40}", sitting or ""), f"trained from {sitting!r}, not a committed tree"
+        if (ROOT / ".git").exists():
+            subprocess.run(["git", "cat-file", "-e", f"{sitting}^{{commit}}"], cwd=ROOT, check=True)
     assert re.fullmatch(r"[0-9a-f]{64}", manifest["checkpoint_sha256"])
-    if (ROOT / ".git").exists():  # the training commit is in this repository's history
-        subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=ROOT, check=True)
     evaluation = manifest["evaluation"]
     assert evaluation["num_samples"] == 5000 and evaluation["num_datapoints"] == 10000
     row = json.loads(REPRODUCE.read_text())["runs"][manifest["reproduces"]]
