@@ -198,7 +198,7 @@ def test_a_bundled_model_records_where_it_came_from_and_is_its_table_9_row(name)
         assert (folder / file).stat().st_size <= 8 * 2 ** 20, f"{file} is over 8 MB"
     commit = manifest["trained_with"]["git_commit"]
     # a resumed run: every sitting ran committed code that is in this repository's history
-    for sitting in (commit, *(s.get("git_commit") for s in manifest["trained_with"].get("earlier_sittings", []))):
+    for sitting in (commit, *(s.get("git_commit") for s in manifest["trained_with"].get("earlier_sittings") or ())):
         assert re.fullmatch(r"[0-9a-f]{40}", sitting or ""), f"trained from {sitting!r}, not a committed tree"
         if (ROOT / ".git").exists():
             subprocess.run(["git", "cat-file", "-e", f"{sitting}^{{commit}}"], cwd=ROOT, check=True)
