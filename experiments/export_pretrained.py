@@ -68,7 +68,7 @@ def export_one(name: str, root: Path, num_samples: int, models_dir: Path = pretr
     run_dir = root / run_name
     env = json.loads((run_dir / "env.json").read_text())
     # every sitting of a resumed run: one from an uncommitted tree is enough to leave the weights untraceable
-    sittings = [*env.get("earlier_sittings", []), env]
+    sittings = [*(env.get("earlier_sittings") or []), env]
     for number, sitting in enumerate(sittings, 1):
         commit = sitting.get("git_commit") or ""
         if not allow_uncommitted and not re.fullmatch(r"[0-9a-f]{40}", commit):
