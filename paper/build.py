@@ -618,7 +618,14 @@ def subset_table(rows, reproduce=None) -> str:
         + "".join(f" {name}: computed on {which}." for name, which in
                   ((name, _which_model(name, b, reproduce)) for name, b, _ in rows) if which)
         + "".join(f" {name}, AIS file: its commit was {note[0].lower() + note[1:]}" for name, _, a in rows
-                  if a and (note := a.get("note") or a.get("provenance", {}).get("note"))),
+                  if a and (note := a.get("note") or a.get("provenance", {}).get("note")))
+        + "".join(f" {name}: its AIS file (commit {_commit(a['provenance'])}) was computed on "
+                  + (f"checkpoint {a['checkpoint_sha256'][:12]}" if a.get("checkpoint_sha256") else
+                     "an earlier checkpoint (the file predates checkpoint hashes)")
+                  + f", not the one of these bounds, so its AIS columns are left empty (there AIS − L_K = "
+                  f"{a['ais_minus_iwae']['mean']:+.2f} ± {a['ais_minus_iwae']['stderr_over_images']:.2f}, AIS higher on "
+                  f"{a['ais_minus_iwae']['fraction_of_images_where_ais_is_higher']:.0%} of the images)."
+                  for name, b, a in rows if a and not same_images(b, a)),
         "",
         "| run | ELBO | " + " | ".join(f"L_{k}" for k in ks) + " | AIS | AIS − L_K (paired) | AIS higher on | "
         "k̂ > 0.7 | commit |",
