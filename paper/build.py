@@ -363,7 +363,13 @@ def _trained_at(name: str, r: dict, shipped: dict) -> str:
         where = f"carried over from {r['carried_over_from_commit'][:12]}" if r.get("carried_over_from_commit") else ""
         return ("commit " + (_commit({"git_commit": commit}) if commit else "not recorded")
                 + "; checkpoint not kept" + (f" ({where})" if where else "")) if r.get("status") != "not started" else "—"
-    text = f"commit {_commit({'git_commit': commit or 'unknown'})}, SHA-256 {r['checkpoint_sha256'][:12]}"
+    trained = r.get("trained_with") or {}
+    sittings = [s.get("git_commit") or "unknown" for s in trained.get("earlier_sittings") or []] + [commit or "unknown"]
+    if len(sittings) > 1:  # a resumed run: every sitting's commit
+        text = (f"{len(sittings)} sittings at commits " + ", ".join(_commit({"git_commit": c}) for c in sittings)
+                + f", SHA-256 {r['checkpoint_sha256'][:12]}")
+    else:
+        text = f"commit {_commit({'git_commit': commit or 'unknown'})}, SHA-256 {r['checkpoint_sha256'][:12]}"
     model, sha = shipped.get(name, (None, None))
     if model and sha == r["checkpoint_sha256"]:
         text += f"; pretrained `{model}`"
