@@ -356,20 +356,19 @@ def _pretrained_names() -> dict:
 
 def _trained_at(name: str, r: dict, shipped: dict) -> str:
     """The commit that trained a row's run and its checkpoint (shipped as a pretrained model?)."""
-    commit = (r.get("trained_with") or {}).get("git_commit")
+    trained = r.get("trained_with") or {}
+    commit = trained.get("git_commit")
+    sittings = [s.get("git_commit") or "unknown" for s in trained.get("earlier_sittings") or []] + [commit or "unknown"]
+    # a resumed run: every sitting's commit
+    commits = (f"{len(sittings)} sittings at commits " + ", ".join(_commit({"git_commit": c}) for c in sittings)
+               if len(sittings) > 1 else None)
     if r.get("status") == "in progress":
-        return "commit " + (_commit({"git_commit": commit}) if commit else "not recorded") + "; in progress"
+        return (commits or "commit " + (_commit({"git_commit": commit}) if commit else "not recorded")) + "; in progress"
     if not r.get("checkpoint_sha256"):
         where = f"carried over from {r['carried_over_from_commit'][:12]}" if r.get("carried_over_from_commit") else ""
         return ("commit " + (_commit({"git_commit": commit}) if commit else "not recorded")
                 + "; checkpoint not kept" + (f" ({where})" if where else "")) if r.get("status") != "not started" else "—"
-    trained = r.get("trained_with") or {}
-    sittings = [s.get("git_commit") or "unknown" for s in trained.get("earlier_sittings") or []] + [commit or "unknown"]
-    if len(sittings) > 1:  # a resumed run: every sitting's commit
-        text = (f"{len(sittings)} sittings at commits " + ", ".join(_commit({"git_commit": c}) for c in sittings)
-                + f", SHA-256 {r['checkpoint_sha256'][:12]}")
-    else:
-        text = f"commit {_commit({'git_commit': commit or 'unknown'})}, SHA-256 {r['checkpoint_sha256'][:12]}"
+    text = (commits or f"commit {_commit({'git_commit': commit or 'unknown'})}") + f", SHA-256 {r['checkpoint_sha256'][:12]}"
     model, sha = shipped.get(name, (None, None))
     if model and sha == r["checkpoint_sha256"]:
         text += f"; pretrained `{model}`"
@@ -718,14 +717,14 @@ def main(argv=None):
         text += (f"\n![**Figure 1.** Validation bound per epoch of the runs of Table 9 (fixed seed): the ELBO with one "
                  f"sample per image, or for the IWAE runs (marked L_K) L_K with K = their k, not annealed; early stopping ends each "
                  f"run 50 epochs after its best; runs still in progress end where they are.]({figure.name})\n")
-    # Figures 2-4: the best evaluated run that has both subset results (bounds and AIS), else the
-    # best that has its bounds; the captions name it
+    # Figures 2-4: the best evaluated run whose AIS result pairs with its bounds (same images, same
+    # checkpoint), else the best that has its bounds; the captions name it
     ranked = sorted(((r["test_iwae"]["mean"], name) for name, r in (reproduce or {}).get("runs", {}).items()
                      if r.get("test_iwae")), reverse=True)
     candidates = [(name, _load(args.experiments / f"bounds_subset-{name}.json"),
                    _load(args.experiments / f"ais_subset-{name}.json")) for _, name in ranked]
     candidates = [c for c in candidates if c[1] is not None]
-    chosen = next((c for c in candidates if c[2] is not None), candidates[0] if candidates else None)
+    chosen = next((c for c in candidates if same_images(c[1], c[2])), candidates[0] if candidates else None)
     if chosen is not None:
         text += figures_text(chosen[1], chosen[2], reproduce, args.out.parent)
     text += "\n" + subset_table(candidates, reproduce)

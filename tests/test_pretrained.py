@@ -209,6 +209,9 @@ def test_a_bundled_model_records_where_it_came_from_and_is_its_table_9_row(name)
     assert row["test_iwae"]["mean"] == evaluation["estimates"]["iwae"]["mean"]
     assert row["test_elbo"]["mean"] == evaluation["estimates"]["elbo"]["mean"]
     assert row["trained_with"]["git_commit"] == commit
+    earlier = manifest["trained_with"].get("earlier_sittings") or []
+    assert [s["git_commit"] for s in earlier] == [s["git_commit"] for s in row["trained_with"].get("earlier_sittings") or []]
+    assert not any("command" in s for s in earlier), "a sitting's command line (the trainer's paths) is shipped"
     assert row.get("checkpoint_sha256") == manifest["checkpoint_sha256"]
 
 

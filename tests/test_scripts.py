@@ -275,6 +275,42 @@ def test_export_refuses_a_run_any_sitting_of_which_was_trained_from_an_uncommitt
     assert not (tmp_path / "models").exists()
 
 
+def test_the_converged_table_names_every_sitting_of_a_resumed_run():
+    build = _paper_build()
+    estimate = {"mean": -85.0, "stderr": 0.2}
+    sittings = [{"git_commit": "1" * 40}, {"git_commit": "2" * 40 + "-dirty"}]
+    run = {"status": "finished (early stopping)", "epochs_run": 10, "best_epoch": 5, "test_elbo": estimate,
+           "test_iwae": estimate, "published_nll": None, "devices": ["cpu"], "checkpoint_sha256": "c" * 64,
+           "trained_with": {"git_commit": "3" * 40, "earlier_sittings": sittings}}
+    summary = {"provenance": {"git_commit": "0" * 40}, "runs": {"resumed": run}}
+    assert "3 sittings at commits 111111111111, 222222222222-dirty, 333333333333, SHA-256 cccccccccccc" in \
+        build.converged_table(summary)
+    summary["runs"]["resumed"] = {**run, "status": "in progress"}
+    assert "3 sittings at commits 111111111111, 222222222222-dirty, 333333333333; in progress" in \
+        build.converged_table(summary)
+
+
+def test_table_10_reports_an_ais_file_on_another_checkpoint_in_its_caption_not_its_columns():
+    build = _paper_build()
+    subset = {"images": 2, "seed": 0, "how": "two images"}
+    bound = {"mean": -85.0, "stderr": 0.5}
+    bounds = {"subset": subset, "run_dir": "results/reproduce/vae-vamp", "checkpoint_sha256": "a" * 64,
+              "num_samples": 10, "bounds": {"1": bound, "10": bound}, "elbo": bound, "khat": [0.5, 0.8],
+              "provenance": {"git_commit": "4" * 40}}
+    ais = {"subset": subset, "run_dir": "results/reproduce/vae-vamp", "provenance": {"git_commit": "5" * 40},
+           "ais": {"mean": -84.0, "chains": 8, "intermediate_distributions": 200},
+           "ais_minus_iwae": {"mean": 0.6, "stderr_over_images": 0.04, "fraction_of_images_where_ais_is_higher": 0.74}}
+    table = build.subset_table([("vae-vamp", bounds, ais)], {"runs": {}})
+    assert ("vae-vamp: its AIS file (commit 555555555555) was computed on an earlier checkpoint (the file predates "
+            "checkpoint hashes)") in table
+    assert "AIS − L_K = +0.60 ± 0.04, AIS higher on 74% of the images" in table
+    row = next(line for line in table.splitlines() if line.startswith("| vae-vamp"))
+    assert "| — | — | — |" in row and "-84.00" not in row
+    paired = build.subset_table([("vae-vamp", bounds, {**ais, "checkpoint_sha256": "a" * 64,
+                                                         "iwae_L10": bound})], {"runs": {}})
+    assert "its AIS file" not in paired and "-84.00" in paired
+
+
 def test_an_ais_result_on_another_checkpoint_is_not_paired_with_the_bounds_of_a_rerun():
     """A rerun writes a new checkpoint into the same run directory: Table 10 and Figure 2 pair AIS
     with the bounds only when both files name the same checkpoint (or both predate the hashes)."""

@@ -287,8 +287,12 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
                          "stopped_early": bool(ckpt.get("stopped_early", False)), "validation_metric": metric,
                          "best_val": max(r[metric] for r in records),
                          "median_epoch_seconds": statistics.median(r["seconds"] for r in records)},
-            "trained_with": {k: env.get(k) for k in ("git_commit", "pvae", "torch", "pyro", "device", "cuda_device",
-                                                     "torch_num_threads", "platform", "started", "earlier_sittings")},
+            "trained_with": {**{k: env.get(k) for k in ("git_commit", "pvae", "torch", "pyro", "device", "cuda_device",
+                                                        "torch_num_threads", "platform", "started")},
+                             # (each earlier sitting without its command line: it names the trainer's paths)
+                             "earlier_sittings": [{k: v for k, v in sitting.items() if k != "command"}
+                                                  for sitting in env["earlier_sittings"]]
+                             if env.get("earlier_sittings") else None},
             "checkpoint_sha256": file_sha256(run_dir / CHECKPOINT_FILE),
             "evaluation": summary,
             **(extra or {}),
