@@ -142,18 +142,16 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
     for name in names:
         old = previous.get("runs", {}).get(name)
         here = (run_dir_of(name, root) / "metrics.jsonl").exists()
-        if here and old and old.get("carried_over_from_commit") and str(old.get("status")).startswith("finished") \
-                and not state_of(name, root).get("done"):
-            # a rerun of a finished run is in progress here: the finished run stays the row until the
-            # rerun finishes (then it replaces it, and is listed as superseded)
+        # a rerun of a finished run is in progress here: the finished run stays the row until the
+        # rerun finishes (then it replaces it, and is listed as superseded)
+        rerun = (here and old and old.get("carried_over_from_commit") and str(old.get("status")).startswith("finished")
+                 and not state_of(name, root).get("done"))
+        if rerun or (not here and old and old.get("status") != "not started"):
             carried = dict(old)
-            carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root).items() if k != "val_curve"}
-            carried["published_nll"], carried["published_note"] = PUBLISHED.get(name, (None, ""))
-            out["runs"][name] = carried
-            continue
-        if not here and old and old.get("status") != "not started":
-            carried = dict(old)
-            carried.setdefault("carried_over_from_commit", previous.get("provenance", {}).get("git_commit"))
+            if rerun:
+                carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root).items() if k != "val_curve"}
+            else:
+                carried.setdefault("carried_over_from_commit", previous.get("provenance", {}).get("git_commit"))
             carried["published_nll"], carried["published_note"] = PUBLISHED.get(name, (None, ""))
             out["runs"][name] = carried
             continue

@@ -359,16 +359,17 @@ def _trained_at(name: str, r: dict, shipped: dict) -> str:
     trained = r.get("trained_with") or {}
     commit = trained.get("git_commit")
     sittings = [s.get("git_commit") or "unknown" for s in trained.get("earlier_sittings") or []] + [commit or "unknown"]
-    # a resumed run: every sitting's commit
-    commits = (f"{len(sittings)} sittings at commits " + ", ".join(_commit({"git_commit": c}) for c in sittings)
-               if len(sittings) > 1 else None)
+    if len(sittings) > 1:  # a resumed run: every sitting's commit
+        trained_at = f"{len(sittings)} sittings at commits " + ", ".join(_commit({"git_commit": c}) for c in sittings)
+    else:
+        trained_at = "commit " + (_commit({"git_commit": commit}) if commit else "not recorded")
     if r.get("status") == "in progress":
-        return (commits or "commit " + (_commit({"git_commit": commit}) if commit else "not recorded")) + "; in progress"
+        return trained_at + "; in progress"
     if not r.get("checkpoint_sha256"):
         where = f"carried over from {r['carried_over_from_commit'][:12]}" if r.get("carried_over_from_commit") else ""
-        return ("commit " + (_commit({"git_commit": commit}) if commit else "not recorded")
-                + "; checkpoint not kept" + (f" ({where})" if where else "")) if r.get("status") != "not started" else "—"
-    text = (commits or f"commit {_commit({'git_commit': commit or 'unknown'})}") + f", SHA-256 {r['checkpoint_sha256'][:12]}"
+        return (trained_at + "; checkpoint not kept" + (f" ({where})" if where else "")
+                if r.get("status") != "not started" else "—")
+    text = f"{trained_at}, SHA-256 {r['checkpoint_sha256'][:12]}"
     model, sha = shipped.get(name, (None, None))
     if model and sha == r["checkpoint_sha256"]:
         text += f"; pretrained `{model}`"
