@@ -31,6 +31,10 @@ SCRIPTS = {
         "--run-dir", "{tmp}/none", "--K", "7", "--images", "30", "--block", "10", "--ais-images", "4",
         "--ais-chains", "2", "--ais-steps", "3", "--ais-leapfrog", "2", "--out", "{tmp}/bench.json", *ONE_THREAD,
     ],
+    "experiments/pretrained_evaluate.py": [
+        "standard-binarized-mnist", "--num-samples", "3", "--psis-datapoints", "0", "--cache", "{tmp}/cache",
+        "--out", "{tmp}/check.json",
+    ],
     "experiments/export_pretrained.py": ["--smoke", "{tmp}", "--num-samples", "5", "--models-dir", "{tmp}/models"],
     "benchmarks/repeat_timings.py": [
         "train-step", "--repeats", "2", "--max-load", "1000", "--out-dir", "{tmp}", "--",
@@ -70,7 +74,7 @@ SCRIPTS = {
         "--out-dir", "{tmp}/grid", "--summary", "{tmp}/grid.json",
     ],
 }
-NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py"}
+NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py", "experiments/pretrained_evaluate.py"}
 NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10", "PVAE_NOTEBOOK_AIS_STEPS": "3",
                 "PVAE_NOTEBOOK_TRAIN_IMAGES": "1000"}
 HELPERS = {"benchmarks/handwritten_vae.py", "benchmarks/_provenance.py"}  # imported by scripts, not run on their own
@@ -347,3 +351,23 @@ def test_hierarchy_benchmark_sides_agree_at_smoke_size(tmp_path_factory):
     assert result["targets"] == {"step_ratio_max": 1.15, "L_5000_ratio_max": 1.15}
     for key in ("provenance_start", "provenance_end"):
         assert result[key]["git_commit"] and "load_average_1_5_15" in result[key]
+
+
+def test_a_pretrained_reevaluation_is_within_monte_carlo_error_only_when_z_says_so():
+    """experiments/pretrained_evaluate.py: the difference of two independent estimates is judged by
+    its Monte Carlo standard error sqrt(mc_1^2 + mc_2^2) (not by one report's, not by the spread
+    over images), and estimates of other sample counts are not compared at all."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    from pretrained_evaluate import compare
+
+    def est(mean, mc, k=5000):
+        return {"mean": mean, "mc_stderr_of_mean": mc, "stderr": 0.23, "num_datapoints": 10000, "num_samples": k}
+
+    reference = {"iwae": est(-85.200, 0.003)}
+    near = compare({"iwae": est(-85.210, 0.004)}, reference)["iwae"]
+    assert near["mc_stderr_of_difference"] == pytest.approx(0.005)
+    assert near["z"] == pytest.approx(-2.0) and near["within_mc_error"]
+    far = compare({"iwae": est(-85.220, 0.004)}, reference)["iwae"]
+    assert far["z"] == pytest.approx(-4.0) and not far["within_mc_error"]  # 0.02 < 0.23 over images: still out
+    other = compare({"iwae": est(-85.200, 0.004, k=1000)}, reference)["iwae"]
+    assert other["comparable"] is False and "num_samples" in other["why"]

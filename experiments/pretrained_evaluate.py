@@ -1,0 +1,147 @@
+"""Evaluate a bundled pretrained model the way a user of a fresh clone would, and compare with its
+Table 9 row (issue 26: "a fresh clone evaluates a pretrained model and matches its Table 9 row").
+
+Runs the command line a user types, ``pvae evaluate pretrained:NAME --num-samples 5000 --seed S``,
+in a subprocess whose pretrained cache folder (``$PVAE_PRETRAINED_DIR``) starts empty, so the
+model is verified and copied from the package as on a first use. The default seed (1) is not the
+seed of the report in the model's manifest (0): the new estimates are independent draws, and each
+differs from the manifest's by Monte Carlo error alone. The comparison per estimator is the
+difference of the means over the same test images, its Monte Carlo standard error
+(sqrt(mc_1^2 + mc_2^2) from the two reports' ``mc_stderr_of_mean``) and z = difference / that
+standard error; |z| < 3 is "within Monte Carlo error". The Table 9 row of
+``experiments/results/reproduce.json`` is checked to be the manifest's report.
+
+Writes ``experiments/results/pretrained_evaluate-<NAME>.json`` with the git commit, the load
+average, the model's manifest SHA-256 and checkpoint SHA-256, the command, its wall time and the
+report's estimates (without per-image values). A killed run resumes: rerun the same command (the
+evaluation keeps its finished minibatches in the cache folder).
+
+    python experiments/pretrained_evaluate.py vamp-binarized-mnist --num-samples 5000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+from _provenance import provenance  # noqa: E402
+
+from pvae import pretrained  # noqa: E402
+from pvae.checkpoint import atomic_write  # noqa: E402
+from pvae.files import file_sha256  # noqa: E402
+
+COMPARED = ("elbo", "iwae")  # the estimators of a Table 9 row
+WITHIN = 3.0  # |z| below this: the two estimates differ by Monte Carlo error
+
+
+def compare(new: dict, reference: dict) -> dict:
+    """Per estimator in both: the two means, their difference (new - reference), its Monte Carlo
+    standard error and z. Both must average the same number of images with the same sample count:
+    otherwise the difference is not Monte Carlo error, and the entry says so instead."""
+    out = {}
+    for name in COMPARED:
+        if name not in new or name not in reference:
+            continue
+        a, b = new[name], reference[name]
+        differ = [f"{field} {a[field]} here, {b[field]} in the reference" for field in ("num_datapoints", "num_samples")
+                  if a[field] != b[field]]
+        if differ:
+            out[name] = {"new": a["mean"], "reference": b["mean"], "comparable": False, "why": "; ".join(differ)}
+            continue
+        diff = a["mean"] - b["mean"]
+        mc = math.hypot(a["mc_stderr_of_mean"], b["mc_stderr_of_mean"])
+        z = diff / mc if mc > 0 else (0.0 if diff == 0 else math.inf)
+        out[name] = {"new": a["mean"], "reference": b["mean"], "difference": diff, "mc_stderr_of_difference": mc,
+                     "z": z, "comparable": True, "within_mc_error": abs(z) < WITHIN,
+                     "stderr_over_images": a["stderr"], "num_datapoints": a["num_datapoints"],
+                     "num_samples": a["num_samples"]}
+    return out
+
+
+def table9_row(manifest: dict, results: Path) -> dict:
+    """The row of ``reproduce.json`` this model reproduces, checked against the manifest's report
+    (a model whose manifest is not its Table 9 row would compare against the wrong number)."""
+    if not results.exists() or not manifest.get("reproduces"):
+        return {"run": manifest.get("reproduces"), "found": False}
+    runs = json.loads(results.read_text()).get("runs", {})
+    row = runs.get(manifest["reproduces"])
+    if row is None:
+        return {"run": manifest["reproduces"], "found": False}
+    same = {"checkpoint_sha256": row.get("checkpoint_sha256") == manifest["checkpoint_sha256"]}
+    for name in COMPARED:
+        reported = manifest["evaluation"]["estimates"].get(name, {}).get("mean")
+        table = (row.get(f"test_{name}") or {}).get("mean")
+        same[name] = table is not None and reported is not None and table == reported
+    return {"run": manifest["reproduces"], "found": True, "same_as_manifest": same,
+            "table9_test": {name: row[f"test_{name}"] for name in COMPARED if row.get(f"test_{name}")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="a bundled model (pvae.pretrained.available())")
+    parser.add_argument("--num-samples", type=int, default=5000)
+    parser.add_argument("--seed", type=int, default=1, help="not the manifest's seed: independent draws")
+    parser.add_argument("--psis-datapoints", type=int, default=500)
+    parser.add_argument("--cache", type=Path, default=ROOT / "results" / "pretrained-evaluate",
+                        help="the pretrained cache folder of the evaluation (kept: a killed run resumes)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    if args.name not in pretrained.available():
+        parser.error(f"unknown model {args.name!r}; bundled: {', '.join(pretrained.available())}")
+    out = args.out or HERE / "results" / f"pretrained_evaluate-{args.name}.json"
+    record = {"provenance": provenance(torch.device("cpu"))}  # the code that runs, read before it runs
+    folder = pretrained.locate(args.name)
+    manifest = pretrained.verify(folder)
+    reference = manifest["evaluation"]
+    command = ["pvae", "evaluate", f"pretrained:{args.name}", "--num-samples", str(args.num_samples),
+               "--seed", str(args.seed), "--psis-datapoints", str(args.psis_datapoints), "--no-progress"]
+    cache_was_empty = not (args.cache / args.name).exists()
+    env = {**os.environ, "PVAE_PRETRAINED_DIR": str(args.cache)}
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", *command], env=env, check=True, cwd=ROOT)
+    seconds = time.perf_counter() - start
+    report_path = args.cache / args.name / f"evaluation-test-K{args.num_samples}.json"
+    report = json.loads(report_path.read_text())
+    estimates = {name: {k: v for k, v in est.items() if k != "per_example"}
+                 for name, est in report["estimates"].items()}
+    record.update({
+        "what": "pvae evaluate pretrained:NAME in a fresh pretrained cache, against the model's manifest report "
+                "(its Table 9 row)",
+        "model": args.name, "manifest_sha256": file_sha256(folder / pretrained.MANIFEST_FILE),
+        "checkpoint_sha256": manifest["checkpoint_sha256"], "weights_sha256": manifest["files"]["model.safetensors"],
+        "command": " ".join(command), "seed": args.seed, "reference_seed": reference.get("seed"),
+        "cache_was_empty": cache_was_empty, "seconds": seconds,
+        "load_average_at_end_1_5_15": list(os.getloadavg()),
+        "evaluated_with": {k: report.get("environment", {}).get(k) for k in ("git_commit", "pvae", "torch", "device")},
+        "estimates": estimates,
+        "reference": {"seed": reference.get("seed"), "evaluated_with": reference.get("evaluated_with")},
+        "comparison": compare(estimates, reference["estimates"]),
+        "table9": table9_row(manifest, HERE / "results" / "reproduce.json"),
+        "within": f"|z| < {WITHIN}",
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda fh: fh.write((json.dumps(record, indent=2) + "\n").encode()))
+    for name, c in record["comparison"].items():
+        if not c["comparable"]:
+            print(f"{args.name} {name}: {c['new']:.3f}, not comparable with the manifest's ({c['why']})")
+            continue
+        print(f"{args.name} {name} (K={c['num_samples']}, {c['num_datapoints']} images): {c['new']:.3f} (seed "
+              f"{args.seed}) vs {c['reference']:.3f} (manifest), difference {c['difference']:+.4f} "
+              f"+- {c['mc_stderr_of_difference']:.4f} MC, z {c['z']:+.2f}")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
