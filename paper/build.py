@@ -345,6 +345,30 @@ def converged_table(summary) -> str:
                               ""] + notes) + "\n"
 
 
+def pretrained_check_text(folder: Path) -> str:
+    """The shipped models re-evaluated as a user of a fresh clone would
+    (``experiments/pretrained_evaluate.py``), beside their Table 9 rows."""
+    checks = [_load(path) for path in sorted(folder.glob("pretrained_evaluate-*.json"))]
+    checks = [c for c in checks if c and (c["comparison"].get("iwae") or {}).get("comparable")]
+    if not checks:
+        return ""
+    lines = ["", "The shipped models re-evaluated as a user of a fresh clone would (`experiments/pretrained_evaluate.py "
+             "NAME`: `pvae evaluate pretrained:NAME --num-samples 5000` with an empty pretrained cache and another "
+             "seed than the manifest's, on all 10,000 test images; difference ± its Monte Carlo standard error, "
+             "z = difference / that error):", "",
+             "| model | Table 9 row | seed | test L_5000 | Table 9 (seed) | difference ± MC s.e. | z | "
+             "checkpoint | evaluated at |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in checks:
+        iwae, table9 = c["comparison"]["iwae"], c.get("table9") or {}
+        agrees = all((table9.get("same_as_manifest") or {}).values()) and table9.get("found")
+        lines.append(f"| `{c['model']}` | {table9.get('run', '—')}{'' if agrees else ' (not the manifest report!)'} | "
+                     f"{c['seed']} | {iwae['new']:.3f} | {iwae['reference']:.3f} ({c['reference_seed']}) | "
+                     f"{iwae['difference']:+.4f} ± {iwae['mc_stderr_of_difference']:.4f} | {iwae['z']:+.2f} | "
+                     f"{c['checkpoint_sha256'][:12]} | {_commit(c['provenance'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def _pretrained_names() -> dict:
     """run of Table 9 -> the name of the pretrained model exported from it (pvae/pretrained/models)."""
     out = {}
@@ -711,6 +735,7 @@ def main(argv=None):
     text += objectives_table(_load(args.experiments / "objectives_mnist.json")) + "\n"
     reproduce = _load(args.experiments / "reproduce.json")
     text += converged_table(reproduce)
+    text += pretrained_check_text(args.experiments)
     text += "\n" + families_table(_load(args.experiments / "families_digits.json"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure = curves_figure(reproduce, args.out.parent)

@@ -371,3 +371,24 @@ def test_a_pretrained_reevaluation_is_within_monte_carlo_error_only_when_z_says_
     assert far["z"] == pytest.approx(-4.0) and not far["within_mc_error"]  # 0.02 < 0.23 over images: still out
     other = compare({"iwae": est(-85.200, 0.004, k=1000)}, reference)["iwae"]
     assert other["comparable"] is False and "num_samples" in other["why"]
+
+
+def test_the_paper_lists_a_pretrained_reevaluation_and_flags_a_table_row_that_is_not_the_manifests(tmp_path):
+    build = _paper_build()
+    check = {"model": "vamp-binarized-mnist", "seed": 1, "reference_seed": 0, "checkpoint_sha256": "b" * 64,
+             "provenance": {"git_commit": "6" * 40},
+             "comparison": {"iwae": {"comparable": True, "new": -85.2071, "reference": -85.2046, "difference": -0.0025,
+                                     "mc_stderr_of_difference": 0.005, "z": -0.5, "within_mc_error": True}},
+             "table9": {"run": "vae-vamp", "found": True,
+                        "same_as_manifest": {"checkpoint_sha256": True, "elbo": True, "iwae": True}}}
+    (tmp_path / "pretrained_evaluate-vamp-binarized-mnist.json").write_text(json.dumps(check))
+    text = build.pretrained_check_text(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| `vamp"))
+    assert row == ("| `vamp-binarized-mnist` | vae-vamp | 1 | -85.207 | -85.205 (0) | -0.0025 ± 0.0050 | -0.50 | "
+                   "bbbbbbbbbbbb | 666666666666 |")
+    check["table9"]["same_as_manifest"]["iwae"] = False  # Table 9 moved on: the comparison is not with its row
+    (tmp_path / "pretrained_evaluate-vamp-binarized-mnist.json").write_text(json.dumps(check))
+    assert "vae-vamp (not the manifest report!)" in build.pretrained_check_text(tmp_path)
+    check["comparison"]["iwae"] = {"comparable": False, "new": -90.0, "reference": -85.2, "why": "num_samples"}
+    (tmp_path / "pretrained_evaluate-vamp-binarized-mnist.json").write_text(json.dumps(check))
+    assert build.pretrained_check_text(tmp_path) == ""  # a smoke-size run is not shown as a check
