@@ -373,22 +373,95 @@ def test_a_pretrained_reevaluation_is_within_monte_carlo_error_only_when_z_says_
     assert other["comparable"] is False and "num_samples" in other["why"]
 
 
-def test_the_paper_lists_a_pretrained_reevaluation_and_flags_a_table_row_that_is_not_the_manifests(tmp_path):
+def test_the_paper_lists_a_pretrained_reevaluation_and_flags_what_makes_it_no_check(tmp_path):
     build = _paper_build()
+    path = tmp_path / "pretrained_evaluate-vamp-binarized-mnist.json"
     check = {"model": "vamp-binarized-mnist", "seed": 1, "reference_seed": 0, "checkpoint_sha256": "b" * 64,
-             "provenance": {"git_commit": "6" * 40},
+             "provenance": {"git_commit": "6" * 40}, "cache_was_empty": True,
              "comparison": {"iwae": {"comparable": True, "new": -85.2071, "reference": -85.2046, "difference": -0.0025,
-                                     "mc_stderr_of_difference": 0.005, "z": -0.5, "within_mc_error": True}},
+                                     "mc_stderr_of_difference": 0.005, "z": -0.5, "within_mc_error": True},
+                            "elbo": {"comparable": True, "z": 1.25}},
              "table9": {"run": "vae-vamp", "found": True,
                         "same_as_manifest": {"checkpoint_sha256": True, "elbo": True, "iwae": True}}}
-    (tmp_path / "pretrained_evaluate-vamp-binarized-mnist.json").write_text(json.dumps(check))
-    text = build.pretrained_check_text(tmp_path)
-    row = next(line for line in text.splitlines() if line.startswith("| `vamp"))
-    assert row == ("| `vamp-binarized-mnist` | vae-vamp | 1 | -85.207 | -85.205 (0) | -0.0025 ± 0.0050 | -0.50 | "
-                   "bbbbbbbbbbbb | 666666666666 |")
-    check["table9"]["same_as_manifest"]["iwae"] = False  # Table 9 moved on: the comparison is not with its row
-    (tmp_path / "pretrained_evaluate-vamp-binarized-mnist.json").write_text(json.dumps(check))
-    assert "vae-vamp (not the manifest report!)" in build.pretrained_check_text(tmp_path)
-    check["comparison"]["iwae"] = {"comparable": False, "new": -90.0, "reference": -85.2, "why": "num_samples"}
-    (tmp_path / "pretrained_evaluate-vamp-binarized-mnist.json").write_text(json.dumps(check))
+
+    def row(**changes):
+        path.write_text(json.dumps({**check, **changes}))
+        return next(line for line in build.pretrained_check_text(tmp_path).splitlines() if line.startswith("| `vamp"))
+
+    assert row() == ("| `vamp-binarized-mnist` | vae-vamp | 1 | -85.207 | -85.205 (0) | -0.0025 ± 0.0050 | -0.50 | "
+                     "+1.25 | bbbbbbbbbbbb | 666666666666 |")
+    moved = {**check["table9"], "same_as_manifest": {"checkpoint_sha256": True, "elbo": True, "iwae": False}}
+    assert "| vae-vamp (not the manifest report!) |" in row(table9=moved)  # Table 9 moved on
+    assert "| vae-vamp (no Table 9 row!) |" in row(table9={"run": "vae-vamp", "found": False})
+    assert "| — (no Table 9 row!) |" in row(table9={"run": None, "found": False})
+    assert "| 1 (cache not empty; resumed, 2 sittings) |" in row(cache_was_empty=False, resumed=True,
+                                                                sittings=[{}, {}])
+    assert "| 0 (same seed as the manifest!) |" in row(seed=0)
+    path.write_text(json.dumps({**check, "comparison": {"iwae": {"comparable": False, "new": -90.0, "reference": -85.2,
+                                                                  "why": "num_samples"}}}))
     assert build.pretrained_check_text(tmp_path) == ""  # a smoke-size run is not shown as a check
+
+
+def _pretrained_evaluate():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import pretrained_evaluate
+
+    return pretrained_evaluate
+
+
+def test_a_pretrained_reevaluation_is_compared_with_its_table_9_row_only_when_that_row_is_the_manifests(tmp_path):
+    table9_row = _pretrained_evaluate().table9_row
+    manifest = {"reproduces": "vae-vamp", "checkpoint_sha256": "c" * 64,
+                "evaluation": {"estimates": {"elbo": {"mean": -90.355}, "iwae": {"mean": -85.2046}}}}
+    runs = {"vae-vamp": {"checkpoint_sha256": "c" * 64, "test_elbo": {"mean": -90.355}, "test_iwae": {"mean": -85.2046}}}
+    results = tmp_path / "reproduce.json"
+    results.write_text(json.dumps({"runs": runs}))
+    same = table9_row(manifest, results)
+    assert same["found"] and all(same["same_as_manifest"].values())
+    runs["vae-vamp"]["test_iwae"]["mean"] = -85.1  # a rerun replaced the row
+    results.write_text(json.dumps({"runs": runs}))
+    assert table9_row(manifest, results)["same_as_manifest"] == {"checkpoint_sha256": True, "elbo": True, "iwae": False}
+    runs["vae-vamp"]["checkpoint_sha256"] = "d" * 64
+    results.write_text(json.dumps({"runs": runs}))
+    assert not table9_row(manifest, results)["same_as_manifest"]["checkpoint_sha256"]
+    assert not table9_row({**manifest, "reproduces": "vae-other"}, results)["found"]
+    assert not table9_row(manifest, tmp_path / "absent.json")["found"]
+
+
+def test_a_pretrained_reevaluation_refuses_a_report_of_other_settings_or_code():
+    check_report = _pretrained_evaluate().check_report
+    report = {"seed": 1, "num_samples": 5000, "split": "test", "spec": {"psis_datapoints": 500},
+              "environment": {"git_commit": "a" * 40}}
+    asked = {"seed": 1, "num_samples": 5000, "psis_datapoints": 500, "commit": "a" * 40}
+    check_report(report, **asked)
+    for key, value in (("seed", 0), ("num_samples", 1000), ("psis_datapoints", 0), ("commit", "b" * 40)):
+        with pytest.raises(SystemExit, match="not the one asked for"):
+            check_report(report, **{**asked, key: value})
+    with pytest.raises(SystemExit, match="split 'valid'"):
+        check_report({**report, "split": "valid"}, **asked)
+
+
+def test_a_resumed_pretrained_reevaluation_lists_every_sitting_and_a_fresh_one_starts_afresh(tmp_path):
+    record_sitting = _pretrained_evaluate().record_sitting
+    stem = "evaluation-test-K5000"
+    assert record_sitting(tmp_path, "m", stem, {"git_commit": "1"}) == [{"git_commit": "1"}]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / f"{stem}.iwae.partial.pt").write_bytes(b"")  # the first sitting was killed
+    assert record_sitting(tmp_path, "m", stem, {"git_commit": "2"}) == [{"git_commit": "1"}, {"git_commit": "2"}]
+    (tmp_path / "m" / f"{stem}.iwae.partial.pt").unlink()  # finished, then evaluated again
+    assert record_sitting(tmp_path, "m", stem, {"git_commit": "3"}) == [{"git_commit": "3"}]
+    (tmp_path / "m.pretrained_evaluate-sittings.json").unlink()  # partial files from before any record
+    (tmp_path / "m" / f"{stem}.elbo.partial.pt").write_bytes(b"")
+    assert record_sitting(tmp_path, "m", stem, {"git_commit": "4"})[0]["git_commit"] == "not recorded"
+
+
+def test_a_pretrained_reevaluation_refuses_the_manifests_seed(monkeypatch, capsys, tmp_path):
+    """The manifest's seed would redraw the manifest's samples: z = 0 that checks nothing."""
+    main = _pretrained_evaluate().main
+    monkeypatch.setattr(sys, "argv", ["pretrained_evaluate.py", "standard-binarized-mnist", "--seed", "0",
+                                      "--num-samples", "2", "--psis-datapoints", "0",  # (broken: fails in seconds)
+                                      "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out.json")])
+    with pytest.raises(SystemExit):
+        main()
+    assert "is the seed of the manifest's report" in capsys.readouterr().err
+    assert not (tmp_path / "out.json").exists() and not (tmp_path / "cache").exists()
