@@ -65,7 +65,8 @@ def fill_numbers(text: str, folders) -> Tuple[str, list]:
     def fill(match):
         expr, _, spec = match.group(1).partition("|")
         try:
-            arithmetic = _REFERENCE.sub(lambda m: repr(_value_of(m.group(1), m.group(2), folders)), expr)
+            # (each value in parentheses: a negative one raised to a power is squared, not negated)
+            arithmetic = _REFERENCE.sub(lambda m: f"({_value_of(m.group(1), m.group(2), folders)!r})", expr)
             if not _ARITHMETIC.match(arithmetic):
                 raise KeyError(f"not arithmetic over result values: {expr.strip()!r}")
             value = eval(arithmetic, {"__builtins__": {}, **_FUNCTIONS})  # noqa: S307

@@ -465,3 +465,12 @@ def test_a_pretrained_reevaluation_refuses_the_manifests_seed(monkeypatch, capsy
         main()
     assert "is the seed of the manifest's report" in capsys.readouterr().err
     assert not (tmp_path / "out.json").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_negative_result_value_raised_to_a_power_in_the_prose_is_squared_not_negated(tmp_path):
+    """{{ f:z ** 2 }} with z = -2 is 4: a value pasted in as -2.0 ** 2 would be -4 (the precedence
+    of ** over unary minus), and a root mean square over signed z values came out too small."""
+    build = _paper_build()
+    (tmp_path / "f.json").write_text(json.dumps({"z": -2.0, "w": 3.0}))
+    text, missing = build.fill_numbers("{{ ((f:z ** 2 + f:w ** 2) / 2) ** 0.5 | .3f }} {{ -f:z | .1f }}", [tmp_path])
+    assert not missing and text == f"{(13 / 2) ** 0.5:.3f} 2.0"
