@@ -93,8 +93,6 @@ def table9_row(manifest: dict, results: Path) -> dict:
             "table9_test": {name: row[f"test_{name}"] for name in COMPARED if row.get(f"test_{name}")}}
 
 
-
-
 def check_report(report: dict, *, seed: int, num_samples: int, psis_datapoints: int, commit: str) -> None:
     """Refuse a report that is not the one this script asked for (a report of other settings or
     other code must not be compared as if it were)."""
