@@ -75,3 +75,19 @@ def test_the_spec_checks_its_fields_and_takes_pvae_02_names():
     assert pvae.EvaluationSpec(ais={"num_chains": 2}).ais.num_chains == 2
     assert pvae.EvaluationSpec(**{**spec.to_dict(), "estimators": tuple(spec.estimators)}) == spec
     assert math.isclose(pvae.EvaluationSpec().ais.step_size, pvae.AISSettings().step_size)  # one set of defaults
+
+
+def test_the_summary_warns_that_the_monte_carlo_error_of_l_k_is_understated_only_where_k_hat_says_so(exact_vae):
+    """PSIS k-hat > 0.7 makes the delta-method Monte Carlo error of L_K too small (the paper's §5,
+    two seeds of each shipped model): the summary says so then, and not when no datapoint is above
+    0.7 or no importance-sampling estimate was reported."""
+    vae, x = exact_vae
+    report = pvae.evaluate(vae, x, num_samples=100, psis_datapoints=20, seed=0)
+    warning = "Monte Carlo part of L_K (and of the naive estimate) is a delta-method error"
+    report.psis = {**report.psis, "fraction_above_0.7": 0.9}
+    assert warning in report.summary()
+    report.psis = {**report.psis, "fraction_above_0.7": 0.0}
+    assert warning not in report.summary()
+    report.psis = {**report.psis, "fraction_above_0.7": 0.9}
+    report.estimates = {k: v for k, v in report.estimates.items() if k not in ("iwae", "naive")}
+    assert warning not in report.summary()
