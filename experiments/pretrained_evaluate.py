@@ -46,6 +46,8 @@ from _provenance import provenance  # noqa: E402
 from pvae import pretrained  # noqa: E402
 from pvae.checkpoint import atomic_write  # noqa: E402
 from pvae.files import file_sha256  # noqa: E402
+from pvae.inference.evaluation import EvaluationReport  # noqa: E402
+from pvae.runs import _partial_files  # noqa: E402
 
 COMPARED = ("elbo", "iwae")  # the estimators of a Table 9 row
 WITHIN = 3.0  # |z| below this: the two estimates differ by Monte Carlo error
@@ -117,7 +119,7 @@ def record_sitting(cache: Path, name: str, stem: str, sitting: dict) -> list:
     ``stem`` in the cache copy) starts the list afresh; a resumed one appends to it (an earlier
     sitting that left partial files but no record is listed as not recorded)."""
     path = sittings_file(cache, name)
-    resuming = any((cache / name).glob(f"{stem}.*.partial.pt"))
+    resuming = bool(_partial_files(cache / name, stem, keep=True, resume=True))  # (the evaluation's own names)
     sittings = (json.loads(path.read_text()) if resuming and path.exists() else []) + [sitting]
     if resuming and len(sittings) == 1:
         sittings.insert(0, {"git_commit": "not recorded", "started": "not recorded"})
@@ -152,7 +154,7 @@ def main() -> None:
                "--seed", str(args.seed), "--psis-datapoints", str(args.psis_datapoints), "--no-progress"]
     copy = args.cache / args.name
     cache_was_empty = not copy.exists()
-    stem = f"evaluation-test-K{args.num_samples}"
+    stem = EvaluationReport.stem_for("test", args.num_samples)
     sittings = record_sitting(args.cache, args.name, stem, {"git_commit": record["provenance"]["git_commit"],
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     env = {**os.environ, "PVAE_PRETRAINED_DIR": str(args.cache)}
