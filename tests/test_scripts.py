@@ -195,6 +195,14 @@ def _paper_build():
     return build
 
 
+def _pretrained_evaluate():
+    """experiments/pretrained_evaluate.py as a module (a script, not part of the package)."""
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import pretrained_evaluate
+
+    return pretrained_evaluate
+
+
 def test_the_paper_builds_to_a_pdf_with_its_figures(tmp_path_factory):
     """`paper/build.py --pdf`: pandoc writes Typst and the typst package compiles it (both are
     test dependencies, so the PDF build runs in CI). The committed result files give at least
@@ -357,8 +365,7 @@ def test_a_pretrained_reevaluation_is_within_monte_carlo_error_only_when_z_says_
     """experiments/pretrained_evaluate.py: the difference of two independent estimates is judged by
     its Monte Carlo standard error sqrt(mc_1^2 + mc_2^2) (not by one report's, not by the spread
     over images), and estimates of other sample counts are not compared at all."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    from pretrained_evaluate import compare
+    compare = _pretrained_evaluate().compare
 
     def est(mean, mc, k=5000):
         return {"mean": mean, "mc_stderr_of_mean": mc, "stderr": 0.23, "num_datapoints": 10000, "num_samples": k}
@@ -400,13 +407,6 @@ def test_the_paper_lists_a_pretrained_reevaluation_and_flags_what_makes_it_no_ch
     path.write_text(json.dumps({**check, "comparison": {"iwae": {"comparable": False, "new": -90.0, "reference": -85.2,
                                                                   "why": "num_samples"}}}))
     assert build.pretrained_check_text(tmp_path) == ""  # a smoke-size run is not shown as a check
-
-
-def _pretrained_evaluate():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import pretrained_evaluate
-
-    return pretrained_evaluate
 
 
 def test_a_pretrained_reevaluation_is_compared_with_its_table_9_row_only_when_that_row_is_the_manifests(tmp_path):
