@@ -63,6 +63,28 @@ def test_an_exported_run_loads_the_best_weights_and_history_of_the_run(exported)
     assert (out / pretrained.WEIGHTS_FILE).read_bytes()[8:9] == b"{"
 
 
+def test_a_hierarchical_vampprior_run_exports_and_loads_back_with_the_same_estimates(tmp_path):
+    """The hierarchical run of Table 9 (issue 26 item 1) is a family's model, not a VAE: its two
+    levels, its pseudo-inputs and its config must come back from the safetensors export unchanged, so
+    that the bundled model estimates what the run estimated, draw for draw."""
+    config = pvae.RunConfig(dataset="digits", latent_dim=3, net={"hidden": (16,)}, training={"epochs": 1},
+                            model={"name": "hvae", "levels": 2}, prior={"name": "vamp", "pseudo_inputs": 5})
+    run_dir = tmp_path / "run"
+    pvae.train_run(config, run_dir, progress=False)
+    out = pretrained.export(run_dir, tmp_path / "tiny-hvae", description="one epoch of a two-level HVAE")
+    original, loaded = pvae.load_run(run_dir), pretrained.load_run(out)
+    assert type(loaded.vae) is type(original.vae) and loaded.config == original.config
+    assert original.vae.state_dict().keys() == loaded.vae.state_dict().keys()
+    assert any("pseudo_inputs" in key for key in loaded.vae.state_dict())
+    for key, value in original.vae.state_dict().items():
+        assert torch.equal(value, loaded.vae.state_dict()[key]), key
+    x = pvae.load_dataset("digits").test[:20]
+    spec = pvae.EvaluationSpec(estimators=("elbo", "iwae"), num_samples=10, seed=3, psis_datapoints=0)
+    before, after = pvae.evaluate(original.vae, x, spec), pvae.evaluate(loaded.vae, x, spec)
+    for name in ("elbo", "iwae"):
+        assert after.estimates[name].mean == before.estimates[name].mean, name
+
+
 def test_export_refuses_an_existing_folder_and_leaves_nothing_behind(exported, tmp_path):
     run_dir, out = exported
     with pytest.raises(UsageError, match="exists"):
