@@ -91,7 +91,7 @@ API_PAGES = [
      ["pvae.parts", "pvae.parts.priors", "pvae.parts.guides", "pvae.parts.likelihoods", "pvae.parts.nets"]),
     ("pvae.inference", "pvae.inference: log-weights, estimators, AIS, diagnostics",
      ["pvae.inference", "pvae.inference.engine", "pvae.inference.estimators", "pvae.inference.annealing",
-      "pvae.inference.diagnostics", "pvae.inference.evaluation"]),
+      "pvae.inference.diagnostics", "pvae.inference.evaluation", "pvae.inference.paired"]),
     ("pvae.training", "pvae.training: objectives, the training loop, callbacks",
      ["pvae.training", "pvae.training.objectives", "pvae.training.loop", "pvae.training.callbacks",
       "pvae.training.controls", "pvae.training.tracking"]),

@@ -56,6 +56,7 @@ from pvae.parts import *  # noqa: F401,F403  (every registered part, its registr
 from pvae.runs import REPORT_VERSION, EvaluationReport, Run, evaluate_run, load_run, train_run
 from pvae.inference.annealing import AISSettings
 from pvae.inference.evaluation import EvaluationSpec, evaluate
+from pvae.inference.paired import PairedDifference, paired_difference
 from pvae.training.callbacks import Callback
 from pvae.training.loop import History, TrainStep, fit
 from pvae.families import build_program
@@ -74,7 +75,7 @@ __all__ = [
     "fit", "Training", "Callback", "make_objective", "History",
     # evaluation
     "evaluate", "EvaluationSpec", "AISSettings", "evaluate_bounds", "bounds_by_k", "elbo", "iwae_bound", "naive_prior_estimate", "reconstruction_error",
-    "ais", "bdmc",
+    "ais", "bdmc", "paired_difference", "PairedDifference",
     "importance_diagnostics", "to_inference_data", "active_units", "kl_per_dimension",
     # model/guide programs of the user's own
     "ModelGuidePair", "WithCovariates", "log_weights",

@@ -301,7 +301,29 @@ def _parser() -> argparse.ArgumentParser:
                      help="discard the finished minibatches of an interrupted evaluation with these settings "
                      "(default: off: it resumes from them)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bars (default: shown)")
+    cmp = sub.add_parser(
+        "compare",
+        help="the paired difference of two evaluations of the same datapoints",
+        description="Compare two reports written by pvae evaluate on the same data, datapoint by datapoint: the "
+        "mean of a - b and its paired standard error std(a - b)/sqrt(N), beside the reports' own Monte Carlo "
+        "errors combined. Two models on the same test images: the paired error bar removes what the images "
+        "share. One model, two seeds: the paired error is an empirical Monte Carlo error of the difference "
+        "(see pvae.paired_difference).",
+    )
+    cmp.add_argument("report_a", type=Path, help="a report's .json (its .per-datapoint.csv beside it)")
+    cmp.add_argument("report_b", type=Path, help="the other report's .json, of the same datapoints")
+    cmp.add_argument("--estimator", default="iwae",
+                     help="the estimate to compare: elbo, iwae, naive, ais, ... (default: iwae)")
+    cmp.add_argument("--json", action="store_true", help="print the result as JSON (default: text)")
     return parser
+
+
+def _compare(args) -> int:
+    from pvae.inference.paired import paired_difference
+
+    result = paired_difference(args.report_a, args.report_b, args.estimator)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.summary())
+    return 0
 
 
 def _config_from_args(args) -> RunConfig:
@@ -549,14 +571,14 @@ def _evaluate(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the command line (``pvae train|evaluate ...``) on ``argv`` (default ``sys.argv[1:]``);
+    """Run the command line (``pvae train|evaluate|compare ...``) on ``argv`` (default ``sys.argv[1:]``);
     returns the exit status: 0 done, 2 a usage error (one line, nothing left behind), 1 a bug,
     130 interrupted."""
     parser = _parser()
     args = parser.parse_args(argv)
     clean = False  # whether every process can be expected at the group's exit barrier
     try:
-        code = _train(args) if args.command == "train" else _evaluate(args)
+        code = {"train": _train, "evaluate": _evaluate, "compare": _compare}[args.command](args)
         clean = True
         return code
     except UsageError as exc:  # the user can fix it: one line, exit 2
@@ -567,6 +589,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         if args.command == "train":
             said = "the last checkpoint is intact (resume with --resume)"
+        elif args.command == "compare":
+            said = "it writes nothing"
         elif distributed.active():
             said = "a sharded evaluation keeps no partial results: the same command starts afresh"
         else:

@@ -53,6 +53,24 @@ def test_train_writes_a_complete_run_directory_and_evaluate_reads_it(tmp_path, c
     assert (run / "checkpoint.pt").read_bytes() == checkpoint_bytes  # evaluation changes nothing
 
 
+def test_compare_pairs_two_evaluations_written_by_evaluate(tmp_path, capsys):
+    """``pvae evaluate`` writes each report's per-datapoint values; ``pvae compare`` pairs two reports
+    of the same test images (here two K of one run) and refuses a report of other data."""
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--run-dir", str(run), *FAST]) == 0
+    for k in ("5", "50"):
+        assert main(["evaluate", str(run), "--num-samples", k, "--no-progress"]) == 0
+        assert (run / f"evaluation-test-K{k}.per-datapoint.csv").is_file()
+    capsys.readouterr()
+    assert main(["compare", str(run / "evaluation-test-K50.json"), str(run / "evaluation-test-K5.json"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["num_samples"] == {"a": 50, "b": 5} and result["num_datapoints"] == 300
+    assert result["mean_difference"] > 0  # L_50 above L_5 on average: the bound tightens with K
+    assert main(["evaluate", str(run), "--split", "valid", "--num-samples", "5", "--no-progress"]) == 0
+    assert main(["compare", str(run / "evaluation-test-K5.json"), str(run / "evaluation-valid-K5.json")]) == 2
+    assert "other data: split 'test' (a) vs 'valid' (b)" in capsys.readouterr().err
+
+
 def test_resume_from_the_command_line(tmp_path, capsys):
     run = str(tmp_path / "run")
     assert main(["train", "--epochs", "2", "--run-dir", run, *FAST]) == 0

@@ -23,10 +23,12 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from pvae.checkpoint import write_json
+from pvae.checkpoint import atomic_write, write_json
+from pvae.data.files import file_sha256
 from pvae.errors import UsageError
 from pvae.inference.annealing import AISSettings, ais
 from pvae.inference.diagnostics import importance_diagnostics, latent_diagnostics
+from pvae.inference.paired import PER_DATAPOINT_SUFFIX, per_datapoint_table
 from pvae.inference.estimators import (
     DEFAULT_CHUNK_SIZE,
     Estimate,
@@ -257,6 +259,7 @@ def _psis(report, program, x, spec, chunk_size, has_density) -> None:
     finite = torch.isfinite(khat)
     good = khat[finite]
     report.khat = khat.cpu()
+    report.khat_index = chosen.cpu()
     report.psis = {
         "datapoints": int(sub.shape[0]), "num_samples": int(num_samples),
         "subset": f"random, torch.randperm with seed {seed}", "indices_first": chosen[:10].tolist(),
@@ -302,9 +305,11 @@ class EvaluationReport:
          "skipped": {name: reason}, "latent": {...}, "psis": {...} | null,
          "spec": EvaluationSpec.to_dict(), "ais_settings": AISSettings.to_dict() | null, "figure": file name | null,
          "by_label": {label: {"num_datapoints", name: {"mean", "stderr"}}} | null (labelled data),
+         "per_datapoint": {"file", "sha256", "columns"} | null,
          "environment": {"pvae", "torch", "pyro", "device", "cuda_device" (CUDA), "evaluated", ...}}
 
-    ``environment`` was added within version 2 (pvae 0.2); older version-2 reports lack it."""
+    ``environment`` was added within version 2 (pvae 0.2); older version-2 reports lack it.
+    ``per_datapoint`` was added within version 3; older reports lack it (they cannot be paired)."""
 
     run_dir: Optional[str] = None
     dataset: Optional[str] = None
@@ -326,6 +331,10 @@ class EvaluationReport:
     ais_settings: Optional[dict] = None
     data_dim: Optional[int] = None
     khat: Optional[torch.Tensor] = field(default=None, repr=False)  # per datapoint, for the figure
+    khat_index: Optional[torch.Tensor] = field(default=None, repr=False)  # the rows of the data ``khat`` is of
+    #: the per-datapoint file :meth:`save` wrote beside the report (``{"file", "sha256", "columns"}``;
+    #: :mod:`pvae.inference.paired`), None before it is saved
+    per_datapoint: Optional[dict] = None
     figure: Optional[str] = None
     environment: Optional[dict] = None  # versions, machine and device (see evaluation_environment)
     #: whether the data are discrete under a probability mass function (Bernoulli, Poisson,
@@ -371,12 +380,14 @@ class EvaluationReport:
             "skipped": self.skipped, "latent": self.latent, "psis": self.psis,
             "ais_settings": self.ais_settings, "figure": self.figure, "by_label": self.by_label,
             "environment": self.environment, "spec": self.spec, "scored": self.scored,
-            "classification": self.classification,
+            "classification": self.classification, "per_datapoint": self.per_datapoint,
         }
 
     def save(self, run_dir=None) -> Path:
-        """Write ``evaluation-<split>-K<K>.json`` and its figure (estimates with standard errors,
-        k-hat histogram) into ``run_dir`` (default: the evaluated run's); returns the JSON path."""
+        """Write ``evaluation-<split>-K<K>.json``, its figure (estimates with standard errors,
+        k-hat histogram) and its per-datapoint values (``.per-datapoint.csv``, for
+        :func:`pvae.paired_difference`) into ``run_dir`` (default: the evaluated run's); returns the
+        JSON path."""
         from pvae import plots
 
         if run_dir is None and self.run_dir is None:
@@ -387,6 +398,12 @@ class EvaluationReport:
             fig = plots.evaluation_figure(bounds, self.khat, title=f"{self.dataset} {self.split}")
             fig.savefig(stem.with_suffix(".png"), dpi=100)
             self.figure = stem.with_suffix(".png").name
+        if any(getattr(est, "values", None) is not None for est in self.estimates.values()):
+            table = per_datapoint_table(self)  # written first: the report names it with its SHA-256
+            values_path = stem.with_name(stem.name + PER_DATAPOINT_SUFFIX)
+            atomic_write(values_path, lambda fh: fh.write(table), "w")
+            self.per_datapoint = {"file": values_path.name, "sha256": file_sha256(values_path),
+                                  "columns": table.split("\n", 1)[0].split(",")}
         write_json(self.to_dict(), stem.with_suffix(".json"))
         return stem.with_suffix(".json")
 
