@@ -35,6 +35,10 @@ SCRIPTS = {
         "standard-binarized-mnist", "--num-samples", "3", "--psis-datapoints", "0", "--cache", "{tmp}/cache",
         "--out", "{tmp}/check.json",
     ],
+    "experiments/paired_seeds.py": [
+        "--models", "standard-binarized-mnist,iaf-binarized-mnist", "--images", "4", "--num-samples", "3",
+        "--batch-size", "2", "--out", "{tmp}/paired.json",
+    ],
     "experiments/export_pretrained.py": ["--smoke", "{tmp}", "--num-samples", "5", "--models-dir", "{tmp}/models"],
     "benchmarks/repeat_timings.py": [
         "train-step", "--repeats", "2", "--max-load", "1000", "--out-dir", "{tmp}", "--",
@@ -74,7 +78,7 @@ SCRIPTS = {
         "--out-dir", "{tmp}/grid", "--summary", "{tmp}/grid.json",
     ],
 }
-NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py", "experiments/pretrained_evaluate.py"}
+NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py", "experiments/pretrained_evaluate.py", "experiments/paired_seeds.py"}
 NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10", "PVAE_NOTEBOOK_AIS_STEPS": "3",
                 "PVAE_NOTEBOOK_TRAIN_IMAGES": "1000"}
 HELPERS = {"benchmarks/handwritten_vae.py", "benchmarks/_provenance.py"}  # imported by scripts, not run on their own
