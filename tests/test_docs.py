@@ -80,3 +80,9 @@ def test_sources_compile_without_escape_warnings(path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compile(path.read_text(), str(path), "exec")
+
+
+def test_the_readme_states_the_current_report_version():
+    """README says which ``"version"`` a report's JSON carries: it must be the one reports are written with."""
+    stated = re.findall(r'JSON form carries `"version": (\d+)`', (ROOT / "README.md").read_text())
+    assert stated == [str(pvae.REPORT_VERSION)]
