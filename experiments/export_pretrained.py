@@ -48,18 +48,54 @@ MODELS = {
         "VAE with an inverse autoregressive flow guide, standard normal prior, gated MLP 300-300, 40 "
         "latent units, Tomczak & Welling's protocol; static binarized MNIST"),
 }
+#: bundled models stored at half precision (issue 26: each bundle at most 8 MB; float16 only where the
+#: bounds move by less than their Monte Carlo error, which float16_check measures and enforces)
+FLOAT16 = set()
 #: the reference estimate that a quick check reproduces (tests/test_pretrained.py)
 SUBSET = {"estimator": "iwae", "num_datapoints": 100, "num_samples": 5000, "seed": 0}
 
 
+def _subset_spec(estimators=("iwae",)):
+    return pvae.EvaluationSpec(estimators=estimators, num_samples=SUBSET["num_samples"], seed=SUBSET["seed"],
+                               psis_datapoints=0)
+
+
 def reference_subset(run) -> dict:
     x = pvae.load_dataset(run.config.dataset).test[:SUBSET["num_datapoints"]]
-    spec = pvae.EvaluationSpec(estimators=("iwae",), num_samples=SUBSET["num_samples"], seed=SUBSET["seed"],
-                               psis_datapoints=0)
-    estimate = pvae.evaluate(run.vae, x, spec).estimates["iwae"]
+    estimate = pvae.evaluate(run.vae, x, _subset_spec()).estimates["iwae"]
     return {**SUBSET, "datapoints": f"the first {SUBSET['num_datapoints']} test images", "mean": estimate.mean,
             "mc_stderr_of_mean": estimate.mc_stderr_of_mean, "stderr": estimate.stderr,
             "computed_with": pvae.runs.source_commit()}
+
+
+def half_precision(run):
+    """``run`` with its model's floating-point weights rounded to float16 and back: what the
+    float16 bundle loads."""
+    state = {k: v.half().float() if v.is_floating_point() else v for k, v in run.vae.state_dict().items()}
+    run.vae.load_state_dict(state)
+    return run
+
+
+def float16_check(run_dir: Path) -> dict:
+    """The ELBO and L_5000 of the float32 weights and of the same weights rounded to float16, with
+    the same draws (seed) on the reference subset: each shift must be smaller than the float32
+    estimate's Monte Carlo error, or the export is refused."""
+    x = pvae.load_dataset(pvae.load_run(run_dir).config.dataset).test[:SUBSET["num_datapoints"]]
+    full = pvae.evaluate(pvae.load_run(run_dir).vae, x, _subset_spec(("elbo", "iwae")))
+    half = pvae.evaluate(half_precision(pvae.load_run(run_dir)).vae, x, _subset_spec(("elbo", "iwae")))
+    out = {"datapoints": f"the first {SUBSET['num_datapoints']} test images", "num_samples": SUBSET["num_samples"],
+           "seed": SUBSET["seed"], "computed_with": pvae.runs.source_commit()}
+    for name in ("elbo", "iwae"):
+        paired = pvae.paired_difference(half, full, name)
+        out[name] = {"float32": full.estimates[name].mean, "float16": half.estimates[name].mean,
+                     "shift": paired.mean_difference, "max_abs_shift_per_image": None,
+                     "mc_stderr_of_mean": full.estimates[name].mc_stderr_of_mean}
+        d = half.estimates[name].values.double() - full.estimates[name].values.double()
+        out[name]["max_abs_shift_per_image"] = float(d.abs().max())
+        if abs(paired.mean_difference) >= full.estimates[name].mc_stderr_of_mean:
+            raise SystemExit(f"{run_dir}: float16 weights move the {name} by {paired.mean_difference:+.4f} nats, not "
+                             f"less than its Monte Carlo error {full.estimates[name].mc_stderr_of_mean:.4f}: keep float32")
+    return out
 
 
 def export_one(name: str, root: Path, num_samples: int, models_dir: Path = pretrained.MODELS_DIR,
@@ -78,13 +114,16 @@ def export_one(name: str, root: Path, num_samples: int, models_dir: Path = pretr
     if not report.exists():
         raise SystemExit(f"{run_dir} has no {report.name}: pvae evaluate {run_dir} --num-samples {num_samples}")
     torch.manual_seed(0)
-    extra = {"reference_subset": reference_subset(pvae.load_run(run_dir))}
+    half = name in FLOAT16
+    extra = {"float16_check": float16_check(run_dir)} if half else {}
+    run = pvae.load_run(run_dir)
+    extra["reference_subset"] = reference_subset(half_precision(run) if half else run)
     target = models_dir / name
     staging = target.with_name(f".{name}-new")
     if staging.exists():
         shutil.rmtree(staging)
     pretrained.export(run_dir, staging, description=description, name=name, reproduces=run_name,
-                      evaluation=report, extra=extra)
+                      evaluation=report, extra=extra, dtype="float16" if half else "float32")
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
@@ -101,12 +140,15 @@ def main(argv=None):
     parser.add_argument("--models-dir", type=Path, default=pretrained.MODELS_DIR, help="where the exports go")
     parser.add_argument("--smoke", type=Path, help="a smoke run: train one epoch on the digits in this folder, "
                         "evaluate it with --num-samples and export it (any tree) into --models-dir")
+    parser.add_argument("--smoke-float16", action="store_true", help="the smoke run's export at float16")
     args = parser.parse_args(argv)
     if args.smoke is not None:
         config = pvae.RunConfig(dataset="digits", latent_dim=2, net={"hidden": (16,)}, training={"epochs": 1})
         pvae.train_run(config, args.smoke / "smoke-run", progress=False)
         pvae.evaluate_run(args.smoke / "smoke-run", num_samples=args.num_samples, progress=False)
         MODELS["smoke-digits"] = ("smoke-run", "one epoch on the digits (a smoke run)")
+        if args.smoke_float16:
+            FLOAT16.add("smoke-digits")
         SUBSET["num_samples"] = args.num_samples
         args.names, args.root = ["smoke-digits"], args.smoke
     args.models_dir.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,9 @@ def test_an_exported_run_loads_the_best_weights_and_history_of_the_run(exported)
     assert not loaded.vae.training
     manifest = json.loads((out / pretrained.MANIFEST_FILE).read_text())
     assert manifest["checkpoint_sha256"] == pvae.data.files.file_sha256(run_dir / "checkpoint.pt")
-    assert set(manifest["files"]) == {*pretrained.REQUIRED_FILES, pretrained.REFERENCE_FILE}
+    values = json.loads((out / pretrained.REFERENCE_FILE).read_text())["per_datapoint"]["file"]
+    assert set(manifest["files"]) == {*pretrained.REQUIRED_FILES, pretrained.REFERENCE_FILE, values}
+    assert manifest["dtype"] == "float32"
     assert manifest["evaluation"]["num_samples"] == 20
     assert "per_example" not in manifest["evaluation"]["estimates"]["iwae"]
     assert manifest["trained_with"]["git_commit"] == json.loads((run_dir / "env.json").read_text())["git_commit"]
@@ -83,6 +85,31 @@ def test_a_hierarchical_vampprior_run_exports_and_loads_back_with_the_same_estim
     before, after = pvae.evaluate(original.vae, x, spec), pvae.evaluate(loaded.vae, x, spec)
     for name in ("elbo", "iwae"):
         assert after.estimates[name].mean == before.estimates[name].mean, name
+
+
+def test_a_float16_export_is_half_the_weights_and_loads_the_rounded_values(exported, tmp_path):
+    """float16 storage (for a model over the 8 MB budget): the weights file halves, the model loads the
+    float16-rounded values into its float32 parameters, and a weight beyond float16's range is refused."""
+    run_dir, out = exported
+    half = pretrained.export(run_dir, tmp_path / "half", description="float16", dtype="float16")
+    manifest = json.loads((half / pretrained.MANIFEST_FILE).read_text())
+    assert manifest["dtype"] == "float16"
+    full_size, half_size = ((f / pretrained.WEIGHTS_FILE).stat().st_size for f in (out, half))
+    assert half_size < 0.6 * full_size
+    original, loaded = pvae.load_run(run_dir).vae, pretrained.load(half)
+    for key, value in original.state_dict().items():
+        got = loaded.state_dict()[key]
+        assert got.dtype == value.dtype, key
+        expected = value.half().float() if value.is_floating_point() else value
+        assert torch.equal(got, expected), key
+    x = pvae.load_dataset("digits").test[:20]
+    assert pvae.evaluate(loaded, x, num_samples=5, psis_datapoints=0).estimates["iwae"].mean == pytest.approx(
+        pvae.evaluate(original, x, num_samples=5, psis_datapoints=0).estimates["iwae"].mean, abs=0.05)
+    with pytest.raises(UsageError, match="beyond torch.float16's range"):
+        pretrained._stored_weights({"w": torch.tensor([1.0, 1e6])}, torch.float16)
+    with pytest.raises(UsageError, match="choose float32 or float16"):
+        pretrained.export(run_dir, tmp_path / "bf16", description="x", dtype="bfloat16")
+    assert not (tmp_path / "bf16").exists()
 
 
 def test_export_refuses_an_existing_folder_and_leaves_nothing_behind(exported, tmp_path):

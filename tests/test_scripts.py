@@ -4,6 +4,7 @@ The meta-test fails when a new one appears without a smoke entry below.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,7 +40,8 @@ SCRIPTS = {
         "--models", "standard-binarized-mnist,iaf-binarized-mnist", "--images", "4", "--num-samples", "3",
         "--batch-size", "2", "--out", "{tmp}/paired.json",
     ],
-    "experiments/export_pretrained.py": ["--smoke", "{tmp}", "--num-samples", "5", "--models-dir", "{tmp}/models"],
+    "experiments/export_pretrained.py": ["--smoke", "{tmp}", "--smoke-float16", "--num-samples", "5", "--models-dir",
+                                         "{tmp}/models"],
     "benchmarks/repeat_timings.py": [
         "train-step", "--repeats", "2", "--max-load", "1000", "--out-dir", "{tmp}", "--",
         "--blocks", "2", "--steps-per-block", "2", *ONE_THREAD,
@@ -478,3 +480,30 @@ def test_a_negative_result_value_raised_to_a_power_in_the_prose_is_squared_not_n
     (tmp_path / "f.json").write_text(json.dumps({"z": -2.0, "w": 3.0}))
     text, missing = build.fill_numbers("{{ ((f:z ** 2 + f:w ** 2) / 2) ** 0.5 | .3f }} {{ -f:z | .1f }}", [tmp_path])
     assert not missing and text == f"{(13 / 2) ** 0.5:.3f} 2.0"
+
+
+def test_export_refuses_float16_weights_that_move_the_bounds_beyond_their_monte_carlo_error(tmp_path, monkeypatch):
+    """export_pretrained.py stores a model at float16 only where rounding moves the ELBO and L_K by less
+    than their Monte Carlo error: rounding that moves them more (here simulated by coarse rounding) is
+    refused, and the measured shifts are recorded otherwise."""
+    import pvae
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import export_pretrained
+
+    config = pvae.RunConfig(dataset="digits", latent_dim=2, net={"hidden": (16,)}, training={"epochs": 1})
+    pvae.train_run(config, tmp_path / "run", progress=False)
+    monkeypatch.setitem(export_pretrained.SUBSET, "num_samples", 20)
+    check = export_pretrained.float16_check(tmp_path / "run")
+    for name in ("elbo", "iwae"):
+        assert abs(check[name]["shift"]) < check[name]["mc_stderr_of_mean"]
+        assert math.isclose(check[name]["float16"], check[name]["float32"] + check[name]["shift"], abs_tol=1e-9)
+
+    def coarse(run):  # one decimal digit instead of float16's three
+        run.vae.load_state_dict({k: (v * 10).round() / 10 if v.is_floating_point() else v
+                                 for k, v in run.vae.state_dict().items()})
+        return run
+
+    monkeypatch.setattr(export_pretrained, "half_precision", coarse)
+    with pytest.raises(SystemExit, match="not less than its Monte Carlo error .*keep float32"):
+        export_pretrained.float16_check(tmp_path / "run")

@@ -241,13 +241,18 @@ def load(source, device: str = "cpu", *, cache=None, sha256: Optional[str] = Non
 
 
 def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, reproduces: Optional[str] = None,
-           evaluation=None, extra: Optional[dict] = None) -> Path:
+           evaluation=None, extra: Optional[dict] = None, dtype: str = "float32") -> Path:
     """Write ``run_dir``'s best-validation weights and records as an exported model in ``out_dir``
     (created; it must not exist; ``name``: the model's name, default the folder's): the files :data:`REQUIRED_FILES`, optionally the evaluation
     report ``evaluation`` (a path, copied as :data:`REFERENCE_FILE`), and the manifest with their
     SHA-256, the commit that trained the run (from its ``env.json``), the checkpoint's SHA-256 and
     the evaluation's summary; ``extra`` adds entries to the manifest (e.g. a reference estimate
-    on a few test images that a quick check can reproduce). Returns ``out_dir``."""
+    on a few test images that a quick check can reproduce). ``dtype="float16"`` stores the
+    floating-point weights at half precision (half the file; they load back into the model's float32
+    parameters): whether the estimates move is the exporter's to measure (see
+    ``experiments/export_pretrained.py``); a weight beyond float16's range is refused. The
+    evaluation's per-datapoint file (:mod:`pvae.inference.paired`), when it has one, is bundled
+    beside it. Returns ``out_dir``."""
     import torch
     from safetensors.torch import save_file
 
@@ -257,20 +262,25 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists():
         raise UsageError(f"{out_dir} exists; export into a new folder")
+    stored = {"float32": torch.float32, "float16": torch.float16}.get(dtype)
+    if stored is None:
+        raise UsageError(f"dtype {dtype!r}: choose float32 or float16")
     ckpt = load_checkpoint(run_dir / CHECKPOINT_FILE)
     state = ckpt["best_model"] if ckpt.get("best_model") is not None else ckpt["model"]
     env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() else {}
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        save_file({k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
-                   for k, v in state.items()}, str(staging / WEIGHTS_FILE), metadata={"format": "pvae"})
+        save_file(_stored_weights(state, stored), str(staging / WEIGHTS_FILE), metadata={"format": "pvae"})
         for file in ("config.json", "data.json", "metrics.jsonl"):
             shutil.copyfile(run_dir / file, staging / file)
         summary = None
         if evaluation is not None:
             report = json.loads(Path(evaluation).read_text())
             shutil.copyfile(evaluation, staging / REFERENCE_FILE)
+            values_file = (report.get("per_datapoint") or {}).get("file")
+            if values_file and (Path(evaluation).parent / values_file).exists():  # (the report names it)
+                shutil.copyfile(Path(evaluation).parent / values_file, staging / values_file)
             summary = {"split": report.get("split"), "num_datapoints": report.get("num_datapoints"),
                        "num_samples": report.get("num_samples"), "seed": report.get("seed"),
                        "evaluated_with": {k: report.get("environment", {}).get(k)
@@ -281,7 +291,7 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
         manifest = {
             "format": FORMAT, "name": name or out_dir.name, "description": description, "reproduces": reproduces,
             "data_dim": ckpt["fit"]["data_dim"],
-            "parameters": int(sum(v.numel() for v in state.values())), "dtype": "float32",
+            "parameters": int(sum(v.numel() for v in state.values())), "dtype": dtype,
             # (the median epoch, not the sum: a run paused or resumed has long epochs in its record)
             "training": {"epochs_run": records[-1]["epoch"], "best_epoch": ckpt.get("best_epoch"),
                          "stopped_early": bool(ckpt.get("stopped_early", False)), "validation_metric": metric,
@@ -309,3 +319,21 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
         if staging.exists():
             shutil.rmtree(staging)
     return out_dir
+
+
+def _stored_weights(state: dict, stored) -> dict:
+    """The state's tensors on the CPU, floating-point ones as ``stored``; a weight that is finite but
+    overflows ``stored`` is refused (it would load as infinity)."""
+    import torch
+
+    out = {}
+    for key, value in state.items():
+        value = value.detach().to("cpu")
+        if value.is_floating_point():
+            cast = value.to(stored)
+            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
+                raise UsageError(f"weight {key!r} reaches {float(value.abs().max()):.4g}, beyond {stored}'s range: "
+                                 "export it as float32")
+            value = cast
+        out[key] = value.contiguous()
+    return out
