@@ -367,6 +367,37 @@ def test_hierarchy_benchmark_sides_agree_at_smoke_size(tmp_path_factory):
         assert result[key]["git_commit"] and "load_average_1_5_15" in result[key]
 
 
+def test_a_pretrained_reevaluation_is_paired_image_by_image_with_a_reference_that_has_per_datapoint_values(tmp_path):
+    """pretrained_evaluate.py pairs the new report with the bundled reference image by image when both
+    carry per-datapoint values (models bundled from now on), and says None for the older bundles."""
+    import shutil
+
+    import pvae
+
+    paired_with_reference = _pretrained_evaluate().paired_with_reference
+    config = pvae.RunConfig(dataset="digits", latent_dim=2, net={"hidden": (16,)}, training={"epochs": 1})
+    run = tmp_path / "run"
+    pvae.train_run(config, run, progress=False)
+    paths = []
+    for seed in (0, 1):
+        report = pvae.evaluate_run(run, num_samples=10, seed=seed, psis_datapoints=0, progress=False)
+        folder = tmp_path / f"seed{seed}"
+        folder.mkdir()
+        for suffix in (".json", ".per-datapoint.csv"):
+            shutil.copy(run / f"{report.stem}{suffix}", folder / f"{report.stem}{suffix}")
+        paths.append(folder / f"{report.stem}.json")
+    reference, new = paths  # the bundle's report is seed 0's
+    result = paired_with_reference(new, reference)
+    assert set(result) == {"elbo", "iwae"}
+    for name, entry in result.items():
+        assert entry["seeds"] == {"a": 1, "b": 0} and entry["num_datapoints"] == 300
+        assert entry["within_mc_error"] == (abs(entry["z"]) < 3)
+    old = json.loads(reference.read_text())
+    old.pop("per_datapoint")
+    reference.write_text(json.dumps(old))
+    assert paired_with_reference(new, reference) is None
+
+
 def test_a_pretrained_reevaluation_is_within_monte_carlo_error_only_when_z_says_so():
     """experiments/pretrained_evaluate.py: the difference of two independent estimates is judged by
     its Monte Carlo standard error sqrt(mc_1^2 + mc_2^2) (not by one report's, not by the spread
