@@ -440,7 +440,7 @@ class EvaluationReport:
             if p["fraction_above_0.7"] and "iwae" in self.estimates:  # (k-hat is of the guide, L_K's proposal)
                 # (the paper's §5 measures it: two seeds' L_5000 of each shipped model against these errors)
                 lines.append("  warning: where k-hat > 0.7 the Monte Carlo part of L_K is a delta-method error "
-                             "that understates the real one; compare two seeds")
+                             "that understates the real one; compare two seeds (pvae compare A.json B.json)")
         if self.figure and self.run_dir:
             lines.append(f"  figure: {Path(self.run_dir) / self.figure}")
         for name, why in self.skipped.items():
