@@ -255,7 +255,8 @@ def _parser() -> argparse.ArgumentParser:
         help="estimates of log p(x) (ELBO, L_K, AIS, naive) and diagnostics of a trained run",
         description="Report the ELBO, the importance-weighted bound L_K and optionally AIS and the naive "
         "prior estimate (nats per datapoint, with standard errors), active units, KL and PSIS k-hat on a "
-        "split; write evaluation-<split>-K<K>.json and .png in RUN_DIR. Defaults: pvae.EvaluationSpec()'s "
+        "split; write evaluation-<split>-K<K>.json, .png and .per-datapoint.csv in RUN_DIR (-seed<S> added to the "
+        "names for a --seed other than 0). Defaults: pvae.EvaluationSpec()'s "
         "and pvae.AISSettings()'s.",
     )
     spec, ais = EvaluationSpec(), AISSettings()

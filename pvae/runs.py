@@ -432,7 +432,7 @@ def evaluate_run(run_dir, spec: Optional[EvaluationSpec] = None, *, split: str =
     spec = EvaluationSpec.of(spec, **settings)
     keep = write and spec.seed is not None and not distributed.active()
     scored = _scored_name(data_path)
-    stem = EvaluationReport.stem_for(split, spec.num_samples, scored)
+    stem = EvaluationReport.stem_for(split, spec.num_samples, scored, spec.seed)
     partials = _partial_files(Path(run_dir), stem, keep, resume)
     # what cached minibatches were computed from (hashed before loading, so that a checkpoint
     # rewritten meanwhile cannot be cached under the new one's hash)

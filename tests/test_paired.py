@@ -42,11 +42,17 @@ def test_a_saved_report_holds_every_datapoint_exactly_with_its_khat_and_hash(run
     assert torch.equal(columns["index"], torch.arange(n))
     for name, est in report.estimates.items():
         assert torch.equal(columns[name], est.values.double()), name
-        assert torch.equal(columns[f"{name}_mc_stderr"], est.mc_stderr_per_datapoint.double()), name
+        assert torch.equal(columns[f"{name}_mc_stderr_per_datapoint"], est.mc_stderr_per_datapoint.double()), name
         assert float(columns[name].mean()) == json.loads(path.read_text())["estimates"][name]["mean"]
     khat = columns["khat"]
     assert int(torch.isfinite(khat).sum()) == 20 == report.khat.numel()
-    assert torch.equal(khat[report.khat_index], report.khat.double())
+    # each k-hat on the row it was computed for: recomputed from those rows of the data, with the
+    # draws _psis used (one batch, seed + 1000)
+    rows = torch.isfinite(khat).nonzero().flatten()
+    x = pvae.load_dataset("digits").test[rows]
+    again = pvae.importance_diagnostics(pvae.load_run(run_dir).vae, x, report.num_samples, report.chunk_size,
+                                        seed=report.seed + 1000)["khat"]
+    assert torch.allclose(khat[rows], again.double(), atol=1e-6)
 
 
 def test_two_seeds_differ_by_monte_carlo_noise_only(run):
@@ -56,7 +62,7 @@ def test_two_seeds_differ_by_monte_carlo_noise_only(run):
     assert result.mean_difference == pytest.approx(float(d.mean()), abs=1e-12)
     assert result.stderr == pytest.approx(float(d.std() / math.sqrt(d.numel())), rel=1e-12)
     assert abs(result.z) < 4.5  # E[a - b] = 0: the same model, independent draws
-    assert result.mc_stderr_delta == pytest.approx(
+    assert result.mc_stderr_of_difference == pytest.approx(
         math.hypot(a.estimates["iwae"].mc_stderr_of_mean, b.estimates["iwae"].mc_stderr_of_mean))
     assert paired_difference(a, b, "iwae").to_dict() | {"labels": None} == result.to_dict() | {"labels": None}
 
@@ -79,7 +85,7 @@ def test_the_paired_error_of_two_seeds_is_the_spread_of_their_difference_over_re
         a, b = (pvae.evaluate(vae, x, spec) for spec in specs)
         for name in rows:
             p = paired_difference(a, b, name)
-            rows[name].append((p.mean_difference, p.stderr ** 2, p.mc_stderr_delta ** 2))
+            rows[name].append((p.mean_difference, p.stderr ** 2, p.mc_stderr_of_difference ** 2))
     band = 4 * math.sqrt(2 / (replicates - 1))
     for name, values in rows.items():
         means, paired_var, delta_var = (torch.tensor(v, dtype=torch.float64) for v in zip(*values))

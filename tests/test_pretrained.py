@@ -227,6 +227,45 @@ def test_pvae_evaluate_pretrained_writes_its_report_in_a_copy_not_the_bundled_fo
     assert cli(["evaluate", "pretrained:nothing-like-it", "--no-progress"]) == 2
 
 
+def test_evaluating_a_bundle_at_its_reference_settings_keeps_its_reference_values_and_pairs_with_them(
+        exported, tmp_path, monkeypatch, capsys):
+    """The bundle's per-datapoint reference values have their own name: ``pvae evaluate pretrained:X`` at
+    the reference's own K and seed writes the run's report names beside them without touching them, the
+    copy still verifies, and a second seed's report pairs with the reference image by image."""
+    from pvae.inference.paired import paired_difference
+
+    _, out = exported
+    models = tmp_path / "models"
+    shutil.copytree(out, models / out.name)
+    monkeypatch.setattr(pretrained, "MODELS_DIR", models)
+    monkeypatch.setenv(pretrained.CACHE_ENV, str(tmp_path / "cache"))
+    copy = tmp_path / "cache" / out.name
+    for seed in ("0", "1"):  # 0: the reference's K and seed, so its file names (in other minibatches: other draws)
+        assert cli(["evaluate", f"pretrained:{out.name}", "--num-samples", "20", "--seed", seed, "--no-progress",
+                    "--batch-size", "50" if seed == "0" else "100"]) == 0
+    capsys.readouterr()
+    pretrained.verify(copy)
+    assert (copy / "evaluation-test-K20.json").is_file() and (copy / "evaluation-test-K20-seed1.json").is_file()
+    same_seed = paired_difference(copy / "evaluation-test-K20.json", copy / pretrained.REFERENCE_FILE)
+    assert same_seed.seeds == {"a": 0, "b": 0} and same_seed.mean_difference != 0
+    other = paired_difference(copy / "evaluation-test-K20-seed1.json", copy / pretrained.REFERENCE_FILE)
+    assert other.seeds == {"a": 1, "b": 0} and other.z is not None and abs(other.z) < 4.5
+
+
+def test_an_export_refuses_a_reference_whose_per_datapoint_file_changed(exported, tmp_path):
+    run_dir, _ = exported
+    report = json.loads((run_dir / "evaluation-test-K20.json").read_text())
+    values = run_dir / report["per_datapoint"]["file"]
+    original = values.read_text()
+    try:
+        values.write_text(original.replace("\n0,", "\n0,1", 1))
+        with pytest.raises(UsageError, match="SHA-256 differs"):
+            pretrained.export(run_dir, tmp_path / "stale", description="x", evaluation=run_dir / "evaluation-test-K20.json")
+        assert not (tmp_path / "stale").exists()
+    finally:
+        values.write_text(original)
+
+
 # ------------------------------------------------------------------- the bundled converged models
 BUNDLED = sorted(pretrained.available())
 #: what every bundled model must reproduce: the runs of the paper's Table 9

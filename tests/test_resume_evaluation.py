@@ -88,13 +88,20 @@ def test_other_settings_a_damaged_file_or_restart_start_afresh(run_dir, monkeypa
         with pytest.raises(Interrupt):
             _evaluate(run_dir, seed=0)
     (partial,) = run_dir.glob("*.partial.pt")
-    fresh = _evaluate(run_dir, seed=1, write=False)
+    fresh = _evaluate(run_dir, chunk_size=10, write=False)
     num_batches = -(-fresh.num_datapoints // BATCH)
     with monkeypatch.context() as m, pytest.warns(UserWarning, match="written for other settings"):
-        calls = _count_batches(m, module, name)  # another seed: the seed-0 minibatches are not used
-        other = _evaluate(run_dir, seed=1)
+        calls = _count_batches(m, module, name)  # another chunk size: the minibatches drawn in 20s are not used
+        other = _evaluate(run_dir, chunk_size=10)
     assert len(calls) == num_batches
     assert torch.equal(other.estimates["iwae"].values, fresh.estimates["iwae"].values)
+    # another seed has a report (and partial files) of its own name: it neither uses nor removes these
+    with monkeypatch.context() as m:
+        _count_batches(m, module, name, fail_at=3)
+        with pytest.raises(Interrupt):
+            _evaluate(run_dir, seed=0)
+    _evaluate(run_dir, seed=1)
+    assert partial.exists() and (run_dir / "evaluation-test-K20-seed1.json").exists()
 
     with monkeypatch.context() as m:
         _count_batches(m, module, name, fail_at=3)

@@ -524,10 +524,13 @@ def test_export_refuses_float16_weights_that_move_the_bounds_beyond_their_monte_
 
     config = pvae.RunConfig(dataset="digits", latent_dim=2, net={"hidden": (16,)}, training={"epochs": 1})
     pvae.train_run(config, tmp_path / "run", progress=False)
+    report = pvae.evaluate_run(tmp_path / "run", num_samples=20, psis_datapoints=0, progress=False)
+    report_path = tmp_path / "run" / f"{report.stem}.json"
     monkeypatch.setitem(export_pretrained.SUBSET, "num_samples", 20)
-    check = export_pretrained.float16_check(tmp_path / "run")
-    for name in ("elbo", "iwae"):
-        assert abs(check[name]["shift"]) < check[name]["mc_stderr_of_mean"]
+    check = export_pretrained.float16_check(tmp_path / "run", report_path)
+    for name in ("elbo", "iwae"):  # judged against the bundled report's error, not the subset's
+        assert check[name]["bundled_mc_stderr_of_mean"] == report.estimates[name].mc_stderr_of_mean
+        assert abs(check[name]["shift"]) + 2 * check[name]["shift_stderr"] < check[name]["bundled_mc_stderr_of_mean"]
         assert math.isclose(check[name]["float16"], check[name]["float32"] + check[name]["shift"], abs_tol=1e-9)
 
     def coarse(run):  # one decimal digit instead of float16's three
@@ -536,5 +539,14 @@ def test_export_refuses_float16_weights_that_move_the_bounds_beyond_their_monte_
         return run
 
     monkeypatch.setattr(export_pretrained, "half_precision", coarse)
-    with pytest.raises(SystemExit, match="not less than its Monte Carlo error .*keep float32"):
-        export_pretrained.float16_check(tmp_path / "run")
+    with pytest.raises(SystemExit, match="not clearly less than the Monte Carlo error .* of the bundled report"):
+        export_pretrained.float16_check(tmp_path / "run", report_path)
+    # a report with a smaller Monte Carlo error (more images) than the shift: refused although the
+    # subset's own error would have let it pass
+    monkeypatch.setattr(export_pretrained, "half_precision", lambda run: run)
+    values = json.loads(report_path.read_text())
+    for name in ("elbo", "iwae"):
+        values["estimates"][name]["mc_stderr_of_mean"] = 0.0
+    (tmp_path / "tight.json").write_text(json.dumps(values))
+    with pytest.raises(SystemExit, match="keep float32"):
+        export_pretrained.float16_check(tmp_path / "run", tmp_path / "tight.json")

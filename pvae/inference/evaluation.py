@@ -152,6 +152,7 @@ def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Op
     if report is None:
         report = EvaluationReport(model=type(program).__name__)
     report.num_datapoints, report.seed, report.batch_size = int(x.shape[0]), spec.seed, spec.batch_size
+    report.evaluated_sha256 = _tensor_sha256(x)
     report.chunk_size, report.num_samples, report.spec = chunk_size, spec.num_samples, spec.to_dict()
     has_density, scores_any_point = _guide_has_density(program, x)
     from pvae.model import VAE
@@ -190,6 +191,20 @@ def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Op
         warnings.filterwarnings("ignore", message="posterior collapse", category=UserWarning)
         report.latent = latent_diagnostics(program, x)
     return report
+
+
+def _tensor_sha256(x) -> str:
+    """SHA-256 of the evaluated data's values (float64, row-major; covariates included): two reports
+    with the same hash scored the same datapoints in the same order (:func:`pvae.paired_difference`)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    parts = [x.x, *(x.covariates[k] for k in sorted(x.covariates))] if hasattr(x, "covariates") else [x]
+    for part in parts:
+        part = part.detach().to("cpu", torch.float64).contiguous()
+        digest.update(str(tuple(part.shape)).encode())
+        digest.update(part.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def classification_error(program, x, labels: torch.Tensor, batch_size: int = 1000) -> dict:
@@ -305,11 +320,12 @@ class EvaluationReport:
          "skipped": {name: reason}, "latent": {...}, "psis": {...} | null,
          "spec": EvaluationSpec.to_dict(), "ais_settings": AISSettings.to_dict() | null, "figure": file name | null,
          "by_label": {label: {"num_datapoints", name: {"mean", "stderr"}}} | null (labelled data),
-         "per_datapoint": {"file", "sha256", "columns"} | null,
+         "per_datapoint": {"file", "sha256", "columns"} | null, "evaluated_sha256",
          "environment": {"pvae", "torch", "pyro", "device", "cuda_device" (CUDA), "evaluated", ...}}
 
     ``environment`` was added within version 2 (pvae 0.2); older version-2 reports lack it.
-    ``per_datapoint`` was added within version 3; older reports lack it (they cannot be paired)."""
+    ``per_datapoint`` and ``evaluated_sha256`` were added within version 3; older reports lack them
+    (they cannot be paired)."""
 
     run_dir: Optional[str] = None
     dataset: Optional[str] = None
@@ -335,6 +351,8 @@ class EvaluationReport:
     #: the per-datapoint file :meth:`save` wrote beside the report (``{"file", "sha256", "columns"}``;
     #: :mod:`pvae.inference.paired`), None before it is saved
     per_datapoint: Optional[dict] = None
+    #: SHA-256 of the evaluated datapoints' values, in order (the rows a per-datapoint file is of)
+    evaluated_sha256: Optional[str] = None
     figure: Optional[str] = None
     environment: Optional[dict] = None  # versions, machine and device (see evaluation_environment)
     #: whether the data are discrete under a probability mass function (Bernoulli, Poisson,
@@ -361,13 +379,16 @@ class EvaluationReport:
     def stem(self) -> str:
         """The report's file name without suffix: ``evaluation-<split>-K<K>`` for the run's own
         data, ``evaluation-<data>-<split>-K<K>`` for other data (``scored``), so that scoring other
-        data never overwrites the run's own report."""
-        return self.stem_for(self.split, self.num_samples, self.scored)
+        data never overwrites the run's own report; ``-seed<S>`` appended for a seed other than 0."""
+        return self.stem_for(self.split, self.num_samples, self.scored, self.seed)
 
     @staticmethod
-    def stem_for(split: str, num_samples: int, scored: Optional[str] = None) -> str:
-        """:attr:`stem` of a report of these settings."""
-        return f"evaluation-{scored}-{split}-K{num_samples}" if scored else f"evaluation-{split}-K{num_samples}"
+    def stem_for(split: str, num_samples: int, scored: Optional[str] = None, seed: Optional[int] = 0) -> str:
+        """:attr:`stem` of a report of these settings; a seed other than the default 0 is part of the
+        name (``evaluation-test-K5000-seed1``), so that evaluations with two seeds, to be paired, do
+        not overwrite each other."""
+        stem = f"evaluation-{scored}-{split}-K{num_samples}" if scored else f"evaluation-{split}-K{num_samples}"
+        return stem if seed in (0, None) else f"{stem}-seed{seed}"
 
     def to_dict(self) -> dict:
         return {
@@ -381,6 +402,7 @@ class EvaluationReport:
             "ais_settings": self.ais_settings, "figure": self.figure, "by_label": self.by_label,
             "environment": self.environment, "spec": self.spec, "scored": self.scored,
             "classification": self.classification, "per_datapoint": self.per_datapoint,
+            "evaluated_sha256": self.evaluated_sha256,
         }
 
     def save(self, run_dir=None) -> Path:

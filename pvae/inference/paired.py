@@ -4,7 +4,7 @@ same datapoints.
 :meth:`~pvae.inference.evaluation.EvaluationReport.save` writes, beside ``<stem>.json``, the file
 ``<stem>.per-datapoint.csv`` (suffix ``PER_DATAPOINT_SUFFIX``): one row per evaluated datapoint (``index``: its row in the evaluated
 split, counting from 0), a column per estimate (nats) and its per-datapoint Monte Carlo standard
-error (``<name>_mc_stderr``), and ``khat`` (PSIS k-hat of the guide, on the PSIS subset only; empty
+error (``<name>_mc_stderr_per_datapoint``), and ``khat`` (PSIS k-hat of the guide, on the PSIS subset only; empty
 elsewhere). The report names the file and its SHA-256 (``per_datapoint``).
 
 :func:`paired_difference` compares two reports of the same datapoints image by image:
@@ -15,7 +15,7 @@ elsewhere). The report names the file and its SHA-256 (``per_datapoint``).
   MNIST's test set) is dominated by how hard the images are, which both models share; the paired one
   removes it.
 - *One model, two seeds*: ``E[d_i] = 0`` and ``std(d) / sqrt(N)`` is an *empirical* Monte Carlo
-  standard error of the difference, with no delta method. Set beside ``mc_stderr_delta`` (the
+  standard error of the difference, with no delta method. Set beside ``mc_stderr_of_difference`` (the
   reports' own Monte Carlo errors combined, ``hypot(mc_a, mc_b)``) it shows how far the delta
   method's error of ``L_K`` can be trusted: where PSIS k-hat exceeds 0.7 it understates.
 """
@@ -38,8 +38,6 @@ __all__ = ["paired_difference", "PairedDifference", "read_per_datapoint", "per_d
 
 #: suffix of the per-datapoint file beside a report's ``<stem>.json``
 PER_DATAPOINT_SUFFIX = ".per-datapoint.csv"
-#: estimates that are not bounds on log p(x) (kept in the file, compared like the others)
-_POINT_ESTIMATES = ("reconstruction", "squared-error")
 
 
 def per_datapoint_table(report) -> str:
@@ -57,7 +55,7 @@ def per_datapoint_table(report) -> str:
     columns = ["index"]
     series = []
     for name, est in estimates.items():
-        columns += [name, f"{name}_mc_stderr"]
+        columns += [name, f"{name}_mc_stderr_per_datapoint"]
         series += [est.values.detach().cpu().double().tolist(),
                    est.mc_stderr_per_datapoint.detach().cpu().double().tolist()]
     columns.append("khat")
@@ -109,8 +107,9 @@ class PairedDifference:
     :ivar float mean_difference: mean of ``d_i = a_i - b_i``.
     :ivar float stderr: ``std(d) / sqrt(N)``: the paired standard error over datapoints (for two seeds
         of one model, an empirical Monte Carlo standard error of the difference).
-    :ivar float mc_stderr_delta: ``hypot`` of the two reports' ``mc_stderr_of_mean``: the Monte
-        Carlo error of the difference the reports predict (delta method for ``L_K``).
+    :ivar float mc_stderr_of_difference: ``hypot`` of the two reports' ``mc_stderr_of_mean``: the Monte
+        Carlo error of the difference that the reports' own errors give (for ``L_K`` a delta-method
+        error; for the ELBO a plain sample standard error).
     :ivar float z: ``mean_difference / stderr``.
     """
 
@@ -122,20 +121,21 @@ class PairedDifference:
     mean_b: float
     mean_difference: float
     stderr: float
-    mc_stderr_delta: Optional[float]
+    mc_stderr_of_difference: Optional[float]
     fraction_a_higher: float
     labels: Dict[str, str] = field(default_factory=dict)
     note: Optional[str] = None
 
     @property
-    def z(self) -> float:
-        return self.mean_difference / self.stderr if self.stderr > 0 else math.nan
+    def z(self) -> Optional[float]:
+        """``mean_difference / stderr``; None when every difference is 0 (the same draws)."""
+        return self.mean_difference / self.stderr if self.stderr > 0 else None
 
     def to_dict(self) -> dict:
         return {"estimator": self.estimator, "num_datapoints": self.num_datapoints, "num_samples": self.num_samples,
                 "seeds": self.seeds, "labels": self.labels, "mean_a": self.mean_a, "mean_b": self.mean_b,
                 "mean_difference": self.mean_difference, "stderr": self.stderr,
-                "mc_stderr_delta": self.mc_stderr_delta, "z": self.z,
+                "mc_stderr_of_difference": self.mc_stderr_of_difference, "z": self.z,
                 "fraction_a_higher": self.fraction_a_higher, "note": self.note}
 
     def summary(self) -> str:
@@ -146,12 +146,13 @@ class PairedDifference:
         lines = [f"{self.estimator} on the same {self.num_datapoints} datapoints: {side('a', a, self.mean_a)}, "
                  f"{side('b', b, self.mean_b)}",
                  f"  a - b = {self.mean_difference:+.4f} ± {self.stderr:.4f} nats (± paired std. error over "
-                 f"datapoints), z = {self.z:+.2f}; a higher on {self.fraction_a_higher:.1%}"]
-        if self.mc_stderr_delta is not None:
-            lines.append(f"  the reports' Monte Carlo errors combined: ± {self.mc_stderr_delta:.4f} "
-                         f"(paired / combined = {self.stderr / self.mc_stderr_delta:.2f}: for one model and two seeds, "
+                 f"datapoints), z = {'n/a' if self.z is None else format(self.z, '+.2f')}; "
+                 f"a higher on {self.fraction_a_higher:.1%}"]
+        if self.mc_stderr_of_difference is not None:
+            lines.append(f"  the reports' Monte Carlo errors combined: ± {self.mc_stderr_of_difference:.4f} "
+                         f"(paired / combined = {self.stderr / self.mc_stderr_of_difference:.2f}: for one model and two seeds, "
                          "how far the reports' own Monte Carlo errors hold)"
-                         if self.mc_stderr_delta > 0 else "  the reports' Monte Carlo errors combined: 0")
+                         if self.mc_stderr_of_difference > 0 else "  the reports' Monte Carlo errors combined: 0")
         if self.note:
             lines.append(f"  note: {self.note}")
         return "\n".join(lines)
@@ -168,7 +169,14 @@ def _values_of(report, side: str):
         path = Path(report)
         if not path.exists():
             raise UsageError(f"report {side} ({path}) does not exist")
-        return json.loads(path.read_text()), str(path)
+        try:
+            values = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"report {side} ({path}) is not a report's JSON ({exc}); pass evaluation-....json, "
+                             "not its .per-datapoint.csv") from None
+        if not isinstance(values, dict) or "estimates" not in values:
+            raise UsageError(f"report {side} ({path}) is JSON but not an evaluation report (no 'estimates')")
+        return values, str(path)
     return report.to_dict(), report.run_dir or f"report {side}"
 
 
@@ -179,7 +187,7 @@ def _columns_of(report) -> Dict[str, torch.Tensor]:
     columns = {"index": torch.arange(report.num_datapoints)}
     for name, est in report.estimates.items():
         columns[name] = est.values.detach().cpu().double()
-        columns[f"{name}_mc_stderr"] = est.mc_stderr_per_datapoint.detach().cpu().double()
+        columns[f"{name}_mc_stderr_per_datapoint"] = est.mc_stderr_per_datapoint.detach().cpu().double()
     return columns
 
 
@@ -196,10 +204,14 @@ def paired_difference(a: Report, b: Report, estimator: str = "iwae") -> PairedDi
     fa, fb = (rep_a.get("data") or {}).get("fingerprint"), (rep_b.get("data") or {}).get("fingerprint")
     if fa and fb and fa != fb:
         raise UsageError(f"the reports evaluate other data: data fingerprint {fa[:12]} (a) vs {fb[:12]} (b)")
+    ha, hb = rep_a.get("evaluated_sha256"), rep_b.get("evaluated_sha256")
+    if ha and hb and ha != hb:
+        raise UsageError(f"the reports evaluate other datapoints, or the same in another order (SHA-256 of the "
+                         f"evaluated values {ha[:12]} (a) vs {hb[:12]} (b))")
     cols_a, cols_b = _columns_of(a), _columns_of(b)
     for cols, side in ((cols_a, "a"), (cols_b, "b")):
         if estimator not in cols:
-            have = ", ".join(k for k in cols if k not in ("index", "khat") and not k.endswith("_mc_stderr"))
+            have = ", ".join(k for k in cols if k not in ("index", "khat") and not k.endswith("_mc_stderr_per_datapoint"))
             raise UsageError(f"report {side} has no {estimator!r} estimate (it has: {have or 'none'})")
     if not torch.equal(cols_a["index"], cols_b["index"]):
         raise UsageError("the reports' per-datapoint rows are not the same datapoints (their index columns differ)")
@@ -224,5 +236,5 @@ def paired_difference(a: Report, b: Report, estimator: str = "iwae") -> PairedDi
         num_samples={"a": est_a.get("num_samples"), "b": est_b.get("num_samples")},
         seeds={"a": rep_a.get("seed"), "b": rep_b.get("seed")},
         mean_a=float(va.mean()), mean_b=float(vb.mean()), mean_difference=float(d.mean()),
-        stderr=float(d.std(unbiased=True) / math.sqrt(n)), mc_stderr_delta=mc,
+        stderr=float(d.std(unbiased=True) / math.sqrt(n)), mc_stderr_of_difference=mc,
         fraction_a_higher=float((d > 0).double().mean()), labels={"a": label_a, "b": label_b}, note=note)

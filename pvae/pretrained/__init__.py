@@ -9,10 +9,11 @@
 
 A pretrained model is an *exported run* (:func:`export`): a folder with ``config.json``,
 ``data.json``, ``metrics.jsonl`` (the training history), ``model.safetensors`` (the best-validation
-weights, float32, as trained) and ``manifest.json``, which lists every other file with its SHA-256
+weights: float32 as trained, or float16 where the manifest says so) and ``manifest.json``, which lists every other file with its SHA-256
 and records the commit that trained the run, the SHA-256 of the checkpoint the weights were taken
 from, and the reference evaluation (``reference-evaluation.json``, the run's ``pvae evaluate`` report).
-The file names are ``WEIGHTS_FILE``, ``MANIFEST_FILE`` and ``REFERENCE_FILE``.
+The file names are ``WEIGHTS_FILE``, ``MANIFEST_FILE`` and ``REFERENCE_FILE`` (with its per-datapoint
+values, when the report has them, as ``REFERENCE_VALUES_FILE``).
 The weights are safetensors, not a pickle: loading a model file cannot run code, and every file is
 checked against the manifest before anything is read from it.
 
@@ -44,16 +45,20 @@ from typing import Callable, Dict, Optional
 
 from pvae.data import _download  # atomic: a temporary file beside the target, renamed when complete
 from pvae.data.files import file_sha256
+from pvae.checkpoint import write_json
 from pvae.errors import UsageError
 
 __all__ = ["available", "load", "load_run", "locate", "writable_copy", "verify", "export", "cache_dir",
-           "PretrainedChecksumError", "MODELS_DIR", "MANIFEST_FILE", "WEIGHTS_FILE", "REFERENCE_FILE"]
+           "PretrainedChecksumError", "MODELS_DIR", "MANIFEST_FILE", "WEIGHTS_FILE", "REFERENCE_FILE",
+           "REFERENCE_VALUES_FILE"]
 
 #: the bundled models, one folder each
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "model.safetensors"
 REFERENCE_FILE = "reference-evaluation.json"
+#: the reference evaluation's per-datapoint values (:mod:`pvae.inference.paired`), when it has them
+REFERENCE_VALUES_FILE = "reference-evaluation.per-datapoint.csv"
 #: the files every exported run holds besides the manifest (the reference evaluation is optional)
 REQUIRED_FILES = ("config.json", "data.json", "metrics.jsonl", WEIGHTS_FILE)
 CACHE_ENV = "PVAE_PRETRAINED_DIR"
@@ -277,10 +282,15 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
         summary = None
         if evaluation is not None:
             report = json.loads(Path(evaluation).read_text())
-            shutil.copyfile(evaluation, staging / REFERENCE_FILE)
-            values_file = (report.get("per_datapoint") or {}).get("file")
-            if values_file and (Path(evaluation).parent / values_file).exists():  # (the report names it)
-                shutil.copyfile(Path(evaluation).parent / values_file, staging / values_file)
+            if report.get("per_datapoint"):
+                # bundled under its own name (an evaluation of the bundle writes the run's report names
+                # into the same folder), checked against the report's hash first
+                from pvae.inference.paired import read_per_datapoint
+
+                read_per_datapoint(evaluation)
+                shutil.copyfile(Path(evaluation).parent / report["per_datapoint"]["file"], staging / REFERENCE_VALUES_FILE)
+                report["per_datapoint"] = {**report["per_datapoint"], "file": REFERENCE_VALUES_FILE}
+            write_json(report, staging / REFERENCE_FILE)
             summary = {"split": report.get("split"), "num_datapoints": report.get("num_datapoints"),
                        "num_samples": report.get("num_samples"), "seed": report.get("seed"),
                        "evaluated_with": {k: report.get("environment", {}).get(k)
@@ -292,6 +302,10 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
             "format": FORMAT, "name": name or out_dir.name, "description": description, "reproduces": reproduces,
             "data_dim": ckpt["fit"]["data_dim"],
             "parameters": int(sum(v.numel() for v in state.values())), "dtype": dtype,
+            # float16: weights that were not 0 and round to 0 (below about 6e-8)
+            **({"float16_underflow_to_zero": int(sum(int(((v != 0) & (v.to(stored) == 0)).sum())
+                                                     for v in state.values() if v.is_floating_point()))}
+               if dtype == "float16" else {}),
             # (the median epoch, not the sum: a run paused or resumed has long epochs in its record)
             "training": {"epochs_run": records[-1]["epoch"], "best_epoch": ckpt.get("best_epoch"),
                          "stopped_early": bool(ckpt.get("stopped_early", False)), "validation_metric": metric,
@@ -331,7 +345,7 @@ def _stored_weights(state: dict, stored) -> dict:
         value = value.detach().to("cpu")
         if value.is_floating_point():
             cast = value.to(stored)
-            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
+            if bool((~torch.isfinite(cast) & torch.isfinite(value)).any()):
                 raise UsageError(f"weight {key!r} reaches {float(value.abs().max()):.4g}, beyond {stored}'s range: "
                                  "export it as float32")
             value = cast
