@@ -82,9 +82,10 @@ def float16_check(run_dir: Path, report: Path) -> dict:
     test set, float32): the rounding must move each bound by less than that report's Monte Carlo
     error, with room for the subset's own uncertainty about the shift (``|shift| + 2 s.e.``, the
     s.e. of the mean shift over the subset's images), or the export is refused."""
-    x = pvae.load_dataset(pvae.load_run(run_dir).config.dataset).test[:SUBSET["num_datapoints"]]
-    full = pvae.evaluate(pvae.load_run(run_dir).vae, x, _subset_spec(("elbo", "iwae")))
-    half = pvae.evaluate(half_precision(pvae.load_run(run_dir)).vae, x, _subset_spec(("elbo", "iwae")))
+    run = pvae.load_run(run_dir)
+    x = pvae.load_dataset(run.config.dataset).test[:SUBSET["num_datapoints"]]
+    full = pvae.evaluate(run.vae, x, _subset_spec(("elbo", "iwae")))
+    half = pvae.evaluate(half_precision(run).vae, x, _subset_spec(("elbo", "iwae")))  # (rounds run in place)
     bundled = json.loads(Path(report).read_text())["estimates"]
     out = {"datapoints": f"the first {SUBSET['num_datapoints']} test images", "num_samples": SUBSET["num_samples"],
            "seed": SUBSET["seed"], "computed_with": pvae.runs.source_commit(),

@@ -20,9 +20,20 @@ import torch
 from pvae.data.streaming import is_streamed
 from pvae.errors import UsageError
 
-__all__ = ["Dataset", "binarized", "fixed_binarization", "SPLITS", "BINARIZE_MODES"]
+__all__ = ["Dataset", "binarized", "fixed_binarization", "update_hash", "SPLITS", "BINARIZE_MODES"]
 
 SPLITS = ("train", "valid", "test")
+
+
+def update_hash(h, name: str, t) -> None:
+    """Feed ``name``, ``t``'s shape and its float32 values (row-major) to the hash ``h``: a streamed
+    split gives the same bytes, read a chunk at a time. :meth:`Dataset.fingerprint` hashes each
+    split this way, and an evaluation report the datapoints it scored."""
+    h.update(f"{name}{tuple(t.shape)}".encode())
+    if is_streamed(t):
+        t.update_hash(h)
+    else:
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
 #: the name of every datapoint of a data set at once (``Dataset.split("all")``)
 ALL = "all"
 
@@ -92,16 +103,9 @@ class Dataset:
         """SHA-256 over the three splits' shapes and float32 values: which data a run saw."""
         h = hashlib.sha256()
         for name in SPLITS:
-            t = getattr(self, name)
-            h.update(f"{name}{tuple(t.shape)}".encode())
-            if is_streamed(t):  # the same bytes, read a chunk at a time
-                t.update_hash(h)
-            else:
-                h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            update_hash(h, name, getattr(self, name))
         for name in SPLITS if self.covariates else ():  # (data without covariates keep their fingerprint)
-            c = self.covariates[name]
-            h.update(f"covariates {name}{tuple(c.shape)}".encode())
-            h.update(c.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            update_hash(h, f"covariates {name}", self.covariates[name])
         return h.hexdigest()
 
     def split_covariates(self, name: str) -> Optional[torch.Tensor]:

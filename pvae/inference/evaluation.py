@@ -194,16 +194,18 @@ def evaluate(program, data, spec: Optional[EvaluationSpec] = None, *, labels: Op
 
 
 def _tensor_sha256(x) -> str:
-    """SHA-256 of the evaluated data's values (float64, row-major; covariates included): two reports
-    with the same hash scored the same datapoints in the same order (:func:`pvae.paired_difference`)."""
+    """SHA-256 of the evaluated data's values (as :meth:`~pvae.data.Dataset.fingerprint` hashes a
+    split; covariates included): two reports with the same hash scored the same datapoints in the
+    same order (:func:`pvae.paired_difference`)."""
     import hashlib
 
+    from pvae.data.dataset import update_hash
+
     digest = hashlib.sha256()
-    parts = [x.x, *(x.covariates[k] for k in sorted(x.covariates))] if hasattr(x, "covariates") else [x]
-    for part in parts:
-        part = part.detach().to("cpu", torch.float64).contiguous()
-        digest.update(str(tuple(part.shape)).encode())
-        digest.update(part.numpy().tobytes())
+    covariates = getattr(x, "covariates", {})
+    update_hash(digest, "x", x.x if covariates else x)
+    for name in sorted(covariates):
+        update_hash(digest, f"covariates {name}", covariates[name])
     return digest.hexdigest()
 
 

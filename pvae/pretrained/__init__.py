@@ -276,7 +276,8 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
-        save_file(_stored_weights(state, stored), str(staging / WEIGHTS_FILE), metadata={"format": "pvae"})
+        weights, underflow = _stored_weights(state, stored)
+        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": "pvae"})
         for file in ("config.json", "data.json", "metrics.jsonl"):
             shutil.copyfile(run_dir / file, staging / file)
         summary = None
@@ -303,9 +304,7 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
             "data_dim": ckpt["fit"]["data_dim"],
             "parameters": int(sum(v.numel() for v in state.values())), "dtype": dtype,
             # float16: weights that were not 0 and round to 0 (below about 6e-8)
-            **({"float16_underflow_to_zero": int(sum(int(((v != 0) & (v.to(stored) == 0)).sum())
-                                                     for v in state.values() if v.is_floating_point()))}
-               if dtype == "float16" else {}),
+            **({"float16_underflow_to_zero": underflow} if dtype == "float16" else {}),
             # (the median epoch, not the sum: a run paused or resumed has long epochs in its record)
             "training": {"epochs_run": records[-1]["epoch"], "best_epoch": ckpt.get("best_epoch"),
                          "stopped_early": bool(ckpt.get("stopped_early", False)), "validation_metric": metric,
@@ -335,12 +334,13 @@ def export(run_dir, out_dir, *, description: str, name: Optional[str] = None, re
     return out_dir
 
 
-def _stored_weights(state: dict, stored) -> dict:
-    """The state's tensors on the CPU, floating-point ones as ``stored``; a weight that is finite but
-    overflows ``stored`` is refused (it would load as infinity)."""
+def _stored_weights(state: dict, stored) -> tuple:
+    """The state's tensors on the CPU, floating-point ones as ``stored``, and how many nonzero weights
+    became 0 (underflow); a weight that is finite but overflows ``stored`` is refused (it would load
+    as infinity)."""
     import torch
 
-    out = {}
+    out, underflow = {}, 0
     for key, value in state.items():
         value = value.detach().to("cpu")
         if value.is_floating_point():
@@ -348,6 +348,7 @@ def _stored_weights(state: dict, stored) -> dict:
             if bool((~torch.isfinite(cast) & torch.isfinite(value)).any()):
                 raise UsageError(f"weight {key!r} reaches {float(value.abs().max()):.4g}, beyond {stored}'s range: "
                                  "export it as float32")
+            underflow += int(((value != 0) & (cast == 0)).sum())
             value = cast
         out[key] = value.contiguous()
-    return out
+    return out, underflow
