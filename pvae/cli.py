@@ -571,10 +571,53 @@ def _evaluate(args) -> int:
     return 0
 
 
+#: set to 1 to keep subnormal floats in ``pvae`` processes (see :func:`configure_cpu`)
+KEEP_DENORMALS_ENV = "PVAE_KEEP_DENORMALS"
+
+
+def configure_cpu(environ=None) -> bool:
+    """Flush subnormal floats to zero on the CPU (``torch.set_flush_denormal``) unless
+    ``PVAE_KEEP_DENORMALS=1``; returns whether flushing is on. Called first thing by
+    :func:`main`, before any parallel operation starts the thread pool: the pool's threads inherit
+    the mode from the thread that creates them, and a thread that already exists keeps its own.
+
+    Why: x86 CPUs handle subnormal operands (|x| below about 1.2e-38 in float32) in microcode, tens
+    of times slower than normal ones. Training produces them: the IWAE's normalized importance
+    weights of the poor samples and a confident decoder's probabilities underflow into that range,
+    and the backward pass's matrix products then run several times slower
+    (``benchmarks/bench_denormal.py`` measures it). Flushing changes a value only where it is
+    below 1.2e-38, which none of pvae's estimates can see; a run records the mode it trained
+    with in ``env.json`` (``cpu_flush_denormal``)."""
+    import os
+
+    import torch
+
+    environ = os.environ if environ is None else environ
+    keep = environ.get(KEEP_DENORMALS_ENV, "").strip().lower() in ("1", "true", "yes")
+    if keep:
+        torch.set_flush_denormal(False)
+        return False
+    return bool(torch.set_flush_denormal(True))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line (``pvae train|evaluate|compare ...``) on ``argv`` (default ``sys.argv[1:]``);
     returns the exit status: 0 done, 2 a usage error (one line, nothing left behind), 1 a bug,
-    130 interrupted."""
+    130 interrupted. Subnormal floats are flushed to zero on the CPU while it runs
+    (:func:`configure_cpu`; a caller in the same process gets its own mode back)."""
+    import torch
+
+    from pvae.runs import cpu_flushes_denormals
+
+    before = cpu_flushes_denormals()
+    configure_cpu()
+    try:
+        return _main(argv)
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     clean = False  # whether every process can be expected at the group's exit barrier

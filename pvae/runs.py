@@ -101,6 +101,16 @@ def source_commit(root=None) -> Optional[str]:
     return commit + ("-dirty" if dirty else "")
 
 
+def cpu_flushes_denormals() -> bool:
+    """Whether CPU arithmetic in this thread flushes subnormal floats (below about 1.2e-38 in
+    float32) to zero: a product whose exact value is subnormal comes out 0. The ``pvae`` command
+    turns this on at start (:func:`pvae.cli.configure_cpu`), since subnormal numbers are slow on
+    x86 CPUs and the IWAE's normalized weights and a confident decoder's probabilities produce
+    them; ``PVAE_KEEP_DENORMALS=1`` keeps them."""
+    small = torch.tensor([1e-30], dtype=torch.float32)
+    return bool((small * small.new_tensor([1e-10])).item() == 0.0)
+
+
 def _machine(device: torch.device) -> dict:
     """Versions, machine and device: what :func:`environment` and :func:`evaluation_environment` share."""
     import numpy
@@ -117,6 +127,7 @@ def _machine(device: torch.device) -> dict:
         "numpy": numpy.__version__,
         "device": str(device),
         "torch_num_threads": torch.get_num_threads(),
+        "cpu_flush_denormal": cpu_flushes_denormals(),  # pvae.cli sets it; tiny values then read as 0
         "world_size": distributed.world_size(),  # processes working together (torch.distributed)
     }
     commit = source_commit()
@@ -282,7 +293,8 @@ def _write_run_files(run_dir: Path, config: RunConfig, device, command, data: Da
             before = {}
         earlier = before.pop("earlier_sittings", [])
         env["earlier_sittings"] = [*earlier, {k: before.get(k) for k in ("started", "git_commit", "device",
-                                                                          "cuda_device", "world_size", "command")
+                                                                          "cuda_device", "world_size", "command",
+                                                                          "cpu_flush_denormal")
                                               if k in before}]
     write_json(env, run_dir / ENV_FILE)
     user_file = data.source is not None and "path" in data.source

@@ -387,7 +387,38 @@ def test_env_json_records_the_code_commit_and_keeps_earlier_sittings(tmp_path):
     assert main([*argv, "--epochs", "2", "--resume"]) == 0
     second = json.loads((run / "env.json").read_text())
     assert second["earlier_sittings"] == [{k: first[k] for k in ("started", "git_commit", "device", "world_size",
-                                                                   "command")}]
+                                                                   "command", "cpu_flush_denormal")}]
+    assert first["cpu_flush_denormal"] is True  # the pvae command flushes subnormal floats (configure_cpu)
     assert main(["evaluate", str(run), "--num-samples", "2", "--no-progress"]) == 0
     report = json.loads((run / "evaluation-test-K2.json").read_text())
     assert report["environment"]["git_commit"] == second["git_commit"]
+
+
+_DENORMAL_PROBE = """
+import sys, torch
+from pvae.cli import configure_cpu
+from pvae.runs import cpu_flushes_denormals
+print(configure_cpu(), cpu_flushes_denormals(),
+      # a parallel operation: the thread pool, started after configure_cpu, flushes too
+      float((torch.full((4_000_000,), 1e-30) * 1e-10).sum()) == 0.0, torch.get_num_threads())
+"""
+
+
+@pytest.mark.parametrize("keep", ["", "1"])
+def test_the_pvae_command_flushes_subnormal_floats_in_every_cpu_thread(keep, tmp_path):
+    """Subnormal floats make x86 matrix products several times slower (IWAE training on the CPU:
+    benchmarks/bench_denormal.py); the command flushes them in the main thread and in the thread
+    pool its threads start afterwards, unless PVAE_KEEP_DENORMALS=1."""
+    env = {**__import__("os").environ, "PVAE_KEEP_DENORMALS": keep, "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", _DENORMAL_PROBE], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    flushed = keep != "1"
+    assert out[:3] == [str(flushed)] * 3, out
+
+
+def test_cli_main_gives_an_in_process_caller_its_floating_point_mode_back(tmp_path):
+    from pvae.runs import cpu_flushes_denormals
+
+    before = cpu_flushes_denormals()
+    assert main(["compare", str(tmp_path / "missing.json"), str(tmp_path / "missing.json")]) == 2
+    assert cpu_flushes_denormals() == before
