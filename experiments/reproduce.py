@@ -14,7 +14,15 @@ run's state with the published number beside it.
         --max-time 3600 --parallel 2
     python experiments/reproduce.py --summary   # only rebuild the results file
 
-Run directories (checkpoints) live under ``results/reproduce/`` (not committed).
+Run directories (checkpoints) live under ``results/reproduce/`` (not committed). A run that
+takes longer than one sitting on a machine that keeps no files between sittings (this project's
+CPU sessions start from a fresh clone) is *parked*: ``--park`` copies its resumable state
+(config, environment, data record, metrics and the sealed checkpoint, each with its SHA-256) to
+``experiments/parked/<name>/``, which is committed; the next sitting, on a clone without the run
+directory, restores it from there (hashes checked) before it resumes, and ``--summary`` reads a
+parked run's progress from it.
+
+    python experiments/reproduce.py iwae-k50-warmup --park   # after stopping its training
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,7 +47,14 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _provenance import provenance  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
+from pvae.checkpoint import load_checkpoint, run_lock  # noqa: E402
 from pvae.data.files import file_sha256  # noqa: E402
+
+#: where unfinished runs are parked between sittings (committed; see the module docstring)
+PARKED = HERE / "parked"
+#: what resuming a run needs (pvae train --resume); the checkpoint holds the history too
+PARK_FILES = ("config.json", "env.json", "data.json", "metrics.jsonl", "checkpoint.pt")
+PARK_RECORD = "PARKED.json"
 
 #: Published test -log p(x) (nats) on static binarized MNIST, with source and protocol notes.
 PUBLISHED = {
@@ -89,9 +106,87 @@ def train(name: str, root: Path, device: str, max_time: float, checkpoint_every:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
-def state_of(name: str, root: Path) -> dict:
-    """The run's progress, read from its metrics log (no checkpoint loading)."""
+def park(name: str, root: Path, parked: Path = PARKED) -> dict:
+    """Copy run ``name``'s resumable state from ``root`` to ``parked/name`` with a record of each
+    file's SHA-256, the epoch and the commit of every sitting; replaces an earlier parking of
+    the run. Refused while a process trains the run (its lock) or when a file is missing or the
+    checkpoint does not load (its seal)."""
     run_dir = run_dir_of(name, root)
+    if not (run_dir / "checkpoint.pt").is_file():
+        raise SystemExit(f"park {name}: {run_dir} holds no checkpoint.pt; nothing to park")
+    with run_lock(run_dir):  # a run that is training is refused (RunLockedError names its pid)
+        missing = [f for f in PARK_FILES if not (run_dir / f).is_file()]
+        if missing:
+            raise SystemExit(f"park {name}: {run_dir} lacks {', '.join(missing)}")
+        checkpoint = load_checkpoint(run_dir / "checkpoint.pt")  # checks its seal
+        env = json.loads((run_dir / "env.json").read_text())
+        staging = parked / f".{name}.parking"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for f in PARK_FILES:
+            shutil.copy2(run_dir / f, staging / f)
+        record = {
+            "run": name, "config": f"experiments/reproduce/{name}.json",
+            "epoch": int(checkpoint["epoch"]), "best_epoch": checkpoint["best_epoch"],
+            "stopped_early": bool(checkpoint["stopped_early"]),
+            "sittings": [*({k: s.get(k) for k in ("started", "git_commit", "device", "cpu_flush_denormal")}
+                           for s in env.get("earlier_sittings", [])),
+                         {k: env.get(k) for k in ("started", "git_commit", "device", "cpu_flush_denormal")}],
+            "parked": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sha256": {f: file_sha256(staging / f) for f in PARK_FILES},
+            "resume": f"python experiments/reproduce.py {name} --no-evaluate --max-time SECONDS "
+                      "(restores this folder into the run directory first)",
+        }
+    (staging / PARK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    target = parked / name
+    if target.exists():
+        old = parked / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        staging.rename(target)
+        shutil.rmtree(old)
+    else:
+        staging.rename(target)
+    return record
+
+
+def unpark(name: str, root: Path, parked: Path = PARKED) -> Optional[dict]:
+    """Restore a parked run into ``root/name`` when that holds no run yet (a fresh clone); the
+    files are checked against the parking record's hashes first. Returns the record, or None
+    when there is nothing to restore (no parked run, or a run directory already there, which is
+    never overwritten)."""
+    source = parked / name
+    run_dir = run_dir_of(name, root)
+    if not (source / PARK_RECORD).is_file() or (run_dir / "checkpoint.pt").exists():
+        return None
+    record = json.loads((source / PARK_RECORD).read_text())
+    changed = [f for f in PARK_FILES if not (source / f).is_file() or file_sha256(source / f) != record["sha256"].get(f)]
+    if changed:
+        raise SystemExit(f"unpark {name}: {', '.join(changed)} in {source} differ from {PARK_RECORD}'s hashes; "
+                         "the parked run is damaged and is not restored")
+    staging = root / f".{name}.unparking"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for f in PARK_FILES:
+        shutil.copy2(source / f, staging / f)
+    if run_dir.exists():  # an empty or checkpoint-less folder (e.g. a lock file left by a killed start)
+        shutil.rmtree(run_dir)
+    staging.rename(run_dir)
+    return record
+
+
+def located(name: str, root: Path, parked: Path = PARKED) -> Path:
+    """The run's directory under ``root``, or its parked copy when ``root`` has none."""
+    run_dir = run_dir_of(name, root)
+    if not (run_dir / "metrics.jsonl").exists() and (parked / name / "metrics.jsonl").exists():
+        return parked / name
+    return run_dir
+
+
+def state_of(name: str, root: Path, parked: Path = PARKED) -> dict:
+    """The run's progress, read from its metrics log (no checkpoint loading); a run parked and
+    not restored here is read from its parked copy (and says so)."""
+    run_dir = located(name, root, parked)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return {"status": "not started"}
@@ -103,7 +198,11 @@ def state_of(name: str, root: Path) -> dict:
     stopped = last["epoch"] - best["epoch"] >= training["patience"]
     times_by_device = _epoch_times(records)
     done = stopped or last["epoch"] >= training["epochs"]
+    where = {}
+    if run_dir.parent == parked:  # read from the parked copy: say where it is
+        where["parked"] = str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)
     return {
+        **where,
         "status": "finished (early stopping)" if stopped else "finished (max epochs)" if done else "in progress",
         "epochs_run": last["epoch"],
         "best_epoch": best["epoch"],
@@ -133,7 +232,8 @@ def evaluate(name: str, root: Path, device: str, num_samples: int, log) -> None:
     subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
 
 
-def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: dict = None) -> dict:
+def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: dict = None,
+            parked: Path = PARKED) -> dict:
     """One entry per run from its directory under ``root``; a run whose directory is not here (a
     fresh checkout: run directories are not committed) keeps its entry from ``previous`` (the
     results file as it was), marked with the commit that wrote that entry."""
@@ -141,36 +241,37 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
     previous = previous or {}
     for name in names:
         old = previous.get("runs", {}).get(name)
-        here = (run_dir_of(name, root) / "metrics.jsonl").exists()
+        source = located(name, root, parked)  # the run directory here, or the run's parked copy
+        here = (source / "metrics.jsonl").exists()
         # a rerun of a finished run is in progress here: the finished run stays the row until the
         # rerun finishes (then it replaces it, and is listed as superseded)
         rerun = (here and old and old.get("carried_over_from_commit") and str(old.get("status")).startswith("finished")
-                 and not state_of(name, root).get("done"))
+                 and not state_of(name, root, parked).get("done"))
         if rerun or (not here and old and old.get("status") != "not started"):
             carried = dict(old)
             if rerun:
-                carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root).items() if k != "val_curve"}
+                carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root, parked).items() if k != "val_curve"}
             else:
                 carried.setdefault("carried_over_from_commit", previous.get("provenance", {}).get("git_commit"))
             carried["published_nll"], carried["published_note"] = PUBLISHED.get(name, (None, ""))
             out["runs"][name] = carried
             continue
-        entry = {"config": f"experiments/reproduce/{name}.json", **state_of(name, root)}
-        env = run_dir_of(name, root) / "env.json"
+        entry = {"config": f"experiments/reproduce/{name}.json", **state_of(name, root, parked)}
+        env = source / "env.json"
         if env.exists():  # the machine and versions the run was (last) trained with
             values = json.loads(env.read_text())
             entry["trained_with"] = {k: values.get(k) for k in
                                      ("pvae", "torch", "pyro", "device", "cuda_device", "platform", "started",
                                       "git_commit", "torch_num_threads")}
             entry["trained_with"]["earlier_sittings"] = values.get("earlier_sittings", [])
-        checkpoint = run_dir_of(name, root) / "checkpoint.pt"
+        checkpoint = source / "checkpoint.pt"
         if entry.get("done") and checkpoint.exists():  # the weights every number below came from
             entry["checkpoint_sha256"] = file_sha256(checkpoint)
         entry["superseded"] = _superseded(old, entry)
         published, note = PUBLISHED.get(name, (None, ""))
         entry["published_nll"] = published
         entry["published_note"] = note
-        report = run_dir_of(name, root) / f"evaluation-test-K{num_samples}.json"
+        report = source / f"evaluation-test-K{num_samples}.json"
         if report.exists():
             values = json.loads(report.read_text())
             estimates = values.get("estimates", values)
@@ -221,6 +322,10 @@ def main(argv=None):
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--no-evaluate", action="store_true")
     parser.add_argument("--summary", action="store_true", help="only rebuild the results file")
+    parser.add_argument("--park", action="store_true",
+                        help="copy these runs' resumable state to --parked (committed) and exit; stop their "
+                             "training first")
+    parser.add_argument("--parked", type=Path, default=PARKED, help="where runs are parked between sittings")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "reproduce.json")
     args = parser.parse_args(argv)
     names = args.names or sorted(PUBLISHED)
@@ -228,8 +333,20 @@ def main(argv=None):
     if unknown:
         parser.error(f"no config for {unknown}; choose from {sorted(PUBLISHED)}")
     args.root.mkdir(parents=True, exist_ok=True)
+    if args.park:
+        if not args.names:
+            parser.error("--park needs the names of the runs to park")
+        for name in names:
+            record = park(name, args.root, args.parked)
+            print(f"parked {name} at epoch {record['epoch']} in {args.parked / name}")
+        return
     if not args.summary:
-        pending = [n for n in names if not state_of(n, args.root).get("done")]
+        for name in names:  # a run parked by an earlier sitting on another machine continues from there
+            record = unpark(name, args.root, args.parked)
+            if record:
+                print(f"{time.strftime('%H:%M:%S')} restored {name} (epoch {record['epoch']}, parked "
+                      f"{record['parked']}) from {args.parked / name}", flush=True)
+        pending = [n for n in names if not state_of(n, args.root, args.parked).get("done")]
         running = []
         while pending or running:
             while pending and len(running) < args.parallel:
@@ -245,16 +362,16 @@ def main(argv=None):
                     running.remove(item)
                     log.close()
                     print(f"{time.strftime('%H:%M:%S')} {name} exited {proc.returncode}: "
-                          f"{state_of(name, args.root)}", flush=True)
+                          f"{state_of(name, args.root, args.parked)}", flush=True)
         if not args.no_evaluate:
             for name in names:
                 report = run_dir_of(name, args.root) / f"evaluation-test-K{args.num_samples}.json"
-                if state_of(name, args.root).get("done") and not report.exists():
+                if state_of(name, args.root, args.parked).get("done") and not report.exists():
                     with open(args.root / f"{name}.log", "a") as log:
                         evaluate(name, args.root, args.device, args.num_samples, log)
     previous = json.loads(args.out.read_text()) if args.out.exists() else None
     every = sorted(set(PUBLISHED) | set((previous or {}).get("runs", {})))  # the file keeps every run, not only these
-    result = summary(every, args.root, args.num_samples, args.device, previous)
+    result = summary(every, args.root, args.num_samples, args.device, previous, args.parked)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({n: {k: r.get(k) for k in ("status", "epochs_run", "validation_metric", "best_val")}

@@ -550,3 +550,52 @@ def test_export_refuses_float16_weights_that_move_the_bounds_beyond_their_monte_
     (tmp_path / "tight.json").write_text(json.dumps(values))
     with pytest.raises(SystemExit, match="keep float32"):
         export_pretrained.float16_check(tmp_path / "run", tmp_path / "tight.json")
+
+
+def _reproduce_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reproduce", ROOT / "experiments" / "reproduce.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_a_parked_run_is_restored_checked_and_resumed_on_a_machine_without_its_directory(tmp_path):
+    """Runs longer than a sitting on machines that keep no files: --park copies the resumable
+    state into the repository, a fresh clone restores it (hashes checked) and resumes it."""
+    from pvae.checkpoint import RunLockedError, run_lock
+    from pvae.cli import main
+
+    script = _reproduce_script()
+    name = "vae-standard-analytic"  # any configured name: state_of reads its patience
+    first, parked = tmp_path / "machine-1", tmp_path / "parked"
+    argv = ["train", "--dataset", "digits", "--latent-dim", "2", "--hidden", "8", "--no-progress"]
+    assert main([*argv, "--epochs", "1", "--run-dir", str(first / name)]) == 0
+
+    with run_lock(first / name):  # a run that is training is not parked
+        with pytest.raises(RunLockedError):
+            script.park(name, first, parked)
+    assert not (parked / name).exists()
+    record = script.park(name, first, parked)
+    assert record["epoch"] == 1 and len(record["sittings"]) == 1 and record["sittings"][0]["git_commit"]
+    for f in script.PARK_FILES:
+        assert (parked / name / f).read_bytes() == (first / name / f).read_bytes()
+    state = script.state_of(name, tmp_path / "no-runs-here", parked)  # the summary reads the parked copy
+    assert state["epochs_run"] == 1 and state["parked"] == str(parked / name)
+
+    second = tmp_path / "machine-2"
+    assert script.unpark(name, second, parked)["epoch"] == 1
+    assert script.unpark(name, second, parked) is None  # a run directory there is never overwritten
+    assert main([*argv, "--epochs", "2", "--run-dir", str(second / name), "--resume"]) == 0
+    env = json.loads((second / name / "env.json").read_text())
+    assert len(env["earlier_sittings"]) == 1 and len((second / name / "metrics.jsonl").read_text().splitlines()) == 2
+    assert script.park(name, second, parked)["epoch"] == 2  # parking again replaces the earlier one
+    assert not list(parked.glob(".*"))  # no staging folders left
+
+    damaged = bytearray((parked / name / "checkpoint.pt").read_bytes())
+    damaged[-10] ^= 1
+    (parked / name / "checkpoint.pt").write_bytes(bytes(damaged))
+    with pytest.raises(SystemExit, match="checkpoint.pt"):
+        script.unpark(name, tmp_path / "machine-3", parked)
+    assert not (tmp_path / "machine-3" / name).exists()
