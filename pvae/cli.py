@@ -581,11 +581,11 @@ def configure_cpu(environ=None) -> bool:
     :func:`main`, before any parallel operation starts the thread pool: the pool's threads inherit
     the mode from the thread that creates them, and a thread that already exists keeps its own.
 
-    Why: x86 CPUs handle subnormal operands (|x| below about 1.2e-38 in float32) in microcode, tens
-    of times slower than normal ones. Training produces them: the IWAE's normalized importance
-    weights of the poor samples and a confident decoder's probabilities underflow into that range,
-    and the backward pass's matrix products then run several times slower
-    (``benchmarks/bench_denormal.py`` measures it). Flushing changes a value only where it is
+    Why: x86 CPUs handle subnormal operands (|x| below about 1.2e-38 in float32) in microcode, many
+    times slower than normal ones. Training produces them: the sigmoid gates of a gated MLP (the
+    VampPrior protocol's network) underflow into that range once training has moved the weights,
+    and the matrix products of the backward pass then run several times slower
+    (``benchmarks/bench_denormal.py`` measures it, beside hand-written PyTorch steps). Flushing changes a value only where it is
     below 1.2e-38, which none of pvae's estimates can see; a run records the mode it trained
     with in ``env.json`` (``cpu_flush_denormal``)."""
     import os

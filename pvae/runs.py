@@ -105,8 +105,7 @@ def cpu_flushes_denormals() -> bool:
     """Whether CPU arithmetic in this thread flushes subnormal floats (below about 1.2e-38 in
     float32) to zero: a product whose exact value is subnormal comes out 0. The ``pvae`` command
     turns this on at start (:func:`pvae.cli.configure_cpu`), since subnormal numbers are slow on
-    x86 CPUs and the IWAE's normalized weights and a confident decoder's probabilities produce
-    them; ``PVAE_KEEP_DENORMALS=1`` keeps them."""
+    x86 CPUs and a gated MLP's sigmoid gates produce them; ``PVAE_KEEP_DENORMALS=1`` keeps them."""
     small = torch.tensor([1e-30], dtype=torch.float32)
     return bool((small * small.new_tensor([1e-10])).item() == 0.0)
 
