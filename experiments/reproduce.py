@@ -201,6 +201,9 @@ def state_of(name: str, root: Path, parked: Path = PARKED) -> dict:
     where = {}
     if run_dir.parent == parked:  # read from the parked copy: say where it is
         where["parked"] = str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)
+    elif (parked / name / PARK_RECORD).is_file():  # trained here, and parked (a later sitting resumes from it)
+        record = json.loads((parked / name / PARK_RECORD).read_text())
+        where["parked_copy"] = {"epoch": record["epoch"], "parked": record["parked"]}
     return {
         **where,
         "status": "finished (early stopping)" if stopped else "finished (max epochs)" if done else "in progress",
@@ -253,6 +256,8 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
                 carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root, parked).items() if k != "val_curve"}
             else:
                 carried.setdefault("carried_over_from_commit", previous.get("provenance", {}).get("git_commit"))
+                if carried.get("status") == "in progress":  # neither here nor parked: nothing to resume
+                    carried["resumable"] = False
             carried["published_nll"], carried["published_note"] = PUBLISHED.get(name, (None, ""))
             out["runs"][name] = carried
             continue

@@ -340,7 +340,9 @@ def converged_table(summary) -> str:
     notes += [f"- {name} supersedes {_superseded_text(old)}" for name, r in summary["runs"].items()
               for old in r.get("superseded") or []]
     notes += [f"- {name}: a rerun with a kept checkpoint is in progress ({r['rerun_in_progress']['epochs_run']} "
-              "epochs so far); the row is the earlier run's until it finishes" for name, r in summary["runs"].items()
+              "epochs so far" + ("; parked in the repository between sittings"
+                                 if {"parked", "parked_copy"} & set(r["rerun_in_progress"]) else "")
+              + "); the row is the earlier run's until it finishes" for name, r in summary["runs"].items()
               if r.get("rerun_in_progress")]
     return "\n".join(lines + ["", "Protocol differences and published references, and the runs a row replaced:",
                               ""] + notes) + "\n"
@@ -399,8 +401,10 @@ def _trained_at(name: str, r: dict, shipped: dict) -> str:
         trained_at = f"{len(sittings)} sittings at commits " + ", ".join(_commit({"git_commit": c}) for c in sittings)
     else:
         trained_at = "commit " + (_commit({"git_commit": commit}) if commit else "not recorded")
+    if r.get("status") == "in progress" and r.get("resumable") is False:
+        return trained_at + "; stopped unfinished: its run directory was not kept and it was not parked"
     if r.get("status") == "in progress":
-        return trained_at + "; in progress"
+        return trained_at + ("; in progress, parked" if r.get("parked") or r.get("parked_copy") else "; in progress")
     if not r.get("checkpoint_sha256"):
         where = f"carried over from {r['carried_over_from_commit'][:12]}" if r.get("carried_over_from_commit") else ""
         return (trained_at + "; checkpoint not kept" + (f" ({where})" if where else "")

@@ -583,6 +583,12 @@ def test_a_parked_run_is_restored_checked_and_resumed_on_a_machine_without_its_d
         assert (parked / name / f).read_bytes() == (first / name / f).read_bytes()
     state = script.state_of(name, tmp_path / "no-runs-here", parked)  # the summary reads the parked copy
     assert state["epochs_run"] == 1 and state["parked"] == str(parked / name)
+    assert script.state_of(name, first, parked)["parked_copy"]["epoch"] == 1
+    previous = {"provenance": {"git_commit": "a" * 40}, "runs": {name: {"status": "in progress", "epochs_run": 9}}}
+    lost = script.summary([name], tmp_path / "no-runs-here", 5, previous=previous, parked=tmp_path / "none")
+    assert lost["runs"][name]["resumable"] is False and lost["runs"][name]["epochs_run"] == 9
+    kept = script.summary([name], tmp_path / "no-runs-here", 5, previous=previous, parked=parked)
+    assert kept["runs"][name]["epochs_run"] == 1 and "resumable" not in kept["runs"][name]
 
     second = tmp_path / "machine-2"
     assert script.unpark(name, second, parked)["epoch"] == 1
