@@ -329,7 +329,7 @@ def converged_table(summary) -> str:
         elbo, iwae = r.get("test_elbo"), r.get("test_iwae")
         published = r.get("published_nll")
         lines.append(
-            f"| {name} | {r.get('status', '—')} | "
+            f"| {name} | {'stopped unfinished' if r.get('resumable') is False else r.get('status', '—')} | "
             + (f"{r['epochs_run']} ({r['best_epoch']})" if r.get("epochs_run") else "—") + " | "
             + (f"{elbo['mean']:.2f} ± {elbo['stderr']:.2f}" if elbo else "not evaluated") + " | "
             + (f"{-iwae['mean']:.2f} ± {iwae['stderr']:.2f}" if iwae else "not evaluated") + " | "
@@ -402,7 +402,7 @@ def _trained_at(name: str, r: dict, shipped: dict) -> str:
     else:
         trained_at = "commit " + (_commit({"git_commit": commit}) if commit else "not recorded")
     if r.get("status") == "in progress" and r.get("resumable") is False:
-        return trained_at + "; stopped unfinished: its run directory was not kept and it was not parked"
+        return trained_at + "; its run directory was not kept and it was not parked: nothing to resume"
     if r.get("status") == "in progress":
         return trained_at + ("; in progress, parked" if r.get("parked") or r.get("parked_copy") else "; in progress")
     if not r.get("checkpoint_sha256"):
