@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pvae.runs import source_commit
+from pvae.runs import cpu_flushes_denormals, source_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,7 @@ def provenance(device: torch.device) -> dict:
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_flush_denormal": cpu_flushes_denormals(),  # the pvae command and the experiments flush them
         "torch": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

@@ -143,4 +143,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from pvae.cli import configure_cpu
+
+    configure_cpu()  # subnormal floats flushed, as the pvae command does (before the thread pool starts)
     main()
