@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _provenance import provenance  # noqa: E402
 
 sys.path.insert(0, str(ROOT))
-from pvae.checkpoint import load_checkpoint, run_lock  # noqa: E402
+from pvae.checkpoint import RunLockedError, load_checkpoint, run_lock  # noqa: E402
 from pvae.data.files import file_sha256  # noqa: E402
 
 #: where unfinished runs are parked between sittings (committed; see the module docstring)
@@ -106,29 +106,63 @@ def train(name: str, root: Path, device: str, max_time: float, checkpoint_every:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
 
 
+def first_started(values: dict) -> Optional[str]:
+    """When a run's first sitting started: what identifies a run across resumed sittings (each
+    sitting's ``env.json`` has its own ``started`` and keeps the earlier ones)."""
+    earlier = (values or {}).get("earlier_sittings") or []
+    return (earlier[0] if earlier else values or {}).get("started")
+
+
+def _last_epoch(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    lines = [line for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    return json.loads(lines[-1])["epoch"] if lines else 0
+
+
+def _recover(name: str, parked: Path) -> None:
+    """Finish a parking that was interrupted between its two renames (the earlier copy is back)."""
+    old = parked / f".{name}.old"
+    if old.exists() and not (parked / name).exists():
+        old.rename(parked / name)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(parked / f".{name}.parking", ignore_errors=True)
+
+
 def park(name: str, root: Path, parked: Path = PARKED) -> dict:
     """Copy run ``name``'s resumable state from ``root`` to ``parked/name`` with a record of each
-    file's SHA-256, the epoch and the commit of every sitting; replaces an earlier parking of
-    the run. Refused while a process trains the run (its lock) or when a file is missing or the
-    checkpoint does not load (its seal)."""
+    file's SHA-256, the epoch, when its first sitting started and the commit of every sitting;
+    replaces an earlier parking of the same run. Refused while a process trains the run (its
+    lock), when a file is missing or the checkpoint does not load (its seal), and when the
+    parked copy there is of another run or further along (delete it by hand to replace it)."""
     run_dir = run_dir_of(name, root)
     if not (run_dir / "checkpoint.pt").is_file():
         raise SystemExit(f"park {name}: {run_dir} holds no checkpoint.pt; nothing to park")
+    _recover(name, parked)
     with run_lock(run_dir):  # a run that is training is refused (RunLockedError names its pid)
         missing = [f for f in PARK_FILES if not (run_dir / f).is_file()]
         if missing:
             raise SystemExit(f"park {name}: {run_dir} lacks {', '.join(missing)}")
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt")  # checks its seal
         env = json.loads((run_dir / "env.json").read_text())
+        if (parked / name / PARK_RECORD).is_file():
+            before = json.loads((parked / name / PARK_RECORD).read_text())
+            if before.get("first_started") != first_started(env):
+                raise SystemExit(f"park {name}: {parked / name} holds another run (first sitting started "
+                                 f"{before.get('first_started')}, this one {first_started(env)}); delete it to replace it")
+            if before["epoch"] > int(checkpoint["epoch"]):
+                raise SystemExit(f"park {name}: {parked / name} is further along (epoch {before['epoch']}) than "
+                                 f"{run_dir} (epoch {checkpoint['epoch']}); nothing parked")
         staging = parked / f".{name}.parking"
-        shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         for f in PARK_FILES:
             shutil.copy2(run_dir / f, staging / f)
+        training = json.loads((CONFIGS / f"{name}.json").read_text())["training"] if (CONFIGS / f"{name}.json").exists() \
+            else {}
         record = {
             "run": name, "config": f"experiments/reproduce/{name}.json",
             "epoch": int(checkpoint["epoch"]), "best_epoch": checkpoint["best_epoch"],
-            "stopped_early": bool(checkpoint["stopped_early"]),
+            "finished": bool(checkpoint["stopped_early"]) or int(checkpoint["epoch"]) >= training.get("epochs", 1 << 30),
+            "first_started": first_started(env),
             "sittings": [*({k: s.get(k) for k in ("started", "git_commit", "device", "cpu_flush_denormal")}
                            for s in env.get("earlier_sittings", [])),
                          {k: env.get(k) for k in ("started", "git_commit", "device", "cpu_flush_denormal")}],
@@ -139,27 +173,47 @@ def park(name: str, root: Path, parked: Path = PARKED) -> dict:
         }
     (staging / PARK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     target = parked / name
-    if target.exists():
-        old = parked / f".{name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old)
-    else:
-        staging.rename(target)
+    if target.exists():  # (interrupted between the renames: _recover puts the old copy back)
+        target.rename(parked / f".{name}.old")
+    staging.rename(target)
+    shutil.rmtree(parked / f".{name}.old", ignore_errors=True)
     return record
 
 
-def unpark(name: str, root: Path, parked: Path = PARKED) -> Optional[dict]:
+def parked_record(name: str, parked: Path = PARKED, row: Optional[dict] = None) -> Optional[dict]:
+    """The parking record of ``name``, or None when there is none or when it is stale: ``row`` (the
+    run's entry in the results file) is the same run, evaluated, at least as far along."""
+    _recover(name, parked)
+    path = parked / name / PARK_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if (row and row.get("test_iwae") and first_started(row.get("trained_with")) == record.get("first_started")
+            and (row.get("epochs_run") or 0) >= record["epoch"]):
+        return None
+    return record
+
+
+def unpark(name: str, root: Path, parked: Path = PARKED, row: Optional[dict] = None) -> Optional[dict]:
     """Restore a parked run into ``root/name`` when that holds no run yet (a fresh clone); the
     files are checked against the parking record's hashes first. Returns the record, or None
-    when there is nothing to restore (no parked run, or a run directory already there, which is
-    never overwritten)."""
+    when there is nothing to restore: no parked run, a stale one (see :func:`parked_record`), or a
+    run directory here that is the same run and at least as far along. A run directory here
+    that is behind the parked copy, or another run, is refused (never overwritten)."""
+    record = parked_record(name, parked, row)
+    if record is None:
+        return None
     source = parked / name
     run_dir = run_dir_of(name, root)
-    if not (source / PARK_RECORD).is_file() or (run_dir / "checkpoint.pt").exists():
+    if (run_dir / "checkpoint.pt").exists():
+        env = json.loads((run_dir / "env.json").read_text()) if (run_dir / "env.json").exists() else {}
+        here = _last_epoch(run_dir)
+        if first_started(env) != record.get("first_started"):
+            raise SystemExit(f"unpark {name}: {run_dir} holds another run than {source}; move one of them away")
+        if record["epoch"] > here:
+            raise SystemExit(f"unpark {name}: {source} (epoch {record['epoch']}) is ahead of {run_dir} (epoch {here}); "
+                             f"remove {run_dir} to continue from the parked copy")
         return None
-    record = json.loads((source / PARK_RECORD).read_text())
     changed = [f for f in PARK_FILES if not (source / f).is_file() or file_sha256(source / f) != record["sha256"].get(f)]
     if changed:
         raise SystemExit(f"unpark {name}: {', '.join(changed)} in {source} differ from {PARK_RECORD}'s hashes; "
@@ -169,24 +223,31 @@ def unpark(name: str, root: Path, parked: Path = PARKED) -> Optional[dict]:
     staging.mkdir(parents=True)
     for f in PARK_FILES:
         shutil.copy2(source / f, staging / f)
-    if run_dir.exists():  # an empty or checkpoint-less folder (e.g. a lock file left by a killed start)
-        shutil.rmtree(run_dir)
-    staging.rename(run_dir)
+    with run_lock(run_dir):  # a process starting a run there is refused, and refuses us
+        left = sorted(p.name for p in run_dir.iterdir() if p.name != ".lock")
+        if left:
+            raise SystemExit(f"unpark {name}: {run_dir} holds {', '.join(left)} but no checkpoint; move it away "
+                             f"to restore {source}")
+        for f in sorted(PARK_FILES, key=lambda f: f == "checkpoint.pt"):  # the checkpoint last: it marks a run
+            os.replace(staging / f, run_dir / f)
+    staging.rmdir()
     return record
 
 
-def located(name: str, root: Path, parked: Path = PARKED) -> Path:
-    """The run's directory under ``root``, or its parked copy when ``root`` has none."""
+def located(name: str, root: Path, parked: Path = PARKED, row: Optional[dict] = None) -> Path:
+    """The run's directory under ``root``, or its parked copy when ``root`` has none (and the
+    parked copy is not stale against ``row``, the run's entry in the results file)."""
     run_dir = run_dir_of(name, root)
-    if not (run_dir / "metrics.jsonl").exists() and (parked / name / "metrics.jsonl").exists():
+    if (not (run_dir / "metrics.jsonl").exists() and (parked / name / "metrics.jsonl").exists()
+            and parked_record(name, parked, row) is not None):
         return parked / name
     return run_dir
 
 
-def state_of(name: str, root: Path, parked: Path = PARKED) -> dict:
+def state_of(name: str, root: Path, parked: Path = PARKED, row: Optional[dict] = None) -> dict:
     """The run's progress, read from its metrics log (no checkpoint loading); a run parked and
     not restored here is read from its parked copy (and says so)."""
-    run_dir = located(name, root, parked)
+    run_dir = located(name, root, parked, row)
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return {"status": "not started"}
@@ -201,8 +262,8 @@ def state_of(name: str, root: Path, parked: Path = PARKED) -> dict:
     where = {}
     if run_dir.parent == parked:  # read from the parked copy: say where it is
         where["parked"] = str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)
-    elif (parked / name / PARK_RECORD).is_file():  # trained here, and parked (a later sitting resumes from it)
-        record = json.loads((parked / name / PARK_RECORD).read_text())
+    elif parked_record(name, parked, row) is not None:  # trained here, and parked (a later sitting resumes from it)
+        record = parked_record(name, parked, row)
         where["parked_copy"] = {"epoch": record["epoch"], "parked": record["parked"]}
     return {
         **where,
@@ -244,30 +305,34 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
     previous = previous or {}
     for name in names:
         old = previous.get("runs", {}).get(name)
-        source = located(name, root, parked)  # the run directory here, or the run's parked copy
+        source = located(name, root, parked, old)  # the run directory here, or the run's (current) parked copy
         here = (source / "metrics.jsonl").exists()
         # a rerun of a finished run is in progress here: the finished run stays the row until the
         # rerun finishes (then it replaces it, and is listed as superseded)
         rerun = (here and old and old.get("carried_over_from_commit") and str(old.get("status")).startswith("finished")
-                 and not state_of(name, root, parked).get("done"))
+                 and not state_of(name, root, parked, old).get("done"))
         if rerun or (not here and old and old.get("status") != "not started"):
             carried = dict(old)
             if rerun:
-                carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root, parked).items() if k != "val_curve"}
+                carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root, parked, old).items()
+                                                if k != "val_curve"}
             else:
                 carried.setdefault("carried_over_from_commit", previous.get("provenance", {}).get("git_commit"))
-                if carried.get("status") == "in progress":  # neither here nor parked: nothing to resume
+                # neither here nor parked: nothing to resume
+                if carried.get("status") == "in progress":
                     carried["resumable"] = False
+                if carried.get("rerun_in_progress"):
+                    carried["rerun_in_progress"] = {**carried["rerun_in_progress"], "resumable": False}
             carried["published_nll"], carried["published_note"] = PUBLISHED.get(name, (None, ""))
             out["runs"][name] = carried
             continue
-        entry = {"config": f"experiments/reproduce/{name}.json", **state_of(name, root, parked)}
+        entry = {"config": f"experiments/reproduce/{name}.json", **state_of(name, root, parked, old)}
         env = source / "env.json"
         if env.exists():  # the machine and versions the run was (last) trained with
             values = json.loads(env.read_text())
             entry["trained_with"] = {k: values.get(k) for k in
                                      ("pvae", "torch", "pyro", "device", "cuda_device", "platform", "started",
-                                      "git_commit", "torch_num_threads")}
+                                      "git_commit", "torch_num_threads", "cpu_flush_denormal")}
             entry["trained_with"]["earlier_sittings"] = values.get("earlier_sittings", [])
         checkpoint = source / "checkpoint.pt"
         if entry.get("done") and checkpoint.exists():  # the weights every number below came from
@@ -304,7 +369,7 @@ def _superseded(old, entry) -> list:
     if not old:
         return []
     earlier = list(old.get("superseded", []))
-    same = old.get("trained_with", {}).get("started") == entry.get("trained_with", {}).get("started")
+    same = first_started(old.get("trained_with")) == first_started(entry.get("trained_with"))  # one run, resumed
     if not same and old.get("status") != "not started":
         brief = {k: old.get(k) for k in ("status", "epochs_run", "best_epoch", "best_val", "devices",
                                           "trained_with", "carried_over_from_commit", "checkpoint_sha256")}
@@ -338,20 +403,25 @@ def main(argv=None):
     if unknown:
         parser.error(f"no config for {unknown}; choose from {sorted(PUBLISHED)}")
     args.root.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(args.out.read_text()) if args.out.exists() else None
+    rows = (previous or {}).get("runs", {})
     if args.park:
         if not args.names:
             parser.error("--park needs the names of the runs to park")
         for name in names:
-            record = park(name, args.root, args.parked)
-            print(f"parked {name} at epoch {record['epoch']} in {args.parked / name}")
+            try:
+                record = park(name, args.root, args.parked)
+            except RunLockedError as exc:
+                raise SystemExit(f"park {name}: {exc}; stop its training first (the last checkpoint is kept)")
+            print(f"parked {name} at epoch {record['epoch']} in {args.parked / name}; commit that folder")
         return
     if not args.summary:
         for name in names:  # a run parked by an earlier sitting on another machine continues from there
-            record = unpark(name, args.root, args.parked)
+            record = unpark(name, args.root, args.parked, rows.get(name))
             if record:
                 print(f"{time.strftime('%H:%M:%S')} restored {name} (epoch {record['epoch']}, parked "
                       f"{record['parked']}) from {args.parked / name}", flush=True)
-        pending = [n for n in names if not state_of(n, args.root, args.parked).get("done")]
+        pending = [n for n in names if not state_of(n, args.root, args.parked, rows.get(n)).get("done")]
         running = []
         while pending or running:
             while pending and len(running) < args.parallel:
@@ -367,14 +437,17 @@ def main(argv=None):
                     running.remove(item)
                     log.close()
                     print(f"{time.strftime('%H:%M:%S')} {name} exited {proc.returncode}: "
-                          f"{state_of(name, args.root, args.parked)}", flush=True)
+                          f"{state_of(name, args.root, args.parked, rows.get(name))}", flush=True)
         if not args.no_evaluate:
             for name in names:
                 report = run_dir_of(name, args.root) / f"evaluation-test-K{args.num_samples}.json"
-                if state_of(name, args.root, args.parked).get("done") and not report.exists():
+                if state_of(name, args.root, args.parked, rows.get(name)).get("done") and not report.exists():
                     with open(args.root / f"{name}.log", "a") as log:
                         evaluate(name, args.root, args.device, args.num_samples, log)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else None
+                if report.exists() and (args.parked / name / PARK_RECORD).exists():  # done with: the repository
+                    shutil.rmtree(args.parked / name)                                  # need not carry it on
+                    print(f"{name} is finished and evaluated here: removed its parked copy {args.parked / name} "
+                          "(commit the removal with the results)", flush=True)
     every = sorted(set(PUBLISHED) | set((previous or {}).get("runs", {})))  # the file keeps every run, not only these
     result = summary(every, args.root, args.num_samples, args.device, previous, args.parked)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -343,7 +343,11 @@ def converged_table(summary) -> str:
               "epochs so far" + ("; parked in the repository between sittings"
                                  if {"parked", "parked_copy"} & set(r["rerun_in_progress"]) else "")
               + "); the row is the earlier run's until it finishes" for name, r in summary["runs"].items()
-              if r.get("rerun_in_progress")]
+              if r.get("rerun_in_progress") and r["rerun_in_progress"].get("resumable") is not False]
+    notes += [f"- {name}: a rerun stopped unfinished after {r['rerun_in_progress']['epochs_run']} epochs (its run "
+              "directory was not kept and it was not parked); the row is the earlier run's"
+              for name, r in summary["runs"].items()
+              if r.get("rerun_in_progress") and r["rerun_in_progress"].get("resumable") is False]
     return "\n".join(lines + ["", "Protocol differences and published references, and the runs a row replaced:",
                               ""] + notes) + "\n"
 

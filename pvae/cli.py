@@ -604,12 +604,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Run the command line (``pvae train|evaluate|compare ...``) on ``argv`` (default ``sys.argv[1:]``);
     returns the exit status: 0 done, 2 a usage error (one line, nothing left behind), 1 a bug,
     130 interrupted. Subnormal floats are flushed to zero on the CPU while it runs
-    (:func:`configure_cpu`; a caller in the same process gets its own mode back)."""
+    (:func:`configure_cpu`). Called in a process that has already computed (a notebook, a test), this
+    reaches only the calling thread and pool threads started during the call (``env.json`` then
+    records ``cpu_flush_denormal: "mixed"``); the calling thread gets its mode back afterwards."""
     import torch
 
-    from pvae.runs import cpu_flushes_denormals
+    from pvae.runs import thread_flushes_denormals
 
-    before = cpu_flushes_denormals()
+    before = thread_flushes_denormals()  # (not a parallel operation: it would start the pool unflushed)
     configure_cpu()
     try:
         return _main(argv)

@@ -101,13 +101,25 @@ def source_commit(root=None) -> Optional[str]:
     return commit + ("-dirty" if dirty else "")
 
 
-def cpu_flushes_denormals() -> bool:
-    """Whether CPU arithmetic in this thread flushes subnormal floats (below about 1.2e-38 in
-    float32) to zero: a product whose exact value is subnormal comes out 0. The ``pvae`` command
-    turns this on at start (:func:`pvae.cli.configure_cpu`), since subnormal numbers are slow on
-    x86 CPUs and a gated MLP's sigmoid gates produce them; ``PVAE_KEEP_DENORMALS=1`` keeps them."""
+def thread_flushes_denormals() -> bool:
+    """Whether this thread flushes subnormal floats to zero (a one-element product, which starts
+    no thread pool)."""
     small = torch.tensor([1e-30], dtype=torch.float32)
     return bool((small * small.new_tensor([1e-10])).item() == 0.0)
+
+
+def cpu_flushes_denormals():
+    """Whether CPU arithmetic flushes subnormal floats (below about 1.2e-38 in float32) to zero:
+    True when this thread and the intra-op thread pool do (a product whose exact value is
+    subnormal comes out 0 in both), False when neither does, ``"mixed"`` when they differ (the
+    mode was changed after the pool's threads started: they keep the mode they started with).
+    The ``pvae`` command turns flushing on before its pool starts (:func:`pvae.cli.configure_cpu`),
+    since x86 CPUs compute with subnormal numbers many times more slowly and a gated MLP produces
+    them in training; ``PVAE_KEEP_DENORMALS=1`` keeps them."""
+    here = thread_flushes_denormals()
+    # large enough for every thread of the pool to take a share (ATen's grain is 32,768 elements)
+    pool = bool((torch.full((65536 * max(torch.get_num_threads(), 1),), 1e-30) * 1e-10).sum().item() == 0.0)
+    return here if here == pool else "mixed"
 
 
 def _machine(device: torch.device) -> dict:
@@ -126,7 +138,7 @@ def _machine(device: torch.device) -> dict:
         "numpy": numpy.__version__,
         "device": str(device),
         "torch_num_threads": torch.get_num_threads(),
-        "cpu_flush_denormal": cpu_flushes_denormals(),  # pvae.cli sets it; tiny values then read as 0
+        "cpu_flush_denormal": cpu_flushes_denormals(),  # pvae.cli sets it: values below 1.2e-38 read as 0
         "world_size": distributed.world_size(),  # processes working together (torch.distributed)
     }
     commit = source_commit()

@@ -587,9 +587,14 @@ def test_a_parked_run_is_restored_checked_and_resumed_on_a_machine_without_its_d
     previous = {"provenance": {"git_commit": "a" * 40}, "runs": {name: {"status": "in progress", "epochs_run": 9}}}
     lost = script.summary([name], tmp_path / "no-runs-here", 5, previous=previous, parked=tmp_path / "none")
     assert lost["runs"][name]["resumable"] is False and lost["runs"][name]["epochs_run"] == 9
+    finished = {"status": "finished (early stopping)", "epochs_run": 9, "rerun_in_progress": {"epochs_run": 3}}
+    lost = script.summary([name], tmp_path / "no-runs-here", 5, previous={"runs": {name: finished}},
+                          parked=tmp_path / "none")["runs"][name]
+    assert lost["rerun_in_progress"]["resumable"] is False and "resumable" not in lost
     kept = script.summary([name], tmp_path / "no-runs-here", 5, previous=previous, parked=parked)
     assert kept["runs"][name]["epochs_run"] == 1 and "resumable" not in kept["runs"][name]
 
+    row_at_1 = script.summary([name], first, 5, parked=tmp_path / "none")["runs"][name]
     second = tmp_path / "machine-2"
     assert script.unpark(name, second, parked)["epoch"] == 1
     assert script.unpark(name, second, parked) is None  # a run directory there is never overwritten
@@ -598,6 +603,28 @@ def test_a_parked_run_is_restored_checked_and_resumed_on_a_machine_without_its_d
     assert len(env["earlier_sittings"]) == 1 and len((second / name / "metrics.jsonl").read_text().splitlines()) == 2
     assert script.park(name, second, parked)["epoch"] == 2  # parking again replaces the earlier one
     assert not list(parked.glob(".*"))  # no staging folders left
+    with pytest.raises(SystemExit, match="further along"):  # an older state never replaces a newer one
+        script.park(name, first, parked)
+    with pytest.raises(SystemExit, match="ahead of"):  # nor resumes silently from an older directory
+        script.unpark(name, first, parked)
+    other = tmp_path / "machine-4"
+    assert main([*argv, "--epochs", "1", "--run-dir", str(other / name)]) == 0
+    with pytest.raises(SystemExit, match="another run"):
+        script.park(name, other, parked)
+
+    # the results file: a resumed run is one run (not superseded by itself); a finished, evaluated
+    # row of the same run makes its parked copy stale (not restored, not read)
+    row = script.summary([name], tmp_path / "no-runs-here", 5, parked=parked)["runs"][name]
+    assert row["epochs_run"] == 2 and row["parked"]
+    again = script.summary([name], second, 5, previous={"runs": {name: row_at_1}}, parked=parked)["runs"][name]
+    assert again["epochs_run"] == 2 and again["superseded"] == []
+    evaluated = {**row, "epochs_run": 2, "test_iwae": {"mean": -1.0}}
+    assert script.unpark(name, tmp_path / "machine-5", parked, evaluated) is None
+    assert script.located(name, tmp_path / "machine-5", parked, evaluated) == tmp_path / "machine-5" / name
+
+    # a parking interrupted between its renames is recovered, not lost
+    (parked / name).rename(parked / f".{name}.old")
+    assert script.parked_record(name, parked)["epoch"] == 2 and not (parked / f".{name}.old").exists()
 
     damaged = bytearray((parked / name / "checkpoint.pt").read_bytes())
     damaged[-10] ^= 1
