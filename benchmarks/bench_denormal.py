@@ -1,12 +1,12 @@
 """CPU training-step time with subnormal floats kept and flushed to zero (``pvae.cli.configure_cpu``).
 
 Subnormal float32 values (|x| < 1.2e-38) are handled in microcode on x86 CPUs, many times slower
-than normal ones. IWAE training produces them: the normalized importance weights of the poor
-samples underflow, and so do a confident decoder's probabilities, and the backward pass's matrix
-products then slow down. The ``pvae`` command flushes them (``torch.set_flush_denormal(True)``
-before its thread pool starts); this benchmark measures what that buys, and times hand-written
-PyTorch IWAE steps the same way, with softplus and with gated MLPs, to tell whether the slowdown
-comes from pvae or from the network the protocol prescribes.
+than normal ones. Training the VampPrior protocol's gated MLP produces them once the weights have
+moved, and its matrix products then slow down; the softplus MLP does not. The ``pvae`` command
+flushes them (``torch.set_flush_denormal(True)`` before its thread pool starts); this benchmark
+measures what that buys, times hand-written PyTorch IWAE steps the same way, with softplus and
+with gated MLPs, to tell whether the slowdown comes from pvae or from the network, and counts
+which operators write the subnormals.
 
 Sides (each in its own process, since the mode must be set before the thread pool starts):
 * ``pvae``: :class:`pvae.train.TrainStep` (eager, the CPU default) on the IWAE objective with
@@ -19,7 +19,9 @@ each with subnormals kept and flushed. A process trains ``--warmup-steps`` steps
 100 binarized-MNIST training images (the slowdown appears once training has moved the weights:
 at initialization there are no subnormals) and then times ``--steps`` steps. Processes run one
 at a time, in an order that rotates from repeat to repeat; the result is the median over
-``--repeats`` of each side's seconds per step, the spread (min, max), and the ratio kept/flushed.
+``--repeats`` of each side's seconds per step, every repeat's value, and the ratio kept/flushed.
+In each process that keeps them, one more step runs under a dispatch mode that counts the
+subnormal values each ATen operator writes: where they come from.
 The JSON records the git commit and the load average before and after (run on an idle machine).
 
     PVAE_DATA_DIR=../shared/data python benchmarks/bench_denormal.py   # -> benchmarks/results/bench_denormal.json
@@ -59,6 +61,45 @@ def _gated_mlp(widths):
     return nn.Sequential(*layers, nn.Linear(widths[-2], widths[-1]))
 
 
+def subnormal_census(step, x) -> dict:
+    """Run ``step(x)`` once (forward, backward, optimizer) under a dispatch mode that counts, for
+    every ATen operator that writes values (views are skipped), the subnormal float32 values it
+    writes (its outputs, and the tensors an in-place operator updates), by phase: where the
+    subnormals come from. Operators that copy values (cat, copy) count them again."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    tiny = torch.finfo(torch.float32).tiny
+
+    def count(tensors):
+        n = 0
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel():
+                a = t.detach().abs()
+                n += int(((a > 0) & (a < tiny)).sum())
+        return n
+
+    counts = {}
+
+    class Census(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if getattr(func, "is_view", False) or name.startswith("empty"):  # aliases; uninitialized memory
+                return out
+            written = tree_flatten(out)[0] + (tree_flatten(args)[0] if name.endswith("_") else [])
+            n = count(written)
+            if n:  # the autograd engine runs the backward's operators inside a graph task
+                phase = "backward" if torch._C._current_graph_task_id() != -1 else "forward/optimizer"
+                counts[f"{phase}: {name}"] = counts.get(f"{phase}: {name}", 0) + n
+            return out
+
+    with Census():
+        step(x)
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
 def worker(side: str, keep: bool, warmup_steps: int, steps: int, threads: int) -> dict:
     from pvae.cli import configure_cpu  # first: before anything starts the thread pool
 
@@ -80,7 +121,7 @@ def worker(side: str, keep: bool, warmup_steps: int, steps: int, threads: int) -
     lr = config_values["training"]["lr"]
     if side == "pvae":
         from pvae import RunConfig, build_vae
-        from pvae.train import TrainStep, _optimizer
+        from pvae.training.loop import TrainStep, _optimizer
         from pvae.training.objectives import OBJECTIVES
 
         config = RunConfig(**{k: v for k, v in config_values.items() if k not in ("training", "version")})
@@ -88,7 +129,7 @@ def worker(side: str, keep: bool, warmup_steps: int, steps: int, threads: int) -
         step = TrainStep(vae, OBJECTIVES.build(config.objective), _optimizer(vae, lr), "eager")
 
         def run(x):
-            return step(x, kl_weight=1.0)[0]
+            return step(x, kl_weight=1.0)[0]  # (the objective's value)
         described = (f"pvae TrainStep (eager) on {CONFIG.relative_to(ROOT)}'s objective (iwae, K={num_particles}), "
                      f"{config.net['activation']} MLP {list(config.net['hidden'])}, latent {config.latent_dim}")
     else:
@@ -108,7 +149,7 @@ def worker(side: str, keep: bool, warmup_steps: int, steps: int, threads: int) -
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            return loss.detach()
+            return -loss.detach()  # (the objective's value, as pvae's step returns)
         described = (f"benchmarks/handwritten_vae.py HandwrittenVAE, {activation} MLP "
                      f"{config_values['net']['hidden']}, IWAE loss K={num_particles}, torch Adam")
     for x in data[:warmup_steps]:
@@ -118,8 +159,11 @@ def worker(side: str, keep: bool, warmup_steps: int, steps: int, threads: int) -
     for x in data[warmup_steps:]:
         value = run(x)
     float(value)
-    return {"side": side, "flushed": flushed, "seconds_per_step": (time.perf_counter() - started) / steps,
-            "final_value": float(value), "described": described}
+    seconds = (time.perf_counter() - started) / steps
+    # where the subnormals come from (kept: flushed, there are none to count), one step more
+    census = subnormal_census(run, data[-1]) if not flushed else None
+    return {"side": side, "flushed": flushed, "seconds_per_step": seconds, "described": described,
+            "subnormals_written_per_operator": census}
 
 
 def main(argv=None):
@@ -143,7 +187,7 @@ def main(argv=None):
     before = provenance(torch.device("cpu"))
     cells = [(side, keep) for side in SIDES for keep in ("keep", "flush")]
     times = {cell: [] for cell in cells}
-    described = {}
+    described, census = {}, {}
     for repeat in range(args.repeats):
         for i in range(len(cells)):
             side, keep = cells[(i + repeat) % len(cells)]
@@ -156,6 +200,8 @@ def main(argv=None):
                 raise SystemExit(f"{side} {keep}: the process reports flushed={result['flushed']}")
             times[(side, keep)].append(result["seconds_per_step"])
             described[side] = result["described"]
+            if result["subnormals_written_per_operator"] is not None:
+                census.setdefault(side, []).append(result["subnormals_written_per_operator"])
             print(f"repeat {repeat}: {side:12s} {keep:5s} {result['seconds_per_step']:.4f} s/step", flush=True)
     sides = {}
     for side in SIDES:
@@ -163,7 +209,10 @@ def main(argv=None):
         sides[side] = {"described": described[side],
                        "seconds_per_step_kept": {"median": kept, "all": times[(side, "keep")]},
                        "seconds_per_step_flushed": {"median": flushed, "all": times[(side, "flush")]},
-                       "kept_over_flushed": kept / flushed}
+                       "kept_over_flushed": kept / flushed,
+                       # one step after the timed ones, subnormals kept: the subnormal float32 values
+                       # each operator wrote (forward, backward, optimizer), per repeat
+                       "subnormals_written_per_operator": census.get(side)}
     result = {"benchmark": "CPU training step, subnormal floats kept vs flushed (pvae.cli.configure_cpu)",
               "provenance": before,
               "load_average_after": list(os.getloadavg()),
