@@ -582,12 +582,12 @@ def configure_cpu(environ=None) -> bool:
     the mode from the thread that creates them, and a thread that already exists keeps its own.
 
     Why: x86 CPUs handle subnormal operands (|x| below about 1.2e-38 in float32) in microcode, many
-    times slower than normal ones. Training produces them: the sigmoid gates of a gated MLP (the
-    VampPrior protocol's network) underflow into that range once training has moved the weights,
-    and the matrix products of the backward pass then run several times slower
-    (``benchmarks/bench_denormal.py`` measures it, beside hand-written PyTorch steps). Flushing changes a value only where it is
-    below 1.2e-38, which none of pvae's estimates can see; a run records the mode it trained
-    with in ``env.json`` (``cpu_flush_denormal``)."""
+    times slower than normal ones. Training produces them: the backward pass of a gated MLP (the
+    VampPrior protocol's network) writes them once training has moved the weights, and its
+    matrix products then run several times slower (``benchmarks/bench_denormal.py`` measures
+    it beside hand-written PyTorch steps, and counts which operators write them). Flushing
+    changes a value only where it is below 1.2e-38, which none of pvae's estimates can see; a
+    run records the mode it trained with in ``env.json`` (``cpu_flush_denormal``)."""
     import os
 
     import torch

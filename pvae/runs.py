@@ -114,8 +114,8 @@ def cpu_flushes_denormals():
     subnormal comes out 0 in both), False when neither does, ``"mixed"`` when they differ (the
     mode was changed after the pool's threads started: they keep the mode they started with).
     The ``pvae`` command turns flushing on before its pool starts (:func:`pvae.cli.configure_cpu`),
-    since x86 CPUs compute with subnormal numbers many times more slowly and a gated MLP produces
-    them in training; ``PVAE_KEEP_DENORMALS=1`` keeps them."""
+    since x86 CPUs compute with subnormal numbers many times more slowly and a gated MLP's backward
+    pass produces them in training; ``PVAE_KEEP_DENORMALS=1`` keeps them."""
     here = thread_flushes_denormals()
     # large enough for every thread of the pool to take a share (ATen's grain is 32,768 elements)
     pool = bool((torch.full((65536 * max(torch.get_num_threads(), 1),), 1e-30) * 1e-10).sum().item() == 0.0)
