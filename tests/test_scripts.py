@@ -48,6 +48,8 @@ SCRIPTS = {
     ],
     "benchmarks/gpu_suite.py": ["--smoke", "--device", "cpu", "--out", "{tmp}/gpu_suite.json"],
     "benchmarks/bench_hierarchy.py": ["--quick", "--out", "{tmp}/bench.json", *ONE_THREAD],
+    "benchmarks/bench_denormal.py": ["--repeats", "1", "--warmup-steps", "2", "--steps", "1", "--threads", "1",
+                                     "--out", "{tmp}/denormal.json"],
     "paper/build.py": ["--pdf", "--out", "{tmp}/tables.md"],  # the PDF build too (checked below)
     "experiments/inference_gaps_mnist.py": [
         "--run-dir", "{tmp}/run", "--train-missing", "digits", "--images", "3", "--K", "5", "--refine-steps", "2", "--particles", "2",
@@ -80,7 +82,8 @@ SCRIPTS = {
         "--out-dir", "{tmp}/grid", "--summary", "{tmp}/grid.json",
     ],
 }
-NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py", "experiments/pretrained_evaluate.py", "experiments/paired_seeds.py"}
+NEEDS_MNIST = {"experiments/aevb_binarized_mnist.py", "experiments/pretrained_evaluate.py", "experiments/paired_seeds.py",
+               "benchmarks/bench_denormal.py"}
 NOTEBOOK_ENV = {"PVAE_NOTEBOOK_EPOCHS": "2", "PVAE_NOTEBOOK_K": "10", "PVAE_NOTEBOOK_AIS_STEPS": "3",
                 "PVAE_NOTEBOOK_TRAIN_IMAGES": "1000"}
 HELPERS = {"benchmarks/handwritten_vae.py", "benchmarks/_provenance.py"}  # imported by scripts, not run on their own
