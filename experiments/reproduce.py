@@ -55,6 +55,8 @@ PARKED = HERE / "parked"
 #: what resuming a run needs (pvae train --resume); the checkpoint holds the history too
 PARK_FILES = ("config.json", "env.json", "data.json", "metrics.jsonl", "checkpoint.pt")
 PARK_RECORD = "PARKED.json"
+#: what a parking record keeps of each sitting (env.json and its earlier_sittings)
+SITTING_KEYS = ("started", "git_commit", "device", "cpu_flush_denormal")
 
 #: Published test -log p(x) (nats) on static binarized MNIST, with source and protocol notes.
 PUBLISHED = {
@@ -144,6 +146,7 @@ def park(name: str, root: Path, parked: Path = PARKED) -> dict:
             raise SystemExit(f"park {name}: {run_dir} lacks {', '.join(missing)}")
         checkpoint = load_checkpoint(run_dir / "checkpoint.pt")  # checks its seal
         env = json.loads((run_dir / "env.json").read_text())
+        finished = state_of(name, root, parked)["done"]  # (before staging: state_of tidies the parked folder)
         if (parked / name / PARK_RECORD).is_file():
             before = json.loads((parked / name / PARK_RECORD).read_text())
             if before.get("first_started") != first_started(env):
@@ -156,16 +159,12 @@ def park(name: str, root: Path, parked: Path = PARKED) -> dict:
         staging.mkdir(parents=True)
         for f in PARK_FILES:
             shutil.copy2(run_dir / f, staging / f)
-        training = json.loads((CONFIGS / f"{name}.json").read_text())["training"] if (CONFIGS / f"{name}.json").exists() \
-            else {}
         record = {
             "run": name, "config": f"experiments/reproduce/{name}.json",
             "epoch": int(checkpoint["epoch"]), "best_epoch": checkpoint["best_epoch"],
-            "finished": bool(checkpoint["stopped_early"]) or int(checkpoint["epoch"]) >= training.get("epochs", 1 << 30),
+            "finished": finished,
             "first_started": first_started(env),
-            "sittings": [*({k: s.get(k) for k in ("started", "git_commit", "device", "cpu_flush_denormal")}
-                           for s in env.get("earlier_sittings", [])),
-                         {k: env.get(k) for k in ("started", "git_commit", "device", "cpu_flush_denormal")}],
+            "sittings": [{k: s.get(k) for k in SITTING_KEYS} for s in [*env.get("earlier_sittings", []), env]],
             "parked": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "sha256": {f: file_sha256(staging / f) for f in PARK_FILES},
             "resume": f"python experiments/reproduce.py {name} --no-evaluate --max-time SECONDS "
@@ -262,8 +261,7 @@ def state_of(name: str, root: Path, parked: Path = PARKED, row: Optional[dict] =
     where = {}
     if run_dir.parent == parked:  # read from the parked copy: say where it is
         where["parked"] = str(run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir)
-    elif parked_record(name, parked, row) is not None:  # trained here, and parked (a later sitting resumes from it)
-        record = parked_record(name, parked, row)
+    elif (record := parked_record(name, parked, row)) is not None:  # trained here, and parked (a later sitting resumes from it)
         where["parked_copy"] = {"epoch": record["epoch"], "parked": record["parked"]}
     return {
         **where,
@@ -307,15 +305,15 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
         old = previous.get("runs", {}).get(name)
         source = located(name, root, parked, old)  # the run directory here, or the run's (current) parked copy
         here = (source / "metrics.jsonl").exists()
+        state = state_of(name, root, parked, old)
         # a rerun of a finished run is in progress here: the finished run stays the row until the
         # rerun finishes (then it replaces it, and is listed as superseded)
         rerun = (here and old and old.get("carried_over_from_commit") and str(old.get("status")).startswith("finished")
-                 and not state_of(name, root, parked, old).get("done"))
+                 and not state.get("done"))
         if rerun or (not here and old and old.get("status") != "not started"):
             carried = dict(old)
             if rerun:
-                carried["rerun_in_progress"] = {k: v for k, v in state_of(name, root, parked, old).items()
-                                                if k != "val_curve"}
+                carried["rerun_in_progress"] = {k: v for k, v in state.items() if k != "val_curve"}
             else:
                 carried.setdefault("carried_over_from_commit", previous.get("provenance", {}).get("git_commit"))
                 # neither here nor parked: nothing to resume
@@ -326,7 +324,7 @@ def summary(names, root: Path, num_samples: int, device: str = "cpu", previous: 
             carried["published_nll"], carried["published_note"] = PUBLISHED.get(name, (None, ""))
             out["runs"][name] = carried
             continue
-        entry = {"config": f"experiments/reproduce/{name}.json", **state_of(name, root, parked, old)}
+        entry = {"config": f"experiments/reproduce/{name}.json", **state}
         env = source / "env.json"
         if env.exists():  # the machine and versions the run was (last) trained with
             values = json.loads(env.read_text())
